@@ -1,0 +1,185 @@
+//! The HTTP API (v1) and the operational endpoints.
+//!
+//! A request passes the [`middleware`] (request id, access log, metrics by route
+//! pattern), then the handler's extractors in order: [`extract::Caller`] (JWT +
+//! registry; nothing is read before it passes), then [`extract::ApiJson`] (bounded
+//! body), then the handler, which calls the [`crate::service::Vault`].
+
+pub mod extract;
+pub mod problem;
+mod tokens;
+
+use std::time::Instant;
+
+use actix_web::body::MessageBody;
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::http::header::{self, HeaderValue};
+use actix_web::middleware::{DefaultHeaders, Next};
+use actix_web::{HttpMessage, HttpResponse, web};
+
+use crate::auth::{Authenticator, Principal};
+use crate::metrics::Metrics;
+use crate::service::Vault;
+use problem::{ApiError, REQUEST_ID};
+
+/// Shared state of every worker.
+pub struct AppState {
+    pub vault: Vault,
+    pub auth: Authenticator,
+    pub metrics: Metrics,
+    pub max_body_bytes: usize,
+}
+
+/// Every (method, path) the server routes, kept in step with openapi.yaml by a test.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("POST", "/v1/tokens"),
+    ("GET", "/v1/tokens/{token}"),
+    ("DELETE", "/v1/tokens/{token}"),
+    ("POST", "/v1/detokenize"),
+    ("GET", "/healthz"),
+    ("GET", "/readyz"),
+    ("GET", "/metrics"),
+];
+
+/// Registers the routes. Wrong methods get a 405 problem, unknown paths a 404 problem.
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(
+        web::resource("/v1/tokens")
+            .route(web::post().to(tokens::tokenize))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/v1/tokens/{token}")
+            .route(web::get().to(tokens::read))
+            .route(web::delete().to(tokens::delete))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/v1/detokenize")
+            .route(web::post().to(tokens::detokenize))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/healthz")
+            .route(web::get().to(healthz))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/readyz")
+            .route(web::get().to(readyz))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/metrics")
+            .route(web::get().to(metrics))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .default_service(web::to(not_found));
+}
+
+/// Headers on every response: nothing is cacheable, nothing is sniffed.
+pub fn security_headers() -> DefaultHeaders {
+    DefaultHeaders::new()
+        .add((header::CACHE_CONTROL, "no-store"))
+        .add((header::X_CONTENT_TYPE_OPTIONS, "nosniff"))
+        .add((header::X_FRAME_OPTIONS, "DENY"))
+        .add((
+            header::CONTENT_SECURITY_POLICY,
+            "default-src 'none'; frame-ancestors 'none'",
+        ))
+}
+
+/// Request id, access log and HTTP metrics. The route label is the matched
+/// pattern (`/v1/tokens/{token}`), never the raw path, which can hold a token.
+pub async fn middleware(
+    req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    let request_id = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| {
+            !v.is_empty()
+                && v.len() <= 64
+                && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+        .map(str::to_owned)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let start = Instant::now();
+    let method = req.method().as_str().to_owned();
+    let state = req.app_data::<web::Data<AppState>>().cloned();
+    let span = tracing::info_span!("request", request_id = %request_id);
+    let id = request_id.clone();
+    let mut res = REQUEST_ID
+        .scope(
+            id,
+            tracing::Instrument::instrument(next.call(req), span.clone()),
+        )
+        .await?;
+    let route = res
+        .request()
+        .match_pattern()
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let status = res.status();
+    let elapsed = start.elapsed();
+    if let Some(state) = state {
+        state
+            .metrics
+            .http_requests
+            .with_label_values(&[&method, &route, status.as_str()])
+            .inc();
+        state
+            .metrics
+            .http_duration
+            .with_label_values(&[&method, &route])
+            .observe(elapsed.as_secs_f64());
+    }
+    let sub = res
+        .request()
+        .extensions()
+        .get::<Principal>()
+        .map(|p| p.sub.clone());
+    span.in_scope(|| {
+        tracing::info!(
+            method = %method,
+            route = %route,
+            status = status.as_u16(),
+            latency_ms = elapsed.as_secs_f64() * 1e3,
+            sub = sub.as_deref().unwrap_or("-"),
+            "request"
+        )
+    });
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        res.headers_mut()
+            .insert(header::HeaderName::from_static("x-request-id"), v);
+    }
+    Ok(res)
+}
+
+async fn not_found() -> Result<HttpResponse, ApiError> {
+    Err(ApiError::NotFound)
+}
+
+async fn method_not_allowed() -> Result<HttpResponse, ApiError> {
+    Err(ApiError::MethodNotAllowed)
+}
+
+async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(serde_json::json!({"status": "ok"}))
+}
+
+async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    if state.vault.ready().await {
+        Ok(HttpResponse::Ok().json(serde_json::json!({"status": "ready"})))
+    } else {
+        Err(ApiError::NotReady)
+    }
+}
+
+async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    state.metrics.tokens_stored.set(state.vault.tokens_stored());
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4; charset=utf-8")
+        .body(state.metrics.render())
+}

@@ -1,0 +1,197 @@
+//! RFC 9457 problem details. Every error response is `application/problem+json`
+//! with a stable `type` URI per cause, a fixed `title`, the status, a safe
+//! `detail` and the request id. Internal causes go to the log, never here.
+
+use actix_web::http::StatusCode;
+use actix_web::http::header::{self, HeaderValue};
+use actix_web::{HttpResponse, ResponseError};
+use serde::Serialize;
+
+use crate::auth::AuthError;
+use crate::domain::card::{ExpiryError, PanError};
+
+/// Prefix of every problem `type`.
+pub const TYPE_PREFIX: &str = "urn:tokenvault:problem:";
+
+tokio::task_local! {
+    /// The current request's id, set by the request middleware.
+    pub static REQUEST_ID: String;
+}
+
+/// Everything that can go wrong in a request, as the client may see it.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("malformed request")]
+    Malformed,
+    #[error("unsupported media type")]
+    UnsupportedMediaType,
+    #[error("payload too large")]
+    PayloadTooLarge,
+    #[error("invalid card number")]
+    InvalidPan(PanError),
+    #[error("invalid expiry")]
+    InvalidExpiry(ExpiryError),
+    #[error("invalid field")]
+    InvalidField(&'static str),
+    #[error("authentication failed")]
+    Auth(AuthError),
+    #[error("not found")]
+    NotFound,
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    #[error("token space exhausted")]
+    TokenSpaceExhausted,
+    #[error("key destroyed")]
+    KeyDestroyed,
+    #[error("key unavailable")]
+    KeyUnavailable,
+    #[error("integrity failure")]
+    Integrity,
+    #[error("not ready")]
+    NotReady,
+    #[error("internal error")]
+    Internal,
+}
+
+/// Every problem code the API can return (kept in step with openapi.yaml by a test).
+pub const PROBLEM_CODES: &[&str] = &[
+    "malformed-request",
+    "unsupported-media-type",
+    "payload-too-large",
+    "invalid-card-number",
+    "invalid-expiry",
+    "invalid-field",
+    "unauthenticated",
+    "forbidden",
+    "not-found",
+    "method-not-allowed",
+    "token-space-exhausted",
+    "key-destroyed",
+    "key-unavailable",
+    "integrity-failure",
+    "not-ready",
+    "internal-error",
+];
+
+impl ApiError {
+    /// The stable problem code (last segment of `type`).
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::Malformed => "malformed-request",
+            ApiError::UnsupportedMediaType => "unsupported-media-type",
+            ApiError::PayloadTooLarge => "payload-too-large",
+            ApiError::InvalidPan(_) => "invalid-card-number",
+            ApiError::InvalidExpiry(_) => "invalid-expiry",
+            ApiError::InvalidField(_) => "invalid-field",
+            ApiError::Auth(e) if e.is_forbidden() => "forbidden",
+            ApiError::Auth(_) => "unauthenticated",
+            ApiError::NotFound => "not-found",
+            ApiError::MethodNotAllowed => "method-not-allowed",
+            ApiError::TokenSpaceExhausted => "token-space-exhausted",
+            ApiError::KeyDestroyed => "key-destroyed",
+            ApiError::KeyUnavailable => "key-unavailable",
+            ApiError::Integrity => "integrity-failure",
+            ApiError::NotReady => "not-ready",
+            ApiError::Internal => "internal-error",
+        }
+    }
+
+    fn title(&self) -> &'static str {
+        match self {
+            ApiError::Malformed => "The request body is not valid JSON for this endpoint",
+            ApiError::UnsupportedMediaType => "The request body must be application/json",
+            ApiError::PayloadTooLarge => "The request body is too large",
+            ApiError::InvalidPan(_) => "The card number is not valid",
+            ApiError::InvalidExpiry(_) => "The expiry date is not valid",
+            ApiError::InvalidField(_) => "A field is not valid",
+            ApiError::Auth(e) if e.is_forbidden() => "The caller is not allowed to do this",
+            ApiError::Auth(_) => "Authentication required",
+            ApiError::NotFound => "Not found",
+            ApiError::MethodNotAllowed => "Method not allowed",
+            ApiError::TokenSpaceExhausted => {
+                "No token is left in this format for this card's BIN and last four"
+            }
+            ApiError::KeyDestroyed => "The key protecting this record has been destroyed",
+            ApiError::KeyUnavailable => "The key protecting this record is not available",
+            ApiError::Integrity => "The stored record failed its integrity check",
+            ApiError::NotReady => "The vault is not ready",
+            ApiError::Internal => "Internal error",
+        }
+    }
+
+    /// Safe, value-free detail for the client.
+    fn detail(&self) -> Option<String> {
+        match self {
+            ApiError::InvalidPan(e) => Some(e.to_string()),
+            ApiError::InvalidExpiry(e) => Some(e.to_string()),
+            ApiError::InvalidField(what) => Some((*what).to_owned()),
+            ApiError::Malformed => {
+                Some("the body must be a JSON object with exactly the documented fields".into())
+            }
+            ApiError::Auth(e) => Some(e.to_string()),
+            ApiError::TokenSpaceExhausted => {
+                Some("use another token format, such as opaque".into())
+            }
+            _ => None,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct Problem<'a> {
+    #[serde(rename = "type")]
+    kind: String,
+    title: &'a str,
+    status: u16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    detail: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    request_id: Option<String>,
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            ApiError::Malformed => StatusCode::BAD_REQUEST,
+            ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::InvalidPan(_) | ApiError::InvalidExpiry(_) | ApiError::InvalidField(_) => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
+            ApiError::Auth(e) if e.is_forbidden() => StatusCode::FORBIDDEN,
+            ApiError::Auth(_) => StatusCode::UNAUTHORIZED,
+            ApiError::NotFound => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::TokenSpaceExhausted | ApiError::NotReady => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::KeyDestroyed => StatusCode::GONE,
+            ApiError::KeyUnavailable | ApiError::Integrity | ApiError::Internal => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let status = self.status_code();
+        let body = Problem {
+            kind: format!("{TYPE_PREFIX}{}", self.code()),
+            title: self.title(),
+            status: status.as_u16(),
+            detail: self.detail(),
+            request_id: REQUEST_ID.try_with(Clone::clone).ok(),
+        };
+        let mut res = HttpResponse::build(status);
+        res.insert_header((
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        ));
+        if let ApiError::Auth(e) = self {
+            if !e.is_forbidden() {
+                res.insert_header((
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer error=\"invalid_token\""),
+                ));
+            }
+        }
+        res.body(serde_json::to_vec(&body).unwrap_or_default())
+    }
+}

@@ -1,0 +1,280 @@
+//! Token endpoints: tokenize (edge), metadata (CRM), detokenize (PSP), delete (CRM).
+
+use actix_web::http::StatusCode;
+use actix_web::http::header;
+use actix_web::{HttpResponse, web};
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use super::AppState;
+use super::extract::{ApiJson, Caller, TokensCreate, TokensDelete, TokensDetokenize, TokensRead};
+use super::problem::ApiError;
+use crate::domain::card::{CardPayload, CardholderName, Expiry, Pan};
+use crate::domain::token::{Token, TokenFormat};
+use crate::service::{TokenMetadata, TokenizeInput, Tokenized, VaultError};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenizeBody {
+    pan: SecretString,
+    exp_month: i64,
+    exp_year: i64,
+    #[serde(default)]
+    cardholder_name: Option<SecretString>,
+    #[serde(default)]
+    format: Option<TokenFormat>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DetokenizeBody {
+    token: String,
+}
+
+#[derive(Serialize)]
+struct TokenBody<'a> {
+    token: &'a str,
+    format: &'static str,
+    brand: &'static str,
+    bin: &'a str,
+    last4: &'a str,
+    exp_month: u8,
+    exp_year: u16,
+    fingerprint: &'a str,
+    #[serde(with = "time::serde::rfc3339")]
+    created_at: OffsetDateTime,
+}
+
+impl<'a> From<&'a TokenMetadata> for TokenBody<'a> {
+    fn from(m: &'a TokenMetadata) -> Self {
+        TokenBody {
+            token: m.token.as_str(),
+            format: m.format.as_str(),
+            brand: m.brand.as_str(),
+            bin: &m.bin,
+            last4: &m.last4,
+            exp_month: m.exp_month,
+            exp_year: m.exp_year,
+            fingerprint: &m.fingerprint,
+            created_at: m.created_at,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct RevealedBody<'a> {
+    token: &'a str,
+    pan: &'a str,
+    exp_month: u8,
+    exp_year: u16,
+    cardholder_name: Option<&'a str>,
+}
+
+/// POST /v1/tokens
+pub async fn tokenize(
+    state: web::Data<AppState>,
+    caller: Caller<TokensCreate>,
+    body: ApiJson<TokenizeBody>,
+) -> Result<HttpResponse, ApiError> {
+    let body = body.0;
+    let input = match parse_tokenize(&body) {
+        Ok(input) => input,
+        Err(e) => {
+            state
+                .metrics
+                .tokenize
+                .with_label_values(&["rejected"])
+                .inc();
+            return Err(e);
+        }
+    };
+    let result = state
+        .vault
+        .tokenize(caller.principal.tenant.clone(), input)
+        .await;
+    let (status, meta, outcome) = match result {
+        Ok(Tokenized::Created(m)) => (StatusCode::CREATED, m, "created"),
+        Ok(Tokenized::Existing(m)) => (StatusCode::OK, m, "existing"),
+        Err(e) => {
+            state
+                .metrics
+                .tokenize
+                .with_label_values(&[error_outcome(&e)])
+                .inc();
+            return Err(vault_error(e));
+        }
+    };
+    state.metrics.tokenize.with_label_values(&[outcome]).inc();
+    tracing::info!(token = %meta.token, outcome, sub = %caller.principal.sub, tenant = %caller.principal.tenant, "tokenize");
+    Ok(HttpResponse::build(status)
+        .insert_header((header::LOCATION, format!("/v1/tokens/{}", meta.token)))
+        .json(TokenBody::from(&meta)))
+}
+
+fn parse_tokenize(body: &TokenizeBody) -> Result<TokenizeInput, ApiError> {
+    let pan = Pan::parse(body.pan.expose_secret()).map_err(ApiError::InvalidPan)?;
+    let now = OffsetDateTime::now_utc();
+    let expiry = Expiry::parse(
+        body.exp_month,
+        body.exp_year,
+        (now.year(), u8::from(now.month())),
+    )
+    .map_err(ApiError::InvalidExpiry)?;
+    let name = body
+        .cardholder_name
+        .as_ref()
+        .map(|n| CardholderName::parse(n.expose_secret()))
+        .transpose()
+        .map_err(|_| {
+            ApiError::InvalidField(
+                "cardholder_name must be 1 to 128 characters without control characters",
+            )
+        })?;
+    Ok(TokenizeInput {
+        card: CardPayload { pan, expiry, name },
+        format: body.format.unwrap_or_default(),
+    })
+}
+
+/// GET /v1/tokens/{token}
+pub async fn read(
+    state: web::Data<AppState>,
+    caller: Caller<TokensRead>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let token = parse_token(&path, &state, "read")?;
+    match state
+        .vault
+        .metadata(caller.principal.tenant.clone(), token)
+        .await
+    {
+        Ok(meta) => {
+            state.metrics.reads.with_label_values(&["ok"]).inc();
+            Ok(HttpResponse::Ok().json(TokenBody::from(&meta)))
+        }
+        Err(e) => {
+            state
+                .metrics
+                .reads
+                .with_label_values(&[error_outcome(&e)])
+                .inc();
+            Err(vault_error(e))
+        }
+    }
+}
+
+/// POST /v1/detokenize
+pub async fn detokenize(
+    state: web::Data<AppState>,
+    caller: Caller<TokensDetokenize>,
+    body: ApiJson<DetokenizeBody>,
+) -> Result<HttpResponse, ApiError> {
+    let token = parse_token(&body.0.token, &state, "detokenize")?;
+    match state
+        .vault
+        .detokenize(caller.principal.tenant.clone(), token)
+        .await
+    {
+        Ok(revealed) => {
+            state.metrics.detokenize.with_label_values(&["ok"]).inc();
+            tracing::info!(token = %revealed.token, sub = %caller.principal.sub, tenant = %caller.principal.tenant, "detokenize");
+            let body = RevealedBody {
+                token: revealed.token.as_str(),
+                pan: revealed.card.pan.expose_digits(),
+                exp_month: revealed.card.expiry.month(),
+                exp_year: revealed.card.expiry.year(),
+                cardholder_name: revealed.card.name.as_ref().map(CardholderName::expose),
+            };
+            Ok(HttpResponse::Ok().json(body))
+        }
+        Err(e) => {
+            state
+                .metrics
+                .detokenize
+                .with_label_values(&[error_outcome(&e)])
+                .inc();
+            Err(vault_error(e))
+        }
+    }
+}
+
+/// DELETE /v1/tokens/{token}
+pub async fn delete(
+    state: web::Data<AppState>,
+    caller: Caller<TokensDelete>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let token = parse_token(&path, &state, "delete")?;
+    let shown = token.to_string();
+    match state
+        .vault
+        .delete(caller.principal.tenant.clone(), token)
+        .await
+    {
+        Ok(()) => {
+            state.metrics.delete.with_label_values(&["deleted"]).inc();
+            tracing::info!(token = %shown, sub = %caller.principal.sub, tenant = %caller.principal.tenant, "delete");
+            Ok(HttpResponse::NoContent().finish())
+        }
+        Err(e) => {
+            state
+                .metrics
+                .delete
+                .with_label_values(&[error_outcome(&e)])
+                .inc();
+            Err(vault_error(e))
+        }
+    }
+}
+
+/// A string that does not have a token's shape cannot name a token: 404 without
+/// a lookup (and without logging it: it might be a PAN sent by mistake).
+fn parse_token(s: &str, state: &AppState, op: &'static str) -> Result<Token, ApiError> {
+    Token::parse(s).ok_or_else(|| {
+        let counter = match op {
+            "read" => &state.metrics.reads,
+            "detokenize" => &state.metrics.detokenize,
+            _ => &state.metrics.delete,
+        };
+        counter.with_label_values(&["not_found"]).inc();
+        ApiError::NotFound
+    })
+}
+
+fn error_outcome(e: &VaultError) -> &'static str {
+    match e {
+        VaultError::NotFound => "not_found",
+        VaultError::TokenSpaceExhausted => "exhausted",
+        VaultError::KeyDestroyed => "key_destroyed",
+        VaultError::KeyUnavailable => "key_unavailable",
+        VaultError::Integrity => "integrity",
+        VaultError::Store(crate::store::StoreError::Corrupt) => "integrity",
+        VaultError::Store(_) | VaultError::Task => "error",
+    }
+}
+
+/// Maps a service error to a client problem; internal detail goes to the log only.
+fn vault_error(e: VaultError) -> ApiError {
+    match e {
+        VaultError::NotFound => ApiError::NotFound,
+        VaultError::TokenSpaceExhausted => ApiError::TokenSpaceExhausted,
+        VaultError::KeyDestroyed => ApiError::KeyDestroyed,
+        VaultError::KeyUnavailable => {
+            tracing::error!("record key version unavailable");
+            ApiError::KeyUnavailable
+        }
+        VaultError::Integrity | VaultError::Store(crate::store::StoreError::Corrupt) => {
+            tracing::error!("record failed its integrity check");
+            ApiError::Integrity
+        }
+        VaultError::Store(e) => {
+            tracing::error!(error = %e, "store error");
+            ApiError::Internal
+        }
+        VaultError::Task => {
+            tracing::error!("blocking task failed");
+            ApiError::Internal
+        }
+    }
+}

@@ -1,0 +1,205 @@
+//! The `tokenvault` command line.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{Mode, Settings};
+use crate::dev::{self, Role};
+use crate::startup::Application;
+use crate::telemetry;
+
+#[derive(Parser)]
+#[command(
+    name = "tokenvault",
+    version,
+    about = "Card tokenization vault",
+    disable_help_subcommand = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the vault. Without --config: zero-config dev mode (loopback HTTP, generated keys).
+    Serve(ServeArgs),
+    /// Dev-mode helpers (refuse to work on a production data directory).
+    Dev {
+        #[command(subcommand)]
+        command: DevCommand,
+    },
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Production mode: TOML config file (TOKENVAULT_* env vars override it).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Listen address [dev default: 127.0.0.1:8080; dev mode refuses non-loopback].
+    #[arg(long, env = "TOKENVAULT_LISTEN", value_name = "ADDR")]
+    listen: Option<SocketAddr>,
+    /// Data directory [dev default: ./data].
+    #[arg(long, env = "TOKENVAULT_DATA_DIR", value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum DevCommand {
+    /// Print a JWT for a dev client, signed by the data directory's dev issuer key.
+    Token {
+        /// Which dev client: edge (tokens:create), crm (tokens:read tokens:delete),
+        /// psp (tokens:detokenize), officer (keys:admin).
+        #[arg(long, value_enum)]
+        role: Role,
+        /// Tenant claim.
+        #[arg(long, default_value = "default")]
+        tenant: String,
+        /// Lifetime, e.g. 15m, 1h, 8h.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// Data directory of the dev vault.
+        #[arg(
+            long,
+            env = "TOKENVAULT_DATA_DIR",
+            default_value = "./data",
+            value_name = "DIR"
+        )]
+        data_dir: PathBuf,
+    },
+}
+
+/// Entry point of the binary.
+pub fn run() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => serve(args),
+        Command::Dev {
+            command:
+                DevCommand::Token {
+                    role,
+                    tenant,
+                    ttl,
+                    data_dir,
+                },
+        } => match dev::mint_token(&data_dir, role, &tenant, ttl) {
+            Ok(jwt) => {
+                println!("{jwt}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
+            }
+        },
+    }
+}
+
+fn serve(args: ServeArgs) -> ExitCode {
+    let settings = match args.config {
+        Some(file) => Settings::production(&file).map(|mut s| {
+            if let Some(listen) = args.listen {
+                s.listen = listen;
+            }
+            if let Some(dir) = args.data_dir.clone() {
+                s.data_dir = dir;
+            }
+            s
+        }),
+        None => {
+            let listen = args
+                .listen
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080)));
+            let data_dir = args.data_dir.unwrap_or_else(|| PathBuf::from("./data"));
+            if !listen.ip().is_loopback() {
+                eprintln!(
+                    "error: dev mode only listens on a loopback address (got {listen}); use --config for production"
+                );
+                return ExitCode::from(2);
+            }
+            match dev::bootstrap(&data_dir, listen) {
+                Ok((settings, created)) => {
+                    print_dev_banner(&settings, &created);
+                    Ok(settings)
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            }
+        }
+    };
+    let settings = match settings.and_then(|s| s.validate().map(|_| s)) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    telemetry::init(settings.log_format);
+    let result = actix_web::rt::System::new().block_on(async move {
+        let app = Application::build(&settings).map_err(|e| e.to_string())?;
+        let mode = if settings.mode == Mode::Dev {
+            "dev"
+        } else {
+            "production"
+        };
+        tracing::info!(addr = %app.local_addr(), mode, "tokenvault listening");
+        println!("tokenvault listening on http://{}", app.local_addr());
+        app.run_until_stopped().await.map_err(|e| e.to_string())
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn print_dev_banner(settings: &Settings, created: &[PathBuf]) {
+    let mark = |p: &PathBuf| {
+        if created.contains(p) {
+            " (generated now)"
+        } else {
+            ""
+        }
+    };
+    let paths = dev::DevPaths::new(&settings.data_dir);
+    let line = "=".repeat(78);
+    eprintln!("{line}");
+    eprintln!("  TOKENVAULT DEV MODE: NOT FOR PRODUCTION, NEVER FOR REAL CARD DATA");
+    eprintln!("  Keys are generated into the data directory unprotected, and the dev");
+    eprintln!("  clients may act for every tenant. Production: tokenvault serve --config FILE");
+    eprintln!("{line}");
+    eprintln!("  data dir         {}", settings.data_dir.display());
+    eprintln!(
+        "  root key         {}{}",
+        paths.root_key.display(),
+        mark(&paths.root_key)
+    );
+    eprintln!(
+        "  keystore         {}{}",
+        paths.keystore.display(),
+        mark(&paths.keystore)
+    );
+    eprintln!(
+        "  JWT issuer key   {}{}",
+        paths.issuer_private.display(),
+        mark(&paths.issuer_private)
+    );
+    eprintln!(
+        "  JWT public key   {}{}",
+        paths.issuer_public.display(),
+        mark(&paths.issuer_public)
+    );
+    eprintln!(
+        "  dev tokens       tokenvault dev token --role edge|crm|psp|officer --data-dir {}",
+        settings.data_dir.display()
+    );
+    eprintln!("{line}");
+}

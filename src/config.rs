@@ -1,0 +1,271 @@
+//! Typed configuration.
+//!
+//! Dev mode needs none: [`Settings::dev`] builds everything from a data
+//! directory the dev bootstrap fills. Production mode reads a TOML file, then
+//! `TOKENVAULT_*` environment overrides (`__` separates sections, e.g.
+//! `TOKENVAULT_AUTH__ISSUER`), and refuses to start unless JWT verification keys,
+//! issuer, audience, the client registry and the keystore are all explicit.
+//! Secrets are referenced by file path (Kubernetes secrets), never given inline.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+use serde::{Deserialize, Serialize};
+
+/// Default request-body limit: a tokenize body is a few hundred bytes.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 16 * 1024;
+
+/// Whether the vault runs with generated dev keys or with explicit production config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Dev,
+    Production,
+}
+
+/// A permission a JWT may carry and the registry may grant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Scope {
+    #[serde(rename = "tokens:create")]
+    TokensCreate,
+    #[serde(rename = "tokens:read")]
+    TokensRead,
+    #[serde(rename = "tokens:delete")]
+    TokensDelete,
+    #[serde(rename = "tokens:detokenize")]
+    TokensDetokenize,
+    #[serde(rename = "keys:admin")]
+    KeysAdmin,
+}
+
+impl Scope {
+    pub const ALL: [Scope; 5] = [
+        Scope::TokensCreate,
+        Scope::TokensRead,
+        Scope::TokensDelete,
+        Scope::TokensDetokenize,
+        Scope::KeysAdmin,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::TokensCreate => "tokens:create",
+            Scope::TokensRead => "tokens:read",
+            Scope::TokensDelete => "tokens:delete",
+            Scope::TokensDetokenize => "tokens:detokenize",
+            Scope::KeysAdmin => "keys:admin",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Scope> {
+        Scope::ALL.into_iter().find(|sc| sc.as_str() == s)
+    }
+}
+
+/// Signature algorithms the vault can be configured to accept. HMAC and `none`
+/// are not representable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JwtAlg {
+    EdDSA,
+    ES256,
+    RS256,
+}
+
+/// One issuer public key, selected by the JWT's `kid`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtKey {
+    pub kid: String,
+    pub alg: JwtAlg,
+    /// PEM file with the public key.
+    pub public_key_file: PathBuf,
+}
+
+/// JWT verification settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSettings {
+    pub issuer: String,
+    pub audience: String,
+    pub keys: Vec<JwtKey>,
+    /// Clock-skew allowance for `exp` and `nbf`.
+    #[serde(default = "default_leeway")]
+    pub leeway_secs: u64,
+    /// Allow RS256 keys (off unless asked for).
+    #[serde(default)]
+    pub allow_rs256: bool,
+    /// Verified-token cache size.
+    #[serde(default = "default_cache")]
+    pub cache_capacity: usize,
+}
+
+fn default_leeway() -> u64 {
+    30
+}
+
+fn default_cache() -> usize {
+    10_000
+}
+
+/// A client-registry entry: what one `sub` may do, for which tenants.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientEntry {
+    pub sub: String,
+    pub scopes: BTreeSet<Scope>,
+    /// Tenant ids; `"*"` (every tenant) is accepted only in dev mode.
+    pub tenants: BTreeSet<String>,
+}
+
+/// Where the keystore and its root key live.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeystoreSettings {
+    pub path: PathBuf,
+    /// File holding the base64 root key (a mounted secret).
+    pub root_key_file: PathBuf,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Json,
+    Pretty,
+}
+
+/// Everything the server needs to start.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub mode: Mode,
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub auth: AuthSettings,
+    pub clients: Vec<ClientEntry>,
+    pub keystore: KeystoreSettings,
+    pub max_body_bytes: usize,
+    pub log_format: LogFormat,
+    pub workers: Option<usize>,
+}
+
+/// Why configuration was refused. Names the problem, never a secret.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration error: {0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProductionFile {
+    listen: SocketAddr,
+    data_dir: PathBuf,
+    auth: AuthSettings,
+    clients: Vec<ClientEntry>,
+    keystore: KeystoreSettings,
+    #[serde(default = "default_body")]
+    max_body_bytes: usize,
+    #[serde(default = "default_log_format")]
+    log_format: LogFormat,
+    #[serde(default)]
+    workers: Option<usize>,
+}
+
+fn default_body() -> usize {
+    DEFAULT_MAX_BODY_BYTES
+}
+
+fn default_log_format() -> LogFormat {
+    LogFormat::Json
+}
+
+/// Environment overrides honoured in production mode.
+const ENV_KEYS: &[&str] = &[
+    "listen",
+    "data_dir",
+    "log_format",
+    "workers",
+    "max_body_bytes",
+    "auth.issuer",
+    "auth.audience",
+    "auth.leeway_secs",
+    "keystore.path",
+    "keystore.root_key_file",
+];
+
+impl Settings {
+    /// Loads production settings from `file` plus `TOKENVAULT_*` overrides.
+    pub fn production(file: &Path) -> Result<Settings, ConfigError> {
+        if !file.is_file() {
+            return Err(ConfigError::Invalid(format!(
+                "config file {} not found",
+                file.display()
+            )));
+        }
+        let parsed: ProductionFile = Figment::new()
+            .merge(Toml::file(file))
+            .merge(Env::prefixed("TOKENVAULT_").split("__").only(ENV_KEYS))
+            .extract()
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        let settings = Settings {
+            mode: Mode::Production,
+            listen: parsed.listen,
+            data_dir: parsed.data_dir,
+            auth: parsed.auth,
+            clients: parsed.clients,
+            keystore: parsed.keystore,
+            max_body_bytes: parsed.max_body_bytes,
+            log_format: parsed.log_format,
+            workers: parsed.workers,
+        };
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Checks what serde cannot: non-empty registries, explicit tenants, sane limits.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
+        if self.auth.issuer.trim().is_empty() || self.auth.audience.trim().is_empty() {
+            return bad("auth.issuer and auth.audience must be set");
+        }
+        if self.auth.keys.is_empty() {
+            return bad("auth.keys must list at least one JWT verification key");
+        }
+        let mut kids = BTreeSet::new();
+        for k in &self.auth.keys {
+            if k.kid.is_empty() || !kids.insert(k.kid.as_str()) {
+                return bad("auth.keys: every key needs a unique, non-empty kid");
+            }
+            if k.alg == JwtAlg::RS256 && !self.auth.allow_rs256 {
+                return bad("auth.keys: RS256 keys need auth.allow_rs256 = true");
+            }
+        }
+        if self.auth.leeway_secs > 300 {
+            return bad("auth.leeway_secs must be at most 300");
+        }
+        if self.clients.is_empty() {
+            return bad("clients: the client registry must list at least one client");
+        }
+        let mut subs = BTreeSet::new();
+        for c in &self.clients {
+            if c.sub.is_empty() || !subs.insert(c.sub.as_str()) {
+                return bad("clients: every client needs a unique, non-empty sub");
+            }
+            if c.tenants.is_empty() {
+                return bad("clients: every client must list its tenants");
+            }
+            if self.mode == Mode::Production && c.tenants.contains("*") {
+                return bad("clients: the \"*\" tenant wildcard is only for dev mode");
+            }
+        }
+        if !(1024..=1024 * 1024).contains(&self.max_body_bytes) {
+            return bad("max_body_bytes must be between 1 KiB and 1 MiB");
+        }
+        if self.mode == Mode::Dev && !self.listen.ip().is_loopback() {
+            return bad("dev mode only listens on a loopback address; use --config for production");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,268 @@
+//! Zero-config dev mode: generated keys in the data directory, a dev JWT issuer,
+//! and dev clients for each role. Never for production: the keys sit unencrypted
+//! next to the data, and every dev client may act for every tenant.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ed25519_dalek::SigningKey;
+use ed25519_dalek::pkcs8::spki::der::pem::LineEnding;
+use ed25519_dalek::pkcs8::{EncodePrivateKey, EncodePublicKey};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+use crate::config::{
+    AuthSettings, ClientEntry, DEFAULT_MAX_BODY_BYTES, JwtAlg, JwtKey, KeystoreSettings, LogFormat,
+    Mode, Scope, Settings,
+};
+use crate::domain::tenant::TenantId;
+use crate::keys::keystore::{self, KeystoreError, RootKey, write_private};
+
+pub const DEV_ISSUER: &str = "tokenvault-dev";
+pub const DEV_AUDIENCE: &str = "tokenvault";
+pub const DEV_KID: &str = "dev-ed25519-1";
+
+/// The dev roles and what each may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Role {
+    /// The masking/IVR edge: tokens:create.
+    Edge,
+    /// CRM and order systems: tokens:read, tokens:delete.
+    Crm,
+    /// The PSP connector: tokens:detokenize.
+    Psp,
+    /// A security officer: keys:admin.
+    Officer,
+}
+
+impl Role {
+    pub const ALL: [Role; 4] = [Role::Edge, Role::Crm, Role::Psp, Role::Officer];
+
+    pub fn sub(self) -> &'static str {
+        match self {
+            Role::Edge => "dev-edge",
+            Role::Crm => "dev-crm",
+            Role::Psp => "dev-psp",
+            Role::Officer => "dev-officer",
+        }
+    }
+
+    pub fn scopes(self) -> &'static [Scope] {
+        match self {
+            Role::Edge => &[Scope::TokensCreate],
+            Role::Crm => &[Scope::TokensRead, Scope::TokensDelete],
+            Role::Psp => &[Scope::TokensDetokenize],
+            Role::Officer => &[Scope::KeysAdmin],
+        }
+    }
+}
+
+/// Why dev mode could not start or mint a token.
+#[derive(Debug, thiserror::Error)]
+pub enum DevError {
+    #[error("{0} is not a dev-mode data directory (no dev/DEV-MODE.json); refusing")]
+    NotDevDir(PathBuf),
+    #[error("{0} holds a vault but no dev-mode marker: it is not a dev data directory; refusing")]
+    ForeignData(PathBuf),
+    #[error("dev mode I/O error at {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Keystore(#[from] KeystoreError),
+    #[error("invalid tenant id (1-64 characters of A-Z a-z 0-9 . _ -)")]
+    Tenant,
+    #[error("could not sign the dev token")]
+    Sign,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Marker {
+    issuer: String,
+    audience: String,
+    kid: String,
+}
+
+/// Where dev mode keeps its files inside the data directory.
+#[derive(Debug, Clone)]
+pub struct DevPaths {
+    pub marker: PathBuf,
+    pub root_key: PathBuf,
+    pub keystore: PathBuf,
+    pub issuer_private: PathBuf,
+    pub issuer_public: PathBuf,
+}
+
+impl DevPaths {
+    pub fn new(data_dir: &Path) -> DevPaths {
+        DevPaths {
+            marker: data_dir.join("dev/DEV-MODE.json"),
+            root_key: data_dir.join("keys/dev-root.key"),
+            keystore: data_dir.join("keys/keystore.json"),
+            issuer_private: data_dir.join("dev/issuer-ed25519.pem"),
+            issuer_public: data_dir.join("dev/issuer-ed25519.pub.pem"),
+        }
+    }
+}
+
+/// Prepares a dev data directory (generating what is missing) and returns the
+/// settings to serve it, plus the files created on this start.
+pub fn bootstrap(
+    data_dir: &Path,
+    listen: std::net::SocketAddr,
+) -> Result<(Settings, Vec<PathBuf>), DevError> {
+    let paths = DevPaths::new(data_dir);
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| DevError::Io { path, source }
+    };
+    if !paths.marker.exists() && data_dir.join("sled").exists() {
+        return Err(DevError::ForeignData(data_dir.to_owned()));
+    }
+    fs::create_dir_all(data_dir).map_err(io(data_dir))?;
+    restrict_dir(data_dir)?;
+    let mut created = Vec::new();
+    if !paths.marker.exists() {
+        let marker = Marker {
+            issuer: DEV_ISSUER.into(),
+            audience: DEV_AUDIENCE.into(),
+            kid: DEV_KID.into(),
+        };
+        let json = serde_json::to_vec_pretty(&marker).unwrap_or_default();
+        write_private(&paths.marker, &json)?;
+        created.push(paths.marker.clone());
+    }
+    let root = if paths.root_key.exists() {
+        RootKey::load(&paths.root_key)?
+    } else {
+        created.push(paths.root_key.clone());
+        RootKey::generate(&paths.root_key)?
+    };
+    if !paths.keystore.exists() {
+        keystore::create(&paths.keystore, &root)?;
+        created.push(paths.keystore.clone());
+    }
+    if !paths.issuer_private.exists() {
+        let mut seed = Zeroizing::new([0u8; 32]);
+        rand::rngs::OsRng.fill_bytes(seed.as_mut());
+        let signing = SigningKey::from_bytes(&seed);
+        let private_pem = signing
+            .to_pkcs8_pem(LineEnding::LF)
+            .map_err(|_| DevError::Sign)?;
+        let public_pem = signing
+            .verifying_key()
+            .to_public_key_pem(LineEnding::LF)
+            .map_err(|_| DevError::Sign)?;
+        let _ = fs::remove_file(&paths.issuer_public);
+        write_private(&paths.issuer_private, private_pem.as_bytes())?;
+        write_private(&paths.issuer_public, public_pem.as_bytes())?;
+        created.push(paths.issuer_private.clone());
+        created.push(paths.issuer_public.clone());
+    }
+    let settings = Settings {
+        mode: Mode::Dev,
+        listen,
+        data_dir: data_dir.to_owned(),
+        auth: AuthSettings {
+            issuer: DEV_ISSUER.into(),
+            audience: DEV_AUDIENCE.into(),
+            keys: vec![JwtKey {
+                kid: DEV_KID.into(),
+                alg: JwtAlg::EdDSA,
+                public_key_file: paths.issuer_public.clone(),
+            }],
+            leeway_secs: 30,
+            allow_rs256: false,
+            cache_capacity: 10_000,
+        },
+        clients: Role::ALL
+            .iter()
+            .map(|r| ClientEntry {
+                sub: r.sub().into(),
+                scopes: r.scopes().iter().copied().collect(),
+                tenants: ["*".to_owned()].into_iter().collect(),
+            })
+            .collect(),
+        keystore: KeystoreSettings {
+            path: paths.keystore.clone(),
+            root_key_file: paths.root_key.clone(),
+        },
+        max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+        log_format: LogFormat::Pretty,
+        workers: None,
+    };
+    Ok((settings, created))
+}
+
+/// Claims of a dev token.
+#[derive(Serialize)]
+struct DevClaims<'a> {
+    iss: &'a str,
+    aud: &'a str,
+    sub: &'a str,
+    scope: String,
+    tenant: &'a str,
+    iat: u64,
+    nbf: u64,
+    exp: u64,
+}
+
+/// Mints a JWT for a dev role, signed by the data directory's dev issuer key.
+pub fn mint_token(
+    data_dir: &Path,
+    role: Role,
+    tenant: &str,
+    ttl: Duration,
+) -> Result<String, DevError> {
+    let paths = DevPaths::new(data_dir);
+    if !paths.marker.is_file() {
+        return Err(DevError::NotDevDir(data_dir.to_owned()));
+    }
+    let tenant = TenantId::parse(tenant).ok_or(DevError::Tenant)?;
+    let pem = Zeroizing::new(
+        fs::read(&paths.issuer_private).map_err(|source| DevError::Io {
+            path: paths.issuer_private.clone(),
+            source,
+        })?,
+    );
+    let key = EncodingKey::from_ed_pem(&pem).map_err(|_| DevError::Sign)?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let claims = DevClaims {
+        iss: DEV_ISSUER,
+        aud: DEV_AUDIENCE,
+        sub: role.sub(),
+        scope: role
+            .scopes()
+            .iter()
+            .map(|s| s.as_str())
+            .collect::<Vec<_>>()
+            .join(" "),
+        tenant: tenant.as_str(),
+        iat: now,
+        nbf: now,
+        exp: now + ttl.as_secs().max(1),
+    };
+    let mut header = Header::new(Algorithm::EdDSA);
+    header.kid = Some(DEV_KID.into());
+    jsonwebtoken::encode(&header, &claims, &key).map_err(|_| DevError::Sign)
+}
+
+/// Whether `data_dir` was set up by dev mode.
+pub fn is_dev_dir(data_dir: &Path) -> bool {
+    DevPaths::new(data_dir).marker.exists()
+}
+
+fn restrict_dir(dir: &Path) -> Result<(), DevError> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(|source| DevError::Io {
+        path: dir.to_owned(),
+        source,
+    })
+}

@@ -1,0 +1,97 @@
+//! Prometheus metrics. Labels are fixed vocabularies (route patterns, outcome
+//! names, reasons): never a raw path, token, tenant or anything from a card.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+};
+
+/// Every metric the vault exports, registered in its own registry.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    pub http_requests: IntCounterVec,
+    pub http_duration: HistogramVec,
+    pub tokenize: IntCounterVec,
+    pub reads: IntCounterVec,
+    pub detokenize: IntCounterVec,
+    pub delete: IntCounterVec,
+    pub auth_failures: IntCounterVec,
+    pub tokens_stored: IntGauge,
+}
+
+/// Building a metric only fails on an invalid name or duplicate registration,
+/// both fixed at compile time here; a failure is a programming error.
+#[allow(clippy::expect_used)]
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new_custom(Some("tokenvault".into()), None).expect("valid prefix");
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid counter");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique counter");
+            c
+        };
+        let http_requests = counter(
+            "http_requests_total",
+            "HTTP requests by method, route pattern and status",
+            &["method", "route", "status"],
+        );
+        let tokenize = counter("tokenize_total", "Tokenize outcomes", &["outcome"]);
+        let reads = counter(
+            "token_reads_total",
+            "Token metadata read outcomes",
+            &["outcome"],
+        );
+        let detokenize = counter("detokenize_total", "Detokenize outcomes", &["outcome"]);
+        let delete = counter("delete_total", "Token delete outcomes", &["outcome"]);
+        let auth_failures = counter(
+            "auth_failures_total",
+            "Authentication and authorization failures",
+            &["reason"],
+        );
+        let http_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "http_request_duration_seconds",
+                "HTTP request latency by route pattern",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+            ]),
+            &["method", "route"],
+        )
+        .expect("valid histogram");
+        registry
+            .register(Box::new(http_duration.clone()))
+            .expect("unique histogram");
+        let tokens_stored =
+            IntGauge::new("tokens_stored", "Tokens held by the vault").expect("valid gauge");
+        registry
+            .register(Box::new(tokens_stored.clone()))
+            .expect("unique gauge");
+        Metrics {
+            registry,
+            http_requests,
+            http_duration,
+            tokenize,
+            reads,
+            detokenize,
+            delete,
+            auth_failures,
+            tokens_stored,
+        }
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> Vec<u8> {
+        let mut buf = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        buf
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}

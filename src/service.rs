@@ -1,0 +1,245 @@
+//! The vault service: tokenize, read metadata, detokenize, delete.
+//!
+//! It composes the keyring (envelope sealing, fingerprints) with the store
+//! (insert-if-absent, group commit). Blocking work (crypto, sled) runs on the
+//! blocking pool; a created or deleted record is durable before the call returns.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+
+use time::OffsetDateTime;
+
+use crate::domain::card::{Brand, CardPayload};
+use crate::domain::tenant::TenantId;
+use crate::domain::token::{Token, TokenFormat, candidates};
+use crate::keys::{KeyError, Keyring};
+use crate::store::{InsertOutcome, Store, StoreError, StoredRecord};
+
+/// Why a vault operation failed. Variants carry no card data.
+#[derive(Debug, thiserror::Error)]
+pub enum VaultError {
+    #[error("token not found")]
+    NotFound,
+    #[error("no free token left in this format for this BIN and last four")]
+    TokenSpaceExhausted,
+    #[error("the record's key version has been destroyed")]
+    KeyDestroyed,
+    #[error("the record's key version is not usable")]
+    KeyUnavailable,
+    #[error("the record failed its integrity check")]
+    Integrity,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("background task failed")]
+    Task,
+}
+
+impl From<KeyError> for VaultError {
+    fn from(e: KeyError) -> Self {
+        match e {
+            KeyError::Destroyed => VaultError::KeyDestroyed,
+            KeyError::UnknownVersion | KeyError::Retired => VaultError::KeyUnavailable,
+            KeyError::Integrity => VaultError::Integrity,
+        }
+    }
+}
+
+/// What a caller asked to tokenize, already parsed into domain types.
+#[derive(Debug)]
+pub struct TokenizeInput {
+    pub card: CardPayload,
+    pub format: TokenFormat,
+}
+
+/// Public metadata of a token: never the PAN.
+#[derive(Debug, Clone)]
+pub struct TokenMetadata {
+    pub token: Token,
+    pub format: TokenFormat,
+    pub brand: Brand,
+    pub bin: String,
+    pub last4: String,
+    pub exp_month: u8,
+    pub exp_year: u16,
+    pub fingerprint: String,
+    pub created_at: OffsetDateTime,
+}
+
+/// Whether tokenize stored a new card or found the tenant's existing one.
+#[derive(Debug)]
+pub enum Tokenized {
+    Created(TokenMetadata),
+    Existing(TokenMetadata),
+}
+
+/// A detokenized card: only for the PSP connector path.
+#[derive(Debug)]
+pub struct Revealed {
+    pub token: Token,
+    pub card: CardPayload,
+}
+
+/// The vault. Cheap to clone.
+#[derive(Clone)]
+pub struct Vault {
+    store: Arc<dyn Store>,
+    keys: Arc<Keyring>,
+    stored: Arc<AtomicI64>,
+}
+
+impl Vault {
+    /// Builds the vault; counts the stored records once (for the gauge).
+    pub fn new(store: Arc<dyn Store>, keys: Arc<Keyring>) -> Result<Vault, VaultError> {
+        let n = store.count()?;
+        Ok(Vault {
+            store,
+            keys,
+            stored: Arc::new(AtomicI64::new(n as i64)),
+        })
+    }
+
+    /// Number of records the vault holds.
+    pub fn tokens_stored(&self) -> i64 {
+        self.stored.load(Ordering::Relaxed)
+    }
+
+    /// Store and keys usable: for readiness.
+    pub async fn ready(&self) -> bool {
+        let (store, keys) = (self.store.clone(), self.keys.clone());
+        tokio::task::spawn_blocking(move || store.check().is_ok() && keys.self_test())
+            .await
+            .unwrap_or(false)
+    }
+
+    /// Tokenizes a card for `tenant`, or returns the token it already has.
+    pub async fn tokenize(
+        &self,
+        tenant: TenantId,
+        input: TokenizeInput,
+    ) -> Result<Tokenized, VaultError> {
+        let this = self.clone();
+        let outcome = tokio::task::spawn_blocking(move || this.tokenize_blocking(&tenant, &input))
+            .await
+            .map_err(|_| VaultError::Task)??;
+        // Durable before we answer: a 201 (or 200) survives a crash right after it.
+        self.store.commit().await?;
+        if matches!(outcome, Tokenized::Created(_)) {
+            self.stored.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(outcome)
+    }
+
+    fn tokenize_blocking(
+        &self,
+        tenant: &TenantId,
+        input: &TokenizeInput,
+    ) -> Result<Tokenized, VaultError> {
+        let pan = &input.card.pan;
+        let fingerprint = self.keys.fingerprint(tenant, pan);
+        if let Some(token) = self.store.find_fingerprint(tenant, &fingerprint)? {
+            if let Some(existing) = self.metadata_blocking(tenant, &token)? {
+                return Ok(Tokenized::Existing(existing));
+            }
+        }
+        for token in candidates(input.format, pan) {
+            let record = StoredRecord {
+                tenant: tenant.clone(),
+                sealed: self.keys.seal(tenant, &token, &input.card),
+                token,
+                format: input.format,
+                brand: pan.brand(),
+                bin: pan.bin6().to_owned(),
+                last4: pan.last4().to_owned(),
+                fingerprint,
+                created_at: now_seconds(),
+            };
+            match self.store.insert(&record)? {
+                InsertOutcome::Inserted => {
+                    return Ok(Tokenized::Created(metadata(&record, &input.card)));
+                }
+                InsertOutcome::TokenTaken => continue,
+                InsertOutcome::FingerprintExists(token) => {
+                    // A concurrent request stored this card first.
+                    return self
+                        .metadata_blocking(tenant, &token)?
+                        .map(Tokenized::Existing)
+                        .ok_or(VaultError::NotFound);
+                }
+            }
+        }
+        Err(VaultError::TokenSpaceExhausted)
+    }
+
+    /// Metadata of a token (decrypts the payload for the expiry, then drops it).
+    pub async fn metadata(
+        &self,
+        tenant: TenantId,
+        token: Token,
+    ) -> Result<TokenMetadata, VaultError> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.metadata_blocking(&tenant, &token))
+            .await
+            .map_err(|_| VaultError::Task)??
+            .ok_or(VaultError::NotFound)
+    }
+
+    fn metadata_blocking(
+        &self,
+        tenant: &TenantId,
+        token: &Token,
+    ) -> Result<Option<TokenMetadata>, VaultError> {
+        let Some(record) = self.store.get(tenant, token)? else {
+            return Ok(None);
+        };
+        let card = self.keys.open(tenant, token, &record.sealed)?;
+        Ok(Some(metadata(&record, &card)))
+    }
+
+    /// Reveals the card behind a token.
+    pub async fn detokenize(&self, tenant: TenantId, token: Token) -> Result<Revealed, VaultError> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let record = this
+                .store
+                .get(&tenant, &token)?
+                .ok_or(VaultError::NotFound)?;
+            let card = this.keys.open(&tenant, &token, &record.sealed)?;
+            Ok(Revealed { token, card })
+        })
+        .await
+        .map_err(|_| VaultError::Task)?
+    }
+
+    /// Deletes a token for good: record and fingerprint entry, durably.
+    pub async fn delete(&self, tenant: TenantId, token: Token) -> Result<(), VaultError> {
+        let store = self.store.clone();
+        let deleted = tokio::task::spawn_blocking(move || store.delete(&tenant, &token))
+            .await
+            .map_err(|_| VaultError::Task)??;
+        if !deleted {
+            return Err(VaultError::NotFound);
+        }
+        self.store.commit().await?;
+        self.stored.fetch_sub(1, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+fn metadata(record: &StoredRecord, card: &CardPayload) -> TokenMetadata {
+    TokenMetadata {
+        token: record.token.clone(),
+        format: record.format,
+        brand: record.brand,
+        bin: record.bin.clone(),
+        last4: record.last4.clone(),
+        exp_month: card.expiry.month(),
+        exp_year: card.expiry.year(),
+        fingerprint: hex::encode(record.fingerprint),
+        created_at: record.created_at,
+    }
+}
+
+fn now_seconds() -> OffsetDateTime {
+    let now = OffsetDateTime::now_utc();
+    now.replace_nanosecond(0).unwrap_or(now)
+}

@@ -1,0 +1,103 @@
+//! Builds the application from [`Settings`] and binds its listener, exposing the
+//! bound address so tests can start the real server on port 0.
+
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::dev::Server;
+use actix_web::middleware::from_fn;
+use actix_web::{App, HttpServer, web};
+
+use crate::api::{self, AppState};
+use crate::auth::{AuthConfigError, Authenticator};
+use crate::config::{Mode, Settings};
+use crate::keys::keystore::{self, KeystoreError, RootKey};
+use crate::metrics::Metrics;
+use crate::service::{Vault, VaultError};
+use crate::store::{SledStore, StoreError};
+
+/// Why the server could not start. Messages name files and causes, never secrets.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error("cannot open the store: {0}")]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Keystore(#[from] KeystoreError),
+    #[error(transparent)]
+    Auth(#[from] AuthConfigError),
+    #[error("cannot start the vault: {0}")]
+    Vault(#[from] VaultError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("{0} is a dev-mode data directory; production mode refuses it")]
+    DevDataDir(std::path::PathBuf),
+}
+
+/// A built, bound server.
+pub struct Application {
+    addr: SocketAddr,
+    server: Server,
+}
+
+impl Application {
+    /// Opens the store, unlocks the keys, binds the listener and builds the server.
+    /// Must run inside an actix/tokio runtime.
+    pub fn build(settings: &Settings) -> Result<Application, StartupError> {
+        if settings.mode == Mode::Production && crate::dev::is_dev_dir(&settings.data_dir) {
+            return Err(StartupError::DevDataDir(settings.data_dir.clone()));
+        }
+        let store = SledStore::open(&settings.data_dir.join("sled"))?;
+        let keyring = {
+            let root = RootKey::load(&settings.keystore.root_key_file)?;
+            keystore::load(&settings.keystore.path, &root)?
+        };
+        let vault = Vault::new(Arc::new(store), Arc::new(keyring))?;
+        let auth = Authenticator::new(&settings.auth, &settings.clients)?;
+        let state = web::Data::new(AppState {
+            vault,
+            auth,
+            metrics: Metrics::new(),
+            max_body_bytes: settings.max_body_bytes,
+        });
+        let bind_err = |source| StartupError::Bind {
+            addr: settings.listen,
+            source,
+        };
+        let listener = TcpListener::bind(settings.listen).map_err(bind_err)?;
+        let addr = listener.local_addr().map_err(bind_err)?;
+        let mut server = HttpServer::new(move || {
+            App::new()
+                .app_data(state.clone())
+                .wrap(api::security_headers())
+                .wrap(from_fn(api::middleware))
+                .configure(api::configure)
+        })
+        // Slow or idle clients cannot hold connections open.
+        .client_request_timeout(Duration::from_secs(5))
+        .client_disconnect_timeout(Duration::from_secs(1))
+        .keep_alive(Duration::from_secs(30))
+        .shutdown_timeout(10)
+        .listen(listener)
+        .map_err(bind_err)?;
+        if let Some(n) = settings.workers {
+            server = server.workers(n.max(1));
+        }
+        Ok(Application {
+            addr,
+            server: server.run(),
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Serves until SIGINT/SIGTERM, then drains connections gracefully.
+    pub async fn run_until_stopped(self) -> std::io::Result<()> {
+        self.server.await
+    }
+}

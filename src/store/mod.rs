@@ -1,0 +1,184 @@
+//! Persistence behind the [`Store`] trait. Its types carry nothing of sled, so
+//! other backends (PostgreSQL) can implement it; the store never sees a PAN, only
+//! tokens, public metadata and sealed envelopes.
+
+mod sled_store;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use time::OffsetDateTime;
+use tokio::sync::oneshot;
+
+pub use sled_store::SledStore;
+
+use crate::domain::card::Brand;
+use crate::domain::tenant::TenantId;
+use crate::domain::token::{Token, TokenFormat};
+use crate::keys::SealedCard;
+
+/// One tokenized card as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredRecord {
+    pub tenant: TenantId,
+    pub token: Token,
+    pub format: TokenFormat,
+    pub brand: Brand,
+    /// First six digits (displayable under PCI DSS 3.4.1).
+    pub bin: String,
+    /// Last four digits (displayable under PCI DSS 3.4.1).
+    pub last4: String,
+    /// Keyed HMAC of the PAN within the tenant (dedupe index).
+    pub fingerprint: [u8; 32],
+    pub created_at: OffsetDateTime,
+    pub sealed: SealedCard,
+}
+
+/// What an insert-if-absent did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InsertOutcome {
+    Inserted,
+    /// The token is already in use (by any tenant): draw another.
+    TokenTaken,
+    /// The tenant already holds this card, under this token.
+    FingerprintExists(Token),
+}
+
+/// A storage failure. The detail is for logs only, never for clients.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    #[error("storage backend error: {0}")]
+    Backend(String),
+    #[error("stored record is corrupt")]
+    Corrupt,
+}
+
+/// The storage interface. Methods are blocking; callers run them off the async
+/// executor. Writes become durable when a later [`Store::commit`] resolves.
+pub trait Store: Send + Sync + 'static {
+    /// Inserts the record and its fingerprint entry atomically, unless the token
+    /// is taken or the tenant already holds this fingerprint.
+    fn insert(&self, record: &StoredRecord) -> Result<InsertOutcome, StoreError>;
+    /// The record for `token` if it belongs to `tenant`; `None` otherwise, so that
+    /// another tenant's token is indistinguishable from an unknown one.
+    fn get(&self, tenant: &TenantId, token: &Token) -> Result<Option<StoredRecord>, StoreError>;
+    /// The token a tenant holds for a fingerprint.
+    fn find_fingerprint(
+        &self,
+        tenant: &TenantId,
+        fingerprint: &[u8; 32],
+    ) -> Result<Option<Token>, StoreError>;
+    /// Removes the record and its fingerprint entry atomically; `false` if absent.
+    fn delete(&self, tenant: &TenantId, token: &Token) -> Result<bool, StoreError>;
+    /// Number of stored records (may be slow: call at start-up only).
+    fn count(&self) -> Result<u64, StoreError>;
+    /// A ticket that resolves once every write made before this call is durable.
+    /// Concurrent callers share one flush (group commit).
+    fn commit(&self) -> Commit;
+    /// Cheap liveness check of the backend, for readiness probes.
+    fn check(&self) -> Result<(), StoreError>;
+}
+
+/// Resolves when the writes before it are on stable storage.
+pub struct Commit(CommitInner);
+
+enum CommitInner {
+    Waiting(oneshot::Receiver<Result<(), StoreError>>),
+    Failed(Option<StoreError>),
+}
+
+impl Commit {
+    pub(crate) fn waiting(rx: oneshot::Receiver<Result<(), StoreError>>) -> Commit {
+        Commit(CommitInner::Waiting(rx))
+    }
+
+    pub(crate) fn failed(e: StoreError) -> Commit {
+        Commit(CommitInner::Failed(Some(e)))
+    }
+}
+
+impl Future for Commit {
+    type Output = Result<(), StoreError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match &mut self.get_mut().0 {
+            CommitInner::Waiting(rx) => Pin::new(rx).poll(cx).map(|r| {
+                r.unwrap_or_else(|_| Err(StoreError::Backend("commit thread stopped".into())))
+            }),
+            CommitInner::Failed(e) => Poll::Ready(Err(e
+                .take()
+                .unwrap_or_else(|| StoreError::Backend("polled twice".into())))),
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod conformance {
+    //! The storage conformance suite: every backend must pass it.
+
+    use super::*;
+
+    pub fn record(tenant: &str, token: &str, fp: u8) -> StoredRecord {
+        StoredRecord {
+            tenant: TenantId::parse(tenant).unwrap(),
+            token: Token::parse(token).unwrap(),
+            format: TokenFormat::Bin6Last4,
+            brand: Brand::Visa,
+            bin: "411111".into(),
+            last4: "1111".into(),
+            fingerprint: [fp; 32],
+            created_at: OffsetDateTime::from_unix_timestamp(1_700_000_000).unwrap(),
+            sealed: SealedCard {
+                key_version: 1,
+                wrapped_dek: vec![1; 60],
+                ciphertext: vec![2; 50],
+            },
+        }
+    }
+
+    pub async fn run(store: &dyn Store) {
+        let a = record("t1", "4111110000001112", 1);
+        assert_eq!(store.insert(&a).unwrap(), InsertOutcome::Inserted);
+        store.commit().await.unwrap();
+        assert_eq!(store.get(&a.tenant, &a.token).unwrap().as_ref(), Some(&a));
+        assert_eq!(
+            store.find_fingerprint(&a.tenant, &[1; 32]).unwrap(),
+            Some(a.token.clone())
+        );
+
+        // Another tenant sees nothing.
+        let t2 = TenantId::parse("t2").unwrap();
+        assert_eq!(store.get(&t2, &a.token).unwrap(), None);
+        assert_eq!(store.find_fingerprint(&t2, &[1; 32]).unwrap(), None);
+        assert!(!store.delete(&t2, &a.token).unwrap());
+
+        // Same token in any tenant: taken. Same fingerprint in the tenant: exists.
+        let same_token = record("t2", "4111110000001112", 9);
+        assert_eq!(
+            store.insert(&same_token).unwrap(),
+            InsertOutcome::TokenTaken
+        );
+        let same_fp = record("t1", "4111110000002112", 1);
+        assert_eq!(
+            store.insert(&same_fp).unwrap(),
+            InsertOutcome::FingerprintExists(a.token.clone())
+        );
+        // Same fingerprint in another tenant is independent.
+        let other_tenant = record("t2", "4111110000003112", 1);
+        assert_eq!(
+            store.insert(&other_tenant).unwrap(),
+            InsertOutcome::Inserted
+        );
+        assert_eq!(store.count().unwrap(), 2);
+
+        // Delete removes record and fingerprint; a second delete finds nothing.
+        assert!(store.delete(&a.tenant, &a.token).unwrap());
+        store.commit().await.unwrap();
+        assert_eq!(store.get(&a.tenant, &a.token).unwrap(), None);
+        assert_eq!(store.find_fingerprint(&a.tenant, &[1; 32]).unwrap(), None);
+        assert!(!store.delete(&a.tenant, &a.token).unwrap());
+        assert_eq!(store.count().unwrap(), 1);
+        store.check().unwrap();
+    }
+}
