@@ -136,10 +136,10 @@ impl Vault {
     ) -> Result<Tokenized, VaultError> {
         let pan = &input.card.pan;
         let fingerprint = self.keys.fingerprint(tenant, pan);
-        if let Some(token) = self.store.find_fingerprint(tenant, &fingerprint)? {
-            if let Some(existing) = self.metadata_blocking(tenant, &token)? {
-                return Ok(Tokenized::Existing(existing));
-            }
+        if let Some(token) = self.store.find_fingerprint(tenant, &fingerprint)?
+            && let Some(existing) = self.metadata_blocking(tenant, &token)?
+        {
+            return Ok(Tokenized::Existing(existing));
         }
         for token in candidates(input.format, pan) {
             let record = StoredRecord {

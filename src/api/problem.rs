@@ -184,13 +184,13 @@ impl ResponseError for ApiError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
         ));
-        if let ApiError::Auth(e) = self {
-            if !e.is_forbidden() {
-                res.insert_header((
-                    header::WWW_AUTHENTICATE,
-                    HeaderValue::from_static("Bearer error=\"invalid_token\""),
-                ));
-            }
+        if let ApiError::Auth(e) = self
+            && !e.is_forbidden()
+        {
+            res.insert_header((
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer error=\"invalid_token\""),
+            ));
         }
         res.body(serde_json::to_vec(&body).unwrap_or_default())
     }

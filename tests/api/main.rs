@@ -1,1 +1,11 @@
-fn main() {}
+//! Black-box tests: the real `tokenvault` binary over real HTTP.
+
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod authz;
+mod cli;
+mod durability;
+mod helpers;
+mod openapi;
+mod tokens;

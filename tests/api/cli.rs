@@ -1,0 +1,236 @@
+//! The CLI's refusals and production mode's explicit configuration.
+
+use std::process::Command;
+
+use crate::helpers::*;
+
+#[test]
+fn dev_token_refuses_a_non_dev_data_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .args([
+            "dev",
+            "token",
+            "--role",
+            "edge",
+            "--data-dir",
+            dir.path().to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a dev-mode data directory"));
+    assert!(out.stdout.is_empty());
+}
+
+#[test]
+fn dev_mode_refuses_a_non_loopback_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .args([
+            "serve",
+            "--listen",
+            "0.0.0.0:0",
+            "--data-dir",
+            dir.path().join("d").to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("loopback"));
+    assert!(!dir.path().join("d").exists(), "nothing was created");
+}
+
+fn write_prod_config(dir: &std::path::Path, body: &str) -> std::path::PathBuf {
+    let p = dir.join("tokenvault.toml");
+    std::fs::write(&p, body).unwrap();
+    p
+}
+
+/// Copies a dev vault's keystore, root key and issuer public key into a fresh
+/// production layout (a stand-in for the key ceremony, which arrives with `keys init`).
+fn prod_layout(dev: &TestApp, dir: &std::path::Path) -> String {
+    for (from, to) in [
+        ("keys/keystore.json", "keystore.json"),
+        ("keys/dev-root.key", "root.key"),
+        ("dev/issuer-ed25519.pub.pem", "issuer.pub.pem"),
+    ] {
+        std::fs::copy(dev.data_dir.join(from), dir.join(to)).unwrap();
+    }
+    let d = dir.display();
+    format!(
+        r#"
+listen = "127.0.0.1:0"
+data_dir = "{d}/data"
+
+[auth]
+issuer = "tokenvault-dev"
+audience = "tokenvault"
+
+[[auth.keys]]
+kid = "dev-ed25519-1"
+alg = "EdDSA"
+public_key_file = "{d}/issuer.pub.pem"
+
+[[clients]]
+sub = "dev-edge"
+scopes = ["tokens:create"]
+tenants = ["acme"]
+
+[[clients]]
+sub = "dev-crm"
+scopes = ["tokens:read"]
+tenants = ["acme"]
+
+[keystore]
+path = "{d}/keystore.json"
+root_key_file = "{d}/root.key"
+"#
+    )
+}
+
+#[tokio::test]
+async fn production_mode_requires_explicit_config_and_enforces_the_registry() {
+    let dev = TestApp::spawn().await;
+    let dir = tempfile::tempdir().unwrap();
+    let full = prod_layout(&dev, dir.path());
+
+    // Each required piece removed in turn: refused at start, naming what is missing.
+    let cut = |from: &str, to: &str| full.replace(from, to);
+    let broken = [
+        ("no config file", None, "not found"),
+        (
+            "no JWT keys",
+            Some(cut(
+                "[[auth.keys]]\nkid = \"dev-ed25519-1\"\nalg = \"EdDSA\"",
+                "[auth.nokeys]\nkid = \"x\"\nalg = \"EdDSA\"",
+            )),
+            "keys",
+        ),
+        (
+            "empty issuer",
+            Some(cut("issuer = \"tokenvault-dev\"", "issuer = \"\"")),
+            "issuer",
+        ),
+        (
+            "no audience",
+            Some(cut("audience = \"tokenvault\"", "")),
+            "audience",
+        ),
+        (
+            "no clients",
+            Some(
+                full.split("[[clients]]").next().unwrap().to_owned()
+                    + &full[full.find("[keystore]").unwrap()..],
+            ),
+            "clients",
+        ),
+        (
+            "no keystore",
+            Some(full[..full.find("[keystore]").unwrap()].to_owned()),
+            "keystore",
+        ),
+        (
+            "wildcard tenant",
+            Some(cut("tenants = [\"acme\"]", "tenants = [\"*\"]")),
+            "wildcard",
+        ),
+        (
+            "HMAC algorithm",
+            Some(cut("alg = \"EdDSA\"", "alg = \"HS256\"")),
+            "HS256",
+        ),
+    ];
+    for (name, body, expect) in broken {
+        let path = match body {
+            Some(b) => write_prod_config(dir.path(), &b),
+            None => dir.path().join("missing.toml"),
+        };
+        let out = Command::new(BIN)
+            .args(["serve", "--config", path.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{name}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(expect), "{name}: {err}");
+    }
+
+    // A dev data directory is refused in production mode.
+    let with_dev_dir = full.replace(
+        &format!("{}/data", dir.path().display()),
+        dev.data_dir.to_str().unwrap(),
+    );
+    let path = write_prod_config(dir.path(), &with_dev_dir);
+    let out = Command::new(BIN)
+        .args(["serve", "--config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_ne!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("dev-mode data directory"));
+
+    // The complete config starts, logs JSON, and the registry's tenant list binds.
+    let path = write_prod_config(dir.path(), &full);
+    let prod = TestApp::start(
+        &["serve", "--config", path.to_str().unwrap()],
+        dir.path().join("data"),
+    );
+    assert!(
+        prod.logs()
+            .lines()
+            .any(|l| l.starts_with('{') && l.contains("\"level\"")),
+        "JSON logs in production"
+    );
+    let edge = dev.jwt("edge", "acme");
+    let body = serde_json::json!({"pan": "4111111111111111", "exp_month": 12, "exp_year": 2031});
+    prod.watch("4111111111111111");
+    let res = prod
+        .client
+        .post(prod.url("/v1/tokens"))
+        .bearer_auth(&edge)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
+    let token = res.json::<serde_json::Value>().await.unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // Registry does not grant tenant "globex" to dev-edge, even with a valid JWT.
+    let res = prod
+        .client
+        .post(prod.url("/v1/tokens"))
+        .bearer_auth(dev.jwt("edge", "globex"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_problem(res, 403, "forbidden").await;
+    // Registry grants dev-crm only tokens:read: a JWT claiming tokens:delete is not enough.
+    let res = prod
+        .client
+        .delete(prod.url(&format!("/v1/tokens/{token}")))
+        .bearer_auth(dev.jwt("crm", "acme"))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(res, 403, "forbidden").await;
+    // dev-psp is not in the production registry at all.
+    let res = prod
+        .client
+        .post(prod.url("/v1/detokenize"))
+        .bearer_auth(dev.jwt("psp", "acme"))
+        .json(&serde_json::json!({"token": token}))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(res, 403, "forbidden").await;
+    let res = prod
+        .client
+        .get(prod.url(&format!("/v1/tokens/{token}")))
+        .bearer_auth(dev.jwt("crm", "acme"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+}

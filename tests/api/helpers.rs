@@ -1,0 +1,373 @@
+//! Test harness: each test gets the real `tokenvault` binary as a child process,
+//! with its own data directory, on an ephemeral port. All of its logs (stdout and
+//! stderr, at debug level) are captured; when the harness is dropped it fails the
+//! test if any PAN the test submitted appears in them.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::{Value, json};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_tokenvault");
+
+/// PANs used across the suite; none may ever appear in a log.
+pub const TEST_PANS: &[&str] = &[
+    "4111111111111111",
+    "5555555555554444",
+    "378282246310005",
+    "6011111111111117",
+    "4012888888881881",
+];
+
+pub fn luhn_valid(s: &str) -> bool {
+    let sum: u32 = s
+        .bytes()
+        .rev()
+        .enumerate()
+        .map(|(i, b)| {
+            let d = u32::from(b - b'0');
+            if i % 2 == 1 {
+                if d * 2 > 9 { d * 2 - 9 } else { d * 2 }
+            } else {
+                d
+            }
+        })
+        .sum();
+    sum.is_multiple_of(10)
+}
+
+/// Appends the Luhn check digit to `body`.
+pub fn with_check_digit(body: &str) -> String {
+    (0..10)
+        .map(|d| format!("{body}{d}"))
+        .find(|c| luhn_valid(c))
+        .unwrap()
+}
+
+/// A distinct, valid 16-digit Visa-range PAN for index `i` (unknown to any network).
+pub fn pan_for(i: u64) -> String {
+    with_check_digit(&format!("49{:013}", i))
+}
+
+pub fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+pub struct TestApp {
+    pub base: String,
+    pub data_dir: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+    child: Option<Child>,
+    logs: Arc<Mutex<String>>,
+    pub client: reqwest::Client,
+    pans: Mutex<Vec<String>>,
+    signing: Option<EncodingKey>,
+}
+
+impl TestApp {
+    /// A dev-mode vault in a fresh data directory.
+    pub async fn spawn() -> TestApp {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("data");
+        let dir_arg = dir.to_str().unwrap().to_owned();
+        let mut app = TestApp::start(
+            &["serve", "--listen", "127.0.0.1:0", "--data-dir", &dir_arg],
+            dir,
+        );
+        app._tmp = Some(tmp);
+        app
+    }
+
+    /// A dev-mode vault on an existing data directory (a restart).
+    pub fn restart_on(dir: &Path) -> TestApp {
+        TestApp::start(
+            &[
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--data-dir",
+                dir.to_str().unwrap(),
+            ],
+            dir.to_owned(),
+        )
+    }
+
+    /// Starts the binary with `args` and waits for it to listen.
+    pub fn start(args: &[&str], data_dir: PathBuf) -> TestApp {
+        let mut child = Command::new(BIN)
+            .args(args)
+            .env("RUST_LOG", "debug")
+            .env_remove("TOKENVAULT_LISTEN")
+            .env_remove("TOKENVAULT_DATA_DIR")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn tokenvault");
+        let logs = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = mpsc::channel::<String>();
+        for stream in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let logs = logs.clone();
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines() {
+                    let Ok(line) = line else { break };
+                    if let Some(addr) = line.strip_prefix("tokenvault listening on ") {
+                        let _ = tx.send(addr.trim().to_owned());
+                    }
+                    let mut l = logs.lock().unwrap();
+                    l.push_str(&line);
+                    l.push('\n');
+                }
+            });
+        }
+        let base = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(b) => b,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("server did not start; logs:\n{}", logs.lock().unwrap());
+            }
+        };
+        let signing = std::fs::read(data_dir.join("dev/issuer-ed25519.pem"))
+            .ok()
+            .map(|pem| EncodingKey::from_ed_pem(&pem).unwrap());
+        TestApp {
+            base,
+            data_dir,
+            _tmp: None,
+            child: Some(child),
+            logs,
+            client: reqwest::Client::builder().no_proxy().build().unwrap(),
+            pans: Mutex::new(Vec::new()),
+            signing,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    /// Everything the server logged so far.
+    pub fn logs(&self) -> String {
+        self.logs.lock().unwrap().clone()
+    }
+
+    /// Registers a PAN that must never appear in the logs.
+    pub fn watch(&self, pan: &str) {
+        self.pans.lock().unwrap().push(pan.to_owned());
+    }
+
+    /// Signs arbitrary claims with the dev issuer key (for attack tests).
+    pub fn sign(&self, claims: &Value, kid: Option<&str>) -> String {
+        let mut header = Header::new(Algorithm::EdDSA);
+        header.kid = kid.map(str::to_owned);
+        jsonwebtoken::encode(
+            &header,
+            claims,
+            self.signing.as_ref().expect("dev issuer key"),
+        )
+        .unwrap()
+    }
+
+    /// Standard claims for a dev role.
+    pub fn claims(&self, role: &str, tenant: &str) -> Value {
+        let (sub, scope) = match role {
+            "edge" => ("dev-edge", "tokens:create"),
+            "crm" => ("dev-crm", "tokens:read tokens:delete"),
+            "psp" => ("dev-psp", "tokens:detokenize"),
+            "officer" => ("dev-officer", "keys:admin"),
+            other => panic!("unknown role {other}"),
+        };
+        let n = now();
+        json!({"iss": "tokenvault-dev", "aud": "tokenvault", "sub": sub, "scope": scope,
+               "tenant": tenant, "iat": n, "nbf": n, "exp": n + 600})
+    }
+
+    /// A valid JWT for a dev role and tenant.
+    pub fn jwt(&self, role: &str, tenant: &str) -> String {
+        self.sign(&self.claims(role, tenant), Some("dev-ed25519-1"))
+    }
+
+    /// A JWT minted by the real CLI (`tokenvault dev token`).
+    pub fn cli_jwt(&self, role: &str, tenant: &str) -> String {
+        let out = Command::new(BIN)
+            .args([
+                "dev",
+                "token",
+                "--role",
+                role,
+                "--tenant",
+                tenant,
+                "--data-dir",
+                self.data_dir.to_str().unwrap(),
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    }
+
+    pub async fn tokenize_as(&self, jwt: &str, body: Value) -> reqwest::Response {
+        if let Some(pan) = body
+            .get("pan")
+            .and_then(Value::as_str)
+            .filter(|p| p.len() >= 12)
+        {
+            self.watch(pan);
+        }
+        self.client
+            .post(self.url("/v1/tokens"))
+            .bearer_auth(jwt)
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// Tokenizes as the edge of `tenant`; returns (status, body).
+    pub async fn tokenize(&self, tenant: &str, pan: &str, format: Option<&str>) -> (u16, Value) {
+        let mut body = json!({"pan": pan, "exp_month": 12, "exp_year": 2031, "cardholder_name": "Test Holder"});
+        if let Some(f) = format {
+            body["format"] = json!(f);
+        }
+        let res = self.tokenize_as(&self.jwt("edge", tenant), body).await;
+        let status = res.status().as_u16();
+        (status, res.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn read(&self, tenant: &str, token: &str) -> reqwest::Response {
+        self.client
+            .get(self.url(&format!("/v1/tokens/{token}")))
+            .bearer_auth(self.jwt("crm", tenant))
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn detokenize(&self, tenant: &str, token: &str) -> reqwest::Response {
+        self.client
+            .post(self.url("/v1/detokenize"))
+            .bearer_auth(self.jwt("psp", tenant))
+            .json(&json!({"token": token}))
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn delete(&self, tenant: &str, token: &str) -> reqwest::Response {
+        self.client
+            .delete(self.url(&format!("/v1/tokens/{token}")))
+            .bearer_auth(self.jwt("crm", tenant))
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// The value of a metric line (exact series match), or 0.
+    pub async fn metric(&self, series: &str) -> f64 {
+        let text = self
+            .client
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix(series)
+                    .and_then(|rest| rest.strip_prefix(' '))
+            })
+            .map(|v| v.trim().parse().unwrap())
+            .unwrap_or(0.0)
+    }
+
+    /// Hands over the temporary directory, so the data outlives this server.
+    pub fn keep_data(&mut self) -> Option<tempfile::TempDir> {
+        self._tmp.take()
+    }
+
+    /// SIGKILL: no graceful shutdown, no final flush.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Scans the captured logs for every watched PAN and the suite's test PANs.
+    pub fn assert_logs_clean(&self) {
+        let logs = self.logs();
+        let watched = self.pans.lock().unwrap().clone();
+        for pan in watched
+            .iter()
+            .map(String::as_str)
+            .chain(TEST_PANS.iter().copied())
+        {
+            assert!(
+                !logs.contains(pan),
+                "test PAN {pan} appeared in the server logs"
+            );
+        }
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.kill();
+        if !std::thread::panicking() {
+            // Give the reader threads a moment to drain the pipes.
+            std::thread::sleep(Duration::from_millis(20));
+            self.assert_logs_clean();
+        }
+    }
+}
+
+/// Asserts an RFC 9457 problem response with the given status and code; returns it.
+pub async fn assert_problem(res: reqwest::Response, status: u16, code: &str) -> Value {
+    assert_eq!(res.status().as_u16(), status, "status for expected {code}");
+    let ct = res
+        .headers()
+        .get("content-type")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(ct, "application/problem+json");
+    let header_id = res
+        .headers()
+        .get("x-request-id")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(
+        body["type"],
+        format!("urn:tokenvault:problem:{code}"),
+        "{body}"
+    );
+    assert_eq!(body["status"], status);
+    assert!(body["title"].as_str().is_some_and(|t| !t.is_empty()));
+    assert_eq!(
+        body["request_id"].as_str(),
+        Some(header_id.as_str()),
+        "problem carries the request id"
+    );
+    body
+}

@@ -1,0 +1,502 @@
+//! Tokenize, read, detokenize and delete over HTTP: the walkthrough, token
+//! formats, dedupe, tenant isolation and every rejection path.
+
+use serde_json::{Value, json};
+
+use crate::helpers::*;
+
+#[tokio::test]
+async fn walkthrough_tokenize_read_detokenize_delete() {
+    let app = TestApp::spawn().await;
+    let edge = app.cli_jwt("edge", "default");
+    let crm = app.cli_jwt("crm", "default");
+    let psp = app.cli_jwt("psp", "default");
+    let body = json!({"pan": "4111111111111111", "exp_month": 12, "exp_year": 2030, "cardholder_name": "Ada Lovelace"});
+
+    let res = app.tokenize_as(&edge, body.clone()).await;
+    assert_eq!(res.status(), 201);
+    let location = res.headers()["location"].to_str().unwrap().to_owned();
+    let created: Value = res.json().await.unwrap();
+    let token = created["token"].as_str().unwrap().to_owned();
+    assert_eq!(location, format!("/v1/tokens/{token}"));
+    assert_eq!(created["format"], "bin6_last4");
+    assert_eq!(created["brand"], "visa");
+    assert_eq!(created["bin"], "411111");
+    assert_eq!(created["last4"], "1111");
+    assert_eq!(created["exp_month"], 12);
+    assert_eq!(created["exp_year"], 2030);
+    assert_eq!(created["fingerprint"].as_str().unwrap().len(), 64);
+    assert!(created["created_at"].as_str().unwrap().ends_with('Z'));
+    assert_ne!(token, "4111111111111111");
+
+    // Dedupe: same PAN, same tenant → 200 with the same token and body.
+    let res = app.tokenize_as(&edge, body).await;
+    assert_eq!(res.status(), 200);
+    let again: Value = res.json().await.unwrap();
+    assert_eq!(again, created);
+
+    // CRM reads metadata: never the PAN.
+    let res = app
+        .client
+        .get(app.url(&location))
+        .bearer_auth(&crm)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let text = res.text().await.unwrap();
+    assert!(!text.contains("4111111111111111"));
+    assert!(!text.contains("Ada"));
+    assert_eq!(serde_json::from_str::<Value>(&text).unwrap(), created);
+
+    // PSP detokenizes: the PAN, not cacheable.
+    let res = app
+        .client
+        .post(app.url("/v1/detokenize"))
+        .bearer_auth(&psp)
+        .json(&json!({"token": token}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["cache-control"], "no-store");
+    assert_eq!(res.headers()["x-content-type-options"], "nosniff");
+    let revealed: Value = res.json().await.unwrap();
+    assert_eq!(
+        revealed,
+        json!({"token": token, "pan": "4111111111111111", "exp_month": 12, "exp_year": 2030, "cardholder_name": "Ada Lovelace"})
+    );
+
+    // CRM deletes: 204, then 404 everywhere, and the fingerprint is gone too.
+    let res = app
+        .client
+        .delete(app.url(&location))
+        .bearer_auth(&crm)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 204);
+    assert_problem(
+        app.client
+            .get(app.url(&location))
+            .bearer_auth(&crm)
+            .send()
+            .await
+            .unwrap(),
+        404,
+        "not-found",
+    )
+    .await;
+    assert_problem(app.detokenize("default", &token).await, 404, "not-found").await;
+    assert_problem(
+        app.client
+            .delete(app.url(&location))
+            .bearer_auth(&crm)
+            .send()
+            .await
+            .unwrap(),
+        404,
+        "not-found",
+    )
+    .await;
+    let (status, fresh) = app.tokenize("default", "4111111111111111", None).await;
+    assert_eq!(status, 201, "after delete the same card is new again");
+    assert_eq!(fresh["fingerprint"], created["fingerprint"]);
+
+    assert_eq!(
+        app.metric("tokenvault_tokenize_total{outcome=\"created\"}")
+            .await,
+        2.0
+    );
+    assert_eq!(
+        app.metric("tokenvault_tokenize_total{outcome=\"existing\"}")
+            .await,
+        1.0
+    );
+    assert_eq!(
+        app.metric("tokenvault_detokenize_total{outcome=\"ok\"}")
+            .await,
+        1.0
+    );
+    assert_eq!(
+        app.metric("tokenvault_delete_total{outcome=\"deleted\"}")
+            .await,
+        1.0
+    );
+    assert_eq!(app.metric("tokenvault_tokens_stored").await, 1.0);
+    // Route labels are patterns, never raw paths holding a token.
+    let metrics = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("route=\"/v1/tokens/{token}\""));
+    assert!(!metrics.contains(&token));
+}
+
+/// Major brands and every length 12–19, over HTTP: length, BIN and last four
+/// kept, digits only, Luhn fails, and the token detokenizes to the PAN.
+#[tokio::test]
+async fn token_formats_for_every_length_and_brand() {
+    let app = TestApp::spawn().await;
+    let mut pans: Vec<String> = TEST_PANS.iter().map(|s| s.to_string()).collect();
+    pans.extend(
+        [
+            "2223003122003222",
+            "3530111333300000",
+            "36227206271667",
+            "6200000000000005",
+            "4222222222222",
+        ]
+        .map(String::from),
+    );
+    for len in 12..=19 {
+        pans.push(with_check_digit(&format!("50{}", "7".repeat(len - 3))));
+        pans.push(with_check_digit(&format!("9{}", "1".repeat(len - 2))));
+    }
+    pans.retain(|p| luhn_valid(p));
+    let mut lengths = std::collections::BTreeSet::new();
+    for pan in &pans {
+        for format in ["bin6_last4", "last4"] {
+            let tenant = format!("fmt-{format}");
+            let (status, body) = app.tokenize(&tenant, pan, Some(format)).await;
+            assert_eq!(status, 201, "len {} {format}: {body}", pan.len());
+            let token = body["token"].as_str().unwrap();
+            assert_eq!(token.len(), pan.len());
+            assert!(token.bytes().all(|b| b.is_ascii_digit()));
+            assert!(!luhn_valid(token), "a token must fail Luhn");
+            assert_eq!(&token[token.len() - 4..], &pan[pan.len() - 4..]);
+            if format == "bin6_last4" {
+                assert_eq!(&token[..6], &pan[..6]);
+            }
+            assert_eq!(body["bin"], &pan[..6]);
+            let res = app.detokenize(&tenant, token).await;
+            assert_eq!(res.json::<Value>().await.unwrap()["pan"], pan.as_str());
+            lengths.insert(pan.len());
+        }
+    }
+    assert_eq!(
+        lengths.into_iter().collect::<Vec<_>>(),
+        (12..=19).collect::<Vec<_>>()
+    );
+
+    let (status, body) = app
+        .tokenize("fmt-opaque", "5555555555554444", Some("opaque"))
+        .await;
+    assert_eq!(status, 201);
+    let token = body["token"].as_str().unwrap();
+    assert!(token.starts_with("tok_") && token.len() == 26, "{token}");
+    assert_eq!(body["format"], "opaque");
+    assert_eq!(body["last4"], "4444");
+    assert_eq!(
+        app.detokenize("fmt-opaque", token)
+            .await
+            .json::<Value>()
+            .await
+            .unwrap()["pan"],
+        "5555555555554444"
+    );
+}
+
+#[tokio::test]
+async fn dedupe_within_a_tenant_and_isolation_across_tenants() {
+    let app = TestApp::spawn().await;
+    let (s1, a) = app.tokenize("merchant-a", "5555555555554444", None).await;
+    let (s2, a2) = app
+        .tokenize("merchant-a", "5555555555554444", Some("opaque"))
+        .await;
+    let (s3, b) = app.tokenize("merchant-b", "5555555555554444", None).await;
+    assert_eq!((s1, s2, s3), (201, 200, 201));
+    assert_eq!(
+        a2["token"], a["token"],
+        "dedupe returns the existing token whatever format is asked"
+    );
+    assert_ne!(b["token"], a["token"], "another tenant gets its own token");
+    assert_ne!(
+        b["fingerprint"], a["fingerprint"],
+        "fingerprints are keyed per tenant"
+    );
+
+    // Another tenant's token does not exist for you: 404 on every operation.
+    let a_token = a["token"].as_str().unwrap();
+    assert_problem(app.read("merchant-b", a_token).await, 404, "not-found").await;
+    assert_problem(
+        app.detokenize("merchant-b", a_token).await,
+        404,
+        "not-found",
+    )
+    .await;
+    assert_problem(app.delete("merchant-b", a_token).await, 404, "not-found").await;
+    assert_eq!(
+        app.read("merchant-a", a_token).await.status(),
+        200,
+        "a failed cross-tenant delete changed nothing"
+    );
+}
+
+/// Concurrent tokenizations of one PAN in one tenant converge on one token.
+#[tokio::test]
+async fn concurrent_dedupe_yields_one_token() {
+    let app = TestApp::spawn().await;
+    let futs = (0..16).map(|_| app.tokenize("default", "6011111111111117", None));
+    let results = futures_util::future::join_all(futs).await;
+    let tokens: std::collections::BTreeSet<_> = results
+        .iter()
+        .map(|(_, b)| b["token"].to_string())
+        .collect();
+    assert_eq!(tokens.len(), 1, "{results:?}");
+    assert_eq!(results.iter().filter(|(s, _)| *s == 201).count(), 1);
+    assert_eq!(app.metric("tokenvault_tokens_stored").await, 1.0);
+}
+
+#[tokio::test]
+async fn invalid_cards_are_rejected_and_change_nothing() {
+    let app = TestApp::spawn().await;
+    let edge = app.jwt("edge", "default");
+    let cases: &[(Value, &str)] = &[
+        (
+            json!({"pan": "4111111111111112", "exp_month": 12, "exp_year": 2030}),
+            "invalid-card-number",
+        ),
+        (
+            json!({"pan": "4111 1111 1111 1111", "exp_month": 12, "exp_year": 2030}),
+            "invalid-card-number",
+        ),
+        (
+            json!({"pan": "4111-1111-1111-1111", "exp_month": 12, "exp_year": 2030}),
+            "invalid-card-number",
+        ),
+        (
+            json!({"pan": "٤١١١١١١١١١١١١١١١", "exp_month": 12, "exp_year": 2030}),
+            "invalid-card-number",
+        ),
+        (
+            json!({"pan": "４１１１１１１１１１１１１１１１", "exp_month": 12, "exp_year": 2030}),
+            "invalid-card-number",
+        ),
+        (
+            json!({"pan": "", "exp_month": 12, "exp_year": 2030}),
+            "invalid-card-number",
+        ),
+        (
+            json!({"pan": "41111111118", "exp_month": 12, "exp_year": 2030}),
+            "invalid-card-number",
+        ),
+        (
+            json!({"pan": "41111111111111111113", "exp_month": 12, "exp_year": 2030}),
+            "invalid-card-number",
+        ),
+        (
+            json!({"pan": " 4111111111111111", "exp_month": 12, "exp_year": 2030}),
+            "invalid-card-number",
+        ),
+        (
+            json!({"pan": "4111111111111111", "exp_month": 0, "exp_year": 2030}),
+            "invalid-expiry",
+        ),
+        (
+            json!({"pan": "4111111111111111", "exp_month": 13, "exp_year": 2030}),
+            "invalid-expiry",
+        ),
+        (
+            json!({"pan": "4111111111111111", "exp_month": 1, "exp_year": 2001}),
+            "invalid-expiry",
+        ),
+        (
+            json!({"pan": "4111111111111111", "exp_month": 1, "exp_year": 30}),
+            "invalid-expiry",
+        ),
+        (
+            json!({"pan": "4111111111111111", "exp_month": 1, "exp_year": 2030, "cardholder_name": ""}),
+            "invalid-field",
+        ),
+        (
+            json!({"pan": "4111111111111111", "exp_month": 1, "exp_year": 2030, "cardholder_name": "a\u{0007}b"}),
+            "invalid-field",
+        ),
+    ];
+    for (body, code) in cases {
+        let problem = assert_problem(app.tokenize_as(&edge, body.clone()).await, 422, code).await;
+        let text = problem.to_string();
+        assert!(
+            !text.contains("4111"),
+            "problem must not echo the input: {text}"
+        );
+    }
+    // Malformed JSON, wrong types, unknown or missing fields: 400, input never echoed.
+    for raw in [
+        "{",
+        "[]",
+        r#"{"pan": 4111111111111111, "exp_month": 12, "exp_year": 2030}"#,
+        r#"{"pan": "4111111111111111", "exp_month": 12, "exp_year": 2030, "cvv2": "123"}"#,
+        r#"{"pan": "4111111111111111", "exp_month": 12}"#,
+        r#"{"pan": "4111111111111111", "exp_month": 12, "exp_year": 2030, "format": "plain"}"#,
+        r#"{"pan": "4111111111111111", "exp_month": "12", "exp_year": 2030}"#,
+    ] {
+        let res = app
+            .client
+            .post(app.url("/v1/tokens"))
+            .bearer_auth(&edge)
+            .header("content-type", "application/json")
+            .body(raw)
+            .send()
+            .await
+            .unwrap();
+        let problem = assert_problem(res, 400, "malformed-request").await;
+        assert!(!problem.to_string().contains("4111"));
+    }
+    // Wrong content type: 415. Too large: 413 (declared and streamed).
+    let res = app
+        .client
+        .post(app.url("/v1/tokens"))
+        .bearer_auth(&edge)
+        .header("content-type", "text/plain")
+        .body(r#"{"pan":"4111111111111111","exp_month":12,"exp_year":2030}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_problem(res, 415, "unsupported-media-type").await;
+    let res = app
+        .client
+        .post(app.url("/v1/tokens"))
+        .bearer_auth(&edge)
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_problem(res, 415, "unsupported-media-type").await;
+    let big = json!({"pan": "4111111111111111", "exp_month": 12, "exp_year": 2030, "cardholder_name": "x".repeat(20_000)});
+    assert_problem(app.tokenize_as(&edge, big).await, 413, "payload-too-large").await;
+    let stream = futures_util::stream::iter(
+        (0..40).map(|_| Ok::<_, std::io::Error>(bytes::Bytes::from(vec![b' '; 1024]))),
+    );
+    let res = app
+        .client
+        .post(app.url("/v1/tokens"))
+        .bearer_auth(&edge)
+        .header("content-type", "application/json")
+        .body(reqwest::Body::wrap_stream(stream))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(res, 413, "payload-too-large").await;
+
+    // Nothing was stored.
+    assert_eq!(app.metric("tokenvault_tokens_stored").await, 0.0);
+    assert_eq!(
+        app.metric("tokenvault_tokenize_total{outcome=\"created\"}")
+            .await,
+        0.0
+    );
+    assert!(
+        app.metric("tokenvault_tokenize_total{outcome=\"rejected\"}")
+            .await
+            >= 15.0
+    );
+}
+
+#[tokio::test]
+async fn token_lookups_reject_non_tokens_and_unknown_routes() {
+    let app = TestApp::spawn().await;
+    // A Luhn-valid number is never a token: 404 without a lookup.
+    assert_problem(
+        app.read("default", "4111111111111111").await,
+        404,
+        "not-found",
+    )
+    .await;
+    assert_problem(
+        app.read("default", "4111110000001112").await,
+        404,
+        "not-found",
+    )
+    .await;
+    assert_problem(app.read("default", "tok_nope").await, 404, "not-found").await;
+    assert_problem(
+        app.detokenize("default", "4111111111111111").await,
+        404,
+        "not-found",
+    )
+    .await;
+    let res = app.client.get(app.url("/v1/nothing")).send().await.unwrap();
+    assert_problem(res, 404, "not-found").await;
+    let res = app
+        .client
+        .put(app.url("/v1/tokens"))
+        .bearer_auth(app.jwt("edge", "default"))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(res, 405, "method-not-allowed").await;
+    let res = app
+        .client
+        .get(app.url("/v1/detokenize"))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(res, 405, "method-not-allowed").await;
+    // A caller-supplied request id is echoed when well-formed, replaced otherwise.
+    let res = app
+        .client
+        .get(app.url("/v1/nothing"))
+        .header("x-request-id", "abc-123")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.headers()["x-request-id"], "abc-123");
+    let res = app
+        .client
+        .get(app.url("/v1/nothing"))
+        .header("x-request-id", "bad id\tx")
+        .send()
+        .await
+        .unwrap();
+    assert_ne!(res.headers()["x-request-id"], "bad id\tx");
+}
+
+/// A 12-digit PAN in `bin6_last4` has 90 Luhn-failing tokens. Tokens are unique
+/// vault-wide, so the same card in 91 tenants exhausts the space: a clear 503.
+#[tokio::test]
+async fn exhausted_token_space_is_a_clear_problem() {
+    let app = TestApp::spawn().await;
+    let pan = with_check_digit("50000000001");
+    assert_eq!(pan.len(), 12);
+    let mut tokens = std::collections::BTreeSet::new();
+    for i in 0..90 {
+        let (status, body) = app.tokenize(&format!("t{i}"), &pan, None).await;
+        assert_eq!(status, 201, "{body}");
+        tokens.insert(body["token"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(tokens.len(), 90);
+    let res = app
+        .tokenize_as(
+            &app.jwt("edge", "t90"),
+            json!({"pan": pan, "exp_month": 12, "exp_year": 2031}),
+        )
+        .await;
+    assert_problem(res, 503, "token-space-exhausted").await;
+    let (status, body) = app.tokenize("t90", &pan, Some("opaque")).await;
+    assert_eq!(status, 201, "{body}");
+}
+
+#[tokio::test]
+async fn health_and_readiness() {
+    let app = TestApp::spawn().await;
+    let res = app.client.get(app.url("/healthz")).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    let res = app.client.get(app.url("/readyz")).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.json::<Value>().await.unwrap()["status"], "ready");
+    let res = app.client.get(app.url("/metrics")).send().await.unwrap();
+    assert!(
+        res.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain")
+    );
+    assert!(res.headers().get("server").is_none(), "no version banner");
+}
