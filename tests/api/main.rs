@@ -8,4 +8,5 @@ mod cli;
 mod durability;
 mod helpers;
 mod openapi;
+mod readme;
 mod tokens;

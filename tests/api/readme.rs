@@ -1,0 +1,63 @@
+//! The README's curl walk-through, run as written against a real dev-mode server
+//! (only the binary path and the port are substituted).
+
+use std::process::Command;
+
+use crate::helpers::*;
+
+#[tokio::test]
+async fn readme_walkthrough_works_as_written() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let start = readme.find("<!-- walkthrough:start -->").unwrap();
+    let end = readme.find("<!-- walkthrough:end -->").unwrap();
+    let block = &readme[start..end];
+    let script: String = block
+        .lines()
+        .skip_while(|l| !l.starts_with("```bash"))
+        .skip(1)
+        .take_while(|l| !l.starts_with("```"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert!(script.contains("cargo run -q --release -- dev token --role edge"));
+    assert!(script.contains("http://127.0.0.1:8080"));
+
+    let app = TestApp::spawn().await;
+    app.watch("4111111111111111");
+    let script = script
+        .replace("cargo run -q --release --", BIN)
+        .replace("http://127.0.0.1:8080", &app.base);
+    // The walk-through runs from the directory that holds ./data.
+    let cwd = app.data_dir.parent().unwrap();
+    let out = Command::new("bash")
+        .arg("-euo")
+        .arg("pipefail")
+        .arg("-c")
+        .arg(&script)
+        .current_dir(cwd)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "walk-through failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    assert!(stdout.contains("HTTP/1.1 201 Created"), "{stdout}");
+    let token_line = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("token: "))
+        .unwrap();
+    assert_eq!(token_line.len(), 16);
+    assert!(token_line.starts_with("411111") && token_line.ends_with("1111"));
+    assert!(stdout.contains(&format!(
+        "{{\"token\":\"{token_line}\",\"format\":\"bin6_last4\",\"brand\":\"visa\""
+    )));
+    assert!(stdout.contains("\"type\":\"urn:tokenvault:problem:forbidden\""));
+    assert!(stdout.contains("\"pan\":\"4111111111111111\",\"exp_month\":12,\"exp_year\":2030,\"cardholder_name\":\"Ada Lovelace\""));
+    let tail: Vec<&str> = stdout.lines().rev().take(3).collect();
+    assert_eq!(tail[0], "404");
+    assert!(tail[1].contains("urn:tokenvault:problem:not-found"));
+    assert_eq!(tail[2], "204");
+}
