@@ -264,3 +264,149 @@ fn now_secs() -> u64 {
         .map(|d| d.as_secs())
         .unwrap_or(0)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use ed25519_dalek::SigningKey;
+    use ed25519_dalek::pkcs8::spki::der::pem::LineEnding;
+    use ed25519_dalek::pkcs8::{EncodePrivateKey, EncodePublicKey};
+    use jsonwebtoken::{EncodingKey, Header};
+    use serde_json::json;
+
+    use super::*;
+    use crate::config::JwtKey;
+
+    /// Writes a fresh Ed25519 public key for `kid` and returns the signing key.
+    fn keypair(dir: &Path, kid: &str, seed: u8) -> (JwtKey, EncodingKey) {
+        let signing = SigningKey::from_bytes(&[seed; 32]);
+        let public_key_file = dir.join(format!("{kid}.pub.pem"));
+        std::fs::write(
+            &public_key_file,
+            signing
+                .verifying_key()
+                .to_public_key_pem(LineEnding::LF)
+                .unwrap(),
+        )
+        .unwrap();
+        let enc =
+            EncodingKey::from_ed_pem(signing.to_pkcs8_pem(LineEnding::LF).unwrap().as_bytes())
+                .unwrap();
+        (
+            JwtKey {
+                kid: kid.into(),
+                alg: JwtAlg::EdDSA,
+                public_key_file,
+            },
+            enc,
+        )
+    }
+
+    fn authenticator(keys: Vec<JwtKey>, leeway_secs: u64) -> Authenticator {
+        let settings = AuthSettings {
+            issuer: "iss".into(),
+            audience: "aud".into(),
+            keys,
+            leeway_secs,
+            allow_rs256: false,
+            cache_capacity: 100,
+        };
+        let clients = [ClientEntry {
+            sub: "edge".into(),
+            scopes: [Scope::TokensCreate].into_iter().collect(),
+            tenants: ["acme".to_owned()].into_iter().collect(),
+        }];
+        Authenticator::new(&settings, &clients).unwrap()
+    }
+
+    fn jwt(key: &EncodingKey, kid: &str, exp: u64) -> String {
+        let mut header = Header::new(Algorithm::EdDSA);
+        header.kid = Some(kid.into());
+        let claims = json!({"iss": "iss", "aud": "aud", "sub": "edge", "scope": "tokens:create", "tenant": "acme", "exp": exp});
+        jsonwebtoken::encode(&header, &claims, key).unwrap()
+    }
+
+    fn bearer(t: &str) -> Vec<u8> {
+        format!("Bearer {t}").into_bytes()
+    }
+
+    #[test]
+    fn kid_selects_the_key_so_issuers_can_rotate() {
+        let dir = tempfile::tempdir().unwrap();
+        let (old, old_key) = keypair(dir.path(), "2026-10", 1);
+        let (new, new_key) = keypair(dir.path(), "2026-11", 2);
+        let auth = authenticator(vec![old, new], 30);
+        let exp = now_secs() + 600;
+        for (key, kid) in [(&old_key, "2026-10"), (&new_key, "2026-11")] {
+            assert!(
+                auth.authorize(Some(&bearer(&jwt(key, kid, exp))), Scope::TokensCreate)
+                    .is_ok(),
+                "{kid}"
+            );
+        }
+        // A signature by one key presented under the other's kid fails.
+        let crossed = jwt(&old_key, "2026-11", exp);
+        assert_eq!(
+            auth.authorize(Some(&bearer(&crossed)), Scope::TokensCreate)
+                .unwrap_err(),
+            AuthError::BadSignature
+        );
+        // The registry still decides the scope and tenant.
+        let ok = jwt(&new_key, "2026-11", exp);
+        assert_eq!(
+            auth.authorize(Some(&bearer(&ok)), Scope::TokensRead)
+                .unwrap_err(),
+            AuthError::ScopeDenied
+        );
+    }
+
+    #[test]
+    fn cache_never_serves_a_token_past_its_exp() {
+        let dir = tempfile::tempdir().unwrap();
+        let (k, key) = keypair(dir.path(), "k1", 3);
+        let auth = authenticator(vec![k], 0);
+        let exp = now_secs() + 2;
+        let token = bearer(&jwt(&key, "k1", exp));
+        assert!(auth.authorize(Some(&token), Scope::TokensCreate).is_ok());
+        assert_eq!(auth.cache.len(), 1, "a verified token is cached");
+        assert!(auth.authorize(Some(&token), Scope::TokensCreate).is_ok());
+        assert_eq!(auth.cache.len(), 1);
+        while now_secs() <= exp {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        assert_eq!(
+            auth.authorize(Some(&token), Scope::TokensCreate)
+                .unwrap_err(),
+            AuthError::Expired
+        );
+        assert_eq!(
+            auth.cache.len(),
+            0,
+            "the expired entry is dropped, not served"
+        );
+    }
+
+    #[test]
+    fn failures_are_not_cached() {
+        let dir = tempfile::tempdir().unwrap();
+        let (k, key) = keypair(dir.path(), "k1", 4);
+        let auth = authenticator(vec![k], 30);
+        let token = bearer(&jwt(&key, "other", now_secs() + 600));
+        assert_eq!(
+            auth.authorize(Some(&token), Scope::TokensCreate)
+                .unwrap_err(),
+            AuthError::UnknownKid
+        );
+        assert_eq!(auth.cache.len(), 0);
+        assert_eq!(
+            auth.authorize(None, Scope::TokensCreate).unwrap_err(),
+            AuthError::Missing
+        );
+        assert_eq!(
+            auth.authorize(Some(b"Basic abc"), Scope::TokensCreate)
+                .unwrap_err(),
+            AuthError::Malformed
+        );
+    }
+}

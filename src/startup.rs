@@ -35,6 +35,22 @@ pub enum StartupError {
     },
     #[error("{0} is a dev-mode data directory; production mode refuses it")]
     DevDataDir(std::path::PathBuf),
+    #[error("cannot prepare data directory {path}: {source}")]
+    DataDir {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Creates the data directory if needed and makes it private to the vault's user.
+fn private_dir(dir: &std::path::Path) -> Result<(), StartupError> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir)
+        .and_then(|_| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)))
+        .map_err(|source| StartupError::DataDir {
+            path: dir.to_owned(),
+            source,
+        })
 }
 
 /// A built, bound server.
@@ -50,6 +66,7 @@ impl Application {
         if settings.mode == Mode::Production && crate::dev::is_dev_dir(&settings.data_dir) {
             return Err(StartupError::DevDataDir(settings.data_dir.clone()));
         }
+        private_dir(&settings.data_dir)?;
         let store = SledStore::open(&settings.data_dir.join("sled"))?;
         let keyring = {
             let root = RootKey::load(&settings.keystore.root_key_file)?;

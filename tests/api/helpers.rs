@@ -101,11 +101,17 @@ impl TestApp {
 
     /// Starts the binary with `args` and waits for it to listen.
     pub fn start(args: &[&str], data_dir: PathBuf) -> TestApp {
+        TestApp::start_with_env(args, &[], data_dir)
+    }
+
+    /// Like [`TestApp::start`], with extra environment variables.
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)], data_dir: PathBuf) -> TestApp {
         let mut child = Command::new(BIN)
             .args(args)
-            .env("RUST_LOG", "debug")
             .env_remove("TOKENVAULT_LISTEN")
             .env_remove("TOKENVAULT_DATA_DIR")
+            .envs(env.iter().copied())
+            .env("RUST_LOG", "debug")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
