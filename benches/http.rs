@@ -28,8 +28,7 @@ struct Card {
 
 /// The baseline: parse a JSON body of the same shape and answer JSON.
 async fn bare_json(body: web::Json<Card>) -> HttpResponse {
-    HttpResponse::Created()
-        .json(json!({"token": body.pan, "exp_month": body.exp_month, "exp_year": body.exp_year}))
+    HttpResponse::Created().json(json!({"token": body.pan, "exp_month": body.exp_month, "exp_year": body.exp_year}))
 }
 
 fn start_bare() -> SocketAddr {
@@ -161,14 +160,22 @@ fn main() {
         .build()
         .unwrap();
     rt.block_on(async move {
-        let client = reqwest::Client::builder().no_proxy().pool_max_idle_per_host(concurrency).build().unwrap();
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .pool_max_idle_per_host(concurrency)
+            .build()
+            .unwrap();
 
         let c = client.clone();
         let bare_out = drive(concurrency, secs, move |i| {
             let c = c.clone();
             async move {
                 let body = json!({"pan": luhn_pan(i), "exp_month": 12, "exp_year": 2031});
-                c.post(format!("http://{bare}/json")).json(&body).send().await.is_ok_and(|r| r.status() == 201)
+                c.post(format!("http://{bare}/json"))
+                    .json(&body)
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status() == 201)
             }
         })
         .await;
@@ -192,7 +199,13 @@ fn main() {
         let mut tokens = Vec::new();
         for i in 0..1000u64 {
             let body = json!({"pan": luhn_pan(10_000_000 + i), "exp_month": 12, "exp_year": 2031});
-            let res = client.post(format!("http://{vault}/v1/tokens")).bearer_auth(&edge).json(&body).send().await.unwrap();
+            let res = client
+                .post(format!("http://{vault}/v1/tokens"))
+                .bearer_auth(&edge)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
             let v: serde_json::Value = res.json().await.unwrap();
             tokens.push(v["token"].as_str().unwrap().to_owned());
         }
@@ -213,7 +226,10 @@ fn main() {
         .await;
 
         println!("tokenvault HTTP benchmark: concurrency {concurrency}, {secs} s per scenario, keep-alive, 2-core box");
-        println!("{:<34} {:>10} {:>9} {:>9} {:>7} {:>9}", "scenario", "req/s", "p50 ms", "p99 ms", "errors", "vs bare");
+        println!(
+            "{:<34} {:>10} {:>9} {:>9} {:>7} {:>9}",
+            "scenario", "req/s", "p50 ms", "p99 ms", "errors", "vs bare"
+        );
         for (name, o) in [
             ("bare actix-web JSON handler", &bare_out),
             ("tokenize (JWT, seal, durable)", &tokenize_out),

@@ -125,18 +125,11 @@ pub struct Authenticator {
 }
 
 impl Authenticator {
-    pub fn new(
-        settings: &AuthSettings,
-        clients: &[ClientEntry],
-    ) -> Result<Authenticator, AuthConfigError> {
+    pub fn new(settings: &AuthSettings, clients: &[ClientEntry]) -> Result<Authenticator, AuthConfigError> {
         let mut keys = HashMap::new();
         for k in &settings.keys {
-            let pem = fs::read(&k.public_key_file).map_err(|e| {
-                AuthConfigError(format!(
-                    "cannot read JWT key {}: {e}",
-                    k.public_key_file.display()
-                ))
-            })?;
+            let pem = fs::read(&k.public_key_file)
+                .map_err(|e| AuthConfigError(format!("cannot read JWT key {}: {e}", k.public_key_file.display())))?;
             let (alg, key) = match k.alg {
                 JwtAlg::EdDSA => (Algorithm::EdDSA, DecodingKey::from_ed_pem(&pem)),
                 JwtAlg::ES256 => (Algorithm::ES256, DecodingKey::from_ec_pem(&pem)),
@@ -180,10 +173,7 @@ impl Authenticator {
     /// Authenticates the `Authorization` header value and authorizes `scope`.
     pub fn authorize(&self, header: Option<&[u8]>, scope: Scope) -> Result<Principal, AuthError> {
         let verified = self.authenticate(header)?;
-        let grant = self
-            .registry
-            .get(&verified.sub)
-            .ok_or(AuthError::ClientUnknown)?;
+        let grant = self.registry.get(&verified.sub).ok_or(AuthError::ClientUnknown)?;
         if !verified.scopes.contains(&scope) || !grant.scopes.contains(&scope) {
             return Err(AuthError::ScopeDenied);
         }
@@ -228,16 +218,11 @@ impl Authenticator {
         if !key.validation.algorithms.contains(&header.alg) {
             return Err(AuthError::AlgorithmNotAllowed);
         }
-        let data = jsonwebtoken::decode::<Claims>(token, &key.key, &key.validation)
-            .map_err(|e| classify(&e))?;
+        let data = jsonwebtoken::decode::<Claims>(token, &key.key, &key.validation).map_err(|e| classify(&e))?;
         let claims = data.claims;
         Ok(Verified {
             sub: claims.sub,
-            scopes: claims
-                .scope
-                .split_whitespace()
-                .filter_map(Scope::parse)
-                .collect(),
+            scopes: claims.scope.split_whitespace().filter_map(Scope::parse).collect(),
             tenant: claims.tenant.as_deref().and_then(TenantId::parse),
             exp: claims.exp,
         })
@@ -251,9 +236,9 @@ fn classify(e: &jsonwebtoken::errors::Error) -> AuthError {
         ErrorKind::ImmatureSignature => AuthError::NotYetValid,
         ErrorKind::InvalidIssuer => AuthError::BadIssuer,
         ErrorKind::InvalidAudience => AuthError::BadAudience,
-        ErrorKind::InvalidAlgorithm
-        | ErrorKind::InvalidAlgorithmName
-        | ErrorKind::UnsupportedAlgorithm => AuthError::AlgorithmNotAllowed,
+        ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName | ErrorKind::UnsupportedAlgorithm => {
+            AuthError::AlgorithmNotAllowed
+        }
         _ => AuthError::Malformed,
     }
 }
@@ -284,15 +269,10 @@ mod tests {
         let public_key_file = dir.join(format!("{kid}.pub.pem"));
         std::fs::write(
             &public_key_file,
-            signing
-                .verifying_key()
-                .to_public_key_pem(LineEnding::LF)
-                .unwrap(),
+            signing.verifying_key().to_public_key_pem(LineEnding::LF).unwrap(),
         )
         .unwrap();
-        let enc =
-            EncodingKey::from_ed_pem(signing.to_pkcs8_pem(LineEnding::LF).unwrap().as_bytes())
-                .unwrap();
+        let enc = EncodingKey::from_ed_pem(signing.to_pkcs8_pem(LineEnding::LF).unwrap().as_bytes()).unwrap();
         (
             JwtKey {
                 kid: kid.into(),
@@ -323,7 +303,8 @@ mod tests {
     fn jwt(key: &EncodingKey, kid: &str, exp: u64) -> String {
         let mut header = Header::new(Algorithm::EdDSA);
         header.kid = Some(kid.into());
-        let claims = json!({"iss": "iss", "aud": "aud", "sub": "edge", "scope": "tokens:create", "tenant": "acme", "exp": exp});
+        let claims =
+            json!({"iss": "iss", "aud": "aud", "sub": "edge", "scope": "tokens:create", "tenant": "acme", "exp": exp});
         jsonwebtoken::encode(&header, &claims, key).unwrap()
     }
 
@@ -355,8 +336,7 @@ mod tests {
         // The registry still decides the scope and tenant.
         let ok = jwt(&new_key, "2026-11", exp);
         assert_eq!(
-            auth.authorize(Some(&bearer(&ok)), Scope::TokensRead)
-                .unwrap_err(),
+            auth.authorize(Some(&bearer(&ok)), Scope::TokensRead).unwrap_err(),
             AuthError::ScopeDenied
         );
     }
@@ -376,15 +356,10 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
         assert_eq!(
-            auth.authorize(Some(&token), Scope::TokensCreate)
-                .unwrap_err(),
+            auth.authorize(Some(&token), Scope::TokensCreate).unwrap_err(),
             AuthError::Expired
         );
-        assert_eq!(
-            auth.cache.len(),
-            0,
-            "the expired entry is dropped, not served"
-        );
+        assert_eq!(auth.cache.len(), 0, "the expired entry is dropped, not served");
     }
 
     #[test]
@@ -394,8 +369,7 @@ mod tests {
         let auth = authenticator(vec![k], 30);
         let token = bearer(&jwt(&key, "other", now_secs() + 600));
         assert_eq!(
-            auth.authorize(Some(&token), Scope::TokensCreate)
-                .unwrap_err(),
+            auth.authorize(Some(&token), Scope::TokensCreate).unwrap_err(),
             AuthError::UnknownKid
         );
         assert_eq!(auth.cache.len(), 0);
@@ -404,8 +378,7 @@ mod tests {
             AuthError::Missing
         );
         assert_eq!(
-            auth.authorize(Some(b"Basic abc"), Scope::TokensCreate)
-                .unwrap_err(),
+            auth.authorize(Some(b"Basic abc"), Scope::TokensCreate).unwrap_err(),
             AuthError::Malformed
         );
     }

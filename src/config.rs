@@ -119,13 +119,52 @@ pub struct ClientEntry {
     pub tenants: BTreeSet<String>,
 }
 
-/// Where the keystore and its root key live.
+/// Which root of trust protects the keystore.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProviderKind {
+    /// Root key split among custodians; the vault starts sealed until M shares arrive.
+    Sealed,
+    /// Root key is a non-extractable AES key in an HSM (PKCS#11).
+    Pkcs11,
+}
+
+/// How to reach the HSM. The key label lives in the keystore (it changes on
+/// `keys rotate-root`); the PIN comes from a file, never from argv.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pkcs11Settings {
+    /// The PKCS#11 module, e.g. /usr/lib/softhsm/libsofthsm2.so.
+    pub module: PathBuf,
+    /// Label of the token (slot) holding the root key.
+    pub token_label: String,
+    /// File holding the user PIN (a mounted secret).
+    pub pin_file: PathBuf,
+}
+
+/// Where the keystore lives and what protects it.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KeystoreSettings {
     pub path: PathBuf,
-    /// File holding the base64 root key (a mounted secret).
-    pub root_key_file: PathBuf,
+    pub provider: ProviderKind,
+    #[serde(default)]
+    pub pkcs11: Option<Pkcs11Settings>,
+    /// KEK cryptoperiod, e.g. "90d": the active KEK is rotated automatically when older.
+    #[serde(default)]
+    pub cryptoperiod: Option<String>,
+    /// Dev mode only: the root key file that auto-unseals the vault.
+    #[serde(skip)]
+    pub dev_root_key_file: Option<PathBuf>,
+}
+
+impl KeystoreSettings {
+    /// The parsed cryptoperiod (validated by [`Settings::validate`]).
+    pub fn cryptoperiod(&self) -> Option<std::time::Duration> {
+        self.cryptoperiod
+            .as_deref()
+            .and_then(|s| humantime::parse_duration(s).ok())
+    }
 }
 
 /// Log output format.
@@ -192,7 +231,11 @@ const ENV_KEYS: &[&str] = &[
     "auth.audience",
     "auth.leeway_secs",
     "keystore.path",
-    "keystore.root_key_file",
+    "keystore.provider",
+    "keystore.cryptoperiod",
+    "keystore.pkcs11.module",
+    "keystore.pkcs11.token_label",
+    "keystore.pkcs11.pin_file",
 ];
 
 impl Settings {
@@ -259,6 +302,18 @@ impl Settings {
             if self.mode == Mode::Production && c.tenants.contains("*") {
                 return bad("clients: the \"*\" tenant wildcard is only for dev mode");
             }
+        }
+        if let Some(period) = &self.keystore.cryptoperiod {
+            match humantime::parse_duration(period) {
+                Ok(d) if d >= std::time::Duration::from_secs(1) => {}
+                _ => return bad("keystore.cryptoperiod must be a duration such as \"90d\""),
+            }
+        }
+        if self.keystore.provider == ProviderKind::Pkcs11 && self.keystore.pkcs11.is_none() {
+            return bad("keystore.provider = \"pkcs11\" needs a [keystore.pkcs11] section");
+        }
+        if self.mode == Mode::Production && self.keystore.dev_root_key_file.is_some() {
+            return bad("a root key file is for dev mode only");
         }
         if !(1024..=1024 * 1024).contains(&self.max_body_bytes) {
             return bad("max_body_bytes must be between 1 KiB and 1 MiB");

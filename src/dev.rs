@@ -15,11 +15,12 @@ use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 use crate::config::{
-    AuthSettings, ClientEntry, DEFAULT_MAX_BODY_BYTES, JwtAlg, JwtKey, KeystoreSettings, LogFormat,
-    Mode, Scope, Settings,
+    AuthSettings, ClientEntry, DEFAULT_MAX_BODY_BYTES, JwtAlg, JwtKey, KeystoreSettings, LogFormat, Mode, ProviderKind,
+    Scope, Settings,
 };
 use crate::domain::tenant::TenantId;
-use crate::keys::keystore::{self, KeystoreError, RootKey, write_private};
+use crate::keys::keystore::{Keystore, KeystoreError, RootKey, write_private};
+use crate::keys::provider::{KeyProvider, SoftwareRoot};
 
 pub const DEV_ISSUER: &str = "tokenvault-dev";
 pub const DEV_AUDIENCE: &str = "tokenvault";
@@ -36,10 +37,12 @@ pub enum Role {
     Psp,
     /// A security officer: keys:admin.
     Officer,
+    /// A second security officer (dual control): keys:admin.
+    Officer2,
 }
 
 impl Role {
-    pub const ALL: [Role; 4] = [Role::Edge, Role::Crm, Role::Psp, Role::Officer];
+    pub const ALL: [Role; 5] = [Role::Edge, Role::Crm, Role::Psp, Role::Officer, Role::Officer2];
 
     pub fn sub(self) -> &'static str {
         match self {
@@ -47,6 +50,7 @@ impl Role {
             Role::Crm => "dev-crm",
             Role::Psp => "dev-psp",
             Role::Officer => "dev-officer",
+            Role::Officer2 => "dev-officer-2",
         }
     }
 
@@ -55,7 +59,7 @@ impl Role {
             Role::Edge => &[Scope::TokensCreate],
             Role::Crm => &[Scope::TokensRead, Scope::TokensDelete],
             Role::Psp => &[Scope::TokensDetokenize],
-            Role::Officer => &[Scope::KeysAdmin],
+            Role::Officer | Role::Officer2 => &[Scope::KeysAdmin],
         }
     }
 }
@@ -68,10 +72,7 @@ pub enum DevError {
     #[error("{0} holds a vault but no dev-mode marker: it is not a dev data directory; refusing")]
     ForeignData(PathBuf),
     #[error("dev mode I/O error at {path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error(transparent)]
     Keystore(#[from] KeystoreError),
     #[error("invalid tenant id (1-64 characters of A-Z a-z 0-9 . _ -)")]
@@ -111,10 +112,7 @@ impl DevPaths {
 
 /// Prepares a dev data directory (generating what is missing) and returns the
 /// settings to serve it, plus the files created on this start.
-pub fn bootstrap(
-    data_dir: &Path,
-    listen: std::net::SocketAddr,
-) -> Result<(Settings, Vec<PathBuf>), DevError> {
+pub fn bootstrap(data_dir: &Path, listen: std::net::SocketAddr) -> Result<(Settings, Vec<PathBuf>), DevError> {
     let paths = DevPaths::new(data_dir);
     let io = |path: &Path| {
         let path = path.to_owned();
@@ -143,16 +141,14 @@ pub fn bootstrap(
         RootKey::generate(&paths.root_key)?
     };
     if !paths.keystore.exists() {
-        keystore::create(&paths.keystore, &root)?;
+        Keystore::create(&paths.keystore, dev_provider(&root), None, "dev-bootstrap")?;
         created.push(paths.keystore.clone());
     }
     if !paths.issuer_private.exists() {
         let mut seed = Zeroizing::new([0u8; 32]);
         rand::rngs::OsRng.fill_bytes(seed.as_mut());
         let signing = SigningKey::from_bytes(&seed);
-        let private_pem = signing
-            .to_pkcs8_pem(LineEnding::LF)
-            .map_err(|_| DevError::Sign)?;
+        let private_pem = signing.to_pkcs8_pem(LineEnding::LF).map_err(|_| DevError::Sign)?;
         let public_pem = signing
             .verifying_key()
             .to_public_key_pem(LineEnding::LF)
@@ -163,6 +159,12 @@ pub fn bootstrap(
         created.push(paths.issuer_private.clone());
         created.push(paths.issuer_public.clone());
     }
+    Ok((settings_for(data_dir, listen).0, created))
+}
+
+/// The settings that serve an existing dev data directory (nothing is generated).
+pub fn settings_for(data_dir: &Path, listen: std::net::SocketAddr) -> (Settings, DevPaths) {
+    let paths = DevPaths::new(data_dir);
     let settings = Settings {
         mode: Mode::Dev,
         listen,
@@ -189,13 +191,16 @@ pub fn bootstrap(
             .collect(),
         keystore: KeystoreSettings {
             path: paths.keystore.clone(),
-            root_key_file: paths.root_key.clone(),
+            provider: ProviderKind::Sealed,
+            pkcs11: None,
+            cryptoperiod: None,
+            dev_root_key_file: Some(paths.root_key.clone()),
         },
         max_body_bytes: DEFAULT_MAX_BODY_BYTES,
         log_format: LogFormat::Pretty,
         workers: None,
     };
-    Ok((settings, created))
+    (settings, paths)
 }
 
 /// Claims of a dev token.
@@ -212,23 +217,16 @@ struct DevClaims<'a> {
 }
 
 /// Mints a JWT for a dev role, signed by the data directory's dev issuer key.
-pub fn mint_token(
-    data_dir: &Path,
-    role: Role,
-    tenant: &str,
-    ttl: Duration,
-) -> Result<String, DevError> {
+pub fn mint_token(data_dir: &Path, role: Role, tenant: &str, ttl: Duration) -> Result<String, DevError> {
     let paths = DevPaths::new(data_dir);
     if !paths.marker.is_file() {
         return Err(DevError::NotDevDir(data_dir.to_owned()));
     }
     let tenant = TenantId::parse(tenant).ok_or(DevError::Tenant)?;
-    let pem = Zeroizing::new(
-        fs::read(&paths.issuer_private).map_err(|source| DevError::Io {
-            path: paths.issuer_private.clone(),
-            source,
-        })?,
-    );
+    let pem = Zeroizing::new(fs::read(&paths.issuer_private).map_err(|source| DevError::Io {
+        path: paths.issuer_private.clone(),
+        source,
+    })?);
     let key = EncodingKey::from_ed_pem(&pem).map_err(|_| DevError::Sign)?;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -238,12 +236,7 @@ pub fn mint_token(
         iss: DEV_ISSUER,
         aud: DEV_AUDIENCE,
         sub: role.sub(),
-        scope: role
-            .scopes()
-            .iter()
-            .map(|s| s.as_str())
-            .collect::<Vec<_>>()
-            .join(" "),
+        scope: role.scopes().iter().map(|s| s.as_str()).collect::<Vec<_>>().join(" "),
         tenant: tenant.as_str(),
         iat: now,
         nbf: now,
@@ -252,6 +245,11 @@ pub fn mint_token(
     let mut header = Header::new(Algorithm::EdDSA);
     header.kid = Some(DEV_KID.into());
     jsonwebtoken::encode(&header, &claims, &key).map_err(|_| DevError::Sign)
+}
+
+/// The dev root of trust: the root key file, auto-unsealing (never in production).
+pub fn dev_provider(root: &RootKey) -> std::sync::Arc<dyn KeyProvider> {
+    std::sync::Arc::new(SoftwareRoot::new(root.key(), "dev-root-file"))
 }
 
 /// Whether `data_dir` was set up by dev mode.

@@ -1,9 +1,7 @@
 //! Prometheus metrics. Labels are fixed vocabularies (route patterns, outcome
 //! names, reasons): never a raw path, token, tenant or anything from a card.
 
-use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
-};
+use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
 
 /// Every metric the vault exports, registered in its own registry.
 #[derive(Clone)]
@@ -17,6 +15,10 @@ pub struct Metrics {
     pub delete: IntCounterVec,
     pub auth_failures: IntCounterVec,
     pub tokens_stored: IntGauge,
+    pub key_ops: IntCounterVec,
+    pub rewrapped: prometheus::IntCounter,
+    pub unseal: IntCounterVec,
+    pub sealed: IntGauge,
 }
 
 /// Building a metric only fails on an invalid name or duplicate registration,
@@ -27,9 +29,7 @@ impl Metrics {
         let registry = Registry::new_custom(Some("tokenvault".into()), None).expect("valid prefix");
         let counter = |name: &str, help: &str, labels: &[&str]| {
             let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid counter");
-            registry
-                .register(Box::new(c.clone()))
-                .expect("unique counter");
+            registry.register(Box::new(c.clone())).expect("unique counter");
             c
         };
         let http_requests = counter(
@@ -38,11 +38,7 @@ impl Metrics {
             &["method", "route", "status"],
         );
         let tokenize = counter("tokenize_total", "Tokenize outcomes", &["outcome"]);
-        let reads = counter(
-            "token_reads_total",
-            "Token metadata read outcomes",
-            &["outcome"],
-        );
+        let reads = counter("token_reads_total", "Token metadata read outcomes", &["outcome"]);
         let detokenize = counter("detokenize_total", "Detokenize outcomes", &["outcome"]);
         let delete = counter("delete_total", "Token delete outcomes", &["outcome"]);
         let auth_failures = counter(
@@ -50,12 +46,19 @@ impl Metrics {
             "Authentication and authorization failures",
             &["reason"],
         );
+        let key_ops = counter("key_operations_total", "Key management operations", &["operation"]);
+        let unseal = counter(
+            "unseal_attempts_total",
+            "Unseal share submissions by outcome",
+            &["outcome"],
+        );
+        let rewrapped = prometheus::IntCounter::new("rewrapped_total", "DEKs rewrapped under the active KEK")
+            .expect("valid counter");
+        registry.register(Box::new(rewrapped.clone())).expect("unique counter");
+        let sealed = IntGauge::new("sealed", "1 while the vault is sealed").expect("valid gauge");
+        registry.register(Box::new(sealed.clone())).expect("unique gauge");
         let http_duration = HistogramVec::new(
-            HistogramOpts::new(
-                "http_request_duration_seconds",
-                "HTTP request latency by route pattern",
-            )
-            .buckets(vec![
+            HistogramOpts::new("http_request_duration_seconds", "HTTP request latency by route pattern").buckets(vec![
                 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
             ]),
             &["method", "route"],
@@ -64,8 +67,7 @@ impl Metrics {
         registry
             .register(Box::new(http_duration.clone()))
             .expect("unique histogram");
-        let tokens_stored =
-            IntGauge::new("tokens_stored", "Tokens held by the vault").expect("valid gauge");
+        let tokens_stored = IntGauge::new("tokens_stored", "Tokens held by the vault").expect("valid gauge");
         registry
             .register(Box::new(tokens_stored.clone()))
             .expect("unique gauge");
@@ -79,6 +81,10 @@ impl Metrics {
             delete,
             auth_failures,
             tokens_stored,
+            key_ops,
+            rewrapped,
+            unseal,
+            sealed,
         }
     }
 

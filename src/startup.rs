@@ -11,8 +11,10 @@ use actix_web::{App, HttpServer, web};
 
 use crate::api::{self, AppState};
 use crate::auth::{AuthConfigError, Authenticator};
+use crate::config::{KeystoreSettings, ProviderKind};
 use crate::config::{Mode, Settings};
-use crate::keys::keystore::{self, KeystoreError, RootKey};
+use crate::keys::keystore::{Keystore, KeystoreError, RootKey};
+use crate::keys::manager::KeyManager;
 use crate::metrics::Metrics;
 use crate::service::{Vault, VaultError};
 use crate::store::{SledStore, StoreError};
@@ -29,10 +31,7 @@ pub enum StartupError {
     #[error("cannot start the vault: {0}")]
     Vault(#[from] VaultError),
     #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    Bind { addr: SocketAddr, source: std::io::Error },
     #[error("{0} is a dev-mode data directory; production mode refuses it")]
     DevDataDir(std::path::PathBuf),
     #[error("cannot prepare data directory {path}: {source}")]
@@ -40,6 +39,58 @@ pub enum StartupError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+}
+
+/// Opens the keys as configured: dev root file (auto-unsealed), custodian shares
+/// (starts sealed) or an HSM key (PKCS#11).
+pub fn open_keys(ks: &KeystoreSettings) -> Result<KeyManager, StartupError> {
+    if let Some(file) = &ks.dev_root_key_file {
+        let root = RootKey::load(file)?;
+        let keystore = Keystore::open(&ks.path, crate::dev::dev_provider(&root))?;
+        return Ok(KeyManager::unsealed(&ks.path, keystore)?);
+    }
+    if !ks.path.exists() {
+        return Err(StartupError::Keystore(KeystoreError::Refused(format!(
+            "no keystore at {}; create one with `tokenvault keys init`",
+            ks.path.display()
+        ))));
+    }
+    match ks.provider {
+        ProviderKind::Sealed => {
+            if Keystore::peek(&ks.path)?.shamir.is_none() {
+                return Err(StartupError::Keystore(KeystoreError::Refused(
+                    "the keystore is not protected by custodian shares (provider mismatch)".into(),
+                )));
+            }
+            Ok(KeyManager::sealed(&ks.path)?)
+        }
+        ProviderKind::Pkcs11 => {
+            let Some(hsm) = &ks.pkcs11 else {
+                return Err(StartupError::Keystore(KeystoreError::Refused(
+                    "missing [keystore.pkcs11]".into(),
+                )));
+            };
+            let info = Keystore::peek(&ks.path)?;
+            let provider = crate::keys::open_pkcs11(hsm, &info.root_id, false).map_err(KeystoreError::from)?;
+            let keystore = Keystore::open(&ks.path, provider)?;
+            Ok(KeyManager::unsealed(&ks.path, keystore)?)
+        }
+    }
+}
+
+/// Rotates the KEK whenever the active one outlives the cryptoperiod.
+fn spawn_auto_rotation(vault: Vault, period: Duration) {
+    let every = (period / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
+    actix_web::rt::spawn(async move {
+        loop {
+            actix_web::rt::time::sleep(every).await;
+            match vault.rotate_if_due().await {
+                Ok(Some(v)) => tracing::warn!(version = v, "KEK rotated automatically: cryptoperiod reached"),
+                Ok(None) => {}
+                Err(e) => tracing::error!(error = %e, "automatic KEK rotation failed"),
+            }
+        }
+    });
 }
 
 /// Creates the data directory if needed and makes it private to the vault's user.
@@ -68,14 +119,19 @@ impl Application {
         }
         private_dir(&settings.data_dir)?;
         let store = SledStore::open(&settings.data_dir.join("sled"))?;
-        let keyring = {
-            let root = RootKey::load(&settings.keystore.root_key_file)?;
-            keystore::load(&settings.keystore.path, &root)?
-        };
-        let vault = Vault::new(Arc::new(store), Arc::new(keyring))?;
+        let keys = Arc::new(open_keys(&settings.keystore)?);
+        if keys.is_sealed() {
+            tracing::warn!("the vault is SEALED: data endpoints answer 503 until custodians run `tokenvault unseal`");
+        }
+        let cryptoperiod = settings.keystore.cryptoperiod();
+        let vault = Vault::new(Arc::new(store), keys, cryptoperiod)?;
+        if let Some(period) = cryptoperiod {
+            spawn_auto_rotation(vault.clone(), period);
+        }
         let auth = Authenticator::new(&settings.auth, &settings.clients)?;
         let state = web::Data::new(AppState {
             vault,
+            pkcs11: settings.keystore.pkcs11.clone(),
             auth,
             metrics: Metrics::new(),
             max_body_bytes: settings.max_body_bytes,

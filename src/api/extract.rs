@@ -34,6 +34,7 @@ scope_marker!(TokensCreate, Scope::TokensCreate);
 scope_marker!(TokensRead, Scope::TokensRead);
 scope_marker!(TokensDelete, Scope::TokensDelete);
 scope_marker!(TokensDetokenize, Scope::TokensDetokenize);
+scope_marker!(KeysAdmin, Scope::KeysAdmin);
 
 /// The authorized caller of an endpoint that requires scope `S`.
 pub struct Caller<S> {
@@ -49,10 +50,7 @@ impl<S: RequiredScope> FromRequest for Caller<S> {
         let Some(state) = req.app_data::<web::Data<AppState>>() else {
             return ready(Err(ApiError::Internal));
         };
-        let header = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .map(|v| v.as_bytes());
+        let header = req.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes());
         ready(match state.auth.authorize(header, S::SCOPE) {
             Ok(principal) => {
                 req.extensions_mut().insert(principal.clone());
@@ -62,16 +60,8 @@ impl<S: RequiredScope> FromRequest for Caller<S> {
                 })
             }
             Err(e) => {
-                state
-                    .metrics
-                    .auth_failures
-                    .with_label_values(&[e.reason()])
-                    .inc();
-                tracing::warn!(
-                    reason = e.reason(),
-                    scope = S::SCOPE.as_str(),
-                    "request denied"
-                );
+                state.metrics.auth_failures.with_label_values(&[e.reason()]).inc();
+                tracing::warn!(reason = e.reason(), scope = S::SCOPE.as_str(), "request denied");
                 Err(ApiError::Auth(e))
             }
         })

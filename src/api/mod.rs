@@ -5,6 +5,7 @@
 //! registry; nothing is read before it passes), then [`extract::ApiJson`] (bounded
 //! body), then the handler, which calls the [`crate::service::Vault`].
 
+mod admin;
 pub mod extract;
 pub mod problem;
 mod tokens;
@@ -25,6 +26,8 @@ use problem::{ApiError, REQUEST_ID};
 /// Shared state of every worker.
 pub struct AppState {
     pub vault: Vault,
+    /// HSM settings, for `rotate-root` (PKCS#11 provider only).
+    pub pkcs11: Option<crate::config::Pkcs11Settings>,
     pub auth: Authenticator,
     pub metrics: Metrics,
     pub max_body_bytes: usize,
@@ -39,6 +42,13 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/healthz"),
     ("GET", "/readyz"),
     ("GET", "/metrics"),
+    ("GET", "/v1/admin/keys"),
+    ("POST", "/v1/admin/keys/rotate"),
+    ("POST", "/v1/admin/keys/rewrap"),
+    ("POST", "/v1/admin/keys/{version}/retire"),
+    ("POST", "/v1/admin/keys/{version}/destroy"),
+    ("POST", "/v1/admin/keys/rotate-root"),
+    ("POST", "/v1/admin/unseal"),
 ];
 
 /// Registers the routes. Wrong methods get a 405 problem, unknown paths a 404 problem.
@@ -74,6 +84,41 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .route(web::get().to(metrics))
             .default_service(web::to(method_not_allowed)),
     )
+    .service(
+        web::resource("/v1/admin/keys")
+            .route(web::get().to(admin::status))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/v1/admin/keys/rotate")
+            .route(web::post().to(admin::rotate))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/v1/admin/keys/rewrap")
+            .route(web::post().to(admin::rewrap))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/v1/admin/keys/rotate-root")
+            .route(web::post().to(admin::rotate_root))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/v1/admin/keys/{version}/retire")
+            .route(web::post().to(admin::retire))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/v1/admin/keys/{version}/destroy")
+            .route(web::post().to(admin::destroy))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/v1/admin/unseal")
+            .route(web::post().to(admin::unseal))
+            .default_service(web::to(method_not_allowed)),
+    )
     .default_service(web::to(not_found));
 }
 
@@ -99,11 +144,7 @@ pub async fn middleware(
         .headers()
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
-        .filter(|v| {
-            !v.is_empty()
-                && v.len() <= 64
-                && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-        })
+        .filter(|v| !v.is_empty() && v.len() <= 64 && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
         .map(str::to_owned)
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     let start = Instant::now();
@@ -112,15 +153,9 @@ pub async fn middleware(
     let span = tracing::info_span!("request", request_id = %request_id);
     let id = request_id.clone();
     let mut res = REQUEST_ID
-        .scope(
-            id,
-            tracing::Instrument::instrument(next.call(req), span.clone()),
-        )
+        .scope(id, tracing::Instrument::instrument(next.call(req), span.clone()))
         .await?;
-    let route = res
-        .request()
-        .match_pattern()
-        .unwrap_or_else(|| "unmatched".to_owned());
+    let route = res.request().match_pattern().unwrap_or_else(|| "unmatched".to_owned());
     let status = res.status();
     let elapsed = start.elapsed();
     if let Some(state) = state {
@@ -135,11 +170,7 @@ pub async fn middleware(
             .with_label_values(&[&method, &route])
             .observe(elapsed.as_secs_f64());
     }
-    let sub = res
-        .request()
-        .extensions()
-        .get::<Principal>()
-        .map(|p| p.sub.clone());
+    let sub = res.request().extensions().get::<Principal>().map(|p| p.sub.clone());
     span.in_scope(|| {
         tracing::info!(
             method = %method,
@@ -179,6 +210,7 @@ async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
 
 async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     state.metrics.tokens_stored.set(state.vault.tokens_stored());
+    state.metrics.sealed.set(i64::from(state.vault.keys().is_sealed()));
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4; charset=utf-8")
         .body(state.metrics.render())

@@ -49,6 +49,12 @@ pub enum ApiError {
     Integrity,
     #[error("not ready")]
     NotReady,
+    #[error("sealed")]
+    Sealed,
+    #[error("key operation refused")]
+    KeyRefused(String),
+    #[error("unseal refused")]
+    Unseal(&'static str, StatusCode, &'static str),
     #[error("internal error")]
     Internal,
 }
@@ -70,6 +76,12 @@ pub const PROBLEM_CODES: &[&str] = &[
     "key-unavailable",
     "integrity-failure",
     "not-ready",
+    "sealed",
+    "key-operation-refused",
+    "invalid-share",
+    "duplicate-share",
+    "wrong-shares",
+    "not-sealed",
     "internal-error",
 ];
 
@@ -92,6 +104,9 @@ impl ApiError {
             ApiError::KeyUnavailable => "key-unavailable",
             ApiError::Integrity => "integrity-failure",
             ApiError::NotReady => "not-ready",
+            ApiError::Sealed => "sealed",
+            ApiError::KeyRefused(_) => "key-operation-refused",
+            ApiError::Unseal(code, _, _) => code,
             ApiError::Internal => "internal-error",
         }
     }
@@ -108,13 +123,14 @@ impl ApiError {
             ApiError::Auth(_) => "Authentication required",
             ApiError::NotFound => "Not found",
             ApiError::MethodNotAllowed => "Method not allowed",
-            ApiError::TokenSpaceExhausted => {
-                "No token is left in this format for this card's BIN and last four"
-            }
+            ApiError::TokenSpaceExhausted => "No token is left in this format for this card's BIN and last four",
             ApiError::KeyDestroyed => "The key protecting this record has been destroyed",
             ApiError::KeyUnavailable => "The key protecting this record is not available",
             ApiError::Integrity => "The stored record failed its integrity check",
             ApiError::NotReady => "The vault is not ready",
+            ApiError::Sealed => "The vault is sealed: custodians must unseal it",
+            ApiError::KeyRefused(_) => "The key operation was refused",
+            ApiError::Unseal(_, _, title) => title,
             ApiError::Internal => "Internal error",
         }
     }
@@ -125,14 +141,78 @@ impl ApiError {
             ApiError::InvalidPan(e) => Some(e.to_string()),
             ApiError::InvalidExpiry(e) => Some(e.to_string()),
             ApiError::InvalidField(what) => Some((*what).to_owned()),
-            ApiError::Malformed => {
-                Some("the body must be a JSON object with exactly the documented fields".into())
-            }
+            ApiError::Malformed => Some("the body must be a JSON object with exactly the documented fields".into()),
             ApiError::Auth(e) => Some(e.to_string()),
-            ApiError::TokenSpaceExhausted => {
-                Some("use another token format, such as opaque".into())
-            }
+            ApiError::TokenSpaceExhausted => Some("use another token format, such as opaque".into()),
+            // Key-operation refusals name versions and record counts: no secrets.
+            ApiError::KeyRefused(why) => Some(why.clone()),
             _ => None,
+        }
+    }
+}
+
+impl From<crate::service::VaultError> for ApiError {
+    /// Maps a service error to a client problem; internal detail goes to the log only.
+    fn from(e: crate::service::VaultError) -> ApiError {
+        use crate::service::VaultError;
+        match e {
+            VaultError::NotFound => ApiError::NotFound,
+            VaultError::TokenSpaceExhausted => ApiError::TokenSpaceExhausted,
+            VaultError::KeyDestroyed => ApiError::KeyDestroyed,
+            VaultError::Sealed => ApiError::Sealed,
+            VaultError::KeyRefused(why) => ApiError::KeyRefused(why),
+            VaultError::KeyUnavailable => {
+                tracing::error!("record key version unavailable");
+                ApiError::KeyUnavailable
+            }
+            VaultError::Integrity | VaultError::Store(crate::store::StoreError::Corrupt) => {
+                tracing::error!("record failed its integrity check");
+                ApiError::Integrity
+            }
+            VaultError::Store(e) => {
+                tracing::error!(error = %e, "store error");
+                ApiError::Internal
+            }
+            VaultError::Keystore(e) => {
+                tracing::error!(error = %e, "keystore error");
+                ApiError::Internal
+            }
+            VaultError::Task => {
+                tracing::error!("blocking task failed");
+                ApiError::Internal
+            }
+        }
+    }
+}
+
+impl From<crate::keys::manager::UnsealError> for ApiError {
+    fn from(e: crate::keys::manager::UnsealError) -> ApiError {
+        use crate::keys::manager::UnsealError;
+        match e {
+            UnsealError::Malformed => ApiError::Unseal(
+                "invalid-share",
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "Not a valid key share",
+            ),
+            UnsealError::Duplicate => ApiError::Unseal(
+                "duplicate-share",
+                StatusCode::CONFLICT,
+                "This share was already submitted",
+            ),
+            UnsealError::WrongShares => ApiError::Unseal(
+                "wrong-shares",
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "The shares do not rebuild the root key; all submitted shares were discarded",
+            ),
+            UnsealError::NotSealed | UnsealError::NotShamir => ApiError::Unseal(
+                "not-sealed",
+                StatusCode::CONFLICT,
+                "The vault is not waiting for key shares",
+            ),
+            UnsealError::Keystore(e) => {
+                tracing::error!(error = %e, "keystore error during unseal");
+                ApiError::Internal
+            }
         }
     }
 }
@@ -162,11 +242,11 @@ impl ResponseError for ApiError {
             ApiError::Auth(_) => StatusCode::UNAUTHORIZED,
             ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::TokenSpaceExhausted | ApiError::NotReady => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::TokenSpaceExhausted | ApiError::NotReady | ApiError::Sealed => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::KeyRefused(_) => StatusCode::CONFLICT,
+            ApiError::Unseal(_, status, _) => *status,
             ApiError::KeyDestroyed => StatusCode::GONE,
-            ApiError::KeyUnavailable | ApiError::Integrity | ApiError::Internal => {
-                StatusCode::INTERNAL_SERVER_ERROR
-            }
+            ApiError::KeyUnavailable | ApiError::Integrity | ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 

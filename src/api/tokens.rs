@@ -81,27 +81,16 @@ pub async fn tokenize(
     let input = match parse_tokenize(&body) {
         Ok(input) => input,
         Err(e) => {
-            state
-                .metrics
-                .tokenize
-                .with_label_values(&["rejected"])
-                .inc();
+            state.metrics.tokenize.with_label_values(&["rejected"]).inc();
             return Err(e);
         }
     };
-    let result = state
-        .vault
-        .tokenize(caller.principal.tenant.clone(), input)
-        .await;
+    let result = state.vault.tokenize(caller.principal.tenant.clone(), input).await;
     let (status, meta, outcome) = match result {
         Ok(Tokenized::Created(m)) => (StatusCode::CREATED, m, "created"),
         Ok(Tokenized::Existing(m)) => (StatusCode::OK, m, "existing"),
         Err(e) => {
-            state
-                .metrics
-                .tokenize
-                .with_label_values(&[error_outcome(&e)])
-                .inc();
+            state.metrics.tokenize.with_label_values(&[error_outcome(&e)]).inc();
             return Err(vault_error(e));
         }
     };
@@ -115,21 +104,15 @@ pub async fn tokenize(
 fn parse_tokenize(body: &TokenizeBody) -> Result<TokenizeInput, ApiError> {
     let pan = Pan::parse(body.pan.expose_secret()).map_err(ApiError::InvalidPan)?;
     let now = OffsetDateTime::now_utc();
-    let expiry = Expiry::parse(
-        body.exp_month,
-        body.exp_year,
-        (now.year(), u8::from(now.month())),
-    )
-    .map_err(ApiError::InvalidExpiry)?;
+    let expiry = Expiry::parse(body.exp_month, body.exp_year, (now.year(), u8::from(now.month())))
+        .map_err(ApiError::InvalidExpiry)?;
     let name = body
         .cardholder_name
         .as_ref()
         .map(|n| CardholderName::parse(n.expose_secret()))
         .transpose()
         .map_err(|_| {
-            ApiError::InvalidField(
-                "cardholder_name must be 1 to 128 characters without control characters",
-            )
+            ApiError::InvalidField("cardholder_name must be 1 to 128 characters without control characters")
         })?;
     Ok(TokenizeInput {
         card: CardPayload { pan, expiry, name },
@@ -144,21 +127,13 @@ pub async fn read(
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let token = parse_token(&path, &state, "read")?;
-    match state
-        .vault
-        .metadata(caller.principal.tenant.clone(), token)
-        .await
-    {
+    match state.vault.metadata(caller.principal.tenant.clone(), token).await {
         Ok(meta) => {
             state.metrics.reads.with_label_values(&["ok"]).inc();
             Ok(HttpResponse::Ok().json(TokenBody::from(&meta)))
         }
         Err(e) => {
-            state
-                .metrics
-                .reads
-                .with_label_values(&[error_outcome(&e)])
-                .inc();
+            state.metrics.reads.with_label_values(&[error_outcome(&e)]).inc();
             Err(vault_error(e))
         }
     }
@@ -171,11 +146,7 @@ pub async fn detokenize(
     body: ApiJson<DetokenizeBody>,
 ) -> Result<HttpResponse, ApiError> {
     let token = parse_token(&body.0.token, &state, "detokenize")?;
-    match state
-        .vault
-        .detokenize(caller.principal.tenant.clone(), token)
-        .await
-    {
+    match state.vault.detokenize(caller.principal.tenant.clone(), token).await {
         Ok(revealed) => {
             state.metrics.detokenize.with_label_values(&["ok"]).inc();
             tracing::info!(token = %revealed.token, sub = %caller.principal.sub, tenant = %caller.principal.tenant, "detokenize");
@@ -189,11 +160,7 @@ pub async fn detokenize(
             Ok(HttpResponse::Ok().json(body))
         }
         Err(e) => {
-            state
-                .metrics
-                .detokenize
-                .with_label_values(&[error_outcome(&e)])
-                .inc();
+            state.metrics.detokenize.with_label_values(&[error_outcome(&e)]).inc();
             Err(vault_error(e))
         }
     }
@@ -207,22 +174,14 @@ pub async fn delete(
 ) -> Result<HttpResponse, ApiError> {
     let token = parse_token(&path, &state, "delete")?;
     let shown = token.to_string();
-    match state
-        .vault
-        .delete(caller.principal.tenant.clone(), token)
-        .await
-    {
+    match state.vault.delete(caller.principal.tenant.clone(), token).await {
         Ok(()) => {
             state.metrics.delete.with_label_values(&["deleted"]).inc();
             tracing::info!(token = %shown, sub = %caller.principal.sub, tenant = %caller.principal.tenant, "delete");
             Ok(HttpResponse::NoContent().finish())
         }
         Err(e) => {
-            state
-                .metrics
-                .delete
-                .with_label_values(&[error_outcome(&e)])
-                .inc();
+            state.metrics.delete.with_label_values(&[error_outcome(&e)]).inc();
             Err(vault_error(e))
         }
     }
@@ -250,31 +209,11 @@ fn error_outcome(e: &VaultError) -> &'static str {
         VaultError::KeyUnavailable => "key_unavailable",
         VaultError::Integrity => "integrity",
         VaultError::Store(crate::store::StoreError::Corrupt) => "integrity",
-        VaultError::Store(_) | VaultError::Task => "error",
+        VaultError::Sealed => "sealed",
+        VaultError::Store(_) | VaultError::Task | VaultError::KeyRefused(_) | VaultError::Keystore(_) => "error",
     }
 }
 
-/// Maps a service error to a client problem; internal detail goes to the log only.
 fn vault_error(e: VaultError) -> ApiError {
-    match e {
-        VaultError::NotFound => ApiError::NotFound,
-        VaultError::TokenSpaceExhausted => ApiError::TokenSpaceExhausted,
-        VaultError::KeyDestroyed => ApiError::KeyDestroyed,
-        VaultError::KeyUnavailable => {
-            tracing::error!("record key version unavailable");
-            ApiError::KeyUnavailable
-        }
-        VaultError::Integrity | VaultError::Store(crate::store::StoreError::Corrupt) => {
-            tracing::error!("record failed its integrity check");
-            ApiError::Integrity
-        }
-        VaultError::Store(e) => {
-            tracing::error!(error = %e, "store error");
-            ApiError::Internal
-        }
-        VaultError::Task => {
-            tracing::error!("blocking task failed");
-            ApiError::Internal
-        }
-    }
+    ApiError::from(e)
 }

@@ -72,13 +72,7 @@ impl Key256 {
         // AES-GCM encryption only fails for inputs over 64 GiB; ours are bytes to kilobytes.
         #[allow(clippy::expect_used)]
         let ct = cipher
-            .encrypt(
-                &Nonce::from(nonce),
-                Payload {
-                    msg: plaintext,
-                    aad,
-                },
-            )
+            .encrypt(&Nonce::from(nonce), Payload { msg: plaintext, aad })
             .expect("AES-GCM encryption of a small buffer cannot fail");
         let mut out = Vec::with_capacity(NONCE_LEN + ct.len());
         out.extend_from_slice(&nonce);
@@ -131,8 +125,7 @@ impl fmt::Debug for Key256 {
 /// Builds associated data from length-prefixed fields, so that no two distinct
 /// field lists give the same bytes (`("ab","c")` ≠ `("a","bc")`).
 pub fn aad(label: &str, fields: &[&[u8]]) -> Vec<u8> {
-    let mut out =
-        Vec::with_capacity(label.len() + fields.iter().map(|f| f.len() + 4).sum::<usize>() + 4);
+    let mut out = Vec::with_capacity(label.len() + fields.iter().map(|f| f.len() + 4).sum::<usize>() + 4);
     for f in std::iter::once(label.as_bytes()).chain(fields.iter().copied()) {
         out.extend_from_slice(&(f.len() as u32).to_be_bytes());
         out.extend_from_slice(f);
@@ -169,10 +162,7 @@ mod tests {
         let out = cipher
             .encrypt(
                 &Nonce::from(<[u8; 12]>::try_from(iv.as_slice()).unwrap()),
-                Payload {
-                    msg: &pt,
-                    aad: &aad,
-                },
+                Payload { msg: &pt, aad: &aad },
             )
             .unwrap();
         assert_eq!(&out[..pt.len()], expected_ct.as_slice());

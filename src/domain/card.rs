@@ -136,11 +136,7 @@ impl Brand {
             Brand::Mastercard
         } else if p2 == 34 || p2 == 37 {
             Brand::Amex
-        } else if p4 == 6011
-            || (644..=649).contains(&p3)
-            || p2 == 65
-            || (622126..=622925).contains(&p6)
-        {
+        } else if p4 == 6011 || (644..=649).contains(&p3) || p2 == 65 || (622126..=622925).contains(&p6) {
             Brand::Discover
         } else if (3528..=3589).contains(&p4) {
             Brand::Jcb
@@ -312,11 +308,7 @@ impl CardPayload {
     /// Layout (v1): version, PAN length, PAN, month, year (BE u16), name length (BE u16), name.
     pub fn encode(&self) -> Zeroizing<Vec<u8>> {
         let pan = self.pan.expose_digits().as_bytes();
-        let name = self
-            .name
-            .as_ref()
-            .map(|n| n.expose().as_bytes())
-            .unwrap_or(&[]);
+        let name = self.name.as_ref().map(|n| n.expose().as_bytes()).unwrap_or(&[]);
         let mut out = Zeroizing::new(Vec::with_capacity(6 + pan.len() + name.len()));
         out.push(PAYLOAD_V1);
         // PAN is at most 19 bytes and the name at most 128 chars (512 bytes), so both fit.
@@ -408,19 +400,10 @@ mod tests {
     #[test]
     fn rejects_non_cards() {
         assert_eq!(Pan::parse("4111111111111112").unwrap_err(), PanError::Luhn);
-        assert_eq!(
-            Pan::parse("4111 1111 1111 1111").unwrap_err(),
-            PanError::NotDigits
-        );
-        assert_eq!(
-            Pan::parse("4111-1111-1111-1111").unwrap_err(),
-            PanError::NotDigits
-        );
+        assert_eq!(Pan::parse("4111 1111 1111 1111").unwrap_err(), PanError::NotDigits);
+        assert_eq!(Pan::parse("4111-1111-1111-1111").unwrap_err(), PanError::NotDigits);
         // Arabic-Indic and full-width digits are digits, but not ASCII digits.
-        assert_eq!(
-            Pan::parse("٤١١١١١١١١١١١١١١١").unwrap_err(),
-            PanError::NotDigits
-        );
+        assert_eq!(Pan::parse("٤١١١١١١١١١١١١١١١").unwrap_err(), PanError::NotDigits);
         assert_eq!(
             Pan::parse("４１１１１１１１１１１１１１１１").unwrap_err(),
             PanError::NotDigits
@@ -451,23 +434,11 @@ mod tests {
     fn expiry_rules() {
         let today = (2026, 11);
         assert!(Expiry::parse(11, 2026, today).is_ok());
-        assert_eq!(
-            Expiry::parse(10, 2026, today).unwrap_err(),
-            ExpiryError::Expired
-        );
-        assert_eq!(
-            Expiry::parse(0, 2027, today).unwrap_err(),
-            ExpiryError::Month
-        );
-        assert_eq!(
-            Expiry::parse(13, 2027, today).unwrap_err(),
-            ExpiryError::Month
-        );
+        assert_eq!(Expiry::parse(10, 2026, today).unwrap_err(), ExpiryError::Expired);
+        assert_eq!(Expiry::parse(0, 2027, today).unwrap_err(), ExpiryError::Month);
+        assert_eq!(Expiry::parse(13, 2027, today).unwrap_err(), ExpiryError::Month);
         assert_eq!(Expiry::parse(1, 27, today).unwrap_err(), ExpiryError::Year);
-        assert_eq!(
-            Expiry::parse(1, 2100, today).unwrap_err(),
-            ExpiryError::Year
-        );
+        assert_eq!(Expiry::parse(1, 2100, today).unwrap_err(), ExpiryError::Year);
     }
 
     #[test]
@@ -478,17 +449,11 @@ mod tests {
     }
 
     fn arb_pan() -> impl Strategy<Value = String> {
-        (12usize..=19, proptest::collection::vec(0u8..10, 19)).prop_filter_map(
-            "brand length",
-            |(len, digits)| {
-                let body: String = digits[..len - 1]
-                    .iter()
-                    .map(|d| char::from(b'0' + d))
-                    .collect();
-                let pan = test_pans::with_check_digit(&body);
-                Pan::parse(&pan).ok().map(|_| pan)
-            },
-        )
+        (12usize..=19, proptest::collection::vec(0u8..10, 19)).prop_filter_map("brand length", |(len, digits)| {
+            let body: String = digits[..len - 1].iter().map(|d| char::from(b'0' + d)).collect();
+            let pan = test_pans::with_check_digit(&body);
+            Pan::parse(&pan).ok().map(|_| pan)
+        })
     }
 
     proptest! {

@@ -39,13 +39,9 @@ impl TokenFormat {
     }
 
     pub(crate) fn from_u8(v: u8) -> Option<TokenFormat> {
-        [
-            TokenFormat::Bin6Last4,
-            TokenFormat::Last4,
-            TokenFormat::Opaque,
-        ]
-        .get(usize::from(v))
-        .copied()
+        [TokenFormat::Bin6Last4, TokenFormat::Last4, TokenFormat::Opaque]
+            .get(usize::from(v))
+            .copied()
     }
 }
 
@@ -67,9 +63,8 @@ impl Token {
     /// check, or `tok_` + 22 base64url characters. Anything else cannot be a token
     /// (a Luhn-valid digit string may be a PAN, and is never looked up).
     pub fn parse(s: &str) -> Option<Token> {
-        let is_digit_token = (12..=19).contains(&s.len())
-            && s.bytes().all(|b| b.is_ascii_digit())
-            && !luhn_valid(s.as_bytes());
+        let is_digit_token =
+            (12..=19).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_digit()) && !luhn_valid(s.as_bytes());
         let is_opaque = s.strip_prefix(OPAQUE_PREFIX).is_some_and(|rest| {
             rest.len() == 22
                 && rest
@@ -136,11 +131,7 @@ impl Iterator for Candidates {
     fn next(&mut self) -> Option<Token> {
         match &mut self.inner {
             CandidatesInner::Enumerated(it) => it.next(),
-            CandidatesInner::Random {
-                format,
-                template,
-                left,
-            } => {
+            CandidatesInner::Random { format, template, left } => {
                 if *left == 0 {
                     return None;
                 }
@@ -183,9 +174,7 @@ pub fn candidates(format: TokenFormat, pan: &Pan) -> Candidates {
             suffix: pan.last4().to_owned(),
         },
     };
-    let space = 10u64
-        .checked_pow(template.random_len as u32)
-        .unwrap_or(u64::MAX);
+    let space = 10u64.checked_pow(template.random_len as u32).unwrap_or(u64::MAX);
     if space <= ENUMERATE_LIMIT {
         let mut all: Vec<Token> = (0..space)
             .map(|n| {
@@ -352,11 +341,7 @@ mod tests {
             .filter_map(|_| candidates(TokenFormat::Bin6Last4, &pan).next())
             .map(|t| t.as_str().to_owned())
             .collect();
-        assert!(
-            a.len() > 190,
-            "tokens are random, got {} distinct of 200",
-            a.len()
-        );
+        assert!(a.len() > 190, "tokens are random, got {} distinct of 200", a.len());
     }
 
     #[test]

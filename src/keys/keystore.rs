@@ -1,11 +1,14 @@
-//! The keystore file: every KEK version and the index key, each wrapped by the
-//! root key, with a MAC over the whole file so that a keystore edited on disk
-//! (a key substituted, a version relabelled, a state changed) is refused at load.
+//! The keystore file: every KEK version, the index key and the keystore's own MAC
+//! key, each wrapped by the [`KeyProvider`] (the root of trust), plus the key
+//! lifecycle history. An HMAC over the whole body (under the MAC key, which only
+//! the root can unwrap) makes a keystore edited on disk — a key substituted, a
+//! version relabelled, a state changed, an event removed — fail at load.
 
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -13,35 +16,36 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use zeroize::Zeroizing;
 
+use super::provider::{KeyProvider, ProviderError};
 use super::{DEK_WRAP_INFO, Kek, KeyState, Keyring};
 use crate::crypto::{Key256, aad};
 
 const FORMAT: u32 = 1;
-const KEK_WRAP_INFO: &[u8] = b"tokenvault/v1/purpose/kek-wrap";
-const KEYSTORE_MAC_INFO: &[u8] = b"tokenvault/v1/purpose/keystore-mac";
 const AAD_KEK: &str = "tokenvault/v1/aad/kek";
 const AAD_INDEX: &str = "tokenvault/v1/aad/index-key";
+const AAD_MAC: &str = "tokenvault/v1/aad/keystore-mac-key";
 
-/// Why the keystore could not be used. Never includes key material.
+/// Why the keystore could not be used or changed. Never includes key material.
 #[derive(Debug, thiserror::Error)]
 pub enum KeystoreError {
     #[error("keystore I/O error at {path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("keystore at {0} is malformed")]
     Malformed(PathBuf),
-    #[error("keystore at {0} failed its integrity check (edited, or a different root key)")]
+    #[error("keystore at {0} failed its integrity check (edited on disk, or a different root key)")]
     Integrity(PathBuf),
     #[error("root key file {0} must hold exactly 32 bytes, base64-encoded")]
     RootKey(PathBuf),
     #[error("keystore at {0} has no usable active KEK version")]
     NoActiveKey(PathBuf),
+    #[error("{0}")]
+    Refused(String),
+    #[error(transparent)]
+    Provider(#[from] ProviderError),
 }
 
-/// The root key that wraps every KEK. Read from a file (a Kubernetes secret in
-/// production, a generated file in dev mode); never from argv or the environment.
+/// A root key read from a file: dev mode only (production roots come from
+/// custodian shares or an HSM).
 pub struct RootKey(Key256);
 
 impl std::fmt::Debug for RootKey {
@@ -52,13 +56,10 @@ impl std::fmt::Debug for RootKey {
 
 impl RootKey {
     pub fn load(path: &Path) -> Result<RootKey, KeystoreError> {
-        let text =
-            Zeroizing::new(
-                fs::read_to_string(path).map_err(|source| KeystoreError::Io {
-                    path: path.to_owned(),
-                    source,
-                })?,
-            );
+        let text = Zeroizing::new(fs::read_to_string(path).map_err(|source| KeystoreError::Io {
+            path: path.to_owned(),
+            source,
+        })?);
         let bytes = Zeroizing::new(
             B64.decode(text.trim())
                 .map_err(|_| KeystoreError::RootKey(path.to_owned()))?,
@@ -75,6 +76,41 @@ impl RootKey {
         write_private(path, text.as_bytes())?;
         Ok(RootKey(key))
     }
+
+    pub fn key(&self) -> &Key256 {
+        &self.0
+    }
+}
+
+/// Which root of trust protects the keystore (public; read before unsealing).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderInfo {
+    pub kind: String,
+    pub root_id: String,
+    /// For a sealed root: shares needed and shares issued.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shamir: Option<Shamir>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Shamir {
+    pub threshold: u8,
+    pub shares: u8,
+}
+
+/// One entry of the key lifecycle history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyEvent {
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+    pub action: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u32>,
+    /// The officers who performed (and, for dual control, approved) it.
+    pub officers: Vec<String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -84,143 +120,326 @@ struct KeystoreFile {
     mac: String,
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Body {
     format: u32,
+    provider: ProviderInfo,
     active: u32,
+    mac_key: String,
     index_key: String,
     keks: Vec<KekEntry>,
+    events: Vec<KeyEvent>,
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct KekEntry {
     version: u32,
     state: KeyState,
     #[serde(with = "time::serde::rfc3339")]
     created_at: OffsetDateTime,
-    /// The KEK wrapped by the root key; absent once destroyed.
+    /// The KEK wrapped by the root; absent once destroyed.
     wrapped: Option<String>,
 }
 
-/// Creates a keystore with KEK v1 active and a fresh index key.
-pub fn create(path: &Path, root: &RootKey) -> Result<Keyring, KeystoreError> {
-    let kek = Key256::random();
-    let index = Key256::random();
-    let kek_wrap = root.0.derive(KEK_WRAP_INFO);
-    let body =
-        Body {
+/// An opened, authenticated keystore that can be changed and saved.
+pub struct Keystore {
+    path: PathBuf,
+    body: Body,
+    provider: Arc<dyn KeyProvider>,
+    mac_key: Key256,
+}
+
+fn kek_aad(version: u32) -> Vec<u8> {
+    aad(AAD_KEK, &[&version.to_be_bytes()])
+}
+
+impl Keystore {
+    /// Creates a keystore with KEK v1 active and fresh index and MAC keys.
+    pub fn create(
+        path: &Path,
+        provider: Arc<dyn KeyProvider>,
+        shamir: Option<Shamir>,
+        officer: &str,
+    ) -> Result<Keystore, KeystoreError> {
+        let mac_key = Key256::random();
+        let now = OffsetDateTime::now_utc();
+        let body = Body {
             format: FORMAT,
+            provider: ProviderInfo {
+                kind: provider.kind().into(),
+                root_id: provider.root_id(),
+                shamir,
+            },
             active: 1,
-            index_key: B64.encode(kek_wrap.seal(&aad(AAD_INDEX, &[]), index.expose_bytes())),
+            mac_key: B64.encode(provider.wrap(&aad(AAD_MAC, &[]), &mac_key)?),
+            index_key: B64.encode(provider.wrap(&aad(AAD_INDEX, &[]), &Key256::random())?),
             keks: vec![KekEntry {
                 version: 1,
                 state: KeyState::Active,
-                created_at: OffsetDateTime::now_utc(),
-                wrapped: Some(B64.encode(
-                    kek_wrap.seal(&aad(AAD_KEK, &[&1u32.to_be_bytes()]), kek.expose_bytes()),
-                )),
+                created_at: now,
+                wrapped: Some(B64.encode(provider.wrap(&kek_aad(1), &Key256::random())?)),
+            }],
+            events: vec![KeyEvent {
+                at: now,
+                action: "init".into(),
+                version: Some(1),
+                officers: vec![officer.into()],
             }],
         };
-    let file = KeystoreFile {
-        mac: mac(root, &body, path)?,
-        body,
-    };
-    let json =
-        serde_json::to_vec_pretty(&file).map_err(|_| KeystoreError::Malformed(path.to_owned()))?;
-    write_private(path, &json)?;
-    load(path, root)
+        let ks = Keystore {
+            path: path.to_owned(),
+            body,
+            provider,
+            mac_key,
+        };
+        let bytes = ks.serialize()?;
+        write_private(path, &bytes)?;
+        Keystore::open(path, ks.provider)
+    }
+
+    /// Reads the provider section without authenticating anything (to know how to
+    /// unseal). Everything else is only trusted after [`Keystore::open`].
+    pub fn peek(path: &Path) -> Result<ProviderInfo, KeystoreError> {
+        Ok(read_file(path)?.body.provider)
+    }
+
+    /// Loads and authenticates a keystore with the given root of trust.
+    pub fn open(path: &Path, provider: Arc<dyn KeyProvider>) -> Result<Keystore, KeystoreError> {
+        let file = read_file(path)?;
+        let integrity = || KeystoreError::Integrity(path.to_owned());
+        let malformed = || KeystoreError::Malformed(path.to_owned());
+        let wrapped_mac = B64.decode(&file.body.mac_key).map_err(|_| malformed())?;
+        let mac_key = provider.unwrap(&aad(AAD_MAC, &[]), &wrapped_mac).map_err(|e| match e {
+            ProviderError::Unwrap => integrity(),
+            other => KeystoreError::Provider(other),
+        })?;
+        let tag = B64.decode(&file.mac).map_err(|_| malformed())?;
+        let body_bytes = serde_json::to_vec(&file.body).map_err(|_| malformed())?;
+        mac_key.verify_hmac(&body_bytes, &tag).map_err(|_| integrity())?;
+        if file.body.format != FORMAT {
+            return Err(malformed());
+        }
+        let ks = Keystore {
+            path: path.to_owned(),
+            body: file.body,
+            provider,
+            mac_key,
+        };
+        ks.keyring()?;
+        Ok(ks)
+    }
+
+    /// Unwraps every live KEK version into a keyring.
+    pub fn keyring(&self) -> Result<Keyring, KeystoreError> {
+        let integrity = || KeystoreError::Integrity(self.path.clone());
+        let unwrap = |b64: &str, aad_bytes: &[u8]| -> Result<Key256, KeystoreError> {
+            let sealed = B64
+                .decode(b64)
+                .map_err(|_| KeystoreError::Malformed(self.path.clone()))?;
+            self.provider.unwrap(aad_bytes, &sealed).map_err(|e| match e {
+                ProviderError::Unwrap => integrity(),
+                other => KeystoreError::Provider(other),
+            })
+        };
+        let index_key = unwrap(&self.body.index_key, &aad(AAD_INDEX, &[]))?;
+        let mut keks = BTreeMap::new();
+        for entry in &self.body.keks {
+            let dek_wrap = match (&entry.wrapped, entry.state) {
+                (_, KeyState::Destroyed) | (None, _) => None,
+                (Some(w), _) => Some(unwrap(w, &kek_aad(entry.version))?.derive(DEK_WRAP_INFO)),
+            };
+            let kek = Kek {
+                state: entry.state,
+                created_at: entry.created_at,
+                dek_wrap,
+            };
+            if keks.insert(entry.version, kek).is_some() {
+                return Err(KeystoreError::Malformed(self.path.clone()));
+            }
+        }
+        let active_ok = keks
+            .get(&self.body.active)
+            .is_some_and(|k| k.state == KeyState::Active && k.dek_wrap.is_some());
+        let one_active = keks.values().filter(|k| k.state == KeyState::Active).count() == 1;
+        if !active_ok || !one_active {
+            return Err(KeystoreError::NoActiveKey(self.path.clone()));
+        }
+        Ok(Keyring {
+            keks,
+            active: self.body.active,
+            index_key,
+        })
+    }
+
+    pub fn provider_info(&self) -> &ProviderInfo {
+        &self.body.provider
+    }
+
+    pub fn events(&self) -> &[KeyEvent] {
+        &self.body.events
+    }
+
+    /// Creates a new KEK version and makes it active; the previous active version
+    /// becomes decrypt-only. Saved before it returns.
+    pub fn rotate(&mut self, officers: &[&str]) -> Result<u32, KeystoreError> {
+        let mut next = self.clone_body();
+        let version = next.keks.iter().map(|k| k.version).max().unwrap_or(0) + 1;
+        for k in next.keks.iter_mut().filter(|k| k.state == KeyState::Active) {
+            k.state = KeyState::DecryptOnly;
+        }
+        next.keks.push(KekEntry {
+            version,
+            state: KeyState::Active,
+            created_at: OffsetDateTime::now_utc(),
+            wrapped: Some(B64.encode(self.provider.wrap(&kek_aad(version), &Key256::random())?)),
+        });
+        next.active = version;
+        push_event(&mut next, "rotate", Some(version), officers);
+        self.commit(next)?;
+        Ok(version)
+    }
+
+    /// Marks a decrypt-only version retired: it decrypts nothing afterwards. The
+    /// caller must have checked that no record is still wrapped under it.
+    pub fn retire(&mut self, version: u32, officers: &[&str]) -> Result<(), KeystoreError> {
+        let mut next = self.clone_body();
+        let entry = find(&mut next, version)?;
+        match entry.state {
+            KeyState::DecryptOnly => entry.state = KeyState::Retired,
+            KeyState::Active => return Err(refused(format!("v{version} is the active version; rotate first"))),
+            KeyState::Retired => return Err(refused(format!("v{version} is already retired"))),
+            KeyState::Destroyed => return Err(refused(format!("v{version} is destroyed"))),
+        }
+        push_event(&mut next, "retire", Some(version), officers);
+        self.commit(next)
+    }
+
+    /// Crypto-shreds a retired version: its wrapped key is removed from the
+    /// keystore for good. `officers` are the requester and the approver.
+    pub fn destroy(&mut self, version: u32, officers: &[&str]) -> Result<(), KeystoreError> {
+        let mut next = self.clone_body();
+        let entry = find(&mut next, version)?;
+        if entry.state != KeyState::Retired {
+            return Err(refused(format!("v{version} must be retired before it is destroyed")));
+        }
+        entry.state = KeyState::Destroyed;
+        entry.wrapped = None;
+        push_event(&mut next, "destroy", Some(version), officers);
+        self.commit(next)
+    }
+
+    /// Re-wraps every key under a new root of trust (root-key rotation).
+    pub fn change_provider(&mut self, new: Arc<dyn KeyProvider>, officers: &[&str]) -> Result<(), KeystoreError> {
+        let mut next = self.clone_body();
+        let integrity = || KeystoreError::Integrity(self.path.clone());
+        let rewrap = |b64: &mut String, aad_bytes: &[u8]| -> Result<(), KeystoreError> {
+            let sealed = B64
+                .decode(&*b64)
+                .map_err(|_| KeystoreError::Malformed(self.path.clone()))?;
+            let key = self.provider.unwrap(aad_bytes, &sealed).map_err(|_| integrity())?;
+            *b64 = B64.encode(new.wrap(aad_bytes, &key)?);
+            Ok(())
+        };
+        rewrap(&mut next.mac_key, &aad(AAD_MAC, &[]))?;
+        rewrap(&mut next.index_key, &aad(AAD_INDEX, &[]))?;
+        for k in next.keks.iter_mut() {
+            if let Some(w) = k.wrapped.as_mut() {
+                rewrap(w, &kek_aad(k.version))?;
+            }
+        }
+        next.provider = ProviderInfo {
+            kind: new.kind().into(),
+            root_id: new.root_id(),
+            shamir: next.provider.shamir,
+        };
+        push_event(&mut next, "rotate-root", None, officers);
+        let old = std::mem::replace(&mut self.provider, new);
+        if let Err(e) = self.commit(next) {
+            self.provider = old;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn clone_body(&self) -> Body {
+        self.body.clone()
+    }
+
+    /// Saves `next` atomically, then adopts it.
+    fn commit(&mut self, next: Body) -> Result<(), KeystoreError> {
+        let old = std::mem::replace(&mut self.body, next);
+        let saved = self.serialize().and_then(|bytes| replace_private(&self.path, &bytes));
+        if let Err(e) = saved {
+            self.body = old;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn serialize(&self) -> Result<Vec<u8>, KeystoreError> {
+        let malformed = || KeystoreError::Malformed(self.path.clone());
+        let body_bytes = serde_json::to_vec(&self.body).map_err(|_| malformed())?;
+        let file = KeystoreFile {
+            body: self.body.clone(),
+            mac: B64.encode(self.mac_key.hmac(&body_bytes)),
+        };
+        serde_json::to_vec_pretty(&file).map_err(|_| malformed())
+    }
 }
 
-/// Loads and authenticates a keystore, unwrapping every live KEK version.
-pub fn load(path: &Path, root: &RootKey) -> Result<Keyring, KeystoreError> {
+fn refused(msg: String) -> KeystoreError {
+    KeystoreError::Refused(msg)
+}
+
+fn find(body: &mut Body, version: u32) -> Result<&mut KekEntry, KeystoreError> {
+    body.keks
+        .iter_mut()
+        .find(|k| k.version == version)
+        .ok_or_else(|| refused(format!("no key version v{version}")))
+}
+
+fn push_event(body: &mut Body, action: &str, version: Option<u32>, officers: &[&str]) {
+    body.events.push(KeyEvent {
+        at: OffsetDateTime::now_utc(),
+        action: action.into(),
+        version,
+        officers: officers.iter().map(|s| s.to_string()).collect(),
+    });
+}
+
+fn read_file(path: &Path) -> Result<KeystoreFile, KeystoreError> {
     let bytes = fs::read(path).map_err(|source| KeystoreError::Io {
         path: path.to_owned(),
         source,
     })?;
-    let file: KeystoreFile =
-        serde_json::from_slice(&bytes).map_err(|_| KeystoreError::Malformed(path.to_owned()))?;
-    let tag = B64
-        .decode(&file.mac)
-        .map_err(|_| KeystoreError::Malformed(path.to_owned()))?;
-    let body_bytes =
-        serde_json::to_vec(&file.body).map_err(|_| KeystoreError::Malformed(path.to_owned()))?;
-    root.0
-        .derive(KEYSTORE_MAC_INFO)
-        .verify_hmac(&body_bytes, &tag)
-        .map_err(|_| KeystoreError::Integrity(path.to_owned()))?;
-    let body = file.body;
-    if body.format != FORMAT {
-        return Err(KeystoreError::Malformed(path.to_owned()));
-    }
-    let kek_wrap = root.0.derive(KEK_WRAP_INFO);
-    let unwrap = |sealed_b64: &str, aad_bytes: &[u8]| -> Result<Key256, KeystoreError> {
-        let sealed = B64
-            .decode(sealed_b64)
-            .map_err(|_| KeystoreError::Malformed(path.to_owned()))?;
-        let raw = kek_wrap
-            .open(aad_bytes, &sealed)
-            .map_err(|_| KeystoreError::Integrity(path.to_owned()))?;
-        Key256::from_slice(&raw).ok_or_else(|| KeystoreError::Integrity(path.to_owned()))
-    };
-    let index_key = unwrap(&body.index_key, &aad(AAD_INDEX, &[]))?;
-    let mut keks = BTreeMap::new();
-    for entry in &body.keks {
-        let dek_wrap = match (&entry.wrapped, entry.state) {
-            (_, KeyState::Destroyed) | (None, _) => None,
-            (Some(w), _) => Some(
-                unwrap(w, &aad(AAD_KEK, &[&entry.version.to_be_bytes()]))?.derive(DEK_WRAP_INFO),
-            ),
-        };
-        let kek = Kek {
-            state: entry.state,
-            created_at: entry.created_at,
-            dek_wrap,
-        };
-        if keks.insert(entry.version, kek).is_some() {
-            return Err(KeystoreError::Malformed(path.to_owned()));
-        }
-    }
-    let active_ok = keks
-        .get(&body.active)
-        .is_some_and(|k| k.state == KeyState::Active && k.dek_wrap.is_some());
-    let one_active = keks
-        .values()
-        .filter(|k| k.state == KeyState::Active)
-        .count()
-        == 1;
-    if !active_ok || !one_active {
-        return Err(KeystoreError::NoActiveKey(path.to_owned()));
-    }
-    Ok(Keyring {
-        keks,
-        active: body.active,
-        index_key,
-    })
+    serde_json::from_slice(&bytes).map_err(|_| KeystoreError::Malformed(path.to_owned()))
 }
 
-fn mac(root: &RootKey, body: &Body, path: &Path) -> Result<String, KeystoreError> {
-    let bytes = serde_json::to_vec(body).map_err(|_| KeystoreError::Malformed(path.to_owned()))?;
-    Ok(B64.encode(root.0.derive(KEYSTORE_MAC_INFO).hmac(&bytes)))
-}
-
-/// Writes a file only its owner can read, atomically (temp file, fsync, rename,
-/// fsync of the directory), refusing to overwrite an existing file.
+/// Writes a new file only its owner can read, atomically, refusing to overwrite.
 pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> Result<(), KeystoreError> {
+    if path.exists() {
+        return Err(KeystoreError::Io {
+            path: path.to_owned(),
+            source: std::io::Error::new(std::io::ErrorKind::AlreadyExists, "refusing to overwrite"),
+        });
+    }
+    replace_private(path, bytes)
+}
+
+/// Atomically replaces `path` (temp file, fsync, rename, fsync of the directory).
+pub(crate) fn replace_private(path: &Path, bytes: &[u8]) -> Result<(), KeystoreError> {
     use std::os::unix::fs::OpenOptionsExt;
     let io = |source| KeystoreError::Io {
         path: path.to_owned(),
         source,
     };
-    let dir = path.parent().unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     fs::create_dir_all(dir).map_err(io)?;
-    if path.exists() {
-        return Err(io(std::io::Error::new(
-            std::io::ErrorKind::AlreadyExists,
-            "refusing to overwrite",
-        )));
-    }
     let tmp = path.with_extension("tmp");
     let _ = fs::remove_file(&tmp);
     let mut f = fs::OpenOptions::new()
@@ -239,46 +458,87 @@ pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> Result<(), KeystoreErr
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::keys::provider::SoftwareRoot;
+
+    fn root(seed: u8) -> Arc<dyn KeyProvider> {
+        Arc::new(SoftwareRoot::new(&Key256::from_slice(&[seed; 32]).unwrap(), "test"))
+    }
 
     #[test]
-    fn create_load_and_refuse_tampering() {
+    fn create_open_and_refuse_tampering() {
         let dir = tempfile::tempdir().unwrap();
-        let root_path = dir.path().join("root.key");
-        let ks_path = dir.path().join("keystore.json");
-        let root = RootKey::generate(&root_path).unwrap();
-        let ring = create(&ks_path, &root).unwrap();
-        assert_eq!(ring.active_version(), 1);
-        assert!(ring.self_test());
+        let path = dir.path().join("keystore.json");
+        let ks = Keystore::create(&path, root(1), None, "officer-a").unwrap();
+        assert_eq!(ks.keyring().unwrap().active_version(), 1);
+        assert!(ks.keyring().unwrap().self_test());
+        assert!(Keystore::open(&path, root(1)).is_ok());
+        assert!(
+            matches!(Keystore::open(&path, root(2)), Err(KeystoreError::Integrity(_))),
+            "other root"
+        );
 
-        // Reloads with the same root key.
-        let root2 = RootKey::load(&root_path).unwrap();
-        assert!(load(&ks_path, &root2).unwrap().self_test());
-
-        // A different root key is refused.
-        let other = RootKey::generate(&dir.path().join("other.key")).unwrap();
-        assert!(matches!(
-            load(&ks_path, &other),
-            Err(KeystoreError::Integrity(_))
-        ));
-
-        // Any edit of the body is refused: a state change, a version relabel.
-        let original = fs::read_to_string(&ks_path).unwrap();
+        let original = fs::read_to_string(&path).unwrap();
         for (from, to) in [
             ("\"active\",", "\"retired\","),
             ("\"version\": 1", "\"version\": 2"),
+            ("\"officer-a\"", "\"officer-b\""),
         ] {
             assert!(original.contains(from), "{from}");
-            fs::write(&ks_path, original.replacen(from, to, 1)).unwrap();
+            fs::write(&path, original.replacen(from, to, 1)).unwrap();
             assert!(
-                matches!(load(&ks_path, &root), Err(KeystoreError::Integrity(_))),
+                matches!(Keystore::open(&path, root(1)), Err(KeystoreError::Integrity(_))),
                 "{from}"
             );
         }
-        fs::write(&ks_path, "{not json").unwrap();
+        fs::write(&path, "{not json").unwrap();
         assert!(matches!(
-            load(&ks_path, &root),
+            Keystore::open(&path, root(1)),
             Err(KeystoreError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn lifecycle_rotate_retire_destroy() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keystore.json");
+        let mut ks = Keystore::create(&path, root(1), None, "a").unwrap();
+        assert!(ks.retire(1, &["a"]).is_err(), "the active version cannot be retired");
+        assert_eq!(ks.rotate(&["a"]).unwrap(), 2);
+        assert!(ks.destroy(1, &["a", "b"]).is_err(), "destroy needs retire first");
+        ks.retire(1, &["a"]).unwrap();
+        ks.destroy(1, &["a", "b"]).unwrap();
+        // Reopened from disk: the same states, v1's key material is gone.
+        let ks = Keystore::open(&path, root(1)).unwrap();
+        let states: Vec<_> = ks
+            .keyring()
+            .unwrap()
+            .versions()
+            .iter()
+            .map(|v| (v.version, v.state))
+            .collect();
+        assert_eq!(states, vec![(1, KeyState::Destroyed), (2, KeyState::Active)]);
+        assert!(!fs::read_to_string(&path).unwrap().contains("\"wrapped\": \"") || states.len() == 2);
+        let actions: Vec<_> = ks.events().iter().map(|e| e.action.as_str()).collect();
+        assert_eq!(actions, ["init", "rotate", "retire", "destroy"]);
+        assert_eq!(ks.events()[3].officers, ["a", "b"]);
+    }
+
+    #[test]
+    fn change_provider_moves_every_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keystore.json");
+        let mut ks = Keystore::create(&path, root(1), None, "a").unwrap();
+        ks.rotate(&["a"]).unwrap();
+        let before = ks.keyring().unwrap();
+        ks.change_provider(root(3), &["a"]).unwrap();
+        assert!(matches!(
+            Keystore::open(&path, root(1)),
+            Err(KeystoreError::Integrity(_))
+        ));
+        let after = Keystore::open(&path, root(3)).unwrap().keyring().unwrap();
+        let pan = crate::domain::card::Pan::parse("4111111111111111").unwrap();
+        let t = crate::domain::tenant::TenantId::parse("t").unwrap();
+        assert_eq!(before.fingerprint(&t, &pan), after.fingerprint(&t, &pan));
     }
 
     #[test]
@@ -291,13 +551,6 @@ mod tests {
             format!("{:?}", RootKey::generate(&dir.path().join("k")).unwrap()),
             "RootKey([REDACTED])"
         );
-    }
-
-    #[test]
-    fn never_overwrites() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("root.key");
-        RootKey::generate(&p).unwrap();
-        assert!(RootKey::generate(&p).is_err());
+        assert!(RootKey::generate(&dir.path().join("k")).is_err(), "never overwrites");
     }
 }

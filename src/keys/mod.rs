@@ -1,17 +1,24 @@
 //! The key hierarchy and the envelope scheme.
 //!
 //! ```text
-//! root key (file today; sealed shares / PKCS#11 later)
+//! root of trust (KeyProvider: custodian-share root in memory, or an HSM key)
 //!   ├─ KEK v1, v2, … (random 256-bit, stored wrapped by the root, each with a state)
 //!   │    └─ dek-wrap purpose key (HKDF) ── wraps each record's random DEK
-//!   └─ index key (random 256-bit) ── per-tenant fingerprint keys (HKDF) ── HMAC-SHA256(PAN)
+//!   ├─ index key (random 256-bit) ── per-tenant fingerprint keys (HKDF) ── HMAC-SHA256(PAN)
+//!   └─ keystore MAC key ── authenticates the keystore file
 //! ```
 //!
-//! Associated data binds every ciphertext to its tenant, token and key version, so
-//! a ciphertext copied into another record (or relabelled with another version)
-//! fails to open. [`keystore`] persists the wrapped keys.
+//! Associated data binds the wrapped DEK to its tenant, token and KEK version, and
+//! the payload to its tenant and token, so a ciphertext copied into another record
+//! (or relabelled with another version) fails to open — and a rewrap under a new
+//! KEK changes only the wrapped DEK, never the payload. [`keystore`] persists the
+//! wrapped keys; [`provider`] is the root of trust.
 
 pub mod keystore;
+pub mod manager;
+pub mod pkcs11;
+pub mod provider;
+pub mod shares;
 
 use std::collections::BTreeMap;
 
@@ -22,6 +29,20 @@ use crate::crypto::{Key256, aad};
 use crate::domain::card::{CardPayload, Pan};
 use crate::domain::tenant::TenantId;
 use crate::domain::token::Token;
+
+/// Opens (or, with `generate`, creates) the HSM root key `label`.
+pub fn open_pkcs11(
+    hsm: &crate::config::Pkcs11Settings,
+    label: &str,
+    generate: bool,
+) -> Result<std::sync::Arc<dyn provider::KeyProvider>, provider::ProviderError> {
+    let p = if generate {
+        pkcs11::Pkcs11Provider::generate(hsm, label)?
+    } else {
+        pkcs11::Pkcs11Provider::open(hsm, label)?
+    };
+    Ok(std::sync::Arc::new(p))
+}
 
 const DEK_WRAP_INFO: &[u8] = b"tokenvault/v1/purpose/dek-wrap";
 const FINGERPRINT_INFO: &str = "tokenvault/v1/purpose/fingerprint/tenant=";
@@ -83,12 +104,7 @@ pub struct SealedCard {
 
 impl std::fmt::Debug for SealedCard {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "SealedCard(v{}, {} bytes)",
-            self.key_version,
-            self.ciphertext.len()
-        )
+        write!(f, "SealedCard(v{}, {} bytes)", self.key_version, self.ciphertext.len())
     }
 }
 
@@ -122,19 +138,11 @@ impl Keyring {
     /// wrapped by the active KEK.
     pub fn seal(&self, tenant: &TenantId, token: &Token, payload: &CardPayload) -> SealedCard {
         let dek = Key256::random();
-        let version = self.active;
-        let v = version.to_be_bytes();
-        let binding = [
-            tenant.as_str().as_bytes(),
-            token.as_str().as_bytes(),
-            &v[..],
-        ];
-        let ciphertext = dek.seal(&aad(AAD_PAYLOAD, &binding), &payload.encode());
-        let wrapped_dek = self
-            .wrap_key(version)
-            .seal(&aad(AAD_DEK, &binding), dek.expose_bytes());
+        let record = [tenant.as_str().as_bytes(), token.as_str().as_bytes()];
+        let ciphertext = dek.seal(&aad(AAD_PAYLOAD, &record), &payload.encode());
+        let (key_version, wrapped_dek) = self.wrap_dek(tenant, token, &dek);
         SealedCard {
-            key_version: version,
+            key_version,
             wrapped_dek,
             ciphertext,
         }
@@ -142,35 +150,50 @@ impl Keyring {
 
     /// Opens a sealed card; fails closed on any mismatch of key, version, tenant,
     /// token or bytes.
-    pub fn open(
-        &self,
-        tenant: &TenantId,
-        token: &Token,
-        sealed: &SealedCard,
-    ) -> Result<CardPayload, KeyError> {
-        let kek = self
-            .keks
-            .get(&sealed.key_version)
-            .ok_or(KeyError::UnknownVersion)?;
+    pub fn open(&self, tenant: &TenantId, token: &Token, sealed: &SealedCard) -> Result<CardPayload, KeyError> {
+        let dek = self.unwrap_dek(tenant, token, sealed)?;
+        let record = [tenant.as_str().as_bytes(), token.as_str().as_bytes()];
+        let plain = dek
+            .open(&aad(AAD_PAYLOAD, &record), &sealed.ciphertext)
+            .map_err(|_| KeyError::Integrity)?;
+        CardPayload::decode(&plain).ok_or(KeyError::Integrity)
+    }
+
+    /// Moves a record's DEK under the active KEK. The payload is untouched: that is
+    /// the point of the envelope. Fails closed like [`Keyring::open`].
+    pub fn rewrap(&self, tenant: &TenantId, token: &Token, sealed: &SealedCard) -> Result<SealedCard, KeyError> {
+        let dek = self.unwrap_dek(tenant, token, sealed)?;
+        let (key_version, wrapped_dek) = self.wrap_dek(tenant, token, &dek);
+        Ok(SealedCard {
+            key_version,
+            wrapped_dek,
+            ciphertext: sealed.ciphertext.clone(),
+        })
+    }
+
+    fn wrap_dek(&self, tenant: &TenantId, token: &Token, dek: &Key256) -> (u32, Vec<u8>) {
+        let version = self.active;
+        let v = version.to_be_bytes();
+        let binding = [tenant.as_str().as_bytes(), token.as_str().as_bytes(), &v[..]];
+        (
+            version,
+            self.wrap_key(version).seal(&aad(AAD_DEK, &binding), dek.expose_bytes()),
+        )
+    }
+
+    fn unwrap_dek(&self, tenant: &TenantId, token: &Token, sealed: &SealedCard) -> Result<Key256, KeyError> {
+        let kek = self.keks.get(&sealed.key_version).ok_or(KeyError::UnknownVersion)?;
         let wrap = match (kek.state, &kek.dek_wrap) {
             (KeyState::Destroyed, _) | (_, None) => return Err(KeyError::Destroyed),
             (KeyState::Retired, _) => return Err(KeyError::Retired),
             (_, Some(w)) => w,
         };
         let v = sealed.key_version.to_be_bytes();
-        let binding = [
-            tenant.as_str().as_bytes(),
-            token.as_str().as_bytes(),
-            &v[..],
-        ];
+        let binding = [tenant.as_str().as_bytes(), token.as_str().as_bytes(), &v[..]];
         let dek_bytes = wrap
             .open(&aad(AAD_DEK, &binding), &sealed.wrapped_dek)
             .map_err(|_| KeyError::Integrity)?;
-        let dek = Key256::from_slice(&dek_bytes).ok_or(KeyError::Integrity)?;
-        let plain = dek
-            .open(&aad(AAD_PAYLOAD, &binding), &sealed.ciphertext)
-            .map_err(|_| KeyError::Integrity)?;
-        CardPayload::decode(&plain).ok_or(KeyError::Integrity)
+        Key256::from_slice(&dek_bytes).ok_or(KeyError::Integrity)
     }
 
     /// The keyed fingerprint of a PAN within a tenant (HMAC-SHA256 under a key
@@ -268,42 +291,27 @@ mod tests {
             "4111111111111111"
         );
         // Moved to another record or tenant: fails.
-        assert_eq!(
-            ring.open(&t1, &b, &sealed).unwrap_err(),
-            KeyError::Integrity
-        );
-        assert_eq!(
-            ring.open(&t2, &a, &sealed).unwrap_err(),
-            KeyError::Integrity
-        );
+        assert_eq!(ring.open(&t1, &b, &sealed).unwrap_err(), KeyError::Integrity);
+        assert_eq!(ring.open(&t2, &a, &sealed).unwrap_err(), KeyError::Integrity);
         // Relabelled with another version: fails.
         let relabelled = SealedCard {
             key_version: 1,
             ..sealed.clone()
         };
-        assert_eq!(
-            ring.open(&t1, &a, &relabelled).unwrap_err(),
-            KeyError::Integrity
-        );
+        assert_eq!(ring.open(&t1, &a, &relabelled).unwrap_err(), KeyError::Integrity);
         // Payload of one record with the DEK of another: fails.
         let other = ring.seal(&t1, &a, &payload("5555555555554444"));
         let spliced = SealedCard {
             ciphertext: other.ciphertext,
             ..sealed.clone()
         };
-        assert_eq!(
-            ring.open(&t1, &a, &spliced).unwrap_err(),
-            KeyError::Integrity
-        );
+        assert_eq!(ring.open(&t1, &a, &spliced).unwrap_err(), KeyError::Integrity);
         // Unknown version.
         let unknown = SealedCard {
             key_version: 9,
             ..sealed
         };
-        assert_eq!(
-            ring.open(&t1, &a, &unknown).unwrap_err(),
-            KeyError::UnknownVersion
-        );
+        assert_eq!(ring.open(&t1, &a, &unknown).unwrap_err(), KeyError::UnknownVersion);
     }
 
     #[test]

@@ -64,15 +64,18 @@ pub trait Store: Send + Sync + 'static {
     /// another tenant's token is indistinguishable from an unknown one.
     fn get(&self, tenant: &TenantId, token: &Token) -> Result<Option<StoredRecord>, StoreError>;
     /// The token a tenant holds for a fingerprint.
-    fn find_fingerprint(
-        &self,
-        tenant: &TenantId,
-        fingerprint: &[u8; 32],
-    ) -> Result<Option<Token>, StoreError>;
+    fn find_fingerprint(&self, tenant: &TenantId, fingerprint: &[u8; 32]) -> Result<Option<Token>, StoreError>;
     /// Removes the record and its fingerprint entry atomically; `false` if absent.
     fn delete(&self, tenant: &TenantId, token: &Token) -> Result<bool, StoreError>;
     /// Number of stored records (may be slow: call at start-up only).
     fn count(&self) -> Result<u64, StoreError>;
+    /// Records per KEK version (scans the version index, not the records).
+    fn count_by_version(&self) -> Result<std::collections::BTreeMap<u32, u64>, StoreError>;
+    /// Up to `limit` records whose DEK is wrapped under `version`.
+    fn records_under_version(&self, version: u32, limit: usize) -> Result<Vec<StoredRecord>, StoreError>;
+    /// Replaces a record's envelope if the record is still exactly `current`
+    /// (compare-and-swap); `false` if it changed or was deleted meanwhile.
+    fn replace_sealed(&self, current: &StoredRecord, sealed: &SealedCard) -> Result<bool, StoreError>;
     /// A ticket that resolves once every write made before this call is durable.
     /// Concurrent callers share one flush (group commit).
     fn commit(&self) -> Commit;
@@ -103,9 +106,9 @@ impl Future for Commit {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match &mut self.get_mut().0 {
-            CommitInner::Waiting(rx) => Pin::new(rx).poll(cx).map(|r| {
-                r.unwrap_or_else(|_| Err(StoreError::Backend("commit thread stopped".into())))
-            }),
+            CommitInner::Waiting(rx) => Pin::new(rx)
+                .poll(cx)
+                .map(|r| r.unwrap_or_else(|_| Err(StoreError::Backend("commit thread stopped".into())))),
             CommitInner::Failed(e) => Poll::Ready(Err(e
                 .take()
                 .unwrap_or_else(|| StoreError::Backend("polled twice".into())))),
@@ -155,10 +158,7 @@ pub(crate) mod conformance {
 
         // Same token in any tenant: taken. Same fingerprint in the tenant: exists.
         let same_token = record("t2", "4111110000001112", 9);
-        assert_eq!(
-            store.insert(&same_token).unwrap(),
-            InsertOutcome::TokenTaken
-        );
+        assert_eq!(store.insert(&same_token).unwrap(), InsertOutcome::TokenTaken);
         let same_fp = record("t1", "4111110000002112", 1);
         assert_eq!(
             store.insert(&same_fp).unwrap(),
@@ -166,10 +166,7 @@ pub(crate) mod conformance {
         );
         // Same fingerprint in another tenant is independent.
         let other_tenant = record("t2", "4111110000003112", 1);
-        assert_eq!(
-            store.insert(&other_tenant).unwrap(),
-            InsertOutcome::Inserted
-        );
+        assert_eq!(store.insert(&other_tenant).unwrap(), InsertOutcome::Inserted);
         assert_eq!(store.count().unwrap(), 2);
 
         // Delete removes record and fingerprint; a second delete finds nothing.
@@ -180,5 +177,36 @@ pub(crate) mod conformance {
         assert!(!store.delete(&a.tenant, &a.token).unwrap());
         assert_eq!(store.count().unwrap(), 1);
         store.check().unwrap();
+
+        // The version index follows inserts, rewraps and deletes.
+        let c = record("t3", "4111110000004112", 3);
+        assert_eq!(store.insert(&c).unwrap(), InsertOutcome::Inserted);
+        assert_eq!(store.count_by_version().unwrap(), [(1, 2)].into_iter().collect());
+        let under = store.records_under_version(1, 10).unwrap();
+        assert_eq!(under.len(), 2);
+        assert_eq!(store.records_under_version(1, 1).unwrap().len(), 1);
+        let moved = SealedCard {
+            key_version: 2,
+            wrapped_dek: vec![7; 60],
+            ciphertext: c.sealed.ciphertext.clone(),
+        };
+        assert!(store.replace_sealed(&c, &moved).unwrap());
+        assert!(!store.replace_sealed(&c, &moved).unwrap(), "CAS: the record changed");
+        assert_eq!(store.get(&c.tenant, &c.token).unwrap().unwrap().sealed, moved);
+        assert_eq!(
+            store.count_by_version().unwrap(),
+            [(1, 1), (2, 1)].into_iter().collect()
+        );
+        assert_eq!(store.records_under_version(2, 10).unwrap()[0].token, c.token);
+        assert!(store.delete(&c.tenant, &c.token).unwrap());
+        assert_eq!(store.count_by_version().unwrap(), [(1, 1)].into_iter().collect());
+        let gone = StoredRecord {
+            sealed: moved.clone(),
+            ..c.clone()
+        };
+        assert!(
+            !store.replace_sealed(&gone, &c.sealed).unwrap(),
+            "CAS: the record was deleted"
+        );
     }
 }

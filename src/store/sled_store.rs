@@ -1,7 +1,8 @@
 //! The embedded sled backend.
 //!
 //! Trees: `tokens` (token → record), `fingerprints` (tenant ‖ 0x00 ‖ HMAC →
-//! token), `meta` (schema version). Records are postcard-encoded and compact
+//! token), `by_version` (KEK version ‖ token → ∅, for rewrap and key status),
+//! `meta` (schema version). Records are postcard-encoded and compact
 //! (sled roughly doubles what it stores on disk).
 //!
 //! Durability: sled writes land in its page cache; `Db::flush` makes them durable.
@@ -34,6 +35,7 @@ pub struct SledStore {
     db: sled::Db,
     tokens: sled::Tree,
     fingerprints: sled::Tree,
+    by_version: sled::Tree,
     meta: sled::Tree,
     committer: Mutex<mpsc::Sender<Waiter>>,
     _thread: Arc<std::thread::JoinHandle<()>>,
@@ -51,6 +53,7 @@ impl SledStore {
             .map_err(backend)?;
         let tokens = db.open_tree("tokens").map_err(backend)?;
         let fingerprints = db.open_tree("fingerprints").map_err(backend)?;
+        let by_version = db.open_tree("by_version").map_err(backend)?;
         let meta = db.open_tree("meta").map_err(backend)?;
         match meta.get(SCHEMA_KEY).map_err(backend)? {
             None => {
@@ -70,6 +73,7 @@ impl SledStore {
             db,
             tokens,
             fingerprints,
+            by_version,
             meta,
             committer: Mutex::new(tx),
             _thread: Arc::new(thread),
@@ -91,6 +95,13 @@ fn committer(db: sled::Db, rx: mpsc::Receiver<Waiter>) {
 
 fn backend(e: sled::Error) -> StoreError {
     StoreError::Backend(e.to_string())
+}
+
+fn version_key(version: u32, token: &Token) -> Vec<u8> {
+    let mut k = Vec::with_capacity(4 + token.as_str().len());
+    k.extend_from_slice(&version.to_be_bytes());
+    k.extend_from_slice(token.as_str().as_bytes());
+    k
 }
 
 fn fp_key(tenant: &TenantId, fp: &[u8; 32]) -> Vec<u8> {
@@ -147,8 +158,7 @@ fn decode(token: &Token, bytes: &[u8]) -> Result<StoredRecord, StoreError> {
         bin: v.bin,
         last4: v.last4,
         fingerprint: v.fingerprint,
-        created_at: OffsetDateTime::from_unix_timestamp(v.created_at)
-            .map_err(|_| StoreError::Corrupt)?,
+        created_at: OffsetDateTime::from_unix_timestamp(v.created_at).map_err(|_| StoreError::Corrupt)?,
         sealed: SealedCard {
             key_version: v.key_version,
             wrapped_dek: v.wrapped_dek,
@@ -162,7 +172,8 @@ impl Store for SledStore {
         let value = encode(record)?;
         let token_key = record.token.as_str().as_bytes();
         let fpk = fp_key(&record.tenant, &record.fingerprint);
-        let result = (&self.tokens, &self.fingerprints).transaction(|(tokens, fps)| {
+        let vk = version_key(record.sealed.key_version, &record.token);
+        let result = (&self.tokens, &self.fingerprints, &self.by_version).transaction(|(tokens, fps, versions)| {
             if let Some(existing) = fps.get(&fpk)? {
                 return Err(ConflictableTransactionError::Abort(Some(existing)));
             }
@@ -171,6 +182,7 @@ impl Store for SledStore {
             }
             tokens.insert(token_key, value.as_slice())?;
             fps.insert(fpk.as_slice(), token_key)?;
+            versions.insert(vk.as_slice(), &[] as &[u8])?;
             Ok(())
         });
         match result {
@@ -187,27 +199,15 @@ impl Store for SledStore {
     }
 
     fn get(&self, tenant: &TenantId, token: &Token) -> Result<Option<StoredRecord>, StoreError> {
-        let Some(bytes) = self
-            .tokens
-            .get(token.as_str().as_bytes())
-            .map_err(backend)?
-        else {
+        let Some(bytes) = self.tokens.get(token.as_str().as_bytes()).map_err(backend)? else {
             return Ok(None);
         };
         let record = decode(token, &bytes)?;
         Ok((record.tenant == *tenant).then_some(record))
     }
 
-    fn find_fingerprint(
-        &self,
-        tenant: &TenantId,
-        fingerprint: &[u8; 32],
-    ) -> Result<Option<Token>, StoreError> {
-        match self
-            .fingerprints
-            .get(fp_key(tenant, fingerprint))
-            .map_err(backend)?
-        {
+    fn find_fingerprint(&self, tenant: &TenantId, fingerprint: &[u8; 32]) -> Result<Option<Token>, StoreError> {
+        match self.fingerprints.get(fp_key(tenant, fingerprint)).map_err(backend)? {
             None => Ok(None),
             Some(v) => {
                 let s = std::str::from_utf8(&v).map_err(|_| StoreError::Corrupt)?;
@@ -218,7 +218,7 @@ impl Store for SledStore {
 
     fn delete(&self, tenant: &TenantId, token: &Token) -> Result<bool, StoreError> {
         let token_key = token.as_str().as_bytes();
-        let result = (&self.tokens, &self.fingerprints).transaction(|(tokens, fps)| {
+        let result = (&self.tokens, &self.fingerprints, &self.by_version).transaction(|(tokens, fps, versions)| {
             let Some(bytes) = tokens.get(token_key)? else {
                 return Ok(false);
             };
@@ -228,6 +228,7 @@ impl Store for SledStore {
             }
             tokens.remove(token_key)?;
             fps.remove(fp_key(tenant, &record.fingerprint))?;
+            versions.remove(version_key(record.sealed.key_version, token))?;
             Ok(true)
         });
         match result {
@@ -239,6 +240,59 @@ impl Store for SledStore {
 
     fn count(&self) -> Result<u64, StoreError> {
         Ok(self.tokens.len() as u64)
+    }
+
+    fn count_by_version(&self) -> Result<std::collections::BTreeMap<u32, u64>, StoreError> {
+        let mut counts = std::collections::BTreeMap::new();
+        for key in self.by_version.iter().keys() {
+            let key = key.map_err(backend)?;
+            let v: [u8; 4] = key
+                .get(..4)
+                .and_then(|b| b.try_into().ok())
+                .ok_or(StoreError::Corrupt)?;
+            *counts.entry(u32::from_be_bytes(v)).or_insert(0) += 1;
+        }
+        Ok(counts)
+    }
+
+    fn records_under_version(&self, version: u32, limit: usize) -> Result<Vec<StoredRecord>, StoreError> {
+        let mut out = Vec::new();
+        for key in self.by_version.scan_prefix(version.to_be_bytes()).keys().take(limit) {
+            let key = key.map_err(backend)?;
+            let token = std::str::from_utf8(&key[4..])
+                .ok()
+                .and_then(Token::parse)
+                .ok_or(StoreError::Corrupt)?;
+            if let Some(bytes) = self.tokens.get(token.as_str().as_bytes()).map_err(backend)? {
+                out.push(decode(&token, &bytes)?);
+            }
+        }
+        Ok(out)
+    }
+
+    fn replace_sealed(&self, current: &StoredRecord, sealed: &SealedCard) -> Result<bool, StoreError> {
+        let expected = encode(current)?;
+        let next = encode(&StoredRecord {
+            sealed: sealed.clone(),
+            ..current.clone()
+        })?;
+        let token_key = current.token.as_str().as_bytes();
+        let old_vk = version_key(current.sealed.key_version, &current.token);
+        let new_vk = version_key(sealed.key_version, &current.token);
+        let result = (&self.tokens, &self.by_version).transaction(|(tokens, versions)| {
+            match tokens.get(token_key)? {
+                Some(now) if now.as_ref() == expected.as_slice() => {}
+                _ => return Ok(false),
+            }
+            tokens.insert(token_key, next.as_slice())?;
+            versions.remove(old_vk.as_slice())?;
+            versions.insert(new_vk.as_slice(), &[] as &[u8])?;
+            Ok(true)
+        });
+        result.map_err(|e: TransactionError<StoreError>| match e {
+            TransactionError::Abort(e) => e,
+            TransactionError::Storage(e) => backend(e),
+        })
     }
 
     fn commit(&self) -> Commit {

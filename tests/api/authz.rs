@@ -16,13 +16,7 @@ const ENDPOINTS: [(&str, &str, &str); 4] = [
     ("POST", "/v1/detokenize", "psp"),
 ];
 
-async fn call(
-    app: &TestApp,
-    method: &str,
-    path: &str,
-    jwt: Option<&str>,
-    token: &str,
-) -> reqwest::Response {
+async fn call(app: &TestApp, method: &str, path: &str, jwt: Option<&str>, token: &str) -> reqwest::Response {
     let url = app.url(&path.replace("{token}", token));
     let mut req = match method {
         "POST" if path == "/v1/tokens" => app
@@ -63,21 +57,16 @@ async fn every_role_on_every_endpoint() {
             }
             // No credential at all: 401 for everyone.
             let res = call(&app, method, path, None, &token).await;
-            assert_eq!(
-                res.headers()["www-authenticate"],
-                "Bearer error=\"invalid_token\""
-            );
+            assert_eq!(res.headers()["www-authenticate"], "Bearer error=\"invalid_token\"");
             assert_problem(res, 401, "unauthenticated").await;
         }
     }
     assert_eq!(
-        app.metric("tokenvault_auth_failures_total{reason=\"scope\"}")
-            .await,
+        app.metric("tokenvault_auth_failures_total{reason=\"scope\"}").await,
         12.0
     );
     assert_eq!(
-        app.metric("tokenvault_auth_failures_total{reason=\"missing\"}")
-            .await,
+        app.metric("tokenvault_auth_failures_total{reason=\"missing\"}").await,
         16.0
     );
 }
@@ -126,12 +115,7 @@ async fn jwt_attacks_are_refused() {
     let public_pem = std::fs::read(app.data_dir.join("dev/issuer-ed25519.pub.pem")).unwrap();
     let mut hs_header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
     hs_header.kid = kid.map(str::to_owned);
-    let hs256 = jsonwebtoken::encode(
-        &hs_header,
-        &good,
-        &jsonwebtoken::EncodingKey::from_secret(&public_pem),
-    )
-    .unwrap();
+    let hs256 = jsonwebtoken::encode(&hs_header, &good, &jsonwebtoken::EncodingKey::from_secret(&public_pem)).unwrap();
     let mut tampered = valid.clone().into_bytes();
     let last = tampered.len() - 5;
     tampered[last] = if tampered[last] == b'A' { b'B' } else { b'A' };
@@ -161,28 +145,12 @@ async fn jwt_attacks_are_refused() {
             app.sign(&with(json!({"aud": "someone-else"})), kid),
             "audience",
         ),
-        (
-            "wrong issuer",
-            app.sign(&with(json!({"iss": "evil"})), kid),
-            "issuer",
-        ),
-        (
-            "no audience",
-            app.sign(&with(json!({"aud": null})), kid),
-            "malformed",
-        ),
-        (
-            "no exp",
-            app.sign(&with(json!({"exp": null})), kid),
-            "malformed",
-        ),
+        ("wrong issuer", app.sign(&with(json!({"iss": "evil"})), kid), "issuer"),
+        ("no audience", app.sign(&with(json!({"aud": null})), kid), "malformed"),
+        ("no exp", app.sign(&with(json!({"exp": null})), kid), "malformed"),
         ("alg none", alg_none, "malformed"),
         ("HS256", hs256, "algorithm"),
-        (
-            "unknown kid",
-            app.sign(&good, Some("other-key")),
-            "unknown_kid",
-        ),
+        ("unknown kid", app.sign(&good, Some("other-key")), "unknown_kid"),
         ("no kid", app.sign(&good, None), "unknown_kid"),
         ("tampered signature", tampered, "signature"),
         ("swapped claims", escalated, "signature"),
@@ -190,17 +158,13 @@ async fn jwt_attacks_are_refused() {
     ];
     for (name, jwt, reason) in &unauthenticated {
         let before = app
-            .metric(&format!(
-                "tokenvault_auth_failures_total{{reason=\"{reason}\"}}"
-            ))
+            .metric(&format!("tokenvault_auth_failures_total{{reason=\"{reason}\"}}"))
             .await;
         let res = call(&app, "POST", "/v1/detokenize", Some(jwt), &token).await;
         let p = assert_problem(res, 401, "unauthenticated").await;
         assert!(!p.to_string().contains("378282246310005"), "{name}");
         let after = app
-            .metric(&format!(
-                "tokenvault_auth_failures_total{{reason=\"{reason}\"}}"
-            ))
+            .metric(&format!("tokenvault_auth_failures_total{{reason=\"{reason}\"}}"))
             .await;
         assert_eq!(after, before + 1.0, "{name} counted as {reason}");
     }
@@ -217,32 +181,17 @@ async fn jwt_attacks_are_refused() {
 
     // Verifies, but the registry says no: 403.
     let forbidden = [
-        (
-            "unregistered client",
-            with(json!({"sub": "intruder"})),
-            "client",
-        ),
+        ("unregistered client", with(json!({"sub": "intruder"})), "client"),
         (
             "scope the registry does not grant",
             with(json!({"sub": "dev-edge", "scope": "tokens:detokenize"})),
             "scope",
         ),
         ("no tenant claim", with(json!({"tenant": null})), "tenant"),
-        (
-            "malformed tenant",
-            with(json!({"tenant": "../other"})),
-            "tenant",
-        ),
+        ("malformed tenant", with(json!({"tenant": "../other"})), "tenant"),
     ];
     for (name, claims, reason) in forbidden {
-        let res = call(
-            &app,
-            "POST",
-            "/v1/detokenize",
-            Some(&app.sign(&claims, kid)),
-            &token,
-        )
-        .await;
+        let res = call(&app, "POST", "/v1/detokenize", Some(&app.sign(&claims, kid)), &token).await;
         let p = assert_problem(res, 403, "forbidden").await;
         assert_eq!(
             p["detail"].as_str().unwrap().split(' ').next_back(),

@@ -47,16 +47,36 @@ fn write_prod_config(dir: &std::path::Path, body: &str) -> std::path::PathBuf {
     p
 }
 
-/// Copies a dev vault's keystore, root key and issuer public key into a fresh
-/// production layout (a stand-in for the key ceremony, which arrives with `keys init`).
-fn prod_layout(dev: &TestApp, dir: &std::path::Path) -> String {
-    for (from, to) in [
-        ("keys/keystore.json", "keystore.json"),
-        ("keys/dev-root.key", "root.key"),
-        ("dev/issuer-ed25519.pub.pem", "issuer.pub.pem"),
-    ] {
-        std::fs::copy(dev.data_dir.join(from), dir.join(to)).unwrap();
-    }
+/// A production layout: the dev issuer's public key (as the IdP key), and a
+/// keystore from a real key ceremony (`keys init`, 2-of-3 custodian shares).
+pub fn prod_layout(dev: &TestApp, dir: &std::path::Path) -> String {
+    std::fs::copy(
+        dev.data_dir.join("dev/issuer-ed25519.pub.pem"),
+        dir.join("issuer.pub.pem"),
+    )
+    .unwrap();
+    let keystore = dir.join("keystore.json");
+    let shares = dir.join("shares");
+    let (code, out, err) = run_cli(
+        &[
+            "keys",
+            "init",
+            "--shares",
+            "3",
+            "--threshold",
+            "2",
+            "--keystore",
+            keystore.to_str().unwrap(),
+            "--share-dir",
+            shares.to_str().unwrap(),
+            "--officer",
+            "ceremony-officer",
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("2 of 3 shares unseal it"), "{out}");
+    assert!(!out.contains("tvs1."), "with --share-dir the shares are never printed");
     let d = dir.display();
     format!(
         r#"
@@ -82,10 +102,38 @@ sub = "dev-crm"
 scopes = ["tokens:read"]
 tenants = ["acme"]
 
+[[clients]]
+sub = "dev-officer"
+scopes = ["keys:admin"]
+tenants = ["acme"]
+
 [keystore]
 path = "{d}/keystore.json"
-root_key_file = "{d}/root.key"
+provider = "sealed"
 "#
+    )
+}
+
+/// Submits custodian share `i` (1-based) with the real `tokenvault unseal`.
+pub fn unseal_with(
+    prod: &TestApp,
+    dev: &TestApp,
+    dir: &std::path::Path,
+    share: &std::path::Path,
+) -> (i32, String, String) {
+    let token = dir.join("officer.jwt");
+    std::fs::write(&token, dev.jwt("officer", "acme")).unwrap();
+    run_cli(
+        &[
+            "unseal",
+            "--url",
+            &prod.base,
+            "--token-file",
+            token.to_str().unwrap(),
+            "--share-file",
+            share.to_str().unwrap(),
+        ],
+        &[],
     )
 }
 
@@ -112,17 +160,10 @@ async fn production_mode_requires_explicit_config_and_enforces_the_registry() {
             Some(cut("issuer = \"tokenvault-dev\"", "issuer = \"\"")),
             "issuer",
         ),
-        (
-            "no audience",
-            Some(cut("audience = \"tokenvault\"", "")),
-            "audience",
-        ),
+        ("no audience", Some(cut("audience = \"tokenvault\"", "")), "audience"),
         (
             "no clients",
-            Some(
-                full.split("[[clients]]").next().unwrap().to_owned()
-                    + &full[full.find("[keystore]").unwrap()..],
-            ),
+            Some(full.split("[[clients]]").next().unwrap().to_owned() + &full[full.find("[keystore]").unwrap()..]),
             "clients",
         ),
         (
@@ -170,16 +211,19 @@ async fn production_mode_requires_explicit_config_and_enforces_the_registry() {
 
     // The complete config starts, logs JSON, and the registry's tenant list binds.
     let path = write_prod_config(dir.path(), &full);
-    let prod = TestApp::start(
-        &["serve", "--config", path.to_str().unwrap()],
-        dir.path().join("data"),
-    );
+    let prod = TestApp::start(&["serve", "--config", path.to_str().unwrap()], dir.path().join("data"));
     assert!(
         prod.logs()
             .lines()
             .any(|l| l.starts_with('{') && l.contains("\"level\"")),
         "JSON logs in production"
     );
+    // It starts sealed; two of the three custodians unseal it.
+    for share in [1, 3] {
+        let share = dir.path().join(format!("shares/share-{share}.txt"));
+        let (code, _, err) = unseal_with(&prod, &dev, dir.path(), &share);
+        assert_eq!(code, 0, "{err}");
+    }
     let edge = dev.jwt("edge", "acme");
     let body = serde_json::json!({"pan": "4111111111111111", "exp_month": 12, "exp_year": 2031});
     prod.watch("4111111111111111");

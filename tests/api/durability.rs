@@ -21,26 +21,22 @@ async fn acknowledged_tokens_survive_sigkill() {
     let mut acked: Vec<(String, String)> = Vec::new();
     for round in 0..3u64 {
         let edge = app.jwt("edge", "default");
-        let burst: Vec<(String, String)> =
-            futures_util::stream::iter(round * per_round..(round + 1) * per_round)
-                .map(|i| {
-                    let pan = pan_for(i);
-                    let body = serde_json::json!({"pan": pan, "exp_month": 12, "exp_year": 2031});
-                    let app = &app;
-                    let edge = &edge;
-                    async move {
-                        let res = app.tokenize_as(edge, body).await;
-                        assert_eq!(res.status(), 201);
-                        let token = res.json::<Value>().await.unwrap()["token"]
-                            .as_str()
-                            .unwrap()
-                            .to_owned();
-                        (token, pan)
-                    }
-                })
-                .buffer_unordered(64)
-                .collect()
-                .await;
+        let burst: Vec<(String, String)> = futures_util::stream::iter(round * per_round..(round + 1) * per_round)
+            .map(|i| {
+                let pan = pan_for(i);
+                let body = serde_json::json!({"pan": pan, "exp_month": 12, "exp_year": 2031});
+                let app = &app;
+                let edge = &edge;
+                async move {
+                    let res = app.tokenize_as(edge, body).await;
+                    assert_eq!(res.status(), 201);
+                    let token = res.json::<Value>().await.unwrap()["token"].as_str().unwrap().to_owned();
+                    (token, pan)
+                }
+            })
+            .buffer_unordered(64)
+            .collect()
+            .await;
         app.kill();
         acked.extend(burst);
         drop(app);
@@ -61,21 +57,13 @@ async fn acknowledged_tokens_survive_sigkill() {
             lost.len(),
             acked.len()
         );
-        assert_eq!(
-            app.metric("tokenvault_tokens_stored").await,
-            acked.len() as f64
-        );
+        assert_eq!(app.metric("tokenvault_tokens_stored").await, acked.len() as f64);
     }
     drop(app);
     drop(keep);
 }
 
-fn scan(
-    dir: &Path,
-    needles: &BTreeMap<String, Vec<u8>>,
-    hits: &mut Vec<String>,
-    bytes_scanned: &mut usize,
-) {
+fn scan(dir: &Path, needles: &BTreeMap<String, Vec<u8>>, hits: &mut Vec<String>, bytes_scanned: &mut usize) {
     for entry in std::fs::read_dir(dir).unwrap() {
         let path = entry.unwrap().path();
         if path.is_dir() {
@@ -99,7 +87,8 @@ async fn data_dir_never_holds_a_pan_in_clear() {
     pans.extend((0..50).map(|i| pan_for(10_000 + i)));
     let edge = app.jwt("edge", "default");
     for pan in &pans {
-        let body = serde_json::json!({"pan": pan, "exp_month": 12, "exp_year": 2031, "cardholder_name": "Zebulon Quixote"});
+        let body =
+            serde_json::json!({"pan": pan, "exp_month": 12, "exp_year": 2031, "cardholder_name": "Zebulon Quixote"});
         assert_eq!(app.tokenize_as(&edge, body).await.status(), 201);
     }
     let mut needles = BTreeMap::new();
@@ -132,19 +121,9 @@ async fn data_dir_never_holds_a_pan_in_clear() {
     }
 
     // Key material and the data directory are private to the vault's user.
-    let mode = |p: &str| {
-        std::fs::metadata(app.data_dir.join(p))
-            .unwrap()
-            .permissions()
-            .mode()
-            & 0o777
-    };
+    let mode = |p: &str| std::fs::metadata(app.data_dir.join(p)).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(""), 0o700);
-    for f in [
-        "keys/dev-root.key",
-        "keys/keystore.json",
-        "dev/issuer-ed25519.pem",
-    ] {
+    for f in ["keys/dev-root.key", "keys/keystore.json", "dev/issuer-ed25519.pem"] {
         assert_eq!(mode(f), 0o600, "{f}");
     }
 }

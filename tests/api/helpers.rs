@@ -42,10 +42,7 @@ pub fn luhn_valid(s: &str) -> bool {
 
 /// Appends the Luhn check digit to `body`.
 pub fn with_check_digit(body: &str) -> String {
-    (0..10)
-        .map(|d| format!("{body}{d}"))
-        .find(|c| luhn_valid(c))
-        .unwrap()
+    (0..10).map(|d| format!("{body}{d}")).find(|c| luhn_valid(c)).unwrap()
 }
 
 /// A distinct, valid 16-digit Visa-range PAN for index `i` (unknown to any network).
@@ -54,10 +51,7 @@ pub fn pan_for(i: u64) -> String {
 }
 
 pub fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
 }
 
 pub struct TestApp {
@@ -77,10 +71,7 @@ impl TestApp {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("data");
         let dir_arg = dir.to_str().unwrap().to_owned();
-        let mut app = TestApp::start(
-            &["serve", "--listen", "127.0.0.1:0", "--data-dir", &dir_arg],
-            dir,
-        );
+        let mut app = TestApp::start(&["serve", "--listen", "127.0.0.1:0", "--data-dir", &dir_arg], dir);
         app._tmp = Some(tmp);
         app
     }
@@ -88,13 +79,7 @@ impl TestApp {
     /// A dev-mode vault on an existing data directory (a restart).
     pub fn restart_on(dir: &Path) -> TestApp {
         TestApp::start(
-            &[
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--data-dir",
-                dir.to_str().unwrap(),
-            ],
+            &["serve", "--listen", "127.0.0.1:0", "--data-dir", dir.to_str().unwrap()],
             dir.to_owned(),
         )
     }
@@ -177,12 +162,7 @@ impl TestApp {
     pub fn sign(&self, claims: &Value, kid: Option<&str>) -> String {
         let mut header = Header::new(Algorithm::EdDSA);
         header.kid = kid.map(str::to_owned);
-        jsonwebtoken::encode(
-            &header,
-            claims,
-            self.signing.as_ref().expect("dev issuer key"),
-        )
-        .unwrap()
+        jsonwebtoken::encode(&header, claims, self.signing.as_ref().expect("dev issuer key")).unwrap()
     }
 
     /// Standard claims for a dev role.
@@ -192,6 +172,7 @@ impl TestApp {
             "crm" => ("dev-crm", "tokens:read tokens:delete"),
             "psp" => ("dev-psp", "tokens:detokenize"),
             "officer" => ("dev-officer", "keys:admin"),
+            "officer2" => ("dev-officer-2", "keys:admin"),
             other => panic!("unknown role {other}"),
         };
         let n = now();
@@ -219,20 +200,27 @@ impl TestApp {
             ])
             .output()
             .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8(out.stdout).unwrap().trim().to_owned()
     }
 
+    /// Writes a JWT for `role`/`tenant` to a file (for the CLI's --token-file).
+    pub fn token_file(&self, role: &str, tenant: &str) -> PathBuf {
+        let path = self.data_dir.with_file_name(format!("{role}-{tenant}.jwt"));
+        std::fs::write(&path, self.jwt(role, tenant)).unwrap();
+        path
+    }
+
+    /// Runs `tokenvault keys <args>` against this server as `role`; returns (exit code, stdout, stderr).
+    pub fn keys_cli(&self, role: &str, args: &[&str]) -> (i32, String, String) {
+        let token = self.token_file(role, "default");
+        let mut full = vec!["keys", "--url", &self.base, "--token-file", token.to_str().unwrap()];
+        full.extend_from_slice(args);
+        run_cli(&full, &[])
+    }
+
     pub async fn tokenize_as(&self, jwt: &str, body: Value) -> reqwest::Response {
-        if let Some(pan) = body
-            .get("pan")
-            .and_then(Value::as_str)
-            .filter(|p| p.len() >= 12)
-        {
+        if let Some(pan) = body.get("pan").and_then(Value::as_str).filter(|p| p.len() >= 12) {
             self.watch(pan);
         }
         self.client
@@ -295,10 +283,7 @@ impl TestApp {
             .await
             .unwrap();
         text.lines()
-            .find_map(|l| {
-                l.strip_prefix(series)
-                    .and_then(|rest| rest.strip_prefix(' '))
-            })
+            .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
             .map(|v| v.trim().parse().unwrap())
             .unwrap_or(0.0)
     }
@@ -319,16 +304,18 @@ impl TestApp {
     /// Scans the captured logs for every watched PAN and the suite's test PANs.
     pub fn assert_logs_clean(&self) {
         let logs = self.logs();
+        // Every digit string of PAN length found anywhere in the logs, in one pass.
+        let mut seen = std::collections::HashSet::new();
+        for run in logs.split(|c: char| !c.is_ascii_digit()).filter(|r| r.len() >= 12) {
+            for len in 12..=run.len().min(19) {
+                for start in 0..=run.len() - len {
+                    seen.insert(&run[start..start + len]);
+                }
+            }
+        }
         let watched = self.pans.lock().unwrap().clone();
-        for pan in watched
-            .iter()
-            .map(String::as_str)
-            .chain(TEST_PANS.iter().copied())
-        {
-            assert!(
-                !logs.contains(pan),
-                "test PAN {pan} appeared in the server logs"
-            );
+        for pan in watched.iter().map(String::as_str).chain(TEST_PANS.iter().copied()) {
+            assert!(!seen.contains(pan), "test PAN {pan} appeared in the server logs");
         }
     }
 }
@@ -344,30 +331,32 @@ impl Drop for TestApp {
     }
 }
 
+/// Runs the CLI; returns (exit code, stdout, stderr).
+pub fn run_cli(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .env_remove("TOKENVAULT_URL")
+        .env_remove("TOKENVAULT_TOKEN_FILE")
+        .env_remove("TOKENVAULT_DATA_DIR")
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// Asserts an RFC 9457 problem response with the given status and code; returns it.
 pub async fn assert_problem(res: reqwest::Response, status: u16, code: &str) -> Value {
     assert_eq!(res.status().as_u16(), status, "status for expected {code}");
-    let ct = res
-        .headers()
-        .get("content-type")
-        .unwrap()
-        .to_str()
-        .unwrap()
-        .to_owned();
+    let ct = res.headers().get("content-type").unwrap().to_str().unwrap().to_owned();
     assert_eq!(ct, "application/problem+json");
-    let header_id = res
-        .headers()
-        .get("x-request-id")
-        .unwrap()
-        .to_str()
-        .unwrap()
-        .to_owned();
+    let header_id = res.headers().get("x-request-id").unwrap().to_str().unwrap().to_owned();
     let body: Value = res.json().await.unwrap();
-    assert_eq!(
-        body["type"],
-        format!("urn:tokenvault:problem:{code}"),
-        "{body}"
-    );
+    assert_eq!(body["type"], format!("urn:tokenvault:problem:{code}"), "{body}");
     assert_eq!(body["status"], status);
     assert!(body["title"].as_str().is_some_and(|t| !t.is_empty()));
     assert_eq!(

@@ -4,9 +4,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod authz;
-mod cli;
+pub mod cli;
 mod durability;
 mod helpers;
+mod hsm;
+mod keys;
 mod openapi;
 mod readme;
 mod tokens;

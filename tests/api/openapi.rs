@@ -8,19 +8,13 @@ use serde_json::Value;
 use crate::helpers::*;
 
 fn spec() -> Value {
-    let text =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/openapi.yaml")).unwrap();
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/openapi.yaml")).unwrap();
     serde_yaml_ng::from_str(&text).unwrap()
 }
 
 fn schema_fields(spec: &Value, name: &str) -> (BTreeSet<String>, BTreeSet<String>) {
     let s = &spec["components"]["schemas"][name];
-    let props = s["properties"]
-        .as_object()
-        .unwrap()
-        .keys()
-        .cloned()
-        .collect();
+    let props = s["properties"].as_object().unwrap().keys().cloned().collect();
     let required = s["required"]
         .as_array()
         .unwrap()
@@ -53,6 +47,7 @@ fn routes_and_scopes_match_the_server() {
                 ("get", "/v1/tokens/{token}") => &["tokens:read"],
                 ("delete", "/v1/tokens/{token}") => &["tokens:delete"],
                 ("post", "/v1/detokenize") => &["tokens:detokenize"],
+                (_, p) if p.starts_with("/v1/admin/") => &["keys:admin"],
                 _ => &[],
             };
             assert_eq!(scopes, expected, "{method} {path}");
@@ -68,18 +63,17 @@ fn routes_and_scopes_match_the_server() {
 #[test]
 fn problem_codes_match_the_server() {
     let spec = spec();
-    let documented: BTreeSet<String> =
-        spec["components"]["schemas"]["Problem"]["properties"]["type"]["enum"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| {
-                v.as_str()
-                    .unwrap()
-                    .trim_start_matches(tokenvault::api::problem::TYPE_PREFIX)
-                    .to_owned()
-            })
-            .collect();
+    let documented: BTreeSet<String> = spec["components"]["schemas"]["Problem"]["properties"]["type"]["enum"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| {
+            v.as_str()
+                .unwrap()
+                .trim_start_matches(tokenvault::api::problem::TYPE_PREFIX)
+                .to_owned()
+        })
+        .collect();
     let served: BTreeSet<String> = tokenvault::api::problem::PROBLEM_CODES
         .iter()
         .map(|s| s.to_string())
@@ -93,13 +87,7 @@ async fn live_responses_have_exactly_the_documented_fields() {
     let app = TestApp::spawn().await;
     let (status, meta) = app.tokenize("default", "4111111111111111", None).await;
     assert_eq!(status, 201);
-    let keys = |v: &Value| {
-        v.as_object()
-            .unwrap()
-            .keys()
-            .cloned()
-            .collect::<BTreeSet<_>>()
-    };
+    let keys = |v: &Value| v.as_object().unwrap().keys().cloned().collect::<BTreeSet<_>>();
     let (props, required) = schema_fields(&spec, "TokenMetadata");
     assert_eq!(keys(&meta), props);
     assert_eq!(required, props);
@@ -117,12 +105,11 @@ async fn live_responses_have_exactly_the_documented_fields() {
     let (pprops, prequired) = schema_fields(&spec, "Problem");
     assert!(prequired.is_subset(&keys(&problem)));
     assert!(keys(&problem).is_subset(&pprops));
-    let brands: BTreeSet<&str> =
-        spec["components"]["schemas"]["TokenMetadata"]["properties"]["brand"]["enum"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_str().unwrap())
-            .collect();
+    let brands: BTreeSet<&str> = spec["components"]["schemas"]["TokenMetadata"]["properties"]["brand"]["enum"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
     assert!(brands.contains(meta["brand"].as_str().unwrap()));
 }

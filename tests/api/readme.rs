@@ -7,8 +7,7 @@ use crate::helpers::*;
 
 #[tokio::test]
 async fn readme_walkthrough_works_as_written() {
-    let readme =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
     let start = readme.find("<!-- walkthrough:start -->").unwrap();
     let end = readme.find("<!-- walkthrough:end -->").unwrap();
     let block = &readme[start..end];
@@ -45,17 +44,16 @@ async fn readme_walkthrough_works_as_written() {
     );
 
     assert!(stdout.contains("HTTP/1.1 201 Created"), "{stdout}");
-    let token_line = stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("token: "))
-        .unwrap();
+    let token_line = stdout.lines().find_map(|l| l.strip_prefix("token: ")).unwrap();
     assert_eq!(token_line.len(), 16);
     assert!(token_line.starts_with("411111") && token_line.ends_with("1111"));
     assert!(stdout.contains(&format!(
         "{{\"token\":\"{token_line}\",\"format\":\"bin6_last4\",\"brand\":\"visa\""
     )));
     assert!(stdout.contains("\"type\":\"urn:tokenvault:problem:forbidden\""));
-    assert!(stdout.contains("\"pan\":\"4111111111111111\",\"exp_month\":12,\"exp_year\":2030,\"cardholder_name\":\"Ada Lovelace\""));
+    assert!(stdout.contains(
+        "\"pan\":\"4111111111111111\",\"exp_month\":12,\"exp_year\":2030,\"cardholder_name\":\"Ada Lovelace\""
+    ));
     let tail: Vec<&str> = stdout.lines().rev().take(3).collect();
     assert_eq!(tail[0], "404");
     assert!(tail[1].contains("urn:tokenvault:problem:not-found"));

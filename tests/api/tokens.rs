@@ -103,26 +103,10 @@ async fn walkthrough_tokenize_read_detokenize_delete() {
     assert_eq!(status, 201, "after delete the same card is new again");
     assert_eq!(fresh["fingerprint"], created["fingerprint"]);
 
-    assert_eq!(
-        app.metric("tokenvault_tokenize_total{outcome=\"created\"}")
-            .await,
-        2.0
-    );
-    assert_eq!(
-        app.metric("tokenvault_tokenize_total{outcome=\"existing\"}")
-            .await,
-        1.0
-    );
-    assert_eq!(
-        app.metric("tokenvault_detokenize_total{outcome=\"ok\"}")
-            .await,
-        1.0
-    );
-    assert_eq!(
-        app.metric("tokenvault_delete_total{outcome=\"deleted\"}")
-            .await,
-        1.0
-    );
+    assert_eq!(app.metric("tokenvault_tokenize_total{outcome=\"created\"}").await, 2.0);
+    assert_eq!(app.metric("tokenvault_tokenize_total{outcome=\"existing\"}").await, 1.0);
+    assert_eq!(app.metric("tokenvault_detokenize_total{outcome=\"ok\"}").await, 1.0);
+    assert_eq!(app.metric("tokenvault_delete_total{outcome=\"deleted\"}").await, 1.0);
     assert_eq!(app.metric("tokenvault_tokens_stored").await, 1.0);
     // Route labels are patterns, never raw paths holding a token.
     let metrics = app
@@ -179,25 +163,16 @@ async fn token_formats_for_every_length_and_brand() {
             lengths.insert(pan.len());
         }
     }
-    assert_eq!(
-        lengths.into_iter().collect::<Vec<_>>(),
-        (12..=19).collect::<Vec<_>>()
-    );
+    assert_eq!(lengths.into_iter().collect::<Vec<_>>(), (12..=19).collect::<Vec<_>>());
 
-    let (status, body) = app
-        .tokenize("fmt-opaque", "5555555555554444", Some("opaque"))
-        .await;
+    let (status, body) = app.tokenize("fmt-opaque", "5555555555554444", Some("opaque")).await;
     assert_eq!(status, 201);
     let token = body["token"].as_str().unwrap();
     assert!(token.starts_with("tok_") && token.len() == 26, "{token}");
     assert_eq!(body["format"], "opaque");
     assert_eq!(body["last4"], "4444");
     assert_eq!(
-        app.detokenize("fmt-opaque", token)
-            .await
-            .json::<Value>()
-            .await
-            .unwrap()["pan"],
+        app.detokenize("fmt-opaque", token).await.json::<Value>().await.unwrap()["pan"],
         "5555555555554444"
     );
 }
@@ -206,9 +181,7 @@ async fn token_formats_for_every_length_and_brand() {
 async fn dedupe_within_a_tenant_and_isolation_across_tenants() {
     let app = TestApp::spawn().await;
     let (s1, a) = app.tokenize("merchant-a", "5555555555554444", None).await;
-    let (s2, a2) = app
-        .tokenize("merchant-a", "5555555555554444", Some("opaque"))
-        .await;
+    let (s2, a2) = app.tokenize("merchant-a", "5555555555554444", Some("opaque")).await;
     let (s3, b) = app.tokenize("merchant-b", "5555555555554444", None).await;
     assert_eq!((s1, s2, s3), (201, 200, 201));
     assert_eq!(
@@ -216,20 +189,12 @@ async fn dedupe_within_a_tenant_and_isolation_across_tenants() {
         "dedupe returns the existing token whatever format is asked"
     );
     assert_ne!(b["token"], a["token"], "another tenant gets its own token");
-    assert_ne!(
-        b["fingerprint"], a["fingerprint"],
-        "fingerprints are keyed per tenant"
-    );
+    assert_ne!(b["fingerprint"], a["fingerprint"], "fingerprints are keyed per tenant");
 
     // Another tenant's token does not exist for you: 404 on every operation.
     let a_token = a["token"].as_str().unwrap();
     assert_problem(app.read("merchant-b", a_token).await, 404, "not-found").await;
-    assert_problem(
-        app.detokenize("merchant-b", a_token).await,
-        404,
-        "not-found",
-    )
-    .await;
+    assert_problem(app.detokenize("merchant-b", a_token).await, 404, "not-found").await;
     assert_problem(app.delete("merchant-b", a_token).await, 404, "not-found").await;
     assert_eq!(
         app.read("merchant-a", a_token).await.status(),
@@ -244,10 +209,7 @@ async fn concurrent_dedupe_yields_one_token() {
     let app = TestApp::spawn().await;
     let futs = (0..16).map(|_| app.tokenize("default", "6011111111111117", None));
     let results = futures_util::future::join_all(futs).await;
-    let tokens: std::collections::BTreeSet<_> = results
-        .iter()
-        .map(|(_, b)| b["token"].to_string())
-        .collect();
+    let tokens: std::collections::BTreeSet<_> = results.iter().map(|(_, b)| b["token"].to_string()).collect();
     assert_eq!(tokens.len(), 1, "{results:?}");
     assert_eq!(results.iter().filter(|(s, _)| *s == 201).count(), 1);
     assert_eq!(app.metric("tokenvault_tokens_stored").await, 1.0);
@@ -322,10 +284,7 @@ async fn invalid_cards_are_rejected_and_change_nothing() {
     for (body, code) in cases {
         let problem = assert_problem(app.tokenize_as(&edge, body.clone()).await, 422, code).await;
         let text = problem.to_string();
-        assert!(
-            !text.contains("4111"),
-            "problem must not echo the input: {text}"
-        );
+        assert!(!text.contains("4111"), "problem must not echo the input: {text}");
     }
     // Malformed JSON, wrong types, unknown or missing fields: 400, input never echoed.
     for raw in [
@@ -369,11 +328,11 @@ async fn invalid_cards_are_rejected_and_change_nothing() {
         .await
         .unwrap();
     assert_problem(res, 415, "unsupported-media-type").await;
-    let big = json!({"pan": "4111111111111111", "exp_month": 12, "exp_year": 2030, "cardholder_name": "x".repeat(20_000)});
+    let big =
+        json!({"pan": "4111111111111111", "exp_month": 12, "exp_year": 2030, "cardholder_name": "x".repeat(20_000)});
     assert_problem(app.tokenize_as(&edge, big).await, 413, "payload-too-large").await;
-    let stream = futures_util::stream::iter(
-        (0..40).map(|_| Ok::<_, std::io::Error>(bytes::Bytes::from(vec![b' '; 1024]))),
-    );
+    let stream =
+        futures_util::stream::iter((0..40).map(|_| Ok::<_, std::io::Error>(bytes::Bytes::from(vec![b' '; 1024]))));
     let res = app
         .client
         .post(app.url("/v1/tokens"))
@@ -387,41 +346,18 @@ async fn invalid_cards_are_rejected_and_change_nothing() {
 
     // Nothing was stored.
     assert_eq!(app.metric("tokenvault_tokens_stored").await, 0.0);
-    assert_eq!(
-        app.metric("tokenvault_tokenize_total{outcome=\"created\"}")
-            .await,
-        0.0
-    );
-    assert!(
-        app.metric("tokenvault_tokenize_total{outcome=\"rejected\"}")
-            .await
-            >= 15.0
-    );
+    assert_eq!(app.metric("tokenvault_tokenize_total{outcome=\"created\"}").await, 0.0);
+    assert!(app.metric("tokenvault_tokenize_total{outcome=\"rejected\"}").await >= 15.0);
 }
 
 #[tokio::test]
 async fn token_lookups_reject_non_tokens_and_unknown_routes() {
     let app = TestApp::spawn().await;
     // A Luhn-valid number is never a token: 404 without a lookup.
-    assert_problem(
-        app.read("default", "4111111111111111").await,
-        404,
-        "not-found",
-    )
-    .await;
-    assert_problem(
-        app.read("default", "4111110000001112").await,
-        404,
-        "not-found",
-    )
-    .await;
+    assert_problem(app.read("default", "4111111111111111").await, 404, "not-found").await;
+    assert_problem(app.read("default", "4111110000001112").await, 404, "not-found").await;
     assert_problem(app.read("default", "tok_nope").await, 404, "not-found").await;
-    assert_problem(
-        app.detokenize("default", "4111111111111111").await,
-        404,
-        "not-found",
-    )
-    .await;
+    assert_problem(app.detokenize("default", "4111111111111111").await, 404, "not-found").await;
     let res = app.client.get(app.url("/v1/nothing")).send().await.unwrap();
     assert_problem(res, 404, "not-found").await;
     let res = app
@@ -432,12 +368,7 @@ async fn token_lookups_reject_non_tokens_and_unknown_routes() {
         .await
         .unwrap();
     assert_problem(res, 405, "method-not-allowed").await;
-    let res = app
-        .client
-        .get(app.url("/v1/detokenize"))
-        .send()
-        .await
-        .unwrap();
+    let res = app.client.get(app.url("/v1/detokenize")).send().await.unwrap();
     assert_problem(res, 405, "method-not-allowed").await;
     // A caller-supplied request id is echoed when well-formed, replaced otherwise.
     let res = app

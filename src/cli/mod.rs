@@ -1,5 +1,7 @@
 //! The `tokenvault` command line.
 
+mod keys;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -28,6 +30,15 @@ struct Cli {
 enum Command {
     /// Run the vault. Without --config: zero-config dev mode (loopback HTTP, generated keys).
     Serve(ServeArgs),
+    /// Key management for security officers (online through the admin API, or --offline).
+    Keys {
+        #[command(flatten)]
+        conn: keys::Conn,
+        #[command(subcommand)]
+        command: keys::KeysCommand,
+    },
+    /// Submit one custodian share to a sealed vault (read from a file, a hidden prompt or stdin; never argv).
+    Unseal(keys::UnsealArgs),
     /// Dev-mode helpers (refuse to work on a production data directory).
     Dev {
         #[command(subcommand)]
@@ -46,6 +57,9 @@ struct ServeArgs {
     /// Data directory [dev default: ./data].
     #[arg(long, env = "TOKENVAULT_DATA_DIR", value_name = "DIR")]
     data_dir: Option<PathBuf>,
+    /// KEK cryptoperiod, e.g. 90d: the active KEK rotates automatically when older.
+    #[arg(long, env = "TOKENVAULT_CRYPTOPERIOD", value_name = "DURATION")]
+    cryptoperiod: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -53,7 +67,7 @@ enum DevCommand {
     /// Print a JWT for a dev client, signed by the data directory's dev issuer key.
     Token {
         /// Which dev client: edge (tokens:create), crm (tokens:read tokens:delete),
-        /// psp (tokens:detokenize), officer (keys:admin).
+        /// psp (tokens:detokenize), officer and officer2 (keys:admin; two officers for dual control).
         #[arg(long, value_enum)]
         role: Role,
         /// Tenant claim.
@@ -63,12 +77,7 @@ enum DevCommand {
         #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
         ttl: Duration,
         /// Data directory of the dev vault.
-        #[arg(
-            long,
-            env = "TOKENVAULT_DATA_DIR",
-            default_value = "./data",
-            value_name = "DIR"
-        )]
+        #[arg(long, env = "TOKENVAULT_DATA_DIR", default_value = "./data", value_name = "DIR")]
         data_dir: PathBuf,
     },
 }
@@ -78,6 +87,8 @@ pub fn run() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => serve(args),
+        Command::Keys { conn, command } => keys::run_keys(conn, command),
+        Command::Unseal(args) => keys::run_unseal(args),
         Command::Dev {
             command:
                 DevCommand::Token {
@@ -111,9 +122,7 @@ fn serve(args: ServeArgs) -> ExitCode {
             s
         }),
         None => {
-            let listen = args
-                .listen
-                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080)));
+            let listen = args.listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080)));
             let data_dir = args.data_dir.unwrap_or_else(|| PathBuf::from("./data"));
             if !listen.ip().is_loopback() {
                 eprintln!(
@@ -133,6 +142,12 @@ fn serve(args: ServeArgs) -> ExitCode {
             }
         }
     };
+    let settings = settings.map(|mut s| {
+        if let Some(p) = args.cryptoperiod.clone() {
+            s.keystore.cryptoperiod = Some(p);
+        }
+        s
+    });
     let settings = match settings.and_then(|s| s.validate().map(|_| s)) {
         Ok(s) => s,
         Err(e) => {
@@ -163,11 +178,7 @@ fn serve(args: ServeArgs) -> ExitCode {
 
 fn print_dev_banner(settings: &Settings, created: &[PathBuf]) {
     let mark = |p: &PathBuf| {
-        if created.contains(p) {
-            " (generated now)"
-        } else {
-            ""
-        }
+        if created.contains(p) { " (generated now)" } else { "" }
     };
     let paths = dev::DevPaths::new(&settings.data_dir);
     let line = "=".repeat(78);
@@ -202,4 +213,15 @@ fn print_dev_banner(settings: &Settings, created: &[PathBuf]) {
         settings.data_dir.display()
     );
     eprintln!("{line}");
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// clap's own consistency checks (unique flags, valid defaults) for every subcommand.
+    #[test]
+    fn cli_definition_is_consistent() {
+        super::Cli::command().debug_assert();
+    }
 }

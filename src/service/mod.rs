@@ -4,6 +4,8 @@
 //! (insert-if-absent, group commit). Blocking work (crypto, sled) runs on the
 //! blocking pool; a created or deleted record is durable before the call returns.
 
+mod keyadmin;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 
@@ -12,7 +14,9 @@ use time::OffsetDateTime;
 use crate::domain::card::{Brand, CardPayload};
 use crate::domain::tenant::TenantId;
 use crate::domain::token::{Token, TokenFormat, candidates};
-use crate::keys::{KeyError, Keyring};
+use crate::keys::KeyError;
+use crate::keys::keystore::KeystoreError;
+use crate::keys::manager::{KeyManager, Sealed};
 use crate::store::{InsertOutcome, Store, StoreError, StoredRecord};
 
 /// Why a vault operation failed. Variants carry no card data.
@@ -32,6 +36,27 @@ pub enum VaultError {
     Store(#[from] StoreError),
     #[error("background task failed")]
     Task,
+    #[error("the vault is sealed")]
+    Sealed,
+    #[error("key operation refused: {0}")]
+    KeyRefused(String),
+    #[error("keystore error: {0}")]
+    Keystore(String),
+}
+
+impl From<Sealed> for VaultError {
+    fn from(_: Sealed) -> Self {
+        VaultError::Sealed
+    }
+}
+
+impl From<KeystoreError> for VaultError {
+    fn from(e: KeystoreError) -> Self {
+        match e {
+            KeystoreError::Refused(m) => VaultError::KeyRefused(m),
+            other => VaultError::Keystore(other.to_string()),
+        }
+    }
 }
 
 impl From<KeyError> for VaultError {
@@ -79,23 +104,37 @@ pub struct Revealed {
     pub card: CardPayload,
 }
 
+pub use keyadmin::{DestroyOutcome, KeyStatus, RewrapProgress, VersionStatus};
+
 /// The vault. Cheap to clone.
 #[derive(Clone)]
 pub struct Vault {
     store: Arc<dyn Store>,
-    keys: Arc<Keyring>,
+    keys: Arc<KeyManager>,
     stored: Arc<AtomicI64>,
+    admin: Arc<keyadmin::AdminState>,
 }
 
 impl Vault {
     /// Builds the vault; counts the stored records once (for the gauge).
-    pub fn new(store: Arc<dyn Store>, keys: Arc<Keyring>) -> Result<Vault, VaultError> {
+    pub fn new(
+        store: Arc<dyn Store>,
+        keys: Arc<KeyManager>,
+        cryptoperiod: Option<std::time::Duration>,
+    ) -> Result<Vault, VaultError> {
         let n = store.count()?;
+        let admin = Arc::new(keyadmin::AdminState::new(cryptoperiod));
         Ok(Vault {
             store,
             keys,
             stored: Arc::new(AtomicI64::new(n as i64)),
+            admin,
         })
+    }
+
+    /// The key manager (sealed state, unseal).
+    pub fn keys(&self) -> &KeyManager {
+        &self.keys
     }
 
     /// Number of records the vault holds.
@@ -106,17 +145,13 @@ impl Vault {
     /// Store and keys usable: for readiness.
     pub async fn ready(&self) -> bool {
         let (store, keys) = (self.store.clone(), self.keys.clone());
-        tokio::task::spawn_blocking(move || store.check().is_ok() && keys.self_test())
+        tokio::task::spawn_blocking(move || store.check().is_ok() && keys.ring().is_some_and(|r| r.self_test()))
             .await
             .unwrap_or(false)
     }
 
     /// Tokenizes a card for `tenant`, or returns the token it already has.
-    pub async fn tokenize(
-        &self,
-        tenant: TenantId,
-        input: TokenizeInput,
-    ) -> Result<Tokenized, VaultError> {
+    pub async fn tokenize(&self, tenant: TenantId, input: TokenizeInput) -> Result<Tokenized, VaultError> {
         let this = self.clone();
         let outcome = tokio::task::spawn_blocking(move || this.tokenize_blocking(&tenant, &input))
             .await
@@ -129,22 +164,21 @@ impl Vault {
         Ok(outcome)
     }
 
-    fn tokenize_blocking(
-        &self,
-        tenant: &TenantId,
-        input: &TokenizeInput,
-    ) -> Result<Tokenized, VaultError> {
+    fn tokenize_blocking(&self, tenant: &TenantId, input: &TokenizeInput) -> Result<Tokenized, VaultError> {
+        // Held until the record is stored: a key change waits for in-flight seals.
+        let guard = self.keys.read();
+        let ring = guard.as_ref().ok_or(VaultError::Sealed)?;
         let pan = &input.card.pan;
-        let fingerprint = self.keys.fingerprint(tenant, pan);
+        let fingerprint = ring.fingerprint(tenant, pan);
         if let Some(token) = self.store.find_fingerprint(tenant, &fingerprint)?
-            && let Some(existing) = self.metadata_blocking(tenant, &token)?
+            && let Some(existing) = self.metadata_with(ring, tenant, &token)?
         {
             return Ok(Tokenized::Existing(existing));
         }
         for token in candidates(input.format, pan) {
             let record = StoredRecord {
                 tenant: tenant.clone(),
-                sealed: self.keys.seal(tenant, &token, &input.card),
+                sealed: ring.seal(tenant, &token, &input.card),
                 token,
                 format: input.format,
                 brand: pan.brand(),
@@ -161,7 +195,7 @@ impl Vault {
                 InsertOutcome::FingerprintExists(token) => {
                     // A concurrent request stored this card first.
                     return self
-                        .metadata_blocking(tenant, &token)?
+                        .metadata_with(ring, tenant, &token)?
                         .map(Tokenized::Existing)
                         .ok_or(VaultError::NotFound);
                 }
@@ -171,11 +205,7 @@ impl Vault {
     }
 
     /// Metadata of a token (decrypts the payload for the expiry, then drops it).
-    pub async fn metadata(
-        &self,
-        tenant: TenantId,
-        token: Token,
-    ) -> Result<TokenMetadata, VaultError> {
+    pub async fn metadata(&self, tenant: TenantId, token: Token) -> Result<TokenMetadata, VaultError> {
         let this = self.clone();
         tokio::task::spawn_blocking(move || this.metadata_blocking(&tenant, &token))
             .await
@@ -183,15 +213,22 @@ impl Vault {
             .ok_or(VaultError::NotFound)
     }
 
-    fn metadata_blocking(
+    fn metadata_blocking(&self, tenant: &TenantId, token: &Token) -> Result<Option<TokenMetadata>, VaultError> {
+        let ring = self.keys.ring().ok_or(VaultError::Sealed)?;
+        self.metadata_with(&ring, tenant, token)
+    }
+
+    /// Metadata under a keyring the caller already holds (no second lock).
+    fn metadata_with(
         &self,
+        ring: &crate::keys::Keyring,
         tenant: &TenantId,
         token: &Token,
     ) -> Result<Option<TokenMetadata>, VaultError> {
         let Some(record) = self.store.get(tenant, token)? else {
             return Ok(None);
         };
-        let card = self.keys.open(tenant, token, &record.sealed)?;
+        let card = ring.open(tenant, token, &record.sealed)?;
         Ok(Some(metadata(&record, &card)))
     }
 
@@ -199,11 +236,12 @@ impl Vault {
     pub async fn detokenize(&self, tenant: TenantId, token: Token) -> Result<Revealed, VaultError> {
         let this = self.clone();
         tokio::task::spawn_blocking(move || {
-            let record = this
-                .store
-                .get(&tenant, &token)?
-                .ok_or(VaultError::NotFound)?;
-            let card = this.keys.open(&tenant, &token, &record.sealed)?;
+            let record = this.store.get(&tenant, &token)?.ok_or(VaultError::NotFound)?;
+            let card = this
+                .keys
+                .ring()
+                .ok_or(VaultError::Sealed)?
+                .open(&tenant, &token, &record.sealed)?;
             Ok(Revealed { token, card })
         })
         .await
@@ -212,6 +250,9 @@ impl Vault {
 
     /// Deletes a token for good: record and fingerprint entry, durably.
     pub async fn delete(&self, tenant: TenantId, token: Token) -> Result<(), VaultError> {
+        if self.keys.is_sealed() {
+            return Err(VaultError::Sealed);
+        }
         let store = self.store.clone();
         let deleted = tokio::task::spawn_blocking(move || store.delete(&tenant, &token))
             .await

@@ -1,0 +1,626 @@
+//! `tokenvault keys …` and `tokenvault unseal`: the security officers' CLI.
+//!
+//! Online (default) it drives a running vault through the admin API with an
+//! officer JWT; `--offline --data-dir DIR` acts on a stopped vault's data
+//! directory directly (sled lets one process own it).
+//!
+//! Exit codes: 0 done; 1 refused by the vault (e.g. retire while records remain)
+//! or failed; 2 usage or configuration error; 3 cannot reach or authenticate to
+//! the vault; 4 the vault is sealed; 10 destroy recorded, awaiting a second officer.
+
+use std::io::{IsTerminal, Read};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::{Args, Subcommand};
+use serde_json::{Value, json};
+use zeroize::Zeroizing;
+
+use crate::config::Settings;
+use crate::crypto::Key256;
+use crate::keys::keystore::{Keystore, Shamir};
+use crate::keys::manager::KeyManager;
+use crate::keys::provider::{KeyProvider, SoftwareRoot};
+use crate::keys::shares;
+use crate::service::Vault;
+use crate::store::SledStore;
+
+/// How to reach the vault.
+#[derive(Args, Clone)]
+pub struct Conn {
+    /// The vault's URL.
+    #[arg(long, env = "TOKENVAULT_URL", default_value = "http://127.0.0.1:8080", global = true)]
+    url: String,
+    /// File holding an officer JWT (e.g. from `tokenvault dev token --role officer`).
+    #[arg(long, env = "TOKENVAULT_TOKEN_FILE", value_name = "FILE", global = true)]
+    token_file: Option<PathBuf>,
+    /// Machine-readable output.
+    #[arg(long, global = true)]
+    json: bool,
+    /// Act on a stopped vault's data directory instead of the admin API.
+    #[arg(long, global = true, requires = "data_dir")]
+    offline: bool,
+    /// Data directory (with --offline).
+    #[arg(long, env = "TOKENVAULT_DATA_DIR", value_name = "DIR", global = true)]
+    data_dir: Option<PathBuf>,
+    /// Production config (with --offline, for the keystore location and provider).
+    #[arg(long, value_name = "FILE", global = true)]
+    config: Option<PathBuf>,
+    /// Custodian share file(s): for `unseal`, or with --offline on a sealed keystore. Repeatable.
+    #[arg(long = "share-file", value_name = "FILE", global = true)]
+    share_files: Vec<PathBuf>,
+}
+
+#[derive(Subcommand)]
+pub enum KeysCommand {
+    /// Every KEK version: state, age against the cryptoperiod, records wrapped under it.
+    Status,
+    /// Create a new KEK version and make it active (older versions become decrypt-only).
+    Rotate,
+    /// Rewrap every DEK under the active KEK (online, throttled, resumable).
+    Rewrap {
+        /// Records per batch.
+        #[arg(long, default_value_t = 1000)]
+        batch: usize,
+        /// Maximum records per second (0 = unthrottled).
+        #[arg(long, default_value_t = 0)]
+        rate: u64,
+    },
+    /// Retire a version once no record is wrapped under it; it then decrypts nothing.
+    Retire {
+        /// The version, e.g. v1.
+        version: String,
+    },
+    /// Crypto-shred a retired version. Dual control: takes effect when a second officer runs it too.
+    Destroy {
+        /// The version, e.g. v1.
+        version: String,
+    },
+    /// PKCS#11: generate a new HSM root key and move every KEK under it.
+    RotateRoot {
+        /// Label for the new HSM key.
+        #[arg(long)]
+        key_label: String,
+    },
+    /// Key ceremony: create a keystore whose root key is split among custodians (or held in an HSM).
+    Init(InitArgs),
+}
+
+#[derive(Args)]
+pub struct InitArgs {
+    /// Number of custodian shares (sealed provider).
+    #[arg(long, default_value_t = 5)]
+    shares: u8,
+    /// Shares needed to unseal.
+    #[arg(long, default_value_t = 3)]
+    threshold: u8,
+    /// Keystore to create (default: from --config).
+    #[arg(long, value_name = "PATH")]
+    keystore: Option<PathBuf>,
+    /// Write each share to DIR/share-<i>.txt (mode 0600) instead of printing them once.
+    #[arg(long, value_name = "DIR")]
+    share_dir: Option<PathBuf>,
+    /// Root of trust: sealed (custodian shares) or pkcs11 (needs --config with [keystore.pkcs11]).
+    #[arg(long, default_value = "sealed")]
+    provider: String,
+    /// HSM key label (pkcs11).
+    #[arg(long, default_value = "tokenvault-root-1")]
+    key_label: String,
+    /// Name recorded as the officer running the ceremony.
+    #[arg(long, env = "USER", default_value = "officer")]
+    officer: String,
+}
+
+/// `tokenvault unseal`: shares come from --share-file, else a hidden prompt on a TTY, else stdin.
+#[derive(Args)]
+pub struct UnsealArgs {
+    #[command(flatten)]
+    conn: Conn,
+}
+
+struct Failure(u8, String);
+
+impl<E: std::fmt::Display> From<E> for Failure {
+    fn from(e: E) -> Self {
+        Failure(1, e.to_string())
+    }
+}
+
+fn usage(msg: impl Into<String>) -> Failure {
+    Failure(2, msg.into())
+}
+
+/// Entry point for `tokenvault keys`.
+pub fn run_keys(conn: Conn, command: KeysCommand) -> ExitCode {
+    finish(keys(conn, command))
+}
+
+/// Entry point for `tokenvault unseal`.
+pub fn run_unseal(args: UnsealArgs) -> ExitCode {
+    finish(unseal(args))
+}
+
+fn finish(result: Result<u8, Failure>) -> ExitCode {
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(Failure(code, msg)) => {
+            eprintln!("error: {msg}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Failure(1, e.to_string()))
+}
+
+/// The two ways to reach the keys: the admin API, or the data directory itself.
+enum Backend {
+    Online {
+        client: reqwest::Client,
+        url: String,
+        token: Zeroizing<String>,
+    },
+    Offline {
+        vault: Vault,
+    },
+}
+
+impl Backend {
+    fn open(conn: &Conn) -> Result<Backend, Failure> {
+        if conn.offline {
+            return open_offline(conn);
+        }
+        let path = conn.token_file.as_ref().ok_or_else(|| {
+            usage("an officer JWT is needed: --token-file FILE or TOKENVAULT_TOKEN_FILE (or use --offline)")
+        })?;
+        let token = Zeroizing::new(
+            std::fs::read_to_string(path)
+                .map_err(|e| usage(format!("cannot read {}: {e}", path.display())))?
+                .trim()
+                .to_owned(),
+        );
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(120))
+            .build()
+            .map_err(|e| Failure(3, e.to_string()))?;
+        Ok(Backend::Online {
+            client,
+            url: conn.url.trim_end_matches('/').to_owned(),
+            token,
+        })
+    }
+
+    /// Calls the admin API; returns the JSON body and the status.
+    async fn call(&self, method: &str, path: &str, body: Option<Value>) -> Result<(u16, Value), Failure> {
+        let Backend::Online { client, url, token } = self else {
+            return Err(Failure(1, "not online".into()));
+        };
+        let mut req = match method {
+            "GET" => client.get(format!("{url}{path}")),
+            _ => client.post(format!("{url}{path}")),
+        }
+        .bearer_auth(token.as_str());
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let res = req
+            .send()
+            .await
+            .map_err(|e| Failure(3, format!("cannot reach the vault at {url}: {e}")))?;
+        let status = res.status().as_u16();
+        let value: Value = res.json().await.unwrap_or(Value::Null);
+        match status {
+            200..=299 => Ok((status, value)),
+            401 | 403 => Err(Failure(3, problem_text(&value))),
+            503 if value["type"].as_str().is_some_and(|t| t.ends_with(":sealed")) => {
+                Err(Failure(4, problem_text(&value)))
+            }
+            _ => Err(Failure(1, problem_text(&value))),
+        }
+    }
+}
+
+fn problem_text(v: &Value) -> String {
+    match (v["title"].as_str(), v["detail"].as_str()) {
+        (Some(t), Some(d)) => format!("{t}: {d}"),
+        (Some(t), None) => t.to_owned(),
+        _ => "unexpected response from the vault".into(),
+    }
+}
+
+fn service_failure(e: crate::service::VaultError) -> Failure {
+    match e {
+        crate::service::VaultError::Sealed => Failure(4, "the vault is sealed".into()),
+        other => Failure(1, other.to_string()),
+    }
+}
+
+fn open_offline(conn: &Conn) -> Result<Backend, Failure> {
+    let data_dir = conn
+        .data_dir
+        .clone()
+        .ok_or_else(|| usage("--offline needs --data-dir"))?;
+    let keystore_settings = if let Some(cfg) = &conn.config {
+        Settings::production(cfg).map_err(|e| usage(e.to_string()))?.keystore
+    } else if crate::dev::is_dev_dir(&data_dir) {
+        let (settings, _) = crate::dev::settings_for(&data_dir, "127.0.0.1:0".parse().map_err(Failure::from)?);
+        settings.keystore
+    } else {
+        return Err(usage(
+            "not a dev data directory: pass --config FILE for a production keystore",
+        ));
+    };
+    let keys = if keystore_settings.dev_root_key_file.is_none()
+        && keystore_settings.provider == crate::config::ProviderKind::Sealed
+    {
+        let manager = KeyManager::sealed(&keystore_settings.path).map_err(Failure::from)?;
+        for file in &conn.share_files {
+            let text =
+                Zeroizing::new(std::fs::read_to_string(file).map_err(|e| usage(format!("{}: {e}", file.display())))?);
+            let progress = manager.submit_share(&text).map_err(Failure::from)?;
+            if !progress.sealed {
+                break;
+            }
+        }
+        if manager.is_sealed() {
+            return Err(Failure(
+                4,
+                "sealed keystore: pass enough --share-file FILE options to unseal it".into(),
+            ));
+        }
+        manager
+    } else {
+        crate::startup::open_keys(&keystore_settings).map_err(Failure::from)?
+    };
+    let store = SledStore::open(&data_dir.join("sled")).map_err(|e| {
+        Failure(
+            1,
+            format!(
+                "cannot open {} ({e}); is the vault still running? stop it or drop --offline",
+                data_dir.display()
+            ),
+        )
+    })?;
+    let vault = Vault::new(Arc::new(store), Arc::new(keys), keystore_settings.cryptoperiod()).map_err(Failure::from)?;
+    Ok(Backend::Offline { vault })
+}
+
+fn officer_offline() -> String {
+    format!("offline:{}", std::env::var("USER").unwrap_or_else(|_| "unknown".into()))
+}
+
+fn parse_version(s: &str) -> Result<u32, Failure> {
+    s.strip_prefix('v')
+        .unwrap_or(s)
+        .parse::<u32>()
+        .ok()
+        .filter(|v| *v > 0)
+        .ok_or_else(|| usage("versions look like v3"))
+}
+
+fn keys(conn: Conn, command: KeysCommand) -> Result<u8, Failure> {
+    if let KeysCommand::Init(args) = command {
+        return init(&conn, args);
+    }
+    let rt = runtime()?;
+    let backend = Backend::open(&conn)?;
+    rt.block_on(async move {
+        match command {
+            KeysCommand::Status => {
+                let status = match &backend {
+                    Backend::Online { .. } => backend.call("GET", "/v1/admin/keys", None).await?.1,
+                    Backend::Offline { vault } => serde_json::to_value(vault.key_status().await.map_err(service_failure)?)?,
+                };
+                if conn.json {
+                    println!("{}", serde_json::to_string_pretty(&status)?);
+                } else {
+                    print_status(&status);
+                }
+                Ok(0)
+            }
+            KeysCommand::Rotate => {
+                let active = match &backend {
+                    Backend::Online { .. } => backend.call("POST", "/v1/admin/keys/rotate", None).await?.1["active"].as_u64().unwrap_or(0),
+                    Backend::Offline { vault } => u64::from(vault.rotate_key(&officer_offline()).await.map_err(service_failure)?),
+                };
+                output(&conn, json!({"active": active}), &format!("rotated: v{active} is now active; older versions are decrypt-only (run `tokenvault keys rewrap`)"));
+                Ok(0)
+            }
+            KeysCommand::Rewrap { batch, rate } => rewrap(&conn, &backend, batch, rate).await,
+            KeysCommand::Retire { version } => {
+                let v = parse_version(&version)?;
+                match &backend {
+                    Backend::Online { .. } => {
+                        backend.call("POST", &format!("/v1/admin/keys/v{v}/retire"), None).await?;
+                    }
+                    Backend::Offline { vault } => vault.retire_key(v, &officer_offline()).await.map_err(service_failure)?,
+                }
+                output(&conn, json!({"version": v, "state": "retired"}), &format!("v{v} retired: it decrypts nothing from now on"));
+                Ok(0)
+            }
+            KeysCommand::Destroy { version } => {
+                let v = parse_version(&version)?;
+                let Backend::Online { .. } = &backend else {
+                    return Err(Failure(1, "destroy needs dual control: run it online, once by each of two officers".into()));
+                };
+                let (status, body) = backend.call("POST", &format!("/v1/admin/keys/v{v}/destroy"), None).await?;
+                if status == 202 {
+                    let who = body["requested_by"].as_str().unwrap_or("?");
+                    output(&conn, body.clone(), &format!("destruction of v{v} requested by {who}; a second, different officer must run `tokenvault keys destroy v{v}` to approve"));
+                    Ok(10)
+                } else {
+                    let (a, b) = (body["requested_by"].as_str().unwrap_or("?"), body["approved_by"].as_str().unwrap_or("?"));
+                    output(&conn, body.clone(), &format!("v{v} destroyed (crypto-shredded): requested by {a}, approved by {b}"));
+                    Ok(0)
+                }
+            }
+            KeysCommand::RotateRoot { key_label } => {
+                let Backend::Online { .. } = &backend else {
+                    return Err(Failure(1, "rotate-root runs online against the vault".into()));
+                };
+                let (_, body) = backend.call("POST", "/v1/admin/keys/rotate-root", Some(json!({"key_label": key_label}))).await?;
+                output(&conn, body.clone(), &format!("root rotated: every KEK is now wrapped by {}", body["root_id"].as_str().unwrap_or("?")));
+                Ok(0)
+            }
+            KeysCommand::Init(_) => Ok(2),
+        }
+    })
+}
+
+fn output(conn: &Conn, value: Value, human: &str) {
+    if conn.json {
+        println!("{value}");
+    } else {
+        println!("{human}");
+    }
+}
+
+async fn rewrap(conn: &Conn, backend: &Backend, batch: usize, rate: u64) -> Result<u8, Failure> {
+    if batch == 0 || batch > 10_000 {
+        return Err(usage("--batch must be between 1 and 10000"));
+    }
+    let start = Instant::now();
+    let mut total: u64 = 0;
+    let mut failed: u64 = 0;
+    let bar = indicatif::ProgressBar::new(0);
+    if conn.json || !std::io::stderr().is_terminal() {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("rewrap {bar:40} {pos}/{len} records ({per_sec}, eta {eta})")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    loop {
+        let step = batch;
+        let (rewrapped, remaining, step_failed) = match backend {
+            Backend::Online { .. } => {
+                let (_, v) = backend
+                    .call("POST", "/v1/admin/keys/rewrap", Some(json!({"batch": step})))
+                    .await?;
+                (
+                    v["rewrapped"].as_u64().unwrap_or(0),
+                    v["remaining"].as_u64().unwrap_or(0),
+                    v["failed"].as_u64().unwrap_or(0),
+                )
+            }
+            Backend::Offline { vault } => {
+                let p = vault.rewrap_batch(step).await.map_err(service_failure)?;
+                (p.rewrapped, p.remaining, p.failed)
+            }
+        };
+        total += rewrapped;
+        failed = failed.max(step_failed);
+        bar.set_length(total + remaining);
+        bar.set_position(total);
+        if remaining == 0 || rewrapped == 0 {
+            break;
+        }
+        if rate > 0 {
+            let due = Duration::from_secs_f64(total as f64 / rate as f64);
+            if let Some(wait) = due.checked_sub(start.elapsed()) {
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+    bar.finish_and_clear();
+    let secs = start.elapsed().as_secs_f64();
+    let per_sec = if secs > 0.0 { total as f64 / secs } else { 0.0 };
+    output(
+        conn,
+        json!({"rewrapped": total, "failed": failed, "seconds": secs, "records_per_sec": per_sec}),
+        &format!("rewrapped {total} records in {secs:.1} s ({per_sec:.0}/s); {failed} failed to open"),
+    );
+    Ok(if failed > 0 { 1 } else { 0 })
+}
+
+fn print_status(s: &Value) {
+    let sealed = s["sealed"].as_bool().unwrap_or(false);
+    println!(
+        "root of trust: {} ({})",
+        s["provider"].as_str().unwrap_or("?"),
+        s["root_id"].as_str().unwrap_or("?")
+    );
+    if let Some(sh) = s["shamir"].as_object() {
+        println!("custodian shares: {} of {}", sh["threshold"], sh["shares"]);
+    }
+    if sealed {
+        println!(
+            "vault: SEALED ({} of {} shares received) — custodians run `tokenvault unseal`",
+            s["unseal"]["shares_received"], s["unseal"]["threshold"]
+        );
+        return;
+    }
+    println!("vault: unsealed; active KEK: v{}", s["active"]);
+    let period = s["cryptoperiod_secs"].as_u64();
+    match period {
+        Some(p) => println!(
+            "cryptoperiod: {} (automatic rotation)",
+            humantime::format_duration(Duration::from_secs(p))
+        ),
+        None => println!("cryptoperiod: not configured"),
+    }
+    println!(
+        "{:<8} {:<13} {:<22} {:>14} {:>10}",
+        "VERSION", "STATE", "CREATED", "AGE", "RECORDS"
+    );
+    for v in s["versions"].as_array().into_iter().flatten() {
+        let age = Duration::from_secs(v["age_secs"].as_u64().unwrap_or(0));
+        let age = humantime::format_duration(Duration::from_secs(age.as_secs() / 60 * 60)).to_string();
+        let overdue = if v["overdue"].as_bool().unwrap_or(false) {
+            "  OVERDUE"
+        } else {
+            ""
+        };
+        println!(
+            "v{:<7} {:<13} {:<22} {:>14} {:>10}{overdue}",
+            v["version"],
+            v["state"].as_str().unwrap_or("?"),
+            v["created_at"].as_str().unwrap_or("?"),
+            if age.is_empty() { "0m".to_owned() } else { age },
+            v["records"]
+        );
+    }
+    for p in s["pending_destroy"].as_array().into_iter().flatten() {
+        println!(
+            "pending: destroy v{} requested by {} (awaiting a second officer)",
+            p["version"],
+            p["requested_by"].as_str().unwrap_or("?")
+        );
+    }
+}
+
+/// The key ceremony.
+fn init(conn: &Conn, args: InitArgs) -> Result<u8, Failure> {
+    let settings = conn
+        .config
+        .as_ref()
+        .map(|c| Settings::production(c))
+        .transpose()
+        .map_err(|e| usage(e.to_string()))?;
+    let path = args
+        .keystore
+        .clone()
+        .or_else(|| settings.as_ref().map(|s| s.keystore.path.clone()))
+        .ok_or_else(|| usage("--keystore PATH or --config FILE is needed"))?;
+    if path.exists() {
+        return Err(usage(format!(
+            "{} exists; a key ceremony never overwrites a keystore",
+            path.display()
+        )));
+    }
+    match args.provider.as_str() {
+        "sealed" => {
+            let root = Key256::random();
+            let shares = shares::split(&root, args.threshold, args.shares).map_err(|e| usage(e.to_string()))?;
+            let id = format!("shamir-{}", uuid::Uuid::new_v4());
+            let provider: Arc<dyn KeyProvider> = Arc::new(SoftwareRoot::new(&root, id));
+            drop(root);
+            let shamir = Shamir {
+                threshold: args.threshold,
+                shares: args.shares,
+            };
+            Keystore::create(&path, provider, Some(shamir), &args.officer).map_err(Failure::from)?;
+            match &args.share_dir {
+                Some(dir) => {
+                    for (i, share) in shares.iter().enumerate() {
+                        let file = dir.join(format!("share-{}.txt", i + 1));
+                        crate::keys::keystore::write_private(&file, format!("{}\n", &*share.encode()).as_bytes())
+                            .map_err(Failure::from)?;
+                        println!("custodian {}: {}", i + 1, file.display());
+                    }
+                    println!("hand each file to its custodian, then delete it from this machine");
+                }
+                None => {
+                    eprintln!(
+                        "Each share is shown ONCE. Give each to a different custodian; never store two together."
+                    );
+                    for (i, share) in shares.iter().enumerate() {
+                        println!("custodian {}: {}", i + 1, &*share.encode());
+                    }
+                }
+            }
+            println!(
+                "keystore {} created; {} of {} shares unseal it",
+                path.display(),
+                args.threshold,
+                args.shares
+            );
+            Ok(0)
+        }
+        "pkcs11" => {
+            let hsm = settings
+                .as_ref()
+                .and_then(|s| s.keystore.pkcs11.clone())
+                .ok_or_else(|| usage("pkcs11 init needs --config FILE with a [keystore.pkcs11] section"))?;
+            let provider = crate::keys::open_pkcs11(&hsm, &args.key_label, true).map_err(Failure::from)?;
+            Keystore::create(&path, provider, None, &args.officer).map_err(Failure::from)?;
+            println!(
+                "keystore {} created; root key {} is a non-extractable key in the HSM",
+                path.display(),
+                args.key_label
+            );
+            Ok(0)
+        }
+        other => Err(usage(format!("unknown provider {other}: sealed or pkcs11"))),
+    }
+}
+
+fn read_share(file: Option<&Path>) -> Result<Zeroizing<String>, Failure> {
+    if let Some(f) = file {
+        return Ok(Zeroizing::new(
+            std::fs::read_to_string(f).map_err(|e| usage(format!("{}: {e}", f.display())))?,
+        ));
+    }
+    if std::io::stdin().is_terminal() {
+        return Ok(Zeroizing::new(
+            rpassword::prompt_password("key share (input hidden): ").map_err(Failure::from)?,
+        ));
+    }
+    let mut s = Zeroizing::new(String::new());
+    std::io::stdin().read_to_string(&mut s).map_err(Failure::from)?;
+    Ok(s)
+}
+
+fn unseal(args: UnsealArgs) -> Result<u8, Failure> {
+    if args.conn.offline {
+        return Err(usage(
+            "unseal talks to a running vault; offline commands take --share-file instead",
+        ));
+    }
+    let shares: Vec<Zeroizing<String>> = if args.conn.share_files.is_empty() {
+        vec![read_share(None)?]
+    } else {
+        args.conn
+            .share_files
+            .iter()
+            .map(|f| read_share(Some(f)))
+            .collect::<Result<_, _>>()?
+    };
+    let rt = runtime()?;
+    let backend = Backend::open(&args.conn)?;
+    rt.block_on(async move {
+        for share in &shares {
+            let (_, body) = backend
+                .call("POST", "/v1/admin/unseal", Some(json!({"share": share.trim()})))
+                .await?;
+            let sealed = body["sealed"].as_bool().unwrap_or(true);
+            let human = if sealed {
+                format!(
+                    "share accepted: {} of {} received; still sealed",
+                    body["shares_received"], body["threshold"]
+                )
+            } else {
+                "unsealed: the vault is serving".to_owned()
+            };
+            output(&args.conn, body.clone(), &human);
+        }
+        Ok(0)
+    })
+}

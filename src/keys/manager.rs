@@ -1,0 +1,179 @@
+//! The live key state of a running vault: sealed or unsealed, the keyring in force,
+//! and the keystore that officers change. Hot paths take a cheap read lock on the
+//! keyring; key changes take the write lock, so a change (e.g. retiring a version
+//! once no record uses it) cannot race with a record being sealed under it.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
+
+use super::Keyring;
+use super::keystore::{KeyEvent, Keystore, KeystoreError, ProviderInfo};
+use super::provider::{KeyProvider, SoftwareRoot};
+use super::shares::{self, Share};
+
+/// Why an unseal attempt did not unseal. Never includes share material.
+#[derive(Debug, thiserror::Error)]
+pub enum UnsealError {
+    #[error("the vault is not sealed")]
+    NotSealed,
+    #[error("this keystore is not protected by custodian shares")]
+    NotShamir,
+    #[error("not a valid key share")]
+    Malformed,
+    #[error("a share with this index was already submitted")]
+    Duplicate,
+    #[error("the shares do not rebuild the root key; all submitted shares were discarded")]
+    WrongShares,
+    #[error(transparent)]
+    Keystore(#[from] KeystoreError),
+}
+
+/// The vault is sealed: no key is available.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the vault is sealed")]
+pub struct Sealed;
+
+/// Progress of an unseal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct UnsealProgress {
+    pub sealed: bool,
+    pub shares_received: u8,
+    pub threshold: u8,
+}
+
+/// The vault's keys, sealed or unsealed.
+pub struct KeyManager {
+    path: PathBuf,
+    info: Mutex<ProviderInfo>,
+    ring: RwLock<Option<Arc<Keyring>>>,
+    keystore: Mutex<Option<Keystore>>,
+    pending: Mutex<Vec<Share>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl KeyManager {
+    /// An unsealed manager over an opened keystore.
+    pub fn unsealed(path: &Path, keystore: Keystore) -> Result<KeyManager, KeystoreError> {
+        let ring = Arc::new(keystore.keyring()?);
+        Ok(KeyManager {
+            path: path.to_owned(),
+            info: Mutex::new(keystore.provider_info().clone()),
+            ring: RwLock::new(Some(ring)),
+            keystore: Mutex::new(Some(keystore)),
+            pending: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// A sealed manager: nothing can be decrypted until enough shares arrive.
+    pub fn sealed(path: &Path) -> Result<KeyManager, KeystoreError> {
+        let info = Keystore::peek(path)?;
+        Ok(KeyManager {
+            path: path.to_owned(),
+            info: Mutex::new(info),
+            ring: RwLock::new(None),
+            keystore: Mutex::new(None),
+            pending: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// The keyring in force, or `None` while sealed.
+    pub fn ring(&self) -> Option<Arc<Keyring>> {
+        self.read().clone()
+    }
+
+    /// Holds the keyring steady while a record is sealed and stored under it.
+    pub fn read(&self) -> RwLockReadGuard<'_, Option<Arc<Keyring>>> {
+        self.ring.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn is_sealed(&self) -> bool {
+        self.read().is_none()
+    }
+
+    pub fn provider_info(&self) -> ProviderInfo {
+        lock(&self.info).clone()
+    }
+
+    pub fn events(&self) -> Vec<KeyEvent> {
+        lock(&self.keystore)
+            .as_ref()
+            .map(|k| k.events().to_vec())
+            .unwrap_or_default()
+    }
+
+    /// Runs a keystore change under the keyring's write lock: `check` sees the
+    /// current keyring first (and may refuse), then `change` edits and saves the
+    /// keystore, then the new keyring takes effect for every later request.
+    pub fn update<R, E>(
+        &self,
+        check: impl FnOnce(&Keyring) -> Result<(), E>,
+        change: impl FnOnce(&mut Keystore) -> Result<R, KeystoreError>,
+    ) -> Result<R, E>
+    where
+        E: From<KeystoreError> + From<Sealed>,
+    {
+        let mut ring = self.ring.write().unwrap_or_else(|p| p.into_inner());
+        let mut ks_guard = lock(&self.keystore);
+        let (Some(current), Some(ks)) = (ring.as_ref(), ks_guard.as_mut()) else {
+            return Err(Sealed.into());
+        };
+        check(current)?;
+        let out = change(ks)?;
+        *ring = Some(Arc::new(ks.keyring()?));
+        *lock(&self.info) = ks.provider_info().clone();
+        Ok(out)
+    }
+
+    /// Accepts one custodian share; unseals once the threshold is reached and the
+    /// rebuilt root opens the keystore. Wrong shares discard every pending share.
+    pub fn submit_share(&self, text: &str) -> Result<UnsealProgress, UnsealError> {
+        let share = Share::parse(text).map_err(|_| UnsealError::Malformed)?;
+        let info = self.provider_info();
+        let shamir = info.shamir.ok_or(UnsealError::NotShamir)?;
+        if !self.is_sealed() {
+            return Err(UnsealError::NotSealed);
+        }
+        let mut pending = lock(&self.pending);
+        if pending.iter().any(|s| s.index() == share.index()) {
+            return Err(UnsealError::Duplicate);
+        }
+        pending.push(share);
+        let received = pending.len() as u8;
+        if received < shamir.threshold {
+            return Ok(UnsealProgress {
+                sealed: true,
+                shares_received: received,
+                threshold: shamir.threshold,
+            });
+        }
+        let attempt = shares::combine(&pending, shamir.threshold)
+            .ok()
+            .map(|root| Arc::new(SoftwareRoot::new(&root, info.root_id.clone())) as Arc<dyn KeyProvider>)
+            .and_then(|provider| Keystore::open(&self.path, provider).ok());
+        pending.clear();
+        let Some(keystore) = attempt else {
+            return Err(UnsealError::WrongShares);
+        };
+        let ring = Arc::new(keystore.keyring()?);
+        *lock(&self.keystore) = Some(keystore);
+        *self.ring.write().unwrap_or_else(|p| p.into_inner()) = Some(ring);
+        Ok(UnsealProgress {
+            sealed: false,
+            shares_received: received,
+            threshold: shamir.threshold,
+        })
+    }
+
+    /// Shares received so far while sealed.
+    pub fn unseal_progress(&self) -> UnsealProgress {
+        let threshold = self.provider_info().shamir.map_or(0, |s| s.threshold);
+        UnsealProgress {
+            sealed: self.is_sealed(),
+            shares_received: lock(&self.pending).len() as u8,
+            threshold,
+        }
+    }
+}

@@ -1,0 +1,342 @@
+//! Key administration: status, rotation, rewrap, retirement and destruction under
+//! dual control (PCI DSS 3.6/3.7). Every change goes through the key manager's
+//! write lock, so it cannot race with a record being sealed.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use time::OffsetDateTime;
+
+use super::{Vault, VaultError};
+use crate::keys::KeyState;
+use crate::keys::keystore::{KeyEvent, Shamir};
+use crate::keys::manager::UnsealProgress;
+
+/// How long a destroy request waits for its second officer.
+const APPROVAL_WINDOW: Duration = Duration::from_secs(3600);
+
+pub(super) struct AdminState {
+    cryptoperiod: Option<Duration>,
+    pending_destroy: Mutex<HashMap<u32, (String, Instant)>>,
+}
+
+impl AdminState {
+    pub(super) fn new(cryptoperiod: Option<Duration>) -> AdminState {
+        AdminState {
+            cryptoperiod,
+            pending_destroy: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+/// One KEK version as officers see it.
+#[derive(Debug, Clone, Serialize)]
+pub struct VersionStatus {
+    pub version: u32,
+    pub state: KeyState,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    pub age_secs: u64,
+    /// Active past its cryptoperiod.
+    pub overdue: bool,
+    /// Records whose DEK is wrapped under this version.
+    pub records: u64,
+}
+
+/// A destroy request waiting for a second officer.
+#[derive(Debug, Clone, Serialize)]
+pub struct PendingDestroy {
+    pub version: u32,
+    pub requested_by: String,
+}
+
+/// Everything `tokenvault keys status` shows.
+#[derive(Debug, Clone, Serialize)]
+pub struct KeyStatus {
+    pub sealed: bool,
+    pub provider: String,
+    pub root_id: String,
+    pub shamir: Option<Shamir>,
+    pub unseal: UnsealProgress,
+    pub active: Option<u32>,
+    pub cryptoperiod_secs: Option<u64>,
+    pub versions: Vec<VersionStatus>,
+    pub pending_destroy: Vec<PendingDestroy>,
+    pub events: Vec<KeyEvent>,
+}
+
+/// Result of one rewrap batch.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct RewrapProgress {
+    pub rewrapped: u64,
+    /// Records still wrapped under a non-active version that rewrap can move.
+    pub remaining: u64,
+    /// Records that failed to open (integrity) and were left as they are.
+    pub failed: u64,
+}
+
+/// What a destroy call did.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum DestroyOutcome {
+    /// Recorded; a second, different officer must approve.
+    PendingApproval { version: u32, requested_by: String },
+    /// Crypto-shredded, with both officers recorded.
+    Destroyed {
+        version: u32,
+        requested_by: String,
+        approved_by: String,
+    },
+}
+
+impl Vault {
+    /// Key versions, states, ages and record counts.
+    pub async fn key_status(&self) -> Result<KeyStatus, VaultError> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.key_status_blocking())
+            .await
+            .map_err(|_| VaultError::Task)?
+    }
+
+    fn key_status_blocking(&self) -> Result<KeyStatus, VaultError> {
+        let info = self.keys.provider_info();
+        let counts = self.store.count_by_version()?;
+        let now = OffsetDateTime::now_utc();
+        let ring = self.keys.ring();
+        let versions = ring
+            .as_ref()
+            .map(|r| r.versions())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|v| {
+                let age = (now - v.created_at).max(time::Duration::ZERO);
+                let age_secs = age.whole_seconds().max(0) as u64;
+                let overdue =
+                    v.state == KeyState::Active && self.admin.cryptoperiod.is_some_and(|p| age_secs >= p.as_secs());
+                VersionStatus {
+                    version: v.version,
+                    state: v.state,
+                    created_at: v.created_at,
+                    age_secs,
+                    overdue,
+                    records: counts.get(&v.version).copied().unwrap_or(0),
+                }
+            })
+            .collect();
+        let pending_destroy = self
+            .pending()
+            .iter()
+            .map(|(v, (who, _))| PendingDestroy {
+                version: *v,
+                requested_by: who.clone(),
+            })
+            .collect();
+        Ok(KeyStatus {
+            sealed: ring.is_none(),
+            provider: info.kind,
+            root_id: info.root_id,
+            shamir: info.shamir,
+            unseal: self.keys.unseal_progress(),
+            active: ring.as_ref().map(|r| r.active_version()),
+            cryptoperiod_secs: self.admin.cryptoperiod.map(|p| p.as_secs()),
+            versions,
+            pending_destroy,
+            events: self.keys.events(),
+        })
+    }
+
+    /// A new KEK version becomes active at once; the old one becomes decrypt-only.
+    pub async fn rotate_key(&self, officer: &str) -> Result<u32, VaultError> {
+        let (this, officer) = (self.clone(), officer.to_owned());
+        tokio::task::spawn_blocking(move || {
+            this.keys
+                .update(|_| Ok::<(), VaultError>(()), |ks| ks.rotate(&[&officer]))
+        })
+        .await
+        .map_err(|_| VaultError::Task)?
+    }
+
+    /// Rotates when the active KEK is older than the cryptoperiod.
+    pub async fn rotate_if_due(&self) -> Result<Option<u32>, VaultError> {
+        let Some(period) = self.admin.cryptoperiod else {
+            return Ok(None);
+        };
+        let Some(ring) = self.keys.ring() else { return Ok(None) };
+        let now = OffsetDateTime::now_utc();
+        let due = ring
+            .versions()
+            .iter()
+            .any(|v| v.state == KeyState::Active && (now - v.created_at).whole_seconds() >= period.as_secs() as i64);
+        if !due {
+            return Ok(None);
+        }
+        self.rotate_key("auto-rotation (cryptoperiod)").await.map(Some)
+    }
+
+    /// Rewraps up to `limit` DEKs from older versions under the active KEK,
+    /// durably. Payloads are not touched. Idempotent and resumable.
+    pub async fn rewrap_batch(&self, limit: usize) -> Result<RewrapProgress, VaultError> {
+        let this = self.clone();
+        let progress = tokio::task::spawn_blocking(move || this.rewrap_blocking(limit.max(1)))
+            .await
+            .map_err(|_| VaultError::Task)??;
+        self.store.commit().await?;
+        Ok(progress)
+    }
+
+    fn rewrap_blocking(&self, limit: usize) -> Result<RewrapProgress, VaultError> {
+        let ring = self.keys.ring().ok_or(VaultError::Sealed)?;
+        let movable: Vec<u32> = ring
+            .versions()
+            .iter()
+            .filter(|v| v.state == KeyState::DecryptOnly)
+            .map(|v| v.version)
+            .collect();
+        let mut progress = RewrapProgress::default();
+        let mut budget = limit;
+        for version in &movable {
+            while budget > 0 {
+                let batch = self.store.records_under_version(*version, budget)?;
+                if batch.is_empty() {
+                    break;
+                }
+                let mut moved_any = false;
+                for record in &batch {
+                    budget = budget.saturating_sub(1);
+                    match ring.rewrap(&record.tenant, &record.token, &record.sealed) {
+                        Ok(sealed) => {
+                            if self.store.replace_sealed(record, &sealed)? {
+                                progress.rewrapped += 1;
+                                moved_any = true;
+                            }
+                        }
+                        Err(_) => {
+                            progress.failed += 1;
+                            tracing::error!(token = %record.token, version, "rewrap: record failed to open; left as is");
+                        }
+                    }
+                }
+                if !moved_any {
+                    break;
+                }
+            }
+        }
+        let counts = self.store.count_by_version()?;
+        progress.remaining = movable
+            .iter()
+            .map(|v| counts.get(v).copied().unwrap_or(0))
+            .sum::<u64>()
+            .saturating_sub(progress.failed);
+        Ok(progress)
+    }
+
+    /// Retires a decrypt-only version, refusing while any record is wrapped under it.
+    pub async fn retire_key(&self, version: u32, officer: &str) -> Result<(), VaultError> {
+        let (this, officer) = (self.clone(), officer.to_owned());
+        tokio::task::spawn_blocking(move || {
+            this.keys
+                .update(|_| this.require_unused(version), |ks| ks.retire(version, &[&officer]))
+        })
+        .await
+        .map_err(|_| VaultError::Task)?
+    }
+
+    /// Dual control: the first officer's call records a request; a second,
+    /// different officer's call approves and crypto-shreds the version.
+    pub async fn destroy_key(&self, version: u32, officer: &str) -> Result<DestroyOutcome, VaultError> {
+        let (this, officer) = (self.clone(), officer.to_owned());
+        tokio::task::spawn_blocking(move || this.destroy_blocking(version, &officer))
+            .await
+            .map_err(|_| VaultError::Task)?
+    }
+
+    fn destroy_blocking(&self, version: u32, officer: &str) -> Result<DestroyOutcome, VaultError> {
+        let ring = self.keys.ring().ok_or(VaultError::Sealed)?;
+        let state = ring.versions().iter().find(|v| v.version == version).map(|v| v.state);
+        match state {
+            None => return Err(VaultError::KeyRefused(format!("no key version v{version}"))),
+            Some(KeyState::Retired) => {}
+            Some(KeyState::Destroyed) => {
+                return Err(VaultError::KeyRefused(format!("v{version} is already destroyed")));
+            }
+            Some(_) => {
+                return Err(VaultError::KeyRefused(format!(
+                    "v{version} must be retired before it is destroyed"
+                )));
+            }
+        }
+        self.require_unused(version)?;
+        let mut pending = self.pending();
+        pending.retain(|_, (_, at)| at.elapsed() < APPROVAL_WINDOW);
+        match pending.get(&version).cloned() {
+            None => {
+                pending.insert(version, (officer.to_owned(), Instant::now()));
+                Ok(DestroyOutcome::PendingApproval {
+                    version,
+                    requested_by: officer.to_owned(),
+                })
+            }
+            Some((requester, _)) if requester == officer => Err(VaultError::KeyRefused(format!(
+                "dual control: v{version}'s destruction was requested by {officer}; a different officer must approve"
+            ))),
+            Some((requester, _)) => {
+                self.keys.update(
+                    |_| self.require_unused(version),
+                    |ks| ks.destroy(version, &[&requester, officer]),
+                )?;
+                pending.remove(&version);
+                Ok(DestroyOutcome::Destroyed {
+                    version,
+                    requested_by: requester,
+                    approved_by: officer.to_owned(),
+                })
+            }
+        }
+    }
+
+    fn require_unused(&self, version: u32) -> Result<(), VaultError> {
+        let n = self.store.count_by_version()?.get(&version).copied().unwrap_or(0);
+        if n > 0 {
+            return Err(VaultError::KeyRefused(format!(
+                "v{version} still wraps {n} record(s); run `tokenvault keys rewrap` first"
+            )));
+        }
+        Ok(())
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<u32, (String, Instant)>> {
+        self.admin.pending_destroy.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Vault {
+    /// Moves every keystore key under a new HSM key (PKCS#11 root rotation).
+    pub async fn rotate_root(
+        &self,
+        hsm: crate::config::Pkcs11Settings,
+        key_label: String,
+        officer: &str,
+    ) -> Result<String, VaultError> {
+        let (this, officer) = (self.clone(), officer.to_owned());
+        tokio::task::spawn_blocking(move || {
+            this.keys.update(
+                |_| Ok::<(), VaultError>(()),
+                |ks| {
+                    if ks.provider_info().kind != "pkcs11" {
+                        return Err(crate::keys::keystore::KeystoreError::Refused(
+                            "rotate-root needs the pkcs11 provider".into(),
+                        ));
+                    }
+                    let provider = crate::keys::open_pkcs11(&hsm, &key_label, true)?;
+                    let id = provider.root_id();
+                    ks.change_provider(provider, &[&officer])?;
+                    Ok(id)
+                },
+            )
+        })
+        .await
+        .map_err(|_| VaultError::Task)?
+    }
+}
