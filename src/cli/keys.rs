@@ -467,24 +467,29 @@ fn print_status(s: &Value) {
         None => println!("cryptoperiod: not configured"),
     }
     println!(
-        "{:<8} {:<13} {:<22} {:>14} {:>10}",
-        "VERSION", "STATE", "CREATED", "AGE", "RECORDS"
+        "{:<8} {:<13} {:<21} {:>12} {:>10}",
+        "VERSION", "STATE", "CREATED (UTC)", "AGE", "RECORDS"
     );
     for v in s["versions"].as_array().into_iter().flatten() {
-        let age = Duration::from_secs(v["age_secs"].as_u64().unwrap_or(0));
-        let age = humantime::format_duration(Duration::from_secs(age.as_secs() / 60 * 60)).to_string();
+        let age_secs = v["age_secs"].as_u64().unwrap_or(0);
+        let age = if age_secs < 60 {
+            format!("{age_secs}s")
+        } else {
+            humantime::format_duration(Duration::from_secs(age_secs / 60 * 60)).to_string()
+        };
+        let created: String = v["created_at"].as_str().unwrap_or("?").chars().take(19).collect();
         let overdue = if v["overdue"].as_bool().unwrap_or(false) {
             "  OVERDUE"
         } else {
             ""
         };
         println!(
-            "v{:<7} {:<13} {:<22} {:>14} {:>10}{overdue}",
-            v["version"],
+            "{:<8} {:<13} {:<21} {:>12} {:>10}{overdue}",
+            format!("v{}", v["version"].as_u64().unwrap_or(0)),
             v["state"].as_str().unwrap_or("?"),
-            v["created_at"].as_str().unwrap_or("?"),
-            if age.is_empty() { "0m".to_owned() } else { age },
-            v["records"]
+            created.replace('T', " "),
+            age,
+            v["records"].as_u64().unwrap_or(0)
         );
     }
     for p in s["pending_destroy"].as_array().into_iter().flatten() {

@@ -58,4 +58,45 @@ async fn readme_walkthrough_works_as_written() {
     assert_eq!(tail[0], "404");
     assert!(tail[1].contains("urn:tokenvault:problem:not-found"));
     assert_eq!(tail[2], "204");
+
+    // The key-management block, against the same vault (a shell keeps going after
+    // the first officer's `destroy`, which exits 10 while it awaits approval).
+    let keys = readme_block(&readme, "keys")
+        .replace("cargo run -q --release --", BIN)
+        .replace("http://127.0.0.1:8080", &app.base);
+    let keys = format!("export TOKENVAULT_URL={}\n{keys}", app.base);
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(&keys)
+        .current_dir(cwd)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    for expected in [
+        "active KEK: v1",
+        "rotated: v2 is now active",
+        "rewrapped 0 records",
+        "v1 retired",
+        "destruction of v1 requested by dev-officer",
+        "v1 destroyed (crypto-shredded): requested by dev-officer, approved by dev-officer-2",
+    ] {
+        assert!(
+            stdout.contains(expected),
+            "missing {expected:?} in:\n{stdout}\n{stderr}"
+        );
+    }
+}
+
+fn readme_block(readme: &str, name: &str) -> String {
+    let start = readme.find(&format!("<!-- {name}:start -->")).unwrap();
+    let end = readme.find(&format!("<!-- {name}:end -->")).unwrap();
+    readme[start..end]
+        .lines()
+        .skip_while(|l| !l.starts_with("```bash"))
+        .skip(1)
+        .take_while(|l| !l.starts_with("```"))
+        .map(|l| format!("{l}\n"))
+        .collect()
 }
