@@ -315,6 +315,40 @@ mod tests {
     }
 
     #[test]
+    fn rewrap_moves_the_dek_and_leaves_the_payload_untouched() {
+        let mut ring = test_keyring();
+        let t = TenantId::parse("t1").unwrap();
+        let tok = Token::parse("4111110000001112").unwrap();
+        ring.active = 1;
+        ring.keks.get_mut(&1).unwrap().state = KeyState::Active;
+        ring.keks.get_mut(&2).unwrap().state = KeyState::DecryptOnly;
+        let old = ring.seal(&t, &tok, &payload("4111111111111111"));
+        assert_eq!(old.key_version, 1);
+        ring.active = 2;
+        ring.keks.get_mut(&1).unwrap().state = KeyState::DecryptOnly;
+        ring.keks.get_mut(&2).unwrap().state = KeyState::Active;
+        let new = ring.rewrap(&t, &tok, &old).unwrap();
+        assert_eq!(new.key_version, 2);
+        assert_eq!(new.ciphertext, old.ciphertext, "payload bytes are not re-encrypted");
+        assert_ne!(new.wrapped_dek, old.wrapped_dek);
+        assert_eq!(
+            ring.open(&t, &tok, &new).unwrap().pan.expose_digits(),
+            "4111111111111111"
+        );
+        // A rewrapped record cannot be opened under another record's identity either.
+        let other = Token::parse("4111110000002112").unwrap();
+        assert_eq!(ring.open(&t, &other, &new).unwrap_err(), KeyError::Integrity);
+        // Retired and destroyed versions decrypt nothing.
+        ring.keks.get_mut(&1).unwrap().state = KeyState::Retired;
+        assert_eq!(ring.open(&t, &tok, &old).unwrap_err(), KeyError::Retired);
+        assert_eq!(ring.rewrap(&t, &tok, &old).unwrap_err(), KeyError::Retired);
+        let k1 = ring.keks.get_mut(&1).unwrap();
+        k1.state = KeyState::Destroyed;
+        k1.dek_wrap = None;
+        assert_eq!(ring.open(&t, &tok, &old).unwrap_err(), KeyError::Destroyed);
+    }
+
+    #[test]
     fn fingerprints_are_per_tenant() {
         let ring = test_keyring();
         let pan = Pan::parse("4111111111111111").unwrap();
