@@ -38,15 +38,21 @@ pub enum Scope {
     TokensDetokenize,
     #[serde(rename = "keys:admin")]
     KeysAdmin,
+    #[serde(rename = "charges:create")]
+    ChargesCreate,
+    #[serde(rename = "charges:read")]
+    ChargesRead,
 }
 
 impl Scope {
-    pub const ALL: [Scope; 5] = [
+    pub const ALL: [Scope; 7] = [
         Scope::TokensCreate,
         Scope::TokensRead,
         Scope::TokensDelete,
         Scope::TokensDetokenize,
         Scope::KeysAdmin,
+        Scope::ChargesCreate,
+        Scope::ChargesRead,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -56,6 +62,8 @@ impl Scope {
             Scope::TokensDelete => "tokens:delete",
             Scope::TokensDetokenize => "tokens:detokenize",
             Scope::KeysAdmin => "keys:admin",
+            Scope::ChargesCreate => "charges:create",
+            Scope::ChargesRead => "charges:read",
         }
     }
 
@@ -167,6 +175,34 @@ impl KeystoreSettings {
     }
 }
 
+/// The outbound PSP connector (Adyen-style Checkout API).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PspSettings {
+    /// e.g. https://checkout-test.adyen.com/v71 (the connector POSTs to {base_url}/payments).
+    pub base_url: String,
+    /// File holding the PSP API key (a mounted secret).
+    pub api_key_file: PathBuf,
+    pub merchant_account: String,
+    /// The only hosts card data may be sent to; base_url's host must be one of them.
+    pub allowed_hosts: Vec<String>,
+    #[serde(default = "default_connect_ms")]
+    pub connect_timeout_ms: u64,
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Dev only: the API key itself (the mock PSP's default).
+    #[serde(skip)]
+    pub dev_api_key: Option<String>,
+}
+
+fn default_connect_ms() -> u64 {
+    2_000
+}
+
+fn default_timeout_ms() -> u64 {
+    10_000
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -187,7 +223,17 @@ pub struct Settings {
     pub max_body_bytes: usize,
     pub log_format: LogFormat,
     pub workers: Option<usize>,
+    pub psp: Option<PspSettings>,
+    /// How long a CVV may wait in memory for its charge (PCI DSS 3.3.1).
+    pub cvv_ttl: std::time::Duration,
+    /// How long an Idempotency-Key is remembered.
+    pub idempotency_window: std::time::Duration,
 }
+
+/// Default CVV lifetime in memory.
+pub const DEFAULT_CVV_TTL: std::time::Duration = std::time::Duration::from_secs(15 * 60);
+/// Default idempotency window.
+pub const DEFAULT_IDEMPOTENCY_WINDOW: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
 /// Why configuration was refused. Names the problem, never a secret.
 #[derive(Debug, thiserror::Error)]
@@ -210,6 +256,24 @@ struct ProductionFile {
     log_format: LogFormat,
     #[serde(default)]
     workers: Option<usize>,
+    #[serde(default)]
+    psp: Option<PspSettings>,
+    #[serde(default)]
+    cvv_ttl: Option<String>,
+    #[serde(default)]
+    idempotency_window: Option<String>,
+}
+
+fn parse_duration(
+    what: &str,
+    v: Option<String>,
+    default: std::time::Duration,
+) -> Result<std::time::Duration, ConfigError> {
+    match v {
+        None => Ok(default),
+        Some(s) => humantime::parse_duration(&s)
+            .map_err(|_| ConfigError::Invalid(format!("{what} must be a duration such as \"15m\""))),
+    }
 }
 
 fn default_body() -> usize {
@@ -236,6 +300,11 @@ const ENV_KEYS: &[&str] = &[
     "keystore.pkcs11.module",
     "keystore.pkcs11.token_label",
     "keystore.pkcs11.pin_file",
+    "cvv_ttl",
+    "idempotency_window",
+    "psp.base_url",
+    "psp.api_key_file",
+    "psp.merchant_account",
 ];
 
 impl Settings {
@@ -262,6 +331,13 @@ impl Settings {
             max_body_bytes: parsed.max_body_bytes,
             log_format: parsed.log_format,
             workers: parsed.workers,
+            psp: parsed.psp,
+            cvv_ttl: parse_duration("cvv_ttl", parsed.cvv_ttl, DEFAULT_CVV_TTL)?,
+            idempotency_window: parse_duration(
+                "idempotency_window",
+                parsed.idempotency_window,
+                DEFAULT_IDEMPOTENCY_WINDOW,
+            )?,
         };
         settings.validate()?;
         Ok(settings)
@@ -314,6 +390,16 @@ impl Settings {
         }
         if self.mode == Mode::Production && self.keystore.dev_root_key_file.is_some() {
             return bad("a root key file is for dev mode only");
+        }
+        if let Some(psp) = &self.psp {
+            crate::psp::check_allowed(&psp.base_url, &psp.allowed_hosts)
+                .map_err(|e| ConfigError::Invalid(format!("psp: {e}")))?;
+            if self.mode == Mode::Production && psp.dev_api_key.is_some() {
+                return bad("psp: an inline API key is for dev mode only");
+            }
+        }
+        if self.cvv_ttl > std::time::Duration::from_secs(3600) || self.cvv_ttl.is_zero() {
+            return bad("cvv_ttl must be between 1s and 1h (PCI DSS 3.3.1: keep it short)");
         }
         if !(1024..=1024 * 1024).contains(&self.max_body_bytes) {
             return bad("max_body_bytes must be between 1 KiB and 1 MiB");

@@ -33,7 +33,7 @@ pub enum Role {
     Edge,
     /// CRM and order systems: tokens:read, tokens:delete.
     Crm,
-    /// The PSP connector: tokens:detokenize.
+    /// The PSP connector: tokens:detokenize, charges:create, charges:read.
     Psp,
     /// A security officer: keys:admin.
     Officer,
@@ -58,7 +58,7 @@ impl Role {
         match self {
             Role::Edge => &[Scope::TokensCreate],
             Role::Crm => &[Scope::TokensRead, Scope::TokensDelete],
-            Role::Psp => &[Scope::TokensDetokenize],
+            Role::Psp => &[Scope::TokensDetokenize, Scope::ChargesCreate, Scope::ChargesRead],
             Role::Officer | Role::Officer2 => &[Scope::KeysAdmin],
         }
     }
@@ -199,6 +199,9 @@ pub fn settings_for(data_dir: &Path, listen: std::net::SocketAddr) -> (Settings,
         max_body_bytes: DEFAULT_MAX_BODY_BYTES,
         log_format: LogFormat::Pretty,
         workers: None,
+        psp: None,
+        cvv_ttl: crate::config::DEFAULT_CVV_TTL,
+        idempotency_window: crate::config::DEFAULT_IDEMPOTENCY_WINDOW,
     };
     (settings, paths)
 }

@@ -31,6 +31,7 @@ pub mod dev;
 pub mod domain;
 pub mod keys;
 pub mod metrics;
+pub mod psp;
 pub mod service;
 pub mod startup;
 pub mod store;

@@ -19,6 +19,9 @@ pub struct Metrics {
     pub rewrapped: prometheus::IntCounter,
     pub unseal: IntCounterVec,
     pub sealed: IntGauge,
+    pub charges: IntCounterVec,
+    pub psp_duration: prometheus::Histogram,
+    pub psp_errors: IntCounterVec,
 }
 
 /// Building a metric only fails on an invalid name or duplicate registration,
@@ -46,6 +49,19 @@ impl Metrics {
             "Authentication and authorization failures",
             &["reason"],
         );
+        let charges = counter("charges_total", "Charges by outcome", &["status"]);
+        let psp_errors = counter("psp_errors_total", "PSP calls without a verdict, by kind", &["kind"]);
+        let psp_duration = prometheus::Histogram::with_opts(
+            HistogramOpts::new(
+                "psp_request_duration_seconds",
+                "PSP authorisation latency (including safe retries)",
+            )
+            .buckets(vec![0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]),
+        )
+        .expect("valid histogram");
+        registry
+            .register(Box::new(psp_duration.clone()))
+            .expect("unique histogram");
         let key_ops = counter("key_operations_total", "Key management operations", &["operation"]);
         let unseal = counter(
             "unseal_attempts_total",
@@ -85,6 +101,9 @@ impl Metrics {
             rewrapped,
             unseal,
             sealed,
+            charges,
+            psp_duration,
+            psp_errors,
         }
     }
 

@@ -34,6 +34,8 @@ pub enum StartupError {
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error("{0} is a dev-mode data directory; production mode refuses it")]
     DevDataDir(std::path::PathBuf),
+    #[error("PSP connector: {0}")]
+    Psp(String),
     #[error("cannot prepare data directory {path}: {source}")]
     DataDir {
         path: std::path::PathBuf,
@@ -76,6 +78,20 @@ pub fn open_keys(ks: &KeystoreSettings) -> Result<KeyManager, StartupError> {
             Ok(KeyManager::unsealed(&ks.path, keystore)?)
         }
     }
+}
+
+/// Destroys CVVs whose TTL ran out, even if no charge ever came.
+fn spawn_cvv_sweeper(vault: Vault, ttl: Duration) {
+    let every = (ttl / 4).clamp(Duration::from_millis(250), Duration::from_secs(30));
+    actix_web::rt::spawn(async move {
+        loop {
+            actix_web::rt::time::sleep(every).await;
+            let n = vault.purge_expired_cvvs();
+            if n > 0 {
+                tracing::info!(count = n, "expired CVVs destroyed");
+            }
+        }
+    });
 }
 
 /// Rotates the KEK whenever the active one outlives the cryptoperiod.
@@ -124,7 +140,20 @@ impl Application {
             tracing::warn!("the vault is SEALED: data endpoints answer 503 until custodians run `tokenvault unseal`");
         }
         let cryptoperiod = settings.keystore.cryptoperiod();
-        let vault = Vault::new(Arc::new(store), keys, cryptoperiod)?;
+        let psp = match &settings.psp {
+            Some(p) => Some(
+                Arc::new(crate::psp::adyen::AdyenPsp::new(p).map_err(StartupError::Psp)?) as Arc<dyn crate::psp::Psp>,
+            ),
+            None => None,
+        };
+        let options = crate::service::VaultOptions {
+            cryptoperiod,
+            cvv_ttl: settings.cvv_ttl,
+            idempotency_window: settings.idempotency_window,
+            psp,
+        };
+        let vault = Vault::new(Arc::new(store), keys, options)?;
+        spawn_cvv_sweeper(vault.clone(), settings.cvv_ttl);
         if let Some(period) = cryptoperiod {
             spawn_auto_rotation(vault.clone(), period);
         }

@@ -35,6 +35,8 @@ scope_marker!(TokensRead, Scope::TokensRead);
 scope_marker!(TokensDelete, Scope::TokensDelete);
 scope_marker!(TokensDetokenize, Scope::TokensDetokenize);
 scope_marker!(KeysAdmin, Scope::KeysAdmin);
+scope_marker!(ChargesCreate, Scope::ChargesCreate);
+scope_marker!(ChargesRead, Scope::ChargesRead);
 
 /// The authorized caller of an endpoint that requires scope `S`.
 pub struct Caller<S> {

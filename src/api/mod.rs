@@ -6,6 +6,7 @@
 //! body), then the handler, which calls the [`crate::service::Vault`].
 
 mod admin;
+mod charges;
 pub mod extract;
 pub mod problem;
 mod tokens;
@@ -39,6 +40,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/tokens/{token}"),
     ("DELETE", "/v1/tokens/{token}"),
     ("POST", "/v1/detokenize"),
+    ("POST", "/v1/charges"),
+    ("GET", "/v1/charges/{id}"),
     ("GET", "/healthz"),
     ("GET", "/readyz"),
     ("GET", "/metrics"),
@@ -62,6 +65,16 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         web::resource("/v1/tokens/{token}")
             .route(web::get().to(tokens::read))
             .route(web::delete().to(tokens::delete))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/v1/charges")
+            .route(web::post().to(charges::create))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/v1/charges/{id}")
+            .route(web::get().to(charges::read))
             .default_service(web::to(method_not_allowed)),
     )
     .service(

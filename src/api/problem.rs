@@ -51,6 +51,14 @@ pub enum ApiError {
     NotReady,
     #[error("sealed")]
     Sealed,
+    #[error("idempotency key required")]
+    IdempotencyKeyRequired,
+    #[error("idempotency key reused")]
+    IdempotencyMismatch,
+    #[error("invalid cvv")]
+    InvalidCvv,
+    #[error("psp not configured")]
+    PspNotConfigured,
     #[error("key operation refused")]
     KeyRefused(String),
     #[error("unseal refused")]
@@ -77,6 +85,10 @@ pub const PROBLEM_CODES: &[&str] = &[
     "integrity-failure",
     "not-ready",
     "sealed",
+    "idempotency-key-required",
+    "idempotency-key-reused",
+    "invalid-cvv",
+    "psp-not-configured",
     "key-operation-refused",
     "invalid-share",
     "duplicate-share",
@@ -105,6 +117,10 @@ impl ApiError {
             ApiError::Integrity => "integrity-failure",
             ApiError::NotReady => "not-ready",
             ApiError::Sealed => "sealed",
+            ApiError::IdempotencyKeyRequired => "idempotency-key-required",
+            ApiError::IdempotencyMismatch => "idempotency-key-reused",
+            ApiError::InvalidCvv => "invalid-cvv",
+            ApiError::PspNotConfigured => "psp-not-configured",
             ApiError::KeyRefused(_) => "key-operation-refused",
             ApiError::Unseal(code, _, _) => code,
             ApiError::Internal => "internal-error",
@@ -129,6 +145,10 @@ impl ApiError {
             ApiError::Integrity => "The stored record failed its integrity check",
             ApiError::NotReady => "The vault is not ready",
             ApiError::Sealed => "The vault is sealed: custodians must unseal it",
+            ApiError::IdempotencyKeyRequired => "An Idempotency-Key header is required",
+            ApiError::IdempotencyMismatch => "This Idempotency-Key was already used with a different request",
+            ApiError::InvalidCvv => "The CVV is not valid",
+            ApiError::PspNotConfigured => "No payment service provider is configured",
             ApiError::KeyRefused(_) => "The key operation was refused",
             ApiError::Unseal(_, _, title) => title,
             ApiError::Internal => "Internal error",
@@ -144,6 +164,10 @@ impl ApiError {
             ApiError::Malformed => Some("the body must be a JSON object with exactly the documented fields".into()),
             ApiError::Auth(e) => Some(e.to_string()),
             ApiError::TokenSpaceExhausted => Some("use another token format, such as opaque".into()),
+            ApiError::InvalidCvv => Some("cvv must be 3 ASCII digits (4 for American Express)".into()),
+            ApiError::IdempotencyKeyRequired => {
+                Some("send a unique Idempotency-Key header (1-255 visible ASCII characters) per charge".into())
+            }
             // Key-operation refusals name versions and record counts: no secrets.
             ApiError::KeyRefused(why) => Some(why.clone()),
             _ => None,
@@ -161,6 +185,8 @@ impl From<crate::service::VaultError> for ApiError {
             VaultError::KeyDestroyed => ApiError::KeyDestroyed,
             VaultError::Sealed => ApiError::Sealed,
             VaultError::KeyRefused(why) => ApiError::KeyRefused(why),
+            VaultError::PspNotConfigured => ApiError::PspNotConfigured,
+            VaultError::IdempotencyMismatch => ApiError::IdempotencyMismatch,
             VaultError::KeyUnavailable => {
                 tracing::error!("record key version unavailable");
                 ApiError::KeyUnavailable
@@ -242,7 +268,11 @@ impl ResponseError for ApiError {
             ApiError::Auth(_) => StatusCode::UNAUTHORIZED,
             ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::TokenSpaceExhausted | ApiError::NotReady | ApiError::Sealed => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::TokenSpaceExhausted | ApiError::NotReady | ApiError::Sealed | ApiError::PspNotConfigured => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            ApiError::IdempotencyKeyRequired => StatusCode::BAD_REQUEST,
+            ApiError::IdempotencyMismatch | ApiError::InvalidCvv => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::KeyRefused(_) => StatusCode::CONFLICT,
             ApiError::Unseal(_, status, _) => *status,
             ApiError::KeyDestroyed => StatusCode::GONE,

@@ -24,6 +24,9 @@ pub struct TokenizeBody {
     cardholder_name: Option<SecretString>,
     #[serde(default)]
     format: Option<TokenFormat>,
+    /// Held in memory only, for the next charge.
+    #[serde(default)]
+    cvv: Option<SecretString>,
 }
 
 #[derive(Deserialize)]
@@ -44,6 +47,7 @@ struct TokenBody<'a> {
     fingerprint: &'a str,
     #[serde(with = "time::serde::rfc3339")]
     created_at: OffsetDateTime,
+    cvv_held: bool,
 }
 
 impl<'a> From<&'a TokenMetadata> for TokenBody<'a> {
@@ -58,6 +62,7 @@ impl<'a> From<&'a TokenMetadata> for TokenBody<'a> {
             exp_year: m.exp_year,
             fingerprint: &m.fingerprint,
             created_at: m.created_at,
+            cvv_held: m.cvv_held,
         }
     }
 }
@@ -114,7 +119,14 @@ fn parse_tokenize(body: &TokenizeBody) -> Result<TokenizeInput, ApiError> {
         .map_err(|_| {
             ApiError::InvalidField("cardholder_name must be 1 to 128 characters without control characters")
         })?;
+    let cvv = body
+        .cvv
+        .as_ref()
+        .map(|c| crate::domain::card::Cvv::parse(c.expose_secret(), pan.brand()))
+        .transpose()
+        .map_err(|_| ApiError::InvalidCvv)?;
     Ok(TokenizeInput {
+        cvv,
         card: CardPayload { pan, expiry, name },
         format: body.format.unwrap_or_default(),
     })
@@ -210,6 +222,7 @@ fn error_outcome(e: &VaultError) -> &'static str {
         VaultError::Integrity => "integrity",
         VaultError::Store(crate::store::StoreError::Corrupt) => "integrity",
         VaultError::Sealed => "sealed",
+        VaultError::PspNotConfigured | VaultError::IdempotencyMismatch => "error",
         VaultError::Store(_) | VaultError::Task | VaultError::KeyRefused(_) | VaultError::Keystore(_) => "error",
     }
 }

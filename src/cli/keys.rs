@@ -288,7 +288,11 @@ fn open_offline(conn: &Conn) -> Result<Backend, Failure> {
             ),
         )
     })?;
-    let vault = Vault::new(Arc::new(store), Arc::new(keys), keystore_settings.cryptoperiod()).map_err(Failure::from)?;
+    let options = crate::service::VaultOptions {
+        cryptoperiod: keystore_settings.cryptoperiod(),
+        ..Default::default()
+    };
+    let vault = Vault::new(Arc::new(store), Arc::new(keys), options).map_err(Failure::from)?;
     Ok(Backend::Offline { vault })
 }
 

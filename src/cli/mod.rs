@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use crate::config::{Mode, Settings};
+use crate::config::{ConfigError, Mode, PspSettings, Settings};
 use crate::dev::{self, Role};
 use crate::startup::Application;
 use crate::telemetry;
@@ -39,6 +39,15 @@ enum Command {
     },
     /// Submit one custodian share to a sealed vault (read from a file, a hidden prompt or stdin; never argv).
     Unseal(keys::UnsealArgs),
+    /// A local PSP simulator (Adyen-style `POST /payments`) with deterministic outcomes, for dev and tests.
+    MockPsp {
+        /// Listen address.
+        #[arg(long, default_value = "127.0.0.1:8081", value_name = "ADDR")]
+        listen: SocketAddr,
+        /// File holding the API key to require [default: the dev key the vault uses with --psp-url].
+        #[arg(long, value_name = "FILE")]
+        api_key_file: Option<PathBuf>,
+    },
     /// Dev-mode helpers (refuse to work on a production data directory).
     Dev {
         #[command(subcommand)]
@@ -57,6 +66,15 @@ struct ServeArgs {
     /// Data directory [dev default: ./data].
     #[arg(long, env = "TOKENVAULT_DATA_DIR", value_name = "DIR")]
     data_dir: Option<PathBuf>,
+    /// Dev mode: the PSP base URL (e.g. the mock PSP, http://127.0.0.1:8081); its host is allow-listed.
+    #[arg(long, env = "TOKENVAULT_PSP_URL", value_name = "URL")]
+    psp_url: Option<String>,
+    /// Dev mode: PSP read timeout [default: 5s]; a timed-out call is retried once with the same idempotency key.
+    #[arg(long, env = "TOKENVAULT_PSP_TIMEOUT", value_name = "DURATION", requires = "psp_url")]
+    psp_timeout: Option<String>,
+    /// How long a CVV may wait in memory for its charge [default: 15m].
+    #[arg(long, env = "TOKENVAULT_CVV_TTL", value_name = "DURATION")]
+    cvv_ttl: Option<String>,
     /// KEK cryptoperiod, e.g. 90d: the active KEK rotates automatically when older.
     #[arg(long, env = "TOKENVAULT_CRYPTOPERIOD", value_name = "DURATION")]
     cryptoperiod: Option<String>,
@@ -89,6 +107,7 @@ pub fn run() -> ExitCode {
         Command::Serve(args) => serve(args),
         Command::Keys { conn, command } => keys::run_keys(conn, command),
         Command::Unseal(args) => keys::run_unseal(args),
+        Command::MockPsp { listen, api_key_file } => mock_psp(listen, api_key_file),
         Command::Dev {
             command:
                 DevCommand::Token {
@@ -142,11 +161,40 @@ fn serve(args: ServeArgs) -> ExitCode {
             }
         }
     };
-    let settings = settings.map(|mut s| {
+    let settings = settings.and_then(|mut s| {
         if let Some(p) = args.cryptoperiod.clone() {
             s.keystore.cryptoperiod = Some(p);
         }
-        s
+        if let Some(ttl) = &args.cvv_ttl {
+            s.cvv_ttl = humantime::parse_duration(ttl)
+                .map_err(|_| ConfigError::Invalid("--cvv-ttl must be a duration such as 15m".into()))?;
+        }
+        if let Some(url) = &args.psp_url {
+            if s.mode != Mode::Dev {
+                return Err(ConfigError::Invalid(
+                    "--psp-url is for dev mode; configure [psp] in the config file".into(),
+                ));
+            }
+            let host = reqwest::Url::parse(url)
+                .ok()
+                .and_then(|u| u.host_str().map(str::to_owned))
+                .ok_or_else(|| ConfigError::Invalid("--psp-url must be a URL such as http://127.0.0.1:8081".into()))?;
+            s.psp = Some(PspSettings {
+                base_url: url.clone(),
+                api_key_file: PathBuf::new(),
+                merchant_account: "TokenvaultDev".into(),
+                allowed_hosts: vec![host],
+                connect_timeout_ms: 2_000,
+                timeout_ms: match &args.psp_timeout {
+                    None => 5_000,
+                    Some(t) => humantime::parse_duration(t)
+                        .map_err(|_| ConfigError::Invalid("--psp-timeout must be a duration such as 2s".into()))?
+                        .as_millis() as u64,
+                },
+                dev_api_key: Some(crate::psp::DEV_API_KEY.into()),
+            });
+        }
+        Ok(s)
     });
     let settings = match settings.and_then(|s| s.validate().map(|_| s)) {
         Ok(s) => s,
@@ -168,6 +216,27 @@ fn serve(args: ServeArgs) -> ExitCode {
         app.run_until_stopped().await.map_err(|e| e.to_string())
     });
     match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn mock_psp(listen: SocketAddr, api_key_file: Option<PathBuf>) -> ExitCode {
+    let key = match api_key_file {
+        Some(f) => match std::fs::read_to_string(&f) {
+            Ok(k) => k.trim().to_owned(),
+            Err(e) => {
+                eprintln!("error: cannot read {}: {e}", f.display());
+                return ExitCode::from(2);
+            }
+        },
+        None => crate::psp::DEV_API_KEY.to_owned(),
+    };
+    telemetry::init(crate::config::LogFormat::Pretty);
+    match actix_web::rt::System::new().block_on(crate::psp::mock::serve(listen, key)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");

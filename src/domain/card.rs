@@ -287,6 +287,42 @@ impl fmt::Debug for CardholderName {
     }
 }
 
+/// Why a CVV is not acceptable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("cvv must be 3 ASCII digits (4 for American Express)")]
+pub struct CvvError;
+
+/// A card verification value. Sensitive authentication data (PCI DSS 3.3): never
+/// stored at rest, zeroized on drop, redacted in `Debug`.
+#[derive(Clone)]
+pub struct Cvv(Zeroizing<String>);
+
+impl Cvv {
+    /// Parses a CVV for a card of `brand`: 4 digits for Amex, 3 otherwise.
+    pub fn parse(s: &str, brand: Brand) -> Result<Cvv, CvvError> {
+        let len = if brand == Brand::Amex { 4 } else { 3 };
+        if s.len() != len || !s.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(CvvError);
+        }
+        Ok(Cvv(Zeroizing::new(s.to_owned())))
+    }
+
+    /// Rebuilds a CVV that was validated when it was received.
+    pub fn from_trusted(s: &str) -> Option<Cvv> {
+        ((3..=4).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_digit())).then(|| Cvv(Zeroizing::new(s.to_owned())))
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Cvv {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Cvv([REDACTED])")
+    }
+}
+
 /// What the vault encrypts per record: the PAN, the expiry and the name.
 #[derive(Clone)]
 pub struct CardPayload {
@@ -428,6 +464,20 @@ mod tests {
         };
         let shown = format!("{payload:?}");
         assert!(!shown.contains("4111") && !shown.contains("Ada") && !shown.contains("2030"));
+    }
+
+    #[test]
+    fn cvv_rules() {
+        assert!(Cvv::parse("737", Brand::Visa).is_ok());
+        assert!(Cvv::parse("7373", Brand::Amex).is_ok());
+        assert!(Cvv::parse("7373", Brand::Visa).is_err());
+        assert!(Cvv::parse("737", Brand::Amex).is_err());
+        assert!(Cvv::parse("73a", Brand::Visa).is_err());
+        assert!(Cvv::parse("٧٣٧", Brand::Visa).is_err());
+        assert_eq!(
+            format!("{:?}", Cvv::parse("737", Brand::Visa).unwrap()),
+            "Cvv([REDACTED])"
+        );
     }
 
     #[test]

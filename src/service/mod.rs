@@ -4,6 +4,8 @@
 //! (insert-if-absent, group commit). Blocking work (crypto, sled) runs on the
 //! blocking pool; a created or deleted record is durable before the call returns.
 
+mod charges;
+mod cvv;
 mod keyadmin;
 
 use std::sync::Arc;
@@ -42,6 +44,10 @@ pub enum VaultError {
     KeyRefused(String),
     #[error("keystore error: {0}")]
     Keystore(String),
+    #[error("no PSP is configured")]
+    PspNotConfigured,
+    #[error("the Idempotency-Key was already used with a different request")]
+    IdempotencyMismatch,
 }
 
 impl From<Sealed> for VaultError {
@@ -74,6 +80,8 @@ impl From<KeyError> for VaultError {
 pub struct TokenizeInput {
     pub card: CardPayload,
     pub format: TokenFormat,
+    /// Held in memory only, for the next charge (never stored).
+    pub cvv: Option<crate::domain::card::Cvv>,
 }
 
 /// Public metadata of a token: never the PAN.
@@ -88,6 +96,8 @@ pub struct TokenMetadata {
     pub exp_year: u16,
     pub fingerprint: String,
     pub created_at: OffsetDateTime,
+    /// Whether a CVV waits in memory for the next charge.
+    pub cvv_held: bool,
 }
 
 /// Whether tokenize stored a new card or found the tenant's existing one.
@@ -104,6 +114,7 @@ pub struct Revealed {
     pub card: CardPayload,
 }
 
+pub use charges::{ChargeInput, ChargeOutcome};
 pub use keyadmin::{DestroyOutcome, KeyStatus, RewrapProgress, VersionStatus};
 
 /// The vault. Cheap to clone.
@@ -113,22 +124,45 @@ pub struct Vault {
     keys: Arc<KeyManager>,
     stored: Arc<AtomicI64>,
     admin: Arc<keyadmin::AdminState>,
+    cvv: Arc<cvv::CvvCache>,
+    psp: Option<Arc<dyn crate::psp::Psp>>,
+    inflight: Arc<charges::Inflight>,
+    idempotency_window: std::time::Duration,
+}
+
+/// What a vault needs besides its store and keys.
+#[derive(Clone)]
+pub struct VaultOptions {
+    pub cryptoperiod: Option<std::time::Duration>,
+    pub cvv_ttl: std::time::Duration,
+    pub idempotency_window: std::time::Duration,
+    pub psp: Option<Arc<dyn crate::psp::Psp>>,
+}
+
+impl Default for VaultOptions {
+    fn default() -> Self {
+        VaultOptions {
+            cryptoperiod: None,
+            cvv_ttl: crate::config::DEFAULT_CVV_TTL,
+            idempotency_window: crate::config::DEFAULT_IDEMPOTENCY_WINDOW,
+            psp: None,
+        }
+    }
 }
 
 impl Vault {
     /// Builds the vault; counts the stored records once (for the gauge).
-    pub fn new(
-        store: Arc<dyn Store>,
-        keys: Arc<KeyManager>,
-        cryptoperiod: Option<std::time::Duration>,
-    ) -> Result<Vault, VaultError> {
+    pub fn new(store: Arc<dyn Store>, keys: Arc<KeyManager>, options: VaultOptions) -> Result<Vault, VaultError> {
         let n = store.count()?;
-        let admin = Arc::new(keyadmin::AdminState::new(cryptoperiod));
         Ok(Vault {
             store,
             keys,
             stored: Arc::new(AtomicI64::new(n as i64)),
-            admin,
+            admin: Arc::new(keyadmin::AdminState::new(options.cryptoperiod)),
+            cvv: Arc::new(cvv::CvvCache::new(options.cvv_ttl)),
+            psp: options.psp,
+            inflight: Arc::new(std::sync::Mutex::new(std::collections::HashMap::new())),
+            idempotency_window: options.idempotency_window,
         })
     }
 
@@ -151,7 +185,8 @@ impl Vault {
     }
 
     /// Tokenizes a card for `tenant`, or returns the token it already has.
-    pub async fn tokenize(&self, tenant: TenantId, input: TokenizeInput) -> Result<Tokenized, VaultError> {
+    pub async fn tokenize(&self, tenant: TenantId, mut input: TokenizeInput) -> Result<Tokenized, VaultError> {
+        let cvv = input.cvv.take();
         let this = self.clone();
         let outcome = tokio::task::spawn_blocking(move || this.tokenize_blocking(&tenant, &input))
             .await
@@ -161,6 +196,14 @@ impl Vault {
         if matches!(outcome, Tokenized::Created(_)) {
             self.stored.fetch_add(1, Ordering::Relaxed);
         }
+        let mut outcome = outcome;
+        let meta = match &mut outcome {
+            Tokenized::Created(m) | Tokenized::Existing(m) => m,
+        };
+        if let Some(cvv) = &cvv {
+            self.cvv.put(&meta.token, cvv);
+        }
+        meta.cvv_held = self.cvv.holds(&meta.token);
         Ok(outcome)
     }
 
@@ -186,6 +229,7 @@ impl Vault {
                 last4: pan.last4().to_owned(),
                 fingerprint,
                 created_at: now_seconds(),
+                network_tx_id: None,
             };
             match self.store.insert(&record)? {
                 InsertOutcome::Inserted => {
@@ -207,10 +251,12 @@ impl Vault {
     /// Metadata of a token (decrypts the payload for the expiry, then drops it).
     pub async fn metadata(&self, tenant: TenantId, token: Token) -> Result<TokenMetadata, VaultError> {
         let this = self.clone();
-        tokio::task::spawn_blocking(move || this.metadata_blocking(&tenant, &token))
+        let mut meta = tokio::task::spawn_blocking(move || this.metadata_blocking(&tenant, &token))
             .await
             .map_err(|_| VaultError::Task)??
-            .ok_or(VaultError::NotFound)
+            .ok_or(VaultError::NotFound)?;
+        meta.cvv_held = self.cvv.holds(&meta.token);
+        Ok(meta)
     }
 
     fn metadata_blocking(&self, tenant: &TenantId, token: &Token) -> Result<Option<TokenMetadata>, VaultError> {
@@ -254,12 +300,15 @@ impl Vault {
             return Err(VaultError::Sealed);
         }
         let store = self.store.clone();
+        let gone = token.clone();
         let deleted = tokio::task::spawn_blocking(move || store.delete(&tenant, &token))
             .await
             .map_err(|_| VaultError::Task)??;
         if !deleted {
             return Err(VaultError::NotFound);
         }
+        // A deleted card takes its waiting CVV with it.
+        drop(self.cvv.take(&gone));
         self.store.commit().await?;
         self.stored.fetch_sub(1, Ordering::Relaxed);
         Ok(())
@@ -277,6 +326,7 @@ fn metadata(record: &StoredRecord, card: &CardPayload) -> TokenMetadata {
         exp_year: card.expiry.year(),
         fingerprint: hex::encode(record.fingerprint),
         created_at: record.created_at,
+        cvv_held: false,
     }
 }
 

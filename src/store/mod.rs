@@ -33,6 +33,38 @@ pub struct StoredRecord {
     pub fingerprint: [u8; 32],
     pub created_at: OffsetDateTime,
     pub sealed: SealedCard,
+    /// The card scheme's transaction id from the first customer-initiated charge
+    /// (card-on-file); sent with later merchant-initiated charges. Not card data.
+    pub network_tx_id: Option<String>,
+}
+
+/// A charge as stored: the outcome, never card data.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ChargeRecord {
+    pub id: String,
+    pub tenant: String,
+    pub client: String,
+    pub token: String,
+    pub amount_value: u64,
+    pub currency: String,
+    pub reference: String,
+    pub shopper_interaction: String,
+    pub recurring: Option<(String, String)>,
+    pub status: String,
+    pub psp_reference: Option<String>,
+    pub refusal_reason: Option<String>,
+    pub network_transaction_id: Option<String>,
+    pub cvv_sent: bool,
+    pub created_at: i64,
+}
+
+/// What an Idempotency-Key resolved to.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct IdempotencyRecord {
+    /// SHA-256 of the canonical request: same key with another body is refused.
+    pub request_hash: [u8; 32],
+    pub charge_id: String,
+    pub created_at: i64,
 }
 
 /// What an insert-if-absent did.
@@ -76,6 +108,19 @@ pub trait Store: Send + Sync + 'static {
     /// Replaces a record's envelope if the record is still exactly `current`
     /// (compare-and-swap); `false` if it changed or was deleted meanwhile.
     fn replace_sealed(&self, current: &StoredRecord, sealed: &SealedCard) -> Result<bool, StoreError>;
+    /// Sets a record's card-on-file network transaction id if it has none yet.
+    fn set_network_tx_id(&self, tenant: &TenantId, token: &Token, id: &str) -> Result<bool, StoreError>;
+    /// Stores a charge and the idempotency entry that names it, atomically.
+    fn put_charge(
+        &self,
+        charge: &ChargeRecord,
+        idempotency_key: &[u8; 32],
+        idem: &IdempotencyRecord,
+    ) -> Result<(), StoreError>;
+    /// A charge of `tenant` by id.
+    fn get_charge(&self, tenant: &TenantId, id: &str) -> Result<Option<ChargeRecord>, StoreError>;
+    /// The idempotency entry for a (client, tenant, key) digest.
+    fn get_idempotency(&self, idempotency_key: &[u8; 32]) -> Result<Option<IdempotencyRecord>, StoreError>;
     /// A ticket that resolves once every write made before this call is durable.
     /// Concurrent callers share one flush (group commit).
     fn commit(&self) -> Commit;
@@ -137,6 +182,7 @@ pub(crate) mod conformance {
                 wrapped_dek: vec![1; 60],
                 ciphertext: vec![2; 50],
             },
+            network_tx_id: None,
         }
     }
 
@@ -208,5 +254,51 @@ pub(crate) mod conformance {
             !store.replace_sealed(&gone, &c.sealed).unwrap(),
             "CAS: the record was deleted"
         );
+
+        // Card-on-file id: set once, never overwritten, tenant-scoped.
+        let d = record("t4", "4111110000006112", 4);
+        assert_eq!(store.insert(&d).unwrap(), InsertOutcome::Inserted);
+        assert!(!store.set_network_tx_id(&t2, &d.token, "NTI1").unwrap());
+        assert!(store.set_network_tx_id(&d.tenant, &d.token, "NTI1").unwrap());
+        assert!(!store.set_network_tx_id(&d.tenant, &d.token, "NTI2").unwrap());
+        assert_eq!(
+            store
+                .get(&d.tenant, &d.token)
+                .unwrap()
+                .unwrap()
+                .network_tx_id
+                .as_deref(),
+            Some("NTI1")
+        );
+
+        // Charges and idempotency entries.
+        let charge = ChargeRecord {
+            id: "ch_1".into(),
+            tenant: "t4".into(),
+            client: "psp".into(),
+            token: d.token.to_string(),
+            amount_value: 1000,
+            currency: "EUR".into(),
+            reference: "r".into(),
+            shopper_interaction: "moto".into(),
+            recurring: None,
+            status: "authorised".into(),
+            psp_reference: Some("P".into()),
+            refusal_reason: None,
+            network_transaction_id: Some("NTI1".into()),
+            cvv_sent: true,
+            created_at: 1,
+        };
+        let idem = IdempotencyRecord {
+            request_hash: [5; 32],
+            charge_id: "ch_1".into(),
+            created_at: 1,
+        };
+        store.put_charge(&charge, &[9; 32], &idem).unwrap();
+        store.commit().await.unwrap();
+        assert_eq!(store.get_charge(&d.tenant, "ch_1").unwrap(), Some(charge));
+        assert_eq!(store.get_charge(&t2, "ch_1").unwrap(), None);
+        assert_eq!(store.get_idempotency(&[9; 32]).unwrap(), Some(idem));
+        assert_eq!(store.get_idempotency(&[8; 32]).unwrap(), None);
     }
 }

@@ -18,7 +18,7 @@ use sled::transaction::{ConflictableTransactionError, TransactionError, Transact
 use time::OffsetDateTime;
 use tokio::sync::oneshot;
 
-use super::{Commit, InsertOutcome, Store, StoreError, StoredRecord};
+use super::{ChargeRecord, Commit, IdempotencyRecord, InsertOutcome, Store, StoreError, StoredRecord};
 use crate::domain::card::Brand;
 use crate::domain::tenant::TenantId;
 use crate::domain::token::{Token, TokenFormat};
@@ -36,6 +36,8 @@ pub struct SledStore {
     tokens: sled::Tree,
     fingerprints: sled::Tree,
     by_version: sled::Tree,
+    charges: sled::Tree,
+    idempotency: sled::Tree,
     meta: sled::Tree,
     committer: Mutex<mpsc::Sender<Waiter>>,
     _thread: Arc<std::thread::JoinHandle<()>>,
@@ -54,6 +56,8 @@ impl SledStore {
         let tokens = db.open_tree("tokens").map_err(backend)?;
         let fingerprints = db.open_tree("fingerprints").map_err(backend)?;
         let by_version = db.open_tree("by_version").map_err(backend)?;
+        let charges = db.open_tree("charges").map_err(backend)?;
+        let idempotency = db.open_tree("idempotency").map_err(backend)?;
         let meta = db.open_tree("meta").map_err(backend)?;
         match meta.get(SCHEMA_KEY).map_err(backend)? {
             None => {
@@ -74,6 +78,8 @@ impl SledStore {
             tokens,
             fingerprints,
             by_version,
+            charges,
+            idempotency,
             meta,
             committer: Mutex::new(tx),
             _thread: Arc::new(thread),
@@ -124,6 +130,7 @@ struct RecordV1 {
     key_version: u32,
     wrapped_dek: Vec<u8>,
     ciphertext: Vec<u8>,
+    network_tx_id: Option<String>,
 }
 
 fn encode(r: &StoredRecord) -> Result<Vec<u8>, StoreError> {
@@ -138,6 +145,7 @@ fn encode(r: &StoredRecord) -> Result<Vec<u8>, StoreError> {
         key_version: r.sealed.key_version,
         wrapped_dek: r.sealed.wrapped_dek.clone(),
         ciphertext: r.sealed.ciphertext.clone(),
+        network_tx_id: r.network_tx_id.clone(),
     };
     let mut out = vec![RECORD_V1];
     out.extend(postcard::to_stdvec(&v).map_err(|_| StoreError::Corrupt)?);
@@ -164,6 +172,7 @@ fn decode(token: &Token, bytes: &[u8]) -> Result<StoredRecord, StoreError> {
             wrapped_dek: v.wrapped_dek,
             ciphertext: v.ciphertext,
         },
+        network_tx_id: v.network_tx_id,
     })
 }
 
@@ -293,6 +302,64 @@ impl Store for SledStore {
             TransactionError::Abort(e) => e,
             TransactionError::Storage(e) => backend(e),
         })
+    }
+
+    fn set_network_tx_id(&self, tenant: &TenantId, token: &Token, id: &str) -> Result<bool, StoreError> {
+        loop {
+            let Some(current) = self.get(tenant, token)? else {
+                return Ok(false);
+            };
+            if current.network_tx_id.is_some() {
+                return Ok(false);
+            }
+            let expected = encode(&current)?;
+            let next = encode(&StoredRecord {
+                network_tx_id: Some(id.to_owned()),
+                ..current
+            })?;
+            match self
+                .tokens
+                .compare_and_swap(token.as_str().as_bytes(), Some(expected), Some(next))
+                .map_err(backend)?
+            {
+                Ok(()) => return Ok(true),
+                Err(_) => continue, // changed meanwhile (rewrap): re-read and try again
+            }
+        }
+    }
+
+    fn put_charge(
+        &self,
+        charge: &ChargeRecord,
+        idempotency_key: &[u8; 32],
+        idem: &IdempotencyRecord,
+    ) -> Result<(), StoreError> {
+        let c = postcard::to_stdvec(charge).map_err(|_| StoreError::Corrupt)?;
+        let i = postcard::to_stdvec(idem).map_err(|_| StoreError::Corrupt)?;
+        let result = (&self.charges, &self.idempotency).transaction(|(charges, idempotency)| {
+            charges.insert(charge.id.as_bytes(), c.as_slice())?;
+            idempotency.insert(&idempotency_key[..], i.as_slice())?;
+            Ok::<(), ConflictableTransactionError<StoreError>>(())
+        });
+        result.map_err(|e| match e {
+            TransactionError::Abort(e) => e,
+            TransactionError::Storage(e) => backend(e),
+        })
+    }
+
+    fn get_charge(&self, tenant: &TenantId, id: &str) -> Result<Option<ChargeRecord>, StoreError> {
+        let Some(bytes) = self.charges.get(id.as_bytes()).map_err(backend)? else {
+            return Ok(None);
+        };
+        let charge: ChargeRecord = postcard::from_bytes(&bytes).map_err(|_| StoreError::Corrupt)?;
+        Ok((charge.tenant == tenant.as_str()).then_some(charge))
+    }
+
+    fn get_idempotency(&self, idempotency_key: &[u8; 32]) -> Result<Option<IdempotencyRecord>, StoreError> {
+        match self.idempotency.get(&idempotency_key[..]).map_err(backend)? {
+            None => Ok(None),
+            Some(bytes) => postcard::from_bytes(&bytes).map(Some).map_err(|_| StoreError::Corrupt),
+        }
     }
 
     fn commit(&self) -> Commit {

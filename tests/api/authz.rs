@@ -6,19 +6,25 @@ use serde_json::{Value, json};
 
 use crate::helpers::*;
 
-const ROLES: [&str; 4] = ["edge", "crm", "psp", "officer"];
+const ROLES: [&str; 5] = ["edge", "crm", "psp", "officer", "officer2"];
 
 /// The scope each endpoint requires, and the one role holding it.
-const ENDPOINTS: [(&str, &str, &str); 4] = [
+const ENDPOINTS: [(&str, &str, &str); 7] = [
     ("POST", "/v1/tokens", "edge"),
     ("GET", "/v1/tokens/{token}", "crm"),
     ("DELETE", "/v1/tokens/{token}", "crm"),
     ("POST", "/v1/detokenize", "psp"),
+    ("POST", "/v1/charges", "psp"),
+    ("GET", "/v1/charges/{id}", "psp"),
+    ("GET", "/v1/admin/keys", "officer"),
 ];
 
 async fn call(app: &TestApp, method: &str, path: &str, jwt: Option<&str>, token: &str) -> reqwest::Response {
-    let url = app.url(&path.replace("{token}", token));
+    let url = app.url(&path.replace("{token}", token).replace("{id}", "ch_unknown"));
     let mut req = match method {
+        "POST" if path == "/v1/charges" => app.client.post(url).header("Idempotency-Key", format!("k-{token}")).json(
+            &json!({"token": token, "amount": {"value": 100, "currency": "EUR"}, "reference": "r", "shopper_interaction": "moto"}),
+        ),
         "POST" if path == "/v1/tokens" => app
             .client
             .post(url)
@@ -44,10 +50,13 @@ async fn every_role_on_every_endpoint() {
             let (_, body) = app.tokenize("default", &pan_for(rand_index()), None).await;
             let token = body["token"].as_str().unwrap().to_owned();
             let res = call(&app, method, path, Some(&app.jwt(role, "default")), &token).await;
-            if role == allowed {
+            if role == allowed || (allowed == "officer" && role == "officer2") {
                 let expected = match (method, path) {
                     ("POST", "/v1/tokens") => [200, 201].contains(&res.status().as_u16()),
                     ("DELETE", _) => res.status() == 204,
+                    // Authorized; no PSP is configured in this vault / no such charge.
+                    ("POST", "/v1/charges") => res.status() == 503,
+                    ("GET", "/v1/charges/{id}") => res.status() == 404,
                     _ => res.status() == 200,
                 };
                 assert!(expected, "{role} {method} {path}: {}", res.status());
@@ -61,13 +70,14 @@ async fn every_role_on_every_endpoint() {
             assert_problem(res, 401, "unauthenticated").await;
         }
     }
+    // 7 endpoints × 5 roles: 8 allowed (officer and officer2 share one), 27 refused by scope.
     assert_eq!(
         app.metric("tokenvault_auth_failures_total{reason=\"scope\"}").await,
-        12.0
+        27.0
     );
     assert_eq!(
         app.metric("tokenvault_auth_failures_total{reason=\"missing\"}").await,
-        16.0
+        35.0
     );
 }
 

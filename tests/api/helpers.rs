@@ -170,7 +170,7 @@ impl TestApp {
         let (sub, scope) = match role {
             "edge" => ("dev-edge", "tokens:create"),
             "crm" => ("dev-crm", "tokens:read tokens:delete"),
-            "psp" => ("dev-psp", "tokens:detokenize"),
+            "psp" => ("dev-psp", "tokens:detokenize charges:create charges:read"),
             "officer" => ("dev-officer", "keys:admin"),
             "officer2" => ("dev-officer-2", "keys:admin"),
             other => panic!("unknown role {other}"),

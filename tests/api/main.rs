@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod authz;
+mod charges;
 pub mod cli;
 mod durability;
 mod helpers;

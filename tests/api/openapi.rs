@@ -48,6 +48,8 @@ fn routes_and_scopes_match_the_server() {
                 ("delete", "/v1/tokens/{token}") => &["tokens:delete"],
                 ("post", "/v1/detokenize") => &["tokens:detokenize"],
                 (_, p) if p.starts_with("/v1/admin/") => &["keys:admin"],
+                ("post", "/v1/charges") => &["charges:create"],
+                ("get", "/v1/charges/{id}") => &["charges:read"],
                 _ => &[],
             };
             assert_eq!(scopes, expected, "{method} {path}");

@@ -1,0 +1,283 @@
+//! Adapter for an Adyen-style Checkout `POST /payments` API.
+//!
+//! Safety rules for money movement: every request carries the PSP's
+//! `Idempotency-Key`; a request that never left (connect error) may be retried;
+//! a timeout or 5xx is retried once **with the same idempotency key**, so the PSP
+//! de-duplicates it and the card is never charged twice; 4xx is never retried.
+//! Card data goes only to an allow-listed host.
+
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+use super::{
+    PspCall, PspError, PspFuture, PspOutcome, PspRequest, PspStatus, RecurringModel, ShopperInteraction, check_allowed,
+};
+use crate::config::PspSettings;
+
+/// The Checkout adapter.
+pub struct AdyenPsp {
+    client: reqwest::Client,
+    endpoint: reqwest::Url,
+    api_key: SecretString,
+    merchant_account: String,
+    allowed_hosts: Vec<String>,
+}
+
+impl std::fmt::Debug for AdyenPsp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "AdyenPsp({}, [REDACTED])", self.endpoint)
+    }
+}
+
+impl AdyenPsp {
+    /// Builds the adapter; refuses a base URL whose host is not allow-listed.
+    pub fn new(settings: &PspSettings) -> Result<AdyenPsp, String> {
+        check_allowed(&settings.base_url, &settings.allowed_hosts)?;
+        let api_key = match &settings.dev_api_key {
+            Some(k) => SecretString::from(k.clone()),
+            None => {
+                let text =
+                    Zeroizing::new(std::fs::read_to_string(&settings.api_key_file).map_err(|e| {
+                        format!("cannot read psp.api_key_file {}: {e}", settings.api_key_file.display())
+                    })?);
+                SecretString::from(text.trim().to_owned())
+            }
+        };
+        let endpoint = reqwest::Url::parse(&format!("{}/payments", settings.base_url.trim_end_matches('/')))
+            .map_err(|_| "psp.base_url is not a URL".to_owned())?;
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .connect_timeout(Duration::from_millis(settings.connect_timeout_ms))
+            .timeout(Duration::from_millis(settings.timeout_ms))
+            // Card data must not follow a redirect to some other host.
+            .redirect(reqwest::redirect::Policy::none())
+            .https_only(!settings.base_url.starts_with("http://"))
+            .build()
+            .map_err(|e| format!("cannot build the PSP client: {e}"))?;
+        Ok(AdyenPsp {
+            client,
+            endpoint,
+            api_key,
+            merchant_account: settings.merchant_account.clone(),
+            allowed_hosts: settings.allowed_hosts.clone(),
+        })
+    }
+
+    async fn send_once(&self, body: &[u8], idempotency_key: &str) -> Result<PspOutcome, PspError> {
+        // Defense in depth: re-check the destination right before card data leaves.
+        let host = self.endpoint.host_str().unwrap_or_default();
+        if !self.allowed_hosts.iter().any(|h| h.eq_ignore_ascii_case(host)) {
+            return Err(PspError::NotAllowed);
+        }
+        let res = self
+            .client
+            .post(self.endpoint.clone())
+            .header("X-API-Key", self.api_key.expose_secret())
+            .header("Idempotency-Key", idempotency_key)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body.to_vec())
+            .send()
+            .await
+            .map_err(|e| {
+                if e.is_timeout() {
+                    PspError::Timeout
+                } else if e.is_connect() {
+                    PspError::Connect
+                } else {
+                    PspError::Protocol
+                }
+            })?;
+        let status = res.status().as_u16();
+        match status {
+            200..=299 => {}
+            500..=599 => return Err(PspError::Unavailable(status)),
+            _ => return Err(PspError::Rejected(status)),
+        }
+        let parsed: PaymentResponse = res.json().await.map_err(|e| {
+            if e.is_timeout() {
+                PspError::Timeout
+            } else {
+                PspError::Protocol
+            }
+        })?;
+        let status = match parsed.result_code.as_str() {
+            "Authorised" => PspStatus::Authorised,
+            "Refused" | "Cancelled" => PspStatus::Refused,
+            _ => PspStatus::Error,
+        };
+        Ok(PspOutcome {
+            status,
+            psp_reference: parsed.psp_reference,
+            refusal_reason: parsed.refusal_reason,
+            network_tx_reference: parsed.additional_data.and_then(|a| a.network_tx_reference),
+        })
+    }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct PaymentRequest<'a> {
+    merchant_account: &'a str,
+    reference: &'a str,
+    amount: AmountBody<'a>,
+    payment_method: CardBody<'a>,
+    shopper_interaction: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    recurring_processing_model: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    network_tx_reference: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct AmountBody<'a> {
+    value: u64,
+    currency: &'a str,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct CardBody<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    number: &'a str,
+    expiry_month: String,
+    expiry_year: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    holder_name: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cvc: Option<&'a str>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PaymentResponse {
+    #[serde(default)]
+    psp_reference: Option<String>,
+    result_code: String,
+    #[serde(default)]
+    refusal_reason: Option<String>,
+    #[serde(default)]
+    additional_data: Option<AdditionalData>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct AdditionalData {
+    #[serde(default)]
+    network_tx_reference: Option<String>,
+}
+
+impl super::Psp for AdyenPsp {
+    fn authorise<'a>(&'a self, req: PspRequest<'a>) -> PspFuture<'a> {
+        Box::pin(async move {
+            let body = PaymentRequest {
+                merchant_account: &self.merchant_account,
+                reference: req.reference,
+                amount: AmountBody {
+                    value: req.amount.value,
+                    currency: &req.amount.currency,
+                },
+                payment_method: CardBody {
+                    kind: "scheme",
+                    number: req.card.pan.expose_digits(),
+                    expiry_month: format!("{:02}", req.card.expiry.month()),
+                    expiry_year: req.card.expiry.year().to_string(),
+                    holder_name: req.card.name.as_ref().map(|n| n.expose()),
+                    cvc: req.cvv.map(|c| c.expose()),
+                },
+                shopper_interaction: match req.interaction {
+                    ShopperInteraction::Ecommerce => "Ecommerce",
+                    ShopperInteraction::Moto => "Moto",
+                    ShopperInteraction::ContAuth => "ContAuth",
+                },
+                recurring_processing_model: req.recurring.map(|r| match r.model {
+                    RecurringModel::Subscription => "Subscription",
+                    RecurringModel::Unscheduled => "UnscheduledCardOnFile",
+                    RecurringModel::CardOnFile => "CardOnFile",
+                }),
+                network_tx_reference: req.network_tx_reference,
+            };
+            // Serialized into a zeroizing buffer sized up front (no reallocation copies).
+            let mut buf = Zeroizing::new(Vec::with_capacity(1024));
+            let mut failed_attempts = Vec::new();
+            if serde_json::to_writer(&mut *buf, &body).is_err() {
+                return PspCall {
+                    result: Err(PspError::Protocol),
+                    failed_attempts,
+                };
+            }
+            let mut connect_retries = 0;
+            let mut unknown_retried = false;
+            loop {
+                match self.send_once(&buf, req.idempotency_key).await {
+                    Err(PspError::Connect) if connect_retries < 2 => {
+                        // Nothing was sent: safe to try again.
+                        connect_retries += 1;
+                        failed_attempts.push(PspError::Connect);
+                        tokio::time::sleep(Duration::from_millis(100 * connect_retries)).await;
+                    }
+                    Err(e @ (PspError::Timeout | PspError::Unavailable(_))) if !unknown_retried => {
+                        // Outcome unknown: retry once with the same idempotency key.
+                        unknown_retried = true;
+                        tracing::warn!(
+                            kind = e.kind(),
+                            reference = req.reference,
+                            "PSP call failed; retrying with the same idempotency key"
+                        );
+                        failed_attempts.push(e);
+                    }
+                    result => {
+                        if let Err(e) = &result {
+                            failed_attempts.push(e.clone());
+                        }
+                        return PspCall {
+                            result,
+                            failed_attempts,
+                        };
+                    }
+                }
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(url: &str, hosts: &[&str]) -> PspSettings {
+        PspSettings {
+            base_url: url.into(),
+            api_key_file: "/nonexistent".into(),
+            merchant_account: "M".into(),
+            allowed_hosts: hosts.iter().map(|s| s.to_string()).collect(),
+            connect_timeout_ms: 100,
+            timeout_ms: 100,
+            dev_api_key: Some("k".into()),
+        }
+    }
+
+    #[test]
+    fn only_allow_listed_hosts() {
+        assert!(
+            AdyenPsp::new(&settings(
+                "https://checkout-test.adyen.com/v71",
+                &["checkout-test.adyen.com"]
+            ))
+            .is_ok()
+        );
+        let err = AdyenPsp::new(&settings("https://evil.example/v71", &["checkout-test.adyen.com"])).unwrap_err();
+        assert!(err.contains("not in allowed_hosts"), "{err}");
+        assert!(AdyenPsp::new(&settings("ftp://checkout-test.adyen.com", &["checkout-test.adyen.com"])).is_err());
+        assert!(
+            format!(
+                "{:?}",
+                AdyenPsp::new(&settings("http://127.0.0.1:1", &["127.0.0.1"])).unwrap()
+            )
+            .contains("REDACTED")
+        );
+    }
+}

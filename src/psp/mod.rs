@@ -1,0 +1,154 @@
+//! The outbound PSP connector: a [`Psp`] trait, the Adyen-style Checkout adapter
+//! ([`adyen`]) and a local simulator ([`mock`]). Card data leaves the vault only
+//! through here, and only to an allow-listed host.
+
+pub mod adyen;
+pub mod mock;
+
+use std::future::Future;
+use std::pin::Pin;
+
+use serde::{Deserialize, Serialize};
+
+use crate::domain::card::{CardPayload, Cvv};
+
+/// The API key the dev vault (`serve --psp-url`) and `tokenvault mock-psp` share by
+/// default. Dev only: production reads `psp.api_key_file`.
+pub const DEV_API_KEY: &str = "tokenvault-dev-mock-psp-key";
+
+/// How the shopper took part (card-scheme rules differ for CIT and MIT).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ShopperInteraction {
+    /// Customer-initiated, online.
+    Ecommerce,
+    /// Customer-initiated, mail/telephone order (the call center).
+    Moto,
+    /// Merchant-initiated (continuous authority: recurring billing).
+    ContAuth,
+}
+
+impl ShopperInteraction {
+    pub fn is_customer_initiated(self) -> bool {
+        !matches!(self, ShopperInteraction::ContAuth)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RecurringModel {
+    Subscription,
+    Unscheduled,
+    CardOnFile,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Sequence {
+    First,
+    Subsequent,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Recurring {
+    pub model: RecurringModel,
+    pub sequence: Sequence,
+}
+
+/// An amount in minor units of an ISO 4217 currency.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Amount {
+    pub value: u64,
+    pub currency: String,
+}
+
+/// One authorisation to send.
+pub struct PspRequest<'a> {
+    pub card: &'a CardPayload,
+    pub cvv: Option<&'a Cvv>,
+    pub amount: &'a Amount,
+    pub reference: &'a str,
+    pub interaction: ShopperInteraction,
+    pub recurring: Option<Recurring>,
+    pub network_tx_reference: Option<&'a str>,
+    /// Sent as the PSP's idempotency key: a retry can never charge twice.
+    pub idempotency_key: &'a str,
+}
+
+/// The PSP's verdict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PspStatus {
+    Authorised,
+    Refused,
+    Error,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PspOutcome {
+    pub status: PspStatus,
+    pub psp_reference: Option<String>,
+    pub refusal_reason: Option<String>,
+    pub network_tx_reference: Option<String>,
+}
+
+/// Why no verdict came back. Never carries card data.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PspError {
+    #[error("the PSP did not answer in time (outcome unknown; retried with the same idempotency key)")]
+    Timeout,
+    #[error("the PSP answered HTTP {0}")]
+    Unavailable(u16),
+    #[error("the PSP rejected the request (HTTP {0})")]
+    Rejected(u16),
+    #[error("could not connect to the PSP")]
+    Connect,
+    #[error("the PSP's answer was not understood")]
+    Protocol,
+    #[error("refusing to send card data to a host that is not allow-listed")]
+    NotAllowed,
+}
+
+impl PspError {
+    /// A fixed label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            PspError::Timeout => "timeout",
+            PspError::Unavailable(_) => "5xx",
+            PspError::Rejected(_) => "4xx",
+            PspError::Connect => "connect",
+            PspError::Protocol => "protocol",
+            PspError::NotAllowed => "not_allowed",
+        }
+    }
+}
+
+/// The result of one authorisation, with every attempt that failed on the way
+/// (a timeout recovered by the safe retry is still a timeout to count).
+#[derive(Debug)]
+pub struct PspCall {
+    pub result: Result<PspOutcome, PspError>,
+    pub failed_attempts: Vec<PspError>,
+}
+
+pub type PspFuture<'a> = Pin<Box<dyn Future<Output = PspCall> + Send + 'a>>;
+
+/// A payment service provider the vault forwards cards to.
+pub trait Psp: Send + Sync {
+    fn authorise<'a>(&'a self, request: PspRequest<'a>) -> PspFuture<'a>;
+}
+
+/// Checks that `base_url` is http(s) and its host is on the allow-list.
+pub fn check_allowed(base_url: &str, allowed_hosts: &[String]) -> Result<String, String> {
+    let url = reqwest::Url::parse(base_url).map_err(|_| "base_url is not a URL".to_owned())?;
+    if !matches!(url.scheme(), "https" | "http") {
+        return Err("base_url must be http(s)".into());
+    }
+    let host = url.host_str().ok_or("base_url has no host")?.to_ascii_lowercase();
+    if !allowed_hosts.iter().any(|h| h.eq_ignore_ascii_case(&host)) {
+        return Err(format!("host {host} is not in allowed_hosts"));
+    }
+    Ok(host)
+}
