@@ -394,6 +394,9 @@ impl Settings {
         if let Some(psp) = &self.psp {
             crate::psp::check_allowed(&psp.base_url, &psp.allowed_hosts)
                 .map_err(|e| ConfigError::Invalid(format!("psp: {e}")))?;
+            if self.mode == Mode::Production && !psp.base_url.starts_with("https://") {
+                return bad("psp.base_url must be https:// in production (card data crosses the network)");
+            }
             if self.mode == Mode::Production && psp.dev_api_key.is_some() {
                 return bad("psp: an inline API key is for dev mode only");
             }

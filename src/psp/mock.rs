@@ -28,6 +28,7 @@
 //! | `amount.value % 1000 == 151`           | 200  | `Refused`, `refusalReason` "Insufficient funds"                               | `Refused`          |
 //! | `amount.value % 1000 == 105`           | 200  | `Refused`, `refusalReason` "Do not honor"                                     | `Refused`          |
 //! | `amount.value % 1000 == 504`           | 200  | `Authorised`, but only after **30 seconds** (clients time out first)          | `timeout`          |
+//! | `amount.value % 1000 == 508`           | 504  | after **30 seconds**, on **every** attempt; never stored (a PSP that never answers) | `no-answer`   |
 //! | card number `4000000000000002`         | 200  | `Refused`, `refusalReason` "Card declined"                                    | `Refused`          |
 //! | anything else                          | 200  | `Authorised`                                                                  | `Authorised`       |
 //!
@@ -233,6 +234,8 @@ enum Outcome {
     Error422,
     Error500,
     Error502,
+    /// Never answers in time and never stores anything: every attempt times out.
+    NoAnswer,
 }
 
 impl Outcome {
@@ -245,6 +248,7 @@ impl Outcome {
             Outcome::Error422 => "error-422",
             Outcome::Error500 => "error-500",
             Outcome::Error502 => "error-502",
+            Outcome::NoAnswer => "no-answer",
         }
     }
 }
@@ -389,6 +393,16 @@ fn decide(p: &Payment, gateway_error: bool) -> (Outcome, Reply) {
         151 => (Outcome::Refused, refused("Insufficient funds")),
         105 => (Outcome::Refused, refused("Do not honor")),
         504 => (Outcome::Timeout, authorised(p)),
+        508 => {
+            let status = StatusCode::GATEWAY_TIMEOUT;
+            let body = error_body(
+                status,
+                "000",
+                "Gateway timeout: the acquirer never answered",
+                "internal",
+            );
+            (Outcome::NoAnswer, Reply { status, body })
+        }
         _ if p.declined_card => (Outcome::Refused, refused("Card declined")),
         _ => (Outcome::Authorised, authorised(p)),
     }
@@ -424,7 +438,7 @@ async fn process(state: &MockPsp, payment: &Payment, request: &Value, key: Optio
                 outcome: stored,
             });
         }
-        Outcome::Pending | Outcome::Error422 | Outcome::Error500 => {}
+        Outcome::Pending | Outcome::Error422 | Outcome::Error500 | Outcome::NoAnswer => {}
     }
     (outcome, false, reply)
 }
@@ -491,7 +505,7 @@ async fn payments(req: HttpRequest, body: web::Bytes, state: web::Data<MockPsp>)
         replay,
         "mock-psp payment"
     );
-    if outcome == Outcome::Timeout {
+    if matches!(outcome, Outcome::Timeout | Outcome::NoAnswer) {
         actix_web::rt::time::sleep(TIMEOUT_DELAY).await;
     }
     reply.to_response()

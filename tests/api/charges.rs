@@ -381,7 +381,26 @@ async fn psp_failures_are_clear_counted_and_never_charge_twice() {
     assert_eq!(res.status(), 201);
     let timeout: Value = res.json().await.unwrap();
     assert_eq!(timeout["status"], "authorised", "{timeout}");
-    // 500 on every attempt: same.
+    // A PSP that never answers: one safe retry, then a stored `error` outcome.
+    let res = charge(
+        &app,
+        "psp",
+        "default",
+        Some("t-0"),
+        &charge_body(token, 1508, "ecommerce", None),
+    )
+    .await;
+    let lost: Value = res.json().await.unwrap();
+    assert_eq!(lost["status"], "error", "{lost}");
+    assert!(
+        lost["refusal_reason"]
+            .as_str()
+            .unwrap()
+            .contains("did not answer in time"),
+        "{lost}"
+    );
+    assert!(lost["psp_reference"].is_null());
+    // 500 on every attempt: an `error` outcome too.
     let res = charge(
         &app,
         "psp",
@@ -435,7 +454,7 @@ async fn psp_failures_are_clear_counted_and_never_charge_twice() {
             .filter(|r| r["request"]["amount"]["value"] == value)
             .collect()
     };
-    for value in [1504, 2500, 3502] {
+    for value in [1504, 1508, 2500, 3502] {
         let a = attempts(value);
         assert_eq!(a.len(), 2, "one safe retry for {value}");
         assert_eq!(
@@ -446,13 +465,17 @@ async fn psp_failures_are_clear_counted_and_never_charge_twice() {
     let charged_3502 = attempts(3502).iter().filter(|r| r["outcome"] == "Authorised").count();
     assert_eq!(charged_3502, 1, "never charged twice");
     assert_eq!(attempts(4151).len(), 1, "a refusal is not retried");
-    assert_eq!(app.metric("tokenvault_psp_errors_total{kind=\"timeout\"}").await, 1.0);
+    assert_eq!(
+        app.metric("tokenvault_psp_errors_total{kind=\"timeout\"}").await,
+        3.0,
+        "1504 once, 1508 twice"
+    );
     assert_eq!(
         app.metric("tokenvault_psp_errors_total{kind=\"5xx\"}").await,
         3.0,
         "500 twice, 502 once"
     );
-    assert_eq!(app.metric("tokenvault_charges_total{status=\"error\"}").await, 1.0);
+    assert_eq!(app.metric("tokenvault_charges_total{status=\"error\"}").await, 2.0);
     assert_eq!(app.metric("tokenvault_charges_total{status=\"authorised\"}").await, 2.0);
     assert_eq!(app.metric("tokenvault_charges_total{status=\"refused\"}").await, 1.0);
 }

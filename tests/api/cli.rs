@@ -177,6 +177,35 @@ async fn production_mode_requires_explicit_config_and_enforces_the_registry() {
             "wildcard",
         ),
         (
+            "unknown provider",
+            Some(cut("provider = \"sealed\"", "provider = \"file\"")),
+            "provider",
+        ),
+        (
+            "pkcs11 without its section",
+            Some(cut("provider = \"sealed\"", "provider = \"pkcs11\"")),
+            "pkcs11",
+        ),
+        (
+            "PSP host not allow-listed",
+            Some(format!(
+                "{full}\n[psp]\nbase_url = \"https://evil.example/v71\"\napi_key_file = \"/dev/null\"\nmerchant_account = \"M\"\nallowed_hosts = [\"checkout-test.adyen.com\"]\n"
+            )),
+            "not in allowed_hosts",
+        ),
+        (
+            "plain-http PSP",
+            Some(format!(
+                "{full}\n[psp]\nbase_url = \"http://psp.internal/v71\"\napi_key_file = \"/dev/null\"\nmerchant_account = \"M\"\nallowed_hosts = [\"psp.internal\"]\n"
+            )),
+            "https",
+        ),
+        (
+            "CVV TTL too long",
+            Some(full.replace("[auth]", "cvv_ttl = \"2h\"\n\n[auth]")),
+            "cvv_ttl",
+        ),
+        (
             "HMAC algorithm",
             Some(cut("alg = \"EdDSA\"", "alg = \"HS256\"")),
             "HS256",

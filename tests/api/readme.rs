@@ -100,3 +100,51 @@ fn readme_block(readme: &str, name: &str) -> String {
         .map(|l| format!("{l}\n"))
         .collect()
 }
+
+#[tokio::test]
+async fn readme_charge_walkthrough_works_as_written() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let (app, psp, _tmp) = crate::charges::vault_with_psp(&[]);
+    app.watch("5555555555554444");
+    let script = readme_block(&readme, "charges")
+        .replace("cargo run -q --release --", BIN)
+        .replace("http://127.0.0.1:8080", &app.base)
+        .replace("http://127.0.0.1:8081", &psp.base);
+    let cwd = app.data_dir.parent().unwrap();
+    let out = Command::new("bash")
+        .arg("-euo")
+        .arg("pipefail")
+        .arg("-c")
+        .arg(&script)
+        .current_dir(cwd)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    let first: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
+    let second: serde_json::Value = serde_json::from_str(lines[1]).unwrap();
+    assert_eq!(
+        (first["status"].as_str(), first["cvv_sent"].as_bool()),
+        (Some("authorised"), Some(true))
+    );
+    assert_eq!(
+        (second["status"].as_str(), second["cvv_sent"].as_bool()),
+        (Some("authorised"), Some(false))
+    );
+    assert_eq!(second["network_transaction_id"], first["network_transaction_id"]);
+    assert!(
+        lines[2].to_ascii_lowercase().starts_with("idempotent-replayed: true"),
+        "{stdout}"
+    );
+    let received: serde_json::Value = serde_json::from_str(lines[3]).unwrap();
+    let reqs = received["requests"].as_array().unwrap();
+    assert_eq!(reqs.len(), 2, "the replay did not reach the PSP");
+    assert_eq!(reqs[0]["request"]["paymentMethod"]["number"], "5555555555554444");
+    assert_eq!(reqs[0]["request"]["paymentMethod"]["cvc"], "737");
+    assert!(reqs[1]["request"]["paymentMethod"].get("cvc").is_none());
+}
