@@ -34,6 +34,8 @@ pub enum StartupError {
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error("{0} is a dev-mode data directory; production mode refuses it")]
     DevDataDir(std::path::PathBuf),
+    #[error("audit trail: {0}")]
+    Audit(String),
     #[error("PSP connector: {0}")]
     Psp(String),
     #[error("cannot prepare data directory {path}: {source}")]
@@ -134,7 +136,7 @@ impl Application {
             return Err(StartupError::DevDataDir(settings.data_dir.clone()));
         }
         private_dir(&settings.data_dir)?;
-        let store = SledStore::open(&settings.data_dir.join("sled"))?;
+        let store: Arc<dyn crate::store::Store> = Arc::new(SledStore::open(&settings.data_dir.join("sled"))?);
         let keys = Arc::new(open_keys(&settings.keystore)?);
         if keys.is_sealed() {
             tracing::warn!("the vault is SEALED: data endpoints answer 503 until custodians run `tokenvault unseal`");
@@ -152,7 +154,9 @@ impl Application {
             idempotency_window: settings.idempotency_window,
             psp,
         };
-        let vault = Vault::new(Arc::new(store), keys, options)?;
+        let audit = crate::audit::AuditLog::open(store.clone(), keys.clone())
+            .map_err(|e| StartupError::Audit(e.to_string()))?;
+        let vault = Vault::new(store, keys, options)?;
         spawn_cvv_sweeper(vault.clone(), settings.cvv_ttl);
         if let Some(period) = cryptoperiod {
             spawn_auto_rotation(vault.clone(), period);
@@ -160,6 +164,7 @@ impl Application {
         let auth = Authenticator::new(&settings.auth, &settings.clients)?;
         let state = web::Data::new(AppState {
             vault,
+            audit,
             pkcs11: settings.keystore.pkcs11.clone(),
             auth,
             metrics: Metrics::new(),
@@ -174,6 +179,7 @@ impl Application {
         let mut server = HttpServer::new(move || {
             App::new()
                 .app_data(state.clone())
+                .app_data(web::QueryConfig::default().error_handler(|_, _| api::problem::ApiError::Malformed.into()))
                 .wrap(api::security_headers())
                 .wrap(from_fn(api::middleware))
                 .configure(api::configure)

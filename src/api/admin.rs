@@ -42,13 +42,41 @@ fn parse_version(s: &str) -> Result<u32, ApiError> {
 }
 
 /// GET /v1/admin/keys
-pub async fn status(state: web::Data<AppState>, _caller: Caller<KeysAdmin>) -> Result<HttpResponse, ApiError> {
-    Ok(HttpResponse::Ok().json(state.vault.key_status().await?))
+pub async fn status(state: web::Data<AppState>, caller: Caller<KeysAdmin>) -> Result<HttpResponse, ApiError> {
+    let result = state.vault.key_status().await.map_err(ApiError::from);
+    audit(&state, &caller, "key.status", &result, None).await?;
+    Ok(HttpResponse::Ok().json(result?))
+}
+
+/// Records a key operation's outcome in the audit trail.
+async fn audit<T>(
+    state: &AppState,
+    caller: &Caller<KeysAdmin>,
+    action: &'static str,
+    result: &Result<T, ApiError>,
+    detail: Option<String>,
+) -> Result<(), ApiError> {
+    let mut event = caller.event(action, result.as_ref().map_or_else(|e| e.code(), |_| "ok"), None);
+    event.detail = detail;
+    state.audit(event).await
 }
 
 /// POST /v1/admin/keys/rotate
 pub async fn rotate(state: web::Data<AppState>, caller: Caller<KeysAdmin>) -> Result<HttpResponse, ApiError> {
-    let version = state.vault.rotate_key(&caller.principal.sub).await?;
+    let result = state
+        .vault
+        .rotate_key(&caller.principal.sub)
+        .await
+        .map_err(ApiError::from);
+    audit(
+        &state,
+        &caller,
+        "key.rotate",
+        &result,
+        result.as_ref().ok().map(|v| format!("v{v} active")),
+    )
+    .await?;
+    let version = result?;
     tracing::warn!(version, officer = %caller.principal.sub, "KEK rotated");
     state.metrics.key_ops.with_label_values(&["rotate"]).inc();
     Ok(HttpResponse::Ok().json(serde_json::json!({"active": version})))
@@ -57,14 +85,21 @@ pub async fn rotate(state: web::Data<AppState>, caller: Caller<KeysAdmin>) -> Re
 /// POST /v1/admin/keys/rewrap
 pub async fn rewrap(
     state: web::Data<AppState>,
-    _caller: Caller<KeysAdmin>,
+    caller: Caller<KeysAdmin>,
     body: ApiJson<RewrapBody>,
 ) -> Result<HttpResponse, ApiError> {
     let batch = body.0.batch.unwrap_or(1000);
-    if batch == 0 || batch > MAX_BATCH {
-        return Err(ApiError::InvalidField("batch must be between 1 and 10000"));
-    }
-    let progress = state.vault.rewrap_batch(batch).await?;
+    let result = if batch == 0 || batch > MAX_BATCH {
+        Err(ApiError::InvalidField("batch must be between 1 and 10000"))
+    } else {
+        state.vault.rewrap_batch(batch).await.map_err(ApiError::from)
+    };
+    let detail = result
+        .as_ref()
+        .ok()
+        .map(|p| format!("{} rewrapped, {} remaining", p.rewrapped, p.remaining));
+    audit(&state, &caller, "key.rewrap", &result, detail).await?;
+    let progress = result?;
     state.metrics.rewrapped.inc_by(progress.rewrapped);
     Ok(HttpResponse::Ok().json(progress))
 }
@@ -75,8 +110,25 @@ pub async fn retire(
     caller: Caller<KeysAdmin>,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let version = parse_version(&path)?;
-    state.vault.retire_key(version, &caller.principal.sub).await?;
+    let version = parse_version(&path);
+    let result = match version {
+        Ok(v) => state
+            .vault
+            .retire_key(v, &caller.principal.sub)
+            .await
+            .map_err(ApiError::from)
+            .map(|_| v),
+        Err(e) => Err(e),
+    };
+    audit(
+        &state,
+        &caller,
+        "key.retire",
+        &result,
+        Some(format!("version {}", path.as_str())),
+    )
+    .await?;
+    let version = result?;
     tracing::warn!(version, officer = %caller.principal.sub, "KEK retired");
     state.metrics.key_ops.with_label_values(&["retire"]).inc();
     Ok(HttpResponse::Ok().json(serde_json::json!({"version": version, "state": "retired"})))
@@ -89,10 +141,30 @@ pub async fn destroy(
     caller: Caller<KeysAdmin>,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let version = parse_version(&path)?;
-    let outcome = state.vault.destroy_key(version, &caller.principal.sub).await?;
+    let result = match parse_version(&path) {
+        Ok(v) => state
+            .vault
+            .destroy_key(v, &caller.principal.sub)
+            .await
+            .map_err(ApiError::from),
+        Err(e) => Err(e),
+    };
+    let (action, detail) = match &result {
+        Ok(DestroyOutcome::PendingApproval { .. }) => ("key.destroy.request", None),
+        Ok(DestroyOutcome::Destroyed { requested_by, .. }) => {
+            ("key.destroy", Some(format!("requested by {requested_by}")))
+        }
+        Err(_) => ("key.destroy", None),
+    };
+    let detail = Some(format!(
+        "version {}{}",
+        path.as_str(),
+        detail.map(|d| format!(", {d}")).unwrap_or_default()
+    ));
+    audit(&state, &caller, action, &result, detail).await?;
+    let outcome = result?;
     Ok(match &outcome {
-        DestroyOutcome::PendingApproval { requested_by, .. } => {
+        DestroyOutcome::PendingApproval { requested_by, version } => {
             tracing::warn!(version, officer = %requested_by, "KEK destruction requested; awaiting a second officer");
             state.metrics.key_ops.with_label_values(&["destroy_requested"]).inc();
             HttpResponse::Accepted().json(&outcome)
@@ -100,7 +172,7 @@ pub async fn destroy(
         DestroyOutcome::Destroyed {
             requested_by,
             approved_by,
-            ..
+            version,
         } => {
             tracing::warn!(version, requested_by = %requested_by, approved_by = %approved_by, "KEK destroyed (crypto-shredded)");
             state.metrics.key_ops.with_label_values(&["destroy"]).inc();
@@ -116,22 +188,37 @@ pub async fn rotate_root(
     body: ApiJson<RotateRootBody>,
 ) -> Result<HttpResponse, ApiError> {
     let label = body.0.key_label;
-    if label.is_empty() || label.len() > 64 || !label.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
-    {
-        return Err(ApiError::InvalidField(
+    let valid = !label.is_empty()
+        && label.len() <= 64
+        && label.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    let result = if !valid {
+        Err(ApiError::InvalidField(
             "key_label must be 1-64 characters of A-Z a-z 0-9 - _ .",
-        ));
-    }
-    let Some(hsm) = state.pkcs11.clone() else {
-        return Err(ApiError::KeyRefused("rotate-root needs the pkcs11 provider".into()));
+        ))
+    } else if let Some(hsm) = state.pkcs11.clone() {
+        state
+            .vault
+            .rotate_root(hsm, label, &caller.principal.sub)
+            .await
+            .map_err(ApiError::from)
+    } else {
+        Err(ApiError::KeyRefused("rotate-root needs the pkcs11 provider".into()))
     };
-    let root_id = state.vault.rotate_root(hsm, label, &caller.principal.sub).await?;
+    audit(
+        &state,
+        &caller,
+        "key.rotate_root",
+        &result,
+        result.as_ref().ok().map(|r| format!("root {r}")),
+    )
+    .await?;
+    let root_id = result?;
     tracing::warn!(root = %root_id, officer = %caller.principal.sub, "root key rotated");
     state.metrics.key_ops.with_label_values(&["rotate_root"]).inc();
     Ok(HttpResponse::Ok().json(serde_json::json!({"root_id": root_id})))
 }
 
-/// POST /v1/admin/unseal — one custodian share per call.
+/// POST /v1/admin/unseal — one custodian share per call (the share is never logged or audited).
 pub async fn unseal(
     state: web::Data<AppState>,
     caller: Caller<KeysAdmin>,
@@ -154,12 +241,89 @@ pub async fn unseal(
                 sealed = progress.sealed,
                 "unseal share accepted"
             );
+            let mut event = caller.event("unseal", outcome, None);
+            event.detail = Some(format!("{} of {} shares", progress.shares_received, progress.threshold));
+            state.audit(event).await?;
             Ok(HttpResponse::Ok().json(progress))
         }
         Err(e) => {
             state.metrics.unseal.with_label_values(&["refused"]).inc();
             tracing::warn!(officer = %caller.principal.sub, reason = %e, "unseal share refused");
-            Err(e.into())
+            let e: ApiError = e.into();
+            state.audit(caller.event("unseal", e.code(), None)).await?;
+            Err(e)
         }
     }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportQuery {
+    #[serde(default)]
+    since: Option<String>,
+}
+
+/// GET /v1/admin/audit/verify — checks the whole trail, names the first broken link.
+pub async fn audit_verify(state: web::Data<AppState>, caller: Caller<KeysAdmin>) -> Result<HttpResponse, ApiError> {
+    let st = state.clone();
+    let report = tokio::task::spawn_blocking(move || st.audit.verify_stored())
+        .await
+        .map_err(|_| ApiError::Internal)?
+        .map_err(|e| {
+            tracing::error!(error = %e, "audit verify failed");
+            ApiError::Internal
+        })?;
+    let outcome = if report.first_broken.is_some() {
+        "broken"
+    } else {
+        "intact"
+    };
+    let mut event = caller.event("audit.verify", outcome, None);
+    event.detail = Some(format!("{} records", report.records));
+    state.audit(event).await?;
+    Ok(HttpResponse::Ok().json(report))
+}
+
+/// GET /v1/admin/audit/export?since=RFC3339 — JSON lines for a SIEM.
+pub async fn audit_export(
+    state: web::Data<AppState>,
+    caller: Caller<KeysAdmin>,
+    query: web::Query<ExportQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let since = match &query.since {
+        None => None,
+        Some(s) => Some(
+            time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+                .map_err(|_| ApiError::InvalidField("since must be an RFC 3339 time, e.g. 2026-11-01T00:00:00Z"))?,
+        ),
+    };
+    let st = state.clone();
+    let lines = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, crate::audit::AuditError> {
+        let mut out = Vec::new();
+        let mut from = 1;
+        loop {
+            let batch = st.audit.scan(from, 1000)?;
+            let Some(last) = batch.last() else { break };
+            from = last.seq + 1;
+            for rec in batch {
+                let keep = since.is_none_or(|t| {
+                    time::OffsetDateTime::parse(&rec.at, &time::format_description::well_known::Rfc3339)
+                        .is_ok_and(|at| at >= t)
+                });
+                if keep {
+                    out.extend(serde_json::to_vec(&rec).unwrap_or_default());
+                    out.push(b'\n');
+                }
+            }
+        }
+        Ok(out)
+    })
+    .await
+    .map_err(|_| ApiError::Internal)?
+    .map_err(|e| {
+        tracing::error!(error = %e, "audit export failed");
+        ApiError::Internal
+    })?;
+    state.audit(caller.event("audit.export", "ok", None)).await?;
+    Ok(HttpResponse::Ok().content_type("application/x-ndjson").body(lines))
 }

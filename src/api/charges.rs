@@ -126,18 +126,31 @@ pub async fn create(
     caller: Caller<ChargesCreate>,
     body: ApiJson<ChargeBody>,
 ) -> Result<HttpResponse, ApiError> {
-    let key = idempotency_key(&req)?;
-    let input = parse(body.0)?;
-    let p = &caller.principal;
-    let outcome = match state.vault.charge(&p.sub, p.tenant.clone(), &key, input).await {
+    let shown = Token::parse(&body.0.token).map(|t| t.to_string());
+    let prepared = idempotency_key(&req).and_then(|key| parse(body.0).map(|input| (key, input)));
+    let result = match prepared {
+        Ok((key, input)) => {
+            let p = &caller.principal;
+            state
+                .vault
+                .charge(&p.sub, p.tenant.clone(), &key, input)
+                .await
+                .map_err(ApiError::from)
+        }
+        Err(e) => Err(e),
+    };
+    let outcome = match result {
         Ok(o) => o,
         Err(e) => {
             state.metrics.charges.with_label_values(&["rejected"]).inc();
-            return Err(e.into());
+            state.audit(caller.event("charge", e.code(), shown)).await?;
+            return Err(e);
         }
     };
     let c = &outcome.charge;
-    if !outcome.replayed {
+    if outcome.replayed {
+        state.metrics.charges.with_label_values(&["replayed"]).inc();
+    } else {
         state.metrics.charges.with_label_values(&[c.status.as_str()]).inc();
         if let Some(secs) = outcome.psp_seconds {
             state.metrics.psp_duration.observe(secs);
@@ -145,10 +158,18 @@ pub async fn create(
         for e in &outcome.psp_errors {
             state.metrics.psp_errors.with_label_values(&[e.kind()]).inc();
         }
-        tracing::info!(charge = %c.id, token = %c.token, status = %c.status, sub = %p.sub, tenant = %p.tenant, "charge");
-    } else {
-        state.metrics.charges.with_label_values(&["replayed"]).inc();
     }
+    let mut event = caller.event(
+        "charge",
+        if outcome.replayed {
+            "replayed"
+        } else {
+            c.status.as_str()
+        },
+        shown,
+    );
+    event.detail = Some(format!("charge {}", c.id));
+    state.audit(event).await?;
     let mut res = HttpResponse::Created();
     res.insert_header((header::LOCATION, format!("/v1/charges/{}", c.id)));
     if outcome.replayed {
@@ -164,9 +185,17 @@ pub async fn read(
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let id = path.into_inner();
-    if !id.starts_with("ch_") || id.len() > 64 {
-        return Err(ApiError::NotFound);
-    }
-    let charge = state.vault.get_charge(caller.principal.tenant.clone(), id).await?;
-    Ok(HttpResponse::Ok().json(view(&charge)))
+    let result = if !id.starts_with("ch_") || id.len() > 64 {
+        Err(ApiError::NotFound)
+    } else {
+        state
+            .vault
+            .get_charge(caller.principal.tenant.clone(), id.clone())
+            .await
+            .map_err(ApiError::from)
+    };
+    let mut event = caller.event("charge.read", result.as_ref().map_or_else(|e| e.code(), |_| "ok"), None);
+    event.detail = Some(format!("charge {}", id.chars().take(64).collect::<String>()));
+    state.audit(event).await?;
+    Ok(HttpResponse::Ok().json(view(&result?)))
 }

@@ -12,7 +12,8 @@ use serde::de::DeserializeOwned;
 use zeroize::Zeroizing;
 
 use super::AppState;
-use super::problem::ApiError;
+use super::problem::{ApiError, REQUEST_ID};
+use crate::audit::AuditEvent;
 use crate::auth::Principal;
 use crate::config::Scope;
 
@@ -41,8 +42,30 @@ scope_marker!(ChargesRead, Scope::ChargesRead);
 /// The authorized caller of an endpoint that requires scope `S`.
 pub struct Caller<S> {
     pub principal: Principal,
+    /// The peer address, for the audit trail.
+    pub source: Option<String>,
     _scope: PhantomData<S>,
 }
+
+impl<S> Caller<S> {
+    /// An audit event by this caller.
+    pub fn event(&self, action: &'static str, outcome: impl Into<String>, token: Option<String>) -> AuditEvent {
+        AuditEvent {
+            action,
+            outcome: outcome.into(),
+            principal: Some(self.principal.sub.clone()),
+            tenant: Some(self.principal.tenant.to_string()),
+            token,
+            request_id: REQUEST_ID.try_with(Clone::clone).ok(),
+            source: self.source.clone(),
+            detail: None,
+        }
+    }
+}
+
+/// Marks a request whose audit record was appended by an extractor; the request
+/// middleware makes it durable before the response leaves.
+pub struct AuditPending;
 
 impl<S: RequiredScope> FromRequest for Caller<S> {
     type Error = ApiError;
@@ -52,19 +75,45 @@ impl<S: RequiredScope> FromRequest for Caller<S> {
         let Some(state) = req.app_data::<web::Data<AppState>>() else {
             return ready(Err(ApiError::Internal));
         };
+        let source = req.peer_addr().map(|a| a.ip().to_string());
         let header = req.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes());
         ready(match state.auth.authorize(header, S::SCOPE) {
             Ok(principal) => {
                 req.extensions_mut().insert(principal.clone());
                 Ok(Caller {
                     principal,
+                    source,
                     _scope: PhantomData,
                 })
             }
             Err(e) => {
                 state.metrics.auth_failures.with_label_values(&[e.reason()]).inc();
                 tracing::warn!(reason = e.reason(), scope = S::SCOPE.as_str(), "request denied");
-                Err(ApiError::Auth(e))
+                let action = if e.is_forbidden() {
+                    "authz.failure"
+                } else {
+                    "auth.failure"
+                };
+                let event = AuditEvent {
+                    action,
+                    outcome: e.reason().to_owned(),
+                    request_id: REQUEST_ID.try_with(Clone::clone).ok(),
+                    source,
+                    detail: Some(format!("scope {}", S::SCOPE.as_str())),
+                    ..AuditEvent::default()
+                };
+                // Decided synchronously (so no other extractor's error can race
+                // ahead of the 401/403); made durable by the middleware.
+                match state.audit.append(event) {
+                    Ok(()) => {
+                        req.extensions_mut().insert(AuditPending);
+                        Err(ApiError::Auth(e))
+                    }
+                    Err(err) => {
+                        tracing::error!(error = %err, "audit trail write failed");
+                        Err(ApiError::Internal)
+                    }
+                }
             }
         })
     }

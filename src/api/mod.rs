@@ -27,11 +27,22 @@ use problem::{ApiError, REQUEST_ID};
 /// Shared state of every worker.
 pub struct AppState {
     pub vault: Vault,
+    pub audit: crate::audit::AuditLog,
     /// HSM settings, for `rotate-root` (PKCS#11 provider only).
     pub pkcs11: Option<crate::config::Pkcs11Settings>,
     pub auth: Authenticator,
     pub metrics: Metrics,
     pub max_body_bytes: usize,
+}
+
+impl AppState {
+    /// Appends an audit record durably; if that fails the request fails (closed).
+    pub async fn audit(&self, event: crate::audit::AuditEvent) -> Result<(), ApiError> {
+        self.audit.record(event).await.map_err(|e| {
+            tracing::error!(error = %e, "audit trail write failed");
+            ApiError::Internal
+        })
+    }
 }
 
 /// Every (method, path) the server routes, kept in step with openapi.yaml by a test.
@@ -52,6 +63,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/admin/keys/{version}/destroy"),
     ("POST", "/v1/admin/keys/rotate-root"),
     ("POST", "/v1/admin/unseal"),
+    ("GET", "/v1/admin/audit/verify"),
+    ("GET", "/v1/admin/audit/export"),
 ];
 
 /// Registers the routes. Wrong methods get a 405 problem, unknown paths a 404 problem.
@@ -132,6 +145,16 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .route(web::post().to(admin::unseal))
             .default_service(web::to(method_not_allowed)),
     )
+    .service(
+        web::resource("/v1/admin/audit/verify")
+            .route(web::get().to(admin::audit_verify))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/v1/admin/audit/export")
+            .route(web::get().to(admin::audit_export))
+            .default_service(web::to(method_not_allowed)),
+    )
     .default_service(web::to(not_found));
 }
 
@@ -152,7 +175,7 @@ pub fn security_headers() -> DefaultHeaders {
 pub async fn middleware(
     req: ServiceRequest,
     next: Next<impl MessageBody + 'static>,
-) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+) -> Result<ServiceResponse<actix_web::body::BoxBody>, actix_web::Error> {
     let request_id = req
         .headers()
         .get("x-request-id")
@@ -167,7 +190,21 @@ pub async fn middleware(
     let id = request_id.clone();
     let mut res = REQUEST_ID
         .scope(id, tracing::Instrument::instrument(next.call(req), span.clone()))
-        .await?;
+        .await?
+        .map_into_boxed_body();
+    // An extractor appended an audit record (e.g. an authentication failure):
+    // it is durable before the response leaves; if it cannot be, the request fails.
+    if res.request().extensions().contains::<extract::AuditPending>()
+        && let Some(state) = &state
+        && let Err(e) = state.audit.durable().await
+    {
+        tracing::error!(error = %e, "audit trail flush failed");
+        let (req, _) = res.into_parts();
+        return Ok(ServiceResponse::new(
+            req,
+            actix_web::ResponseError::error_response(&ApiError::Internal),
+        ));
+    }
     let route = res.request().match_pattern().unwrap_or_else(|| "unmatched".to_owned());
     let status = res.status();
     let elapsed = start.elapsed();

@@ -82,11 +82,11 @@ pub async fn tokenize(
     caller: Caller<TokensCreate>,
     body: ApiJson<TokenizeBody>,
 ) -> Result<HttpResponse, ApiError> {
-    let body = body.0;
-    let input = match parse_tokenize(&body) {
+    let input = match parse_tokenize(&body.0) {
         Ok(input) => input,
         Err(e) => {
             state.metrics.tokenize.with_label_values(&["rejected"]).inc();
+            state.audit(caller.event("tokenize", e.code(), None)).await?;
             return Err(e);
         }
     };
@@ -96,11 +96,15 @@ pub async fn tokenize(
         Ok(Tokenized::Existing(m)) => (StatusCode::OK, m, "existing"),
         Err(e) => {
             state.metrics.tokenize.with_label_values(&[error_outcome(&e)]).inc();
-            return Err(vault_error(e));
+            let e = vault_error(e);
+            state.audit(caller.event("tokenize", e.code(), None)).await?;
+            return Err(e);
         }
     };
     state.metrics.tokenize.with_label_values(&[outcome]).inc();
-    tracing::info!(token = %meta.token, outcome, sub = %caller.principal.sub, tenant = %caller.principal.tenant, "tokenize");
+    state
+        .audit(caller.event("tokenize", outcome, Some(meta.token.to_string())))
+        .await?;
     Ok(HttpResponse::build(status)
         .insert_header((header::LOCATION, format!("/v1/tokens/{}", meta.token)))
         .json(TokenBody::from(&meta)))
@@ -138,15 +142,27 @@ pub async fn read(
     caller: Caller<TokensRead>,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let token = parse_token(&path, &state, "read")?;
-    match state.vault.metadata(caller.principal.tenant.clone(), token).await {
+    let result = match parse_token(&path, &state, "read") {
+        Ok(token) => state
+            .vault
+            .metadata(caller.principal.tenant.clone(), token)
+            .await
+            .map_err(|e| {
+                state.metrics.reads.with_label_values(&[error_outcome(&e)]).inc();
+                vault_error(e)
+            }),
+        Err(e) => Err(e),
+    };
+    let shown = Token::parse(&path).map(|t| t.to_string());
+    match result {
         Ok(meta) => {
             state.metrics.reads.with_label_values(&["ok"]).inc();
+            state.audit(caller.event("token.read", "ok", shown)).await?;
             Ok(HttpResponse::Ok().json(TokenBody::from(&meta)))
         }
         Err(e) => {
-            state.metrics.reads.with_label_values(&[error_outcome(&e)]).inc();
-            Err(vault_error(e))
+            state.audit(caller.event("token.read", e.code(), shown)).await?;
+            Err(e)
         }
     }
 }
@@ -157,11 +173,22 @@ pub async fn detokenize(
     caller: Caller<TokensDetokenize>,
     body: ApiJson<DetokenizeBody>,
 ) -> Result<HttpResponse, ApiError> {
-    let token = parse_token(&body.0.token, &state, "detokenize")?;
-    match state.vault.detokenize(caller.principal.tenant.clone(), token).await {
+    let shown = Token::parse(&body.0.token).map(|t| t.to_string());
+    let result = match parse_token(&body.0.token, &state, "detokenize") {
+        Ok(token) => state
+            .vault
+            .detokenize(caller.principal.tenant.clone(), token)
+            .await
+            .map_err(|e| {
+                state.metrics.detokenize.with_label_values(&[error_outcome(&e)]).inc();
+                vault_error(e)
+            }),
+        Err(e) => Err(e),
+    };
+    match result {
         Ok(revealed) => {
             state.metrics.detokenize.with_label_values(&["ok"]).inc();
-            tracing::info!(token = %revealed.token, sub = %caller.principal.sub, tenant = %caller.principal.tenant, "detokenize");
+            state.audit(caller.event("detokenize", "ok", shown)).await?;
             let body = RevealedBody {
                 token: revealed.token.as_str(),
                 pan: revealed.card.pan.expose_digits(),
@@ -172,8 +199,8 @@ pub async fn detokenize(
             Ok(HttpResponse::Ok().json(body))
         }
         Err(e) => {
-            state.metrics.detokenize.with_label_values(&[error_outcome(&e)]).inc();
-            Err(vault_error(e))
+            state.audit(caller.event("detokenize", e.code(), shown)).await?;
+            Err(e)
         }
     }
 }
@@ -184,17 +211,27 @@ pub async fn delete(
     caller: Caller<TokensDelete>,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let token = parse_token(&path, &state, "delete")?;
-    let shown = token.to_string();
-    match state.vault.delete(caller.principal.tenant.clone(), token).await {
+    let shown = Token::parse(&path).map(|t| t.to_string());
+    let result = match parse_token(&path, &state, "delete") {
+        Ok(token) => state
+            .vault
+            .delete(caller.principal.tenant.clone(), token)
+            .await
+            .map_err(|e| {
+                state.metrics.delete.with_label_values(&[error_outcome(&e)]).inc();
+                vault_error(e)
+            }),
+        Err(e) => Err(e),
+    };
+    match result {
         Ok(()) => {
             state.metrics.delete.with_label_values(&["deleted"]).inc();
-            tracing::info!(token = %shown, sub = %caller.principal.sub, tenant = %caller.principal.tenant, "delete");
+            state.audit(caller.event("token.delete", "deleted", shown)).await?;
             Ok(HttpResponse::NoContent().finish())
         }
         Err(e) => {
-            state.metrics.delete.with_label_values(&[error_outcome(&e)]).inc();
-            Err(vault_error(e))
+            state.audit(caller.event("token.delete", e.code(), shown)).await?;
+            Err(e)
         }
     }
 }

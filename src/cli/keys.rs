@@ -113,6 +113,128 @@ pub struct InitArgs {
     officer: String,
 }
 
+#[derive(Subcommand)]
+pub enum AuditCommand {
+    /// Check the whole hash chain and every MAC; names the first broken link (exit 1).
+    Verify {
+        /// Verify an export (JSON lines) instead of the vault's own trail. MACs are
+        /// checked when the keys are at hand (--offline --data-dir DIR), else only the chain.
+        #[arg(long, value_name = "FILE")]
+        file: Option<PathBuf>,
+    },
+    /// Write the trail as JSON lines (for a SIEM).
+    Export {
+        /// Only records at or after this RFC 3339 time.
+        #[arg(long, value_name = "TIME")]
+        since: Option<String>,
+        /// Write to FILE instead of stdout.
+        #[arg(long, value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
+}
+
+/// Entry point for `tokenvault audit`.
+pub fn run_audit(conn: Conn, command: AuditCommand) -> ExitCode {
+    finish(audit(conn, command))
+}
+
+fn audit(conn: Conn, command: AuditCommand) -> Result<u8, Failure> {
+    let rt = runtime()?;
+    rt.block_on(async move {
+        match command {
+            AuditCommand::Verify { file: Some(file) } => {
+                let text = std::fs::read_to_string(&file).map_err(|e| usage(format!("{}: {e}", file.display())))?;
+                let mut records = Vec::new();
+                for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+                    let rec: crate::audit::AuditRecord = serde_json::from_str(line)
+                        .map_err(|_| Failure(1, format!("line {}: not an audit record", i + 1)))?;
+                    records.push(rec);
+                }
+                let key = if conn.offline {
+                    let Backend::Offline { vault } = Backend::open(&conn)? else {
+                        return Err(usage("offline"));
+                    };
+                    vault.keys().ring().map(|r| r.audit_key())
+                } else {
+                    None
+                };
+                let macs = key.is_some();
+                let report = crate::audit::verify(&records, key);
+                print_verify(&conn, &serde_json::to_value(&report)?, macs)
+            }
+            AuditCommand::Verify { file: None } => {
+                let backend = Backend::open(&conn)?;
+                let report = match &backend {
+                    Backend::Online { .. } => backend.call("GET", "/v1/admin/audit/verify", None).await?.1,
+                    Backend::Offline { vault } => {
+                        let (store, keys) = vault.parts();
+                        let log = crate::audit::AuditLog::open(store, keys).map_err(Failure::from)?;
+                        serde_json::to_value(log.verify_stored().map_err(Failure::from)?)?
+                    }
+                };
+                print_verify(&conn, &report, true)
+            }
+            AuditCommand::Export { since, output } => {
+                let backend = Backend::open(&conn)?;
+                let body = match &backend {
+                    Backend::Online { client, url, token } => {
+                        let mut req = client
+                            .get(format!("{url}/v1/admin/audit/export"))
+                            .bearer_auth(token.as_str());
+                        if let Some(s) = &since {
+                            req = req.query(&[("since", s)]);
+                        }
+                        let res = req.send().await.map_err(|e| Failure(3, e.to_string()))?;
+                        if !res.status().is_success() {
+                            let v: Value = res.json().await.unwrap_or(Value::Null);
+                            return Err(Failure(1, problem_text(&v)));
+                        }
+                        res.text().await.map_err(Failure::from)?
+                    }
+                    Backend::Offline { vault } => {
+                        let (store, keys) = vault.parts();
+                        let log = crate::audit::AuditLog::open(store, keys).map_err(Failure::from)?;
+                        let mut out = String::new();
+                        for rec in log.scan(1, usize::MAX).map_err(Failure::from)? {
+                            if since.as_ref().is_none_or(|s| rec.at.as_str() >= s.as_str()) {
+                                out.push_str(&serde_json::to_string(&rec)?);
+                                out.push('\n');
+                            }
+                        }
+                        out
+                    }
+                };
+                match output {
+                    Some(f) => std::fs::write(&f, body).map_err(|e| Failure(1, format!("{}: {e}", f.display())))?,
+                    None => print!("{body}"),
+                }
+                Ok(0)
+            }
+        }
+    })
+}
+
+fn print_verify(conn: &Conn, report: &Value, macs: bool) -> Result<u8, Failure> {
+    let broken = report["first_broken"]
+        .as_array()
+        .map(|a| (a[0].as_u64().unwrap_or(0), a[1].as_str().unwrap_or("?").to_owned()));
+    let human = match &broken {
+        None => format!(
+            "audit trail intact: {} records, {} MACs verified{}{}",
+            report["records"],
+            report["macs_checked"],
+            if macs { "" } else { " (chain only: no keys for MACs)" },
+            match report["unmaced_tail"].as_u64() {
+                Some(n) if n > 0 => format!("; {n} newest records written while sealed await a MAC"),
+                _ => String::new(),
+            }
+        ),
+        Some((seq, why)) => format!("audit trail BROKEN at record {seq}: {why}"),
+    };
+    output(conn, report.clone(), &human);
+    Ok(if broken.is_some() { 1 } else { 0 })
+}
+
 /// `tokenvault unseal`: shares come from --share-file, else a hidden prompt on a TTY, else stdin.
 #[derive(Args)]
 pub struct UnsealArgs {

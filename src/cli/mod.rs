@@ -37,6 +37,13 @@ enum Command {
         #[command(subcommand)]
         command: keys::KeysCommand,
     },
+    /// The audit trail: verify the hash chain and MACs, export JSON lines for a SIEM.
+    Audit {
+        #[command(flatten)]
+        conn: keys::Conn,
+        #[command(subcommand)]
+        command: keys::AuditCommand,
+    },
     /// Submit one custodian share to a sealed vault (read from a file, a hidden prompt or stdin; never argv).
     Unseal(keys::UnsealArgs),
     /// A local PSP simulator (Adyen-style `POST /payments`) with deterministic outcomes, for dev and tests.
@@ -107,6 +114,7 @@ pub fn run() -> ExitCode {
         Command::Serve(args) => serve(args),
         Command::Keys { conn, command } => keys::run_keys(conn, command),
         Command::Unseal(args) => keys::run_unseal(args),
+        Command::Audit { conn, command } => keys::run_audit(conn, command),
         Command::MockPsp { listen, api_key_file } => mock_psp(listen, api_key_file),
         Command::Dev {
             command:

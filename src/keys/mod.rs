@@ -44,6 +44,7 @@ pub fn open_pkcs11(
     Ok(std::sync::Arc::new(p))
 }
 
+const AUDIT_MAC_INFO: &[u8] = b"tokenvault/v1/purpose/audit-mac";
 const DEK_WRAP_INFO: &[u8] = b"tokenvault/v1/purpose/dek-wrap";
 const FINGERPRINT_INFO: &str = "tokenvault/v1/purpose/fingerprint/tenant=";
 const AAD_DEK: &str = "tokenvault/v1/aad/dek";
@@ -204,6 +205,12 @@ impl Keyring {
         self.index_key
             .derive(info.as_bytes())
             .hmac(pan.expose_digits().as_bytes())
+    }
+
+    /// The audit-trail MAC key: an HKDF purpose key of the long-lived index key, so
+    /// audit records stay verifiable across KEK rotation and destruction.
+    pub fn audit_key(&self) -> Key256 {
+        self.index_key.derive(AUDIT_MAC_INFO)
     }
 
     /// A round trip through the active key: readiness means keys are usable.

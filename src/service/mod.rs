@@ -171,6 +171,11 @@ impl Vault {
         &self.keys
     }
 
+    /// The store and key manager, for components that share them (the audit trail).
+    pub fn parts(&self) -> (Arc<dyn Store>, Arc<KeyManager>) {
+        (self.store.clone(), self.keys.clone())
+    }
+
     /// Number of records the vault holds.
     pub fn tokens_stored(&self) -> i64 {
         self.stored.load(Ordering::Relaxed)

@@ -121,6 +121,12 @@ pub trait Store: Send + Sync + 'static {
     fn get_charge(&self, tenant: &TenantId, id: &str) -> Result<Option<ChargeRecord>, StoreError>;
     /// The idempotency entry for a (client, tenant, key) digest.
     fn get_idempotency(&self, idempotency_key: &[u8; 32]) -> Result<Option<IdempotencyRecord>, StoreError>;
+    /// Appends one audit record (the caller assigns consecutive sequence numbers).
+    fn audit_append(&self, seq: u64, record: &[u8]) -> Result<(), StoreError>;
+    /// The last audit record, if any.
+    fn audit_last(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError>;
+    /// Audit records with sequence ≥ `from`, in order, at most `limit`.
+    fn audit_scan(&self, from: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError>;
     /// A ticket that resolves once every write made before this call is durable.
     /// Concurrent callers share one flush (group commit).
     fn commit(&self) -> Commit;

@@ -38,6 +38,7 @@ pub struct SledStore {
     by_version: sled::Tree,
     charges: sled::Tree,
     idempotency: sled::Tree,
+    audit: sled::Tree,
     meta: sled::Tree,
     committer: Mutex<mpsc::Sender<Waiter>>,
     _thread: Arc<std::thread::JoinHandle<()>>,
@@ -58,6 +59,7 @@ impl SledStore {
         let by_version = db.open_tree("by_version").map_err(backend)?;
         let charges = db.open_tree("charges").map_err(backend)?;
         let idempotency = db.open_tree("idempotency").map_err(backend)?;
+        let audit = db.open_tree("audit").map_err(backend)?;
         let meta = db.open_tree("meta").map_err(backend)?;
         match meta.get(SCHEMA_KEY).map_err(backend)? {
             None => {
@@ -80,6 +82,7 @@ impl SledStore {
             by_version,
             charges,
             idempotency,
+            audit,
             meta,
             committer: Mutex::new(tx),
             _thread: Arc::new(thread),
@@ -360,6 +363,33 @@ impl Store for SledStore {
             None => Ok(None),
             Some(bytes) => postcard::from_bytes(&bytes).map(Some).map_err(|_| StoreError::Corrupt),
         }
+    }
+
+    fn audit_append(&self, seq: u64, record: &[u8]) -> Result<(), StoreError> {
+        self.audit
+            .insert(seq.to_be_bytes(), record)
+            .map(|_| ())
+            .map_err(backend)
+    }
+
+    fn audit_last(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+        match self.audit.last().map_err(backend)? {
+            None => Ok(None),
+            Some((k, v)) => {
+                let seq: [u8; 8] = k.as_ref().try_into().map_err(|_| StoreError::Corrupt)?;
+                Ok(Some((u64::from_be_bytes(seq), v.to_vec())))
+            }
+        }
+    }
+
+    fn audit_scan(&self, from: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.audit.range(from.to_be_bytes()..).take(limit) {
+            let (k, v) = item.map_err(backend)?;
+            let seq: [u8; 8] = k.as_ref().try_into().map_err(|_| StoreError::Corrupt)?;
+            out.push((u64::from_be_bytes(seq), v.to_vec()));
+        }
+        Ok(out)
     }
 
     fn commit(&self) -> Commit {

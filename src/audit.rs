@@ -1,0 +1,302 @@
+//! The audit trail (PCI DSS 10): every tokenize, metadata read, detokenize,
+//! delete, charge, key operation, unseal attempt and authentication or
+//! authorization failure becomes a record — time, principal, tenant, action,
+//! token (never a PAN), outcome, request id, source address.
+//!
+//! Records are hash-chained (each carries the SHA-256 of its predecessor's chain
+//! hash and its own canonical body) and MACed (HMAC-SHA256 under an HKDF purpose
+//! key of the index key). While the vault is sealed no key is available: those
+//! records are chained but un-MACed, and the first MACed record after unseal
+//! covers them through the chain. Appends are made durable (group commit) before
+//! the response is sent. [`verify`] checks a whole trail and names the first
+//! broken link: an edited, deleted, inserted or reordered record breaks it.
+//! (Truncating the tail leaves a valid shorter chain: export to a SIEM, which
+//! anchors the head elsewhere.)
+
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
+
+use crate::crypto::Key256;
+use crate::keys::manager::KeyManager;
+use crate::store::{Store, StoreError};
+
+/// What happened, as the caller describes it. No card data.
+#[derive(Debug, Clone, Default)]
+pub struct AuditEvent {
+    pub action: &'static str,
+    pub outcome: String,
+    pub principal: Option<String>,
+    pub tenant: Option<String>,
+    pub token: Option<String>,
+    pub request_id: Option<String>,
+    pub source: Option<String>,
+    pub detail: Option<String>,
+}
+
+/// One stored audit record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditRecord {
+    pub seq: u64,
+    pub at: String,
+    pub action: String,
+    pub outcome: String,
+    pub principal: Option<String>,
+    pub tenant: Option<String>,
+    pub token: Option<String>,
+    pub request_id: Option<String>,
+    pub source: Option<String>,
+    pub detail: Option<String>,
+    /// Chain hash of the previous record (hex; zeros for the first).
+    pub prev: String,
+    /// SHA-256(prev ‖ canonical body) (hex).
+    pub hash: String,
+    /// HMAC-SHA256(audit key, hash) (hex); absent for records written while sealed.
+    pub mac: Option<String>,
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    seq: u64,
+    at: &'a str,
+    action: &'a str,
+    outcome: &'a str,
+    principal: &'a Option<String>,
+    tenant: &'a Option<String>,
+    token: &'a Option<String>,
+    request_id: &'a Option<String>,
+    source: &'a Option<String>,
+    detail: &'a Option<String>,
+}
+
+impl AuditRecord {
+    fn chain_hash(&self, prev: &[u8; 32]) -> [u8; 32] {
+        let body = Body {
+            seq: self.seq,
+            at: &self.at,
+            action: &self.action,
+            outcome: &self.outcome,
+            principal: &self.principal,
+            tenant: &self.tenant,
+            token: &self.token,
+            request_id: &self.request_id,
+            source: &self.source,
+            detail: &self.detail,
+        };
+        let bytes = serde_json::to_vec(&body).unwrap_or_default();
+        Sha256::new().chain_update(prev).chain_update(&bytes).finalize().into()
+    }
+}
+
+/// Why the audit trail could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("the audit trail's last record is unreadable")]
+    Corrupt,
+}
+
+/// The appender. One per process; appends are serialized.
+pub struct AuditLog {
+    store: Arc<dyn Store>,
+    keys: Arc<KeyManager>,
+    head: Mutex<(u64, [u8; 32])>,
+}
+
+impl AuditLog {
+    /// Opens the trail, continuing after its last record.
+    pub fn open(store: Arc<dyn Store>, keys: Arc<KeyManager>) -> Result<AuditLog, AuditError> {
+        let head = match store.audit_last()? {
+            None => (0, [0u8; 32]),
+            Some((seq, bytes)) => {
+                let rec: AuditRecord = serde_json::from_slice(&bytes).map_err(|_| AuditError::Corrupt)?;
+                let hash: [u8; 32] = hex::decode(&rec.hash)
+                    .ok()
+                    .and_then(|h| h.try_into().ok())
+                    .ok_or(AuditError::Corrupt)?;
+                (seq, hash)
+            }
+        };
+        Ok(AuditLog {
+            store,
+            keys,
+            head: Mutex::new(head),
+        })
+    }
+
+    /// Appends an event, not yet durable: await [`AuditLog::durable`] (or use
+    /// [`AuditLog::record`]) before answering.
+    pub fn append(&self, event: AuditEvent) -> Result<(), AuditError> {
+        let key = self.keys.ring().map(|r| r.audit_key());
+        let mut head = self.head.lock().unwrap_or_else(|p| p.into_inner());
+        let seq = head.0 + 1;
+        let at = OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default();
+        let mut rec = AuditRecord {
+            seq,
+            at,
+            action: event.action.to_owned(),
+            outcome: event.outcome,
+            principal: event.principal,
+            tenant: event.tenant,
+            token: event.token,
+            request_id: event.request_id,
+            source: event.source,
+            detail: event.detail,
+            prev: hex::encode(head.1),
+            hash: String::new(),
+            mac: None,
+        };
+        let hash = rec.chain_hash(&head.1);
+        rec.hash = hex::encode(hash);
+        rec.mac = key.map(|k| hex::encode(k.hmac(&hash)));
+        let bytes = serde_json::to_vec(&rec).map_err(|_| AuditError::Corrupt)?;
+        self.store.audit_append(seq, &bytes)?;
+        *head = (seq, hash);
+        Ok(())
+    }
+
+    /// Appends an event and waits until it is durable.
+    pub async fn record(&self, event: AuditEvent) -> Result<(), AuditError> {
+        self.append(event)?;
+        self.store.commit().await?;
+        Ok(())
+    }
+
+    /// Waits until every record appended so far is durable.
+    pub async fn durable(&self) -> Result<(), AuditError> {
+        self.store.commit().await?;
+        Ok(())
+    }
+
+    /// Records in order from `from`, at most `limit`.
+    pub fn scan(&self, from: u64, limit: usize) -> Result<Vec<AuditRecord>, AuditError> {
+        self.store
+            .audit_scan(from, limit)?
+            .into_iter()
+            .map(|(_, b)| serde_json::from_slice(&b).map_err(|_| AuditError::Corrupt))
+            .collect()
+    }
+
+    /// Verifies the whole stored trail.
+    pub fn verify_stored(&self) -> Result<VerifyReport, AuditError> {
+        let key = self.keys.ring().map(|r| r.audit_key());
+        let mut verifier = Verifier::new(key);
+        let mut from = 1;
+        loop {
+            let batch = self.store.audit_scan(from, 1000)?;
+            let Some((last, _)) = batch.last() else { break };
+            from = last + 1;
+            for (seq, bytes) in batch {
+                match serde_json::from_slice::<AuditRecord>(&bytes) {
+                    Ok(rec) => verifier.push(&rec),
+                    Err(_) => verifier.fail(seq, "record is not a valid audit record"),
+                }
+                if verifier.report.first_broken.is_some() {
+                    return Ok(verifier.finish());
+                }
+            }
+        }
+        Ok(verifier.finish())
+    }
+}
+
+/// What [`verify`] found.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct VerifyReport {
+    pub records: u64,
+    pub macs_checked: u64,
+    /// The first broken link: (sequence number, reason).
+    pub first_broken: Option<(u64, String)>,
+    /// Records at the end written while sealed, not yet covered by a MAC.
+    pub unmaced_tail: u64,
+}
+
+/// Checks records in order; stops at the first broken link.
+pub struct Verifier {
+    key: Option<Key256>,
+    expected: u64,
+    prev: [u8; 32],
+    report: VerifyReport,
+}
+
+impl Verifier {
+    /// `key` checks MACs; without it only the chain is checked.
+    pub fn new(key: Option<Key256>) -> Verifier {
+        Verifier {
+            key,
+            expected: 1,
+            prev: [0; 32],
+            report: VerifyReport::default(),
+        }
+    }
+
+    fn fail(&mut self, seq: u64, why: &str) {
+        if self.report.first_broken.is_none() {
+            self.report.first_broken = Some((seq, why.to_owned()));
+        }
+    }
+
+    /// Checks the next record.
+    pub fn push(&mut self, rec: &AuditRecord) {
+        if self.report.first_broken.is_some() {
+            return;
+        }
+        if rec.seq != self.expected {
+            let why = if rec.seq > self.expected {
+                format!(
+                    "sequence jumps from {} to {} (records deleted)",
+                    self.expected - 1,
+                    rec.seq
+                )
+            } else {
+                format!(
+                    "sequence goes back to {} after {} (records inserted or reordered)",
+                    rec.seq,
+                    self.expected - 1
+                )
+            };
+            return self.fail(rec.seq, &why);
+        }
+        if rec.prev != hex::encode(self.prev) {
+            return self.fail(rec.seq, "does not link to the previous record");
+        }
+        let hash = rec.chain_hash(&self.prev);
+        if rec.hash != hex::encode(hash) {
+            return self.fail(rec.seq, "content does not match its hash (edited)");
+        }
+        match (&rec.mac, &self.key) {
+            (Some(mac), Some(key)) => {
+                let ok = hex::decode(mac).is_ok_and(|m| key.verify_hmac(&hash, &m).is_ok());
+                if !ok {
+                    return self.fail(rec.seq, "MAC does not verify (forged or recomputed)");
+                }
+                self.report.macs_checked += 1;
+                self.report.unmaced_tail = 0;
+            }
+            (Some(_), None) => self.report.unmaced_tail = 0,
+            (None, _) => self.report.unmaced_tail += 1,
+        }
+        self.prev = hash;
+        self.expected += 1;
+        self.report.records += 1;
+    }
+
+    pub fn finish(self) -> VerifyReport {
+        self.report
+    }
+}
+
+/// Verifies a sequence of records (e.g. an export).
+pub fn verify<'a>(records: impl IntoIterator<Item = &'a AuditRecord>, key: Option<Key256>) -> VerifyReport {
+    let mut v = Verifier::new(key);
+    for r in records {
+        v.push(r);
+    }
+    v.finish()
+}
