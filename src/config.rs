@@ -228,6 +228,8 @@ pub struct Settings {
     pub cvv_ttl: std::time::Duration,
     /// How long an Idempotency-Key is remembered.
     pub idempotency_window: std::time::Duration,
+    /// Per-client rate limits (None: unlimited, the dev default).
+    pub rate_limits: Option<crate::limits::RateLimits>,
 }
 
 /// Default CVV lifetime in memory.
@@ -262,6 +264,9 @@ struct ProductionFile {
     cvv_ttl: Option<String>,
     #[serde(default)]
     idempotency_window: Option<String>,
+    /// e.g. "tokenize=200,detokenize=50,charges=20,other=100" (default: those).
+    #[serde(default)]
+    rate_limits: Option<String>,
 }
 
 fn parse_duration(
@@ -302,6 +307,7 @@ const ENV_KEYS: &[&str] = &[
     "keystore.pkcs11.pin_file",
     "cvv_ttl",
     "idempotency_window",
+    "rate_limits",
     "psp.base_url",
     "psp.api_key_file",
     "psp.merchant_account",
@@ -332,6 +338,11 @@ impl Settings {
             log_format: parsed.log_format,
             workers: parsed.workers,
             psp: parsed.psp,
+            rate_limits: Some(match &parsed.rate_limits {
+                None => crate::limits::RateLimits::production_defaults(),
+                Some(spec) => crate::limits::RateLimits::parse(spec)
+                    .map_err(|e| ConfigError::Invalid(format!("rate_limits: {e}")))?,
+            }),
             cvv_ttl: parse_duration("cvv_ttl", parsed.cvv_ttl, DEFAULT_CVV_TTL)?,
             idempotency_window: parse_duration(
                 "idempotency_window",

@@ -202,6 +202,7 @@ pub fn settings_for(data_dir: &Path, listen: std::net::SocketAddr) -> (Settings,
         psp: None,
         cvv_ttl: crate::config::DEFAULT_CVV_TTL,
         idempotency_window: crate::config::DEFAULT_IDEMPOTENCY_WINDOW,
+        rate_limits: None,
     };
     (settings, paths)
 }

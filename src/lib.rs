@@ -31,6 +31,7 @@ pub mod crypto;
 pub mod dev;
 pub mod domain;
 pub mod keys;
+pub mod limits;
 pub mod metrics;
 pub mod psp;
 pub mod service;

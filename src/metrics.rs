@@ -22,6 +22,7 @@ pub struct Metrics {
     pub charges: IntCounterVec,
     pub psp_duration: prometheus::Histogram,
     pub psp_errors: IntCounterVec,
+    pub rate_limited: IntCounterVec,
 }
 
 /// Building a metric only fails on an invalid name or duplicate registration,
@@ -50,6 +51,7 @@ impl Metrics {
             &["reason"],
         );
         let charges = counter("charges_total", "Charges by outcome", &["status"]);
+        let rate_limited = counter("rate_limited_total", "Requests refused by a rate limit", &["class"]);
         let psp_errors = counter("psp_errors_total", "PSP calls without a verdict, by kind", &["kind"]);
         let psp_duration = prometheus::Histogram::with_opts(
             HistogramOpts::new(
@@ -104,6 +106,7 @@ impl Metrics {
             charges,
             psp_duration,
             psp_errors,
+            rate_limited,
         }
     }
 

@@ -162,8 +162,15 @@ impl Application {
             spawn_auto_rotation(vault.clone(), period);
         }
         let auth = Authenticator::new(&settings.auth, &settings.clients)?;
+        let limiter = crate::limits::Limiter::new(
+            &settings
+                .rate_limits
+                .clone()
+                .unwrap_or(crate::limits::RateLimits(std::collections::HashMap::new())),
+        );
         let state = web::Data::new(AppState {
             vault,
+            limiter,
             audit,
             pkcs11: settings.keystore.pkcs11.clone(),
             auth,

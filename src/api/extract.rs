@@ -16,28 +16,32 @@ use super::problem::{ApiError, REQUEST_ID};
 use crate::audit::AuditEvent;
 use crate::auth::Principal;
 use crate::config::Scope;
+use crate::limits::LimitClass;
 
 /// A scope an endpoint requires, as a type.
 pub trait RequiredScope {
     const SCOPE: Scope;
+    /// The rate-limit budget the endpoint draws from.
+    const CLASS: LimitClass;
 }
 
 macro_rules! scope_marker {
-    ($name:ident, $scope:expr) => {
+    ($name:ident, $scope:expr, $class:expr) => {
         pub struct $name;
         impl RequiredScope for $name {
             const SCOPE: Scope = $scope;
+            const CLASS: LimitClass = $class;
         }
     };
 }
 
-scope_marker!(TokensCreate, Scope::TokensCreate);
-scope_marker!(TokensRead, Scope::TokensRead);
-scope_marker!(TokensDelete, Scope::TokensDelete);
-scope_marker!(TokensDetokenize, Scope::TokensDetokenize);
-scope_marker!(KeysAdmin, Scope::KeysAdmin);
-scope_marker!(ChargesCreate, Scope::ChargesCreate);
-scope_marker!(ChargesRead, Scope::ChargesRead);
+scope_marker!(TokensCreate, Scope::TokensCreate, LimitClass::Tokenize);
+scope_marker!(TokensRead, Scope::TokensRead, LimitClass::Other);
+scope_marker!(TokensDelete, Scope::TokensDelete, LimitClass::Other);
+scope_marker!(TokensDetokenize, Scope::TokensDetokenize, LimitClass::Detokenize);
+scope_marker!(KeysAdmin, Scope::KeysAdmin, LimitClass::Other);
+scope_marker!(ChargesCreate, Scope::ChargesCreate, LimitClass::Charges);
+scope_marker!(ChargesRead, Scope::ChargesRead, LimitClass::Other);
 
 /// The authorized caller of an endpoint that requires scope `S`.
 pub struct Caller<S> {
@@ -79,6 +83,11 @@ impl<S: RequiredScope> FromRequest for Caller<S> {
         let header = req.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes());
         ready(match state.auth.authorize(header, S::SCOPE) {
             Ok(principal) => {
+                if let Err(wait) = state.limiter.check(S::CLASS, &principal.sub) {
+                    state.metrics.rate_limited.with_label_values(&[S::CLASS.as_str()]).inc();
+                    tracing::warn!(class = S::CLASS.as_str(), sub = %principal.sub, "rate limited");
+                    return ready(Err(ApiError::RateLimited(wait)));
+                }
                 req.extensions_mut().insert(principal.clone());
                 Ok(Caller {
                     principal,

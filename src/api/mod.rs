@@ -27,6 +27,7 @@ use problem::{ApiError, REQUEST_ID};
 /// Shared state of every worker.
 pub struct AppState {
     pub vault: Vault,
+    pub limiter: crate::limits::Limiter,
     pub audit: crate::audit::AuditLog,
     /// HSM settings, for `rotate-root` (PKCS#11 provider only).
     pub pkcs11: Option<crate::config::Pkcs11Settings>,

@@ -59,6 +59,8 @@ pub enum ApiError {
     InvalidCvv,
     #[error("psp not configured")]
     PspNotConfigured,
+    #[error("rate limited")]
+    RateLimited(std::time::Duration),
     #[error("key operation refused")]
     KeyRefused(String),
     #[error("unseal refused")]
@@ -89,6 +91,7 @@ pub const PROBLEM_CODES: &[&str] = &[
     "idempotency-key-reused",
     "invalid-cvv",
     "psp-not-configured",
+    "rate-limited",
     "key-operation-refused",
     "invalid-share",
     "duplicate-share",
@@ -121,6 +124,7 @@ impl ApiError {
             ApiError::IdempotencyMismatch => "idempotency-key-reused",
             ApiError::InvalidCvv => "invalid-cvv",
             ApiError::PspNotConfigured => "psp-not-configured",
+            ApiError::RateLimited(_) => "rate-limited",
             ApiError::KeyRefused(_) => "key-operation-refused",
             ApiError::Unseal(code, _, _) => code,
             ApiError::Internal => "internal-error",
@@ -149,6 +153,7 @@ impl ApiError {
             ApiError::IdempotencyMismatch => "This Idempotency-Key was already used with a different request",
             ApiError::InvalidCvv => "The CVV is not valid",
             ApiError::PspNotConfigured => "No payment service provider is configured",
+            ApiError::RateLimited(_) => "Too many requests from this client",
             ApiError::KeyRefused(_) => "The key operation was refused",
             ApiError::Unseal(_, _, title) => title,
             ApiError::Internal => "Internal error",
@@ -272,6 +277,7 @@ impl ResponseError for ApiError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             ApiError::IdempotencyKeyRequired => StatusCode::BAD_REQUEST,
+            ApiError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::IdempotencyMismatch | ApiError::InvalidCvv => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::KeyRefused(_) => StatusCode::CONFLICT,
             ApiError::Unseal(_, status, _) => *status,
@@ -294,6 +300,10 @@ impl ResponseError for ApiError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
         ));
+        if let ApiError::RateLimited(wait) = self {
+            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            res.insert_header((header::RETRY_AFTER, secs.max(1).to_string()));
+        }
         if let ApiError::Auth(e) = self
             && !e.is_forbidden()
         {

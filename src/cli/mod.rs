@@ -79,6 +79,10 @@ struct ServeArgs {
     /// Dev mode: PSP read timeout [default: 5s]; a timed-out call is retried once with the same idempotency key.
     #[arg(long, env = "TOKENVAULT_PSP_TIMEOUT", value_name = "DURATION", requires = "psp_url")]
     psp_timeout: Option<String>,
+    /// Per-client rate limits, e.g. tokenize=200,detokenize=50,charges=20,other=100
+    /// [dev default: unlimited; production default: those].
+    #[arg(long, env = "TOKENVAULT_RATE_LIMITS", value_name = "SPEC")]
+    rate_limits: Option<String>,
     /// How long a CVV may wait in memory for its charge [default: 15m].
     #[arg(long, env = "TOKENVAULT_CVV_TTL", value_name = "DURATION")]
     cvv_ttl: Option<String>,
@@ -172,6 +176,12 @@ fn serve(args: ServeArgs) -> ExitCode {
     let settings = settings.and_then(|mut s| {
         if let Some(p) = args.cryptoperiod.clone() {
             s.keystore.cryptoperiod = Some(p);
+        }
+        if let Some(spec) = &args.rate_limits {
+            s.rate_limits = Some(
+                crate::limits::RateLimits::parse(spec)
+                    .map_err(|e| ConfigError::Invalid(format!("--rate-limits: {e}")))?,
+            );
         }
         if let Some(ttl) = &args.cvv_ttl {
             s.cvv_ttl = humantime::parse_duration(ttl)

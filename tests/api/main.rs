@@ -11,6 +11,7 @@ mod durability;
 mod helpers;
 mod hsm;
 mod keys;
+mod limits;
 mod openapi;
 mod readme;
 mod tokens;
