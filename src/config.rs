@@ -230,6 +230,10 @@ pub struct Settings {
     pub idempotency_window: std::time::Duration,
     /// Per-client rate limits (None: unlimited, the dev default).
     pub rate_limits: Option<crate::limits::RateLimits>,
+    /// Production only: allow running as root (refused by default).
+    pub allow_root: bool,
+    /// Lock all memory (mlockall) so secrets never reach swap.
+    pub mlockall: bool,
 }
 
 /// Default CVV lifetime in memory.
@@ -267,6 +271,10 @@ struct ProductionFile {
     /// e.g. "tokenize=200,detokenize=50,charges=20,other=100" (default: those).
     #[serde(default)]
     rate_limits: Option<String>,
+    #[serde(default)]
+    allow_root: bool,
+    #[serde(default)]
+    mlockall: bool,
 }
 
 fn parse_duration(
@@ -308,6 +316,8 @@ const ENV_KEYS: &[&str] = &[
     "cvv_ttl",
     "idempotency_window",
     "rate_limits",
+    "allow_root",
+    "mlockall",
     "psp.base_url",
     "psp.api_key_file",
     "psp.merchant_account",
@@ -338,6 +348,8 @@ impl Settings {
             log_format: parsed.log_format,
             workers: parsed.workers,
             psp: parsed.psp,
+            allow_root: parsed.allow_root,
+            mlockall: parsed.mlockall,
             rate_limits: Some(match &parsed.rate_limits {
                 None => crate::limits::RateLimits::production_defaults(),
                 Some(spec) => crate::limits::RateLimits::parse(spec)

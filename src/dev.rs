@@ -203,6 +203,8 @@ pub fn settings_for(data_dir: &Path, listen: std::net::SocketAddr) -> (Settings,
         cvv_ttl: crate::config::DEFAULT_CVV_TTL,
         idempotency_window: crate::config::DEFAULT_IDEMPOTENCY_WINDOW,
         rate_limits: None,
+        allow_root: true,
+        mlockall: false,
     };
     (settings, paths)
 }

@@ -30,6 +30,7 @@ pub mod config;
 pub mod crypto;
 pub mod dev;
 pub mod domain;
+pub mod hardening;
 pub mod keys;
 pub mod limits;
 pub mod metrics;

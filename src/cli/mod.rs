@@ -222,6 +222,17 @@ fn serve(args: ServeArgs) -> ExitCode {
         }
     };
     telemetry::init(settings.log_format);
+    match crate::hardening::apply(&settings) {
+        Ok(done) => {
+            for d in done {
+                tracing::info!("{d}");
+            }
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    }
     let result = actix_web::rt::System::new().block_on(async move {
         let app = Application::build(&settings).map_err(|e| e.to_string())?;
         let mode = if settings.mode == Mode::Dev {

@@ -82,6 +82,8 @@ pub fn prod_layout(dev: &TestApp, dir: &std::path::Path) -> String {
         r#"
 listen = "127.0.0.1:0"
 data_dir = "{d}/data"
+# CI runs as root; production refuses that unless allowed.
+allow_root = true
 
 [auth]
 issuer = "tokenvault-dev"
@@ -223,6 +225,21 @@ async fn production_mode_requires_explicit_config_and_enforces_the_registry() {
         assert_eq!(out.status.code(), Some(2), "{name}");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(expect), "{name}: {err}");
+    }
+
+    // Root is refused in production unless explicitly allowed.
+    if std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .any(|l| l.starts_with("Uid:\t0\t"))
+    {
+        let path = write_prod_config(dir.path(), &full.replace("allow_root = true", ""));
+        let out = Command::new(BIN)
+            .args(["serve", "--config", path.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2));
+        assert!(String::from_utf8_lossy(&out.stderr).contains("refusing to run as root"));
     }
 
     // A dev data directory is refused in production mode.

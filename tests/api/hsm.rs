@@ -68,6 +68,7 @@ async fn pkcs11_root_key_in_softhsm_with_root_rotation() {
         r#"
 listen = "127.0.0.1:0"
 data_dir = "{dd}/data"
+allow_root = true
 
 [auth]
 issuer = "tokenvault-dev"

@@ -430,4 +430,8 @@ async fn health_and_readiness() {
             .starts_with("text/plain")
     );
     assert!(res.headers().get("server").is_none(), "no version banner");
+    assert!(
+        app.logs().contains("core dumps disabled"),
+        "process hardening applied at start"
+    );
 }
