@@ -136,10 +136,12 @@ impl Keyring {
     }
 
     /// Seals a card for (`tenant`, `token`): a fresh DEK encrypts the payload and is
-    /// wrapped by the active KEK.
-    pub fn seal(&self, tenant: &TenantId, token: &Token, payload: &CardPayload) -> SealedCard {
+    /// wrapped by the active KEK. `metadata` (the record's public fields) is bound
+    /// into the payload's associated data, so a changed BIN, last four, brand or
+    /// fingerprint makes the record fail to open instead of being served.
+    pub fn seal(&self, tenant: &TenantId, token: &Token, metadata: &[u8], payload: &CardPayload) -> SealedCard {
         let dek = Key256::random();
-        let record = [tenant.as_str().as_bytes(), token.as_str().as_bytes()];
+        let record = [tenant.as_str().as_bytes(), token.as_str().as_bytes(), metadata];
         let ciphertext = dek.seal(&aad(AAD_PAYLOAD, &record), &payload.encode());
         let (key_version, wrapped_dek) = self.wrap_dek(tenant, token, &dek);
         SealedCard {
@@ -151,9 +153,15 @@ impl Keyring {
 
     /// Opens a sealed card; fails closed on any mismatch of key, version, tenant,
     /// token or bytes.
-    pub fn open(&self, tenant: &TenantId, token: &Token, sealed: &SealedCard) -> Result<CardPayload, KeyError> {
+    pub fn open(
+        &self,
+        tenant: &TenantId,
+        token: &Token,
+        metadata: &[u8],
+        sealed: &SealedCard,
+    ) -> Result<CardPayload, KeyError> {
         let dek = self.unwrap_dek(tenant, token, sealed)?;
-        let record = [tenant.as_str().as_bytes(), token.as_str().as_bytes()];
+        let record = [tenant.as_str().as_bytes(), token.as_str().as_bytes(), metadata];
         let plain = dek
             .open(&aad(AAD_PAYLOAD, &record), &sealed.ciphertext)
             .map_err(|_| KeyError::Integrity)?;
@@ -232,8 +240,8 @@ impl Keyring {
             expiry,
             name: None,
         };
-        let sealed = self.seal(&tenant, &token, &payload);
-        self.open(&tenant, &token, &sealed)
+        let sealed = self.seal(&tenant, &token, b"selftest", &payload);
+        self.open(&tenant, &token, b"selftest", &sealed)
             .is_ok_and(|p| p.pan.expose_digits() == payload.pan.expose_digits())
     }
 
@@ -291,34 +299,37 @@ mod tests {
         let t2 = TenantId::parse("t2").unwrap();
         let a = Token::parse("4111110000001112").unwrap();
         let b = Token::parse("4111110000002112").unwrap();
-        let sealed = ring.seal(&t1, &a, &payload("4111111111111111"));
+        let sealed = ring.seal(&t1, &a, b"m", &payload("4111111111111111"));
         assert_eq!(sealed.key_version, 2);
         assert_eq!(
-            ring.open(&t1, &a, &sealed).unwrap().pan.expose_digits(),
+            ring.open(&t1, &a, b"m", &sealed).unwrap().pan.expose_digits(),
             "4111111111111111"
         );
         // Moved to another record or tenant: fails.
-        assert_eq!(ring.open(&t1, &b, &sealed).unwrap_err(), KeyError::Integrity);
-        assert_eq!(ring.open(&t2, &a, &sealed).unwrap_err(), KeyError::Integrity);
+        assert_eq!(ring.open(&t1, &b, b"m", &sealed).unwrap_err(), KeyError::Integrity);
+        assert_eq!(ring.open(&t2, &a, b"m", &sealed).unwrap_err(), KeyError::Integrity);
         // Relabelled with another version: fails.
         let relabelled = SealedCard {
             key_version: 1,
             ..sealed.clone()
         };
-        assert_eq!(ring.open(&t1, &a, &relabelled).unwrap_err(), KeyError::Integrity);
+        assert_eq!(ring.open(&t1, &a, b"m", &relabelled).unwrap_err(), KeyError::Integrity);
         // Payload of one record with the DEK of another: fails.
-        let other = ring.seal(&t1, &a, &payload("5555555555554444"));
+        let other = ring.seal(&t1, &a, b"m", &payload("5555555555554444"));
         let spliced = SealedCard {
             ciphertext: other.ciphertext,
             ..sealed.clone()
         };
-        assert_eq!(ring.open(&t1, &a, &spliced).unwrap_err(), KeyError::Integrity);
+        assert_eq!(ring.open(&t1, &a, b"m", &spliced).unwrap_err(), KeyError::Integrity);
         // Unknown version.
         let unknown = SealedCard {
             key_version: 9,
             ..sealed
         };
-        assert_eq!(ring.open(&t1, &a, &unknown).unwrap_err(), KeyError::UnknownVersion);
+        assert_eq!(
+            ring.open(&t1, &a, b"m", &unknown).unwrap_err(),
+            KeyError::UnknownVersion
+        );
     }
 
     #[test]
@@ -329,7 +340,7 @@ mod tests {
         ring.active = 1;
         ring.keks.get_mut(&1).unwrap().state = KeyState::Active;
         ring.keks.get_mut(&2).unwrap().state = KeyState::DecryptOnly;
-        let old = ring.seal(&t, &tok, &payload("4111111111111111"));
+        let old = ring.seal(&t, &tok, b"m", &payload("4111111111111111"));
         assert_eq!(old.key_version, 1);
         ring.active = 2;
         ring.keks.get_mut(&1).unwrap().state = KeyState::DecryptOnly;
@@ -339,20 +350,33 @@ mod tests {
         assert_eq!(new.ciphertext, old.ciphertext, "payload bytes are not re-encrypted");
         assert_ne!(new.wrapped_dek, old.wrapped_dek);
         assert_eq!(
-            ring.open(&t, &tok, &new).unwrap().pan.expose_digits(),
+            ring.open(&t, &tok, b"m", &new).unwrap().pan.expose_digits(),
             "4111111111111111"
         );
         // A rewrapped record cannot be opened under another record's identity either.
         let other = Token::parse("4111110000002112").unwrap();
-        assert_eq!(ring.open(&t, &other, &new).unwrap_err(), KeyError::Integrity);
+        assert_eq!(ring.open(&t, &other, b"m", &new).unwrap_err(), KeyError::Integrity);
         // Retired and destroyed versions decrypt nothing.
         ring.keks.get_mut(&1).unwrap().state = KeyState::Retired;
-        assert_eq!(ring.open(&t, &tok, &old).unwrap_err(), KeyError::Retired);
+        assert_eq!(ring.open(&t, &tok, b"m", &old).unwrap_err(), KeyError::Retired);
         assert_eq!(ring.rewrap(&t, &tok, &old).unwrap_err(), KeyError::Retired);
         let k1 = ring.keks.get_mut(&1).unwrap();
         k1.state = KeyState::Destroyed;
         k1.dek_wrap = None;
-        assert_eq!(ring.open(&t, &tok, &old).unwrap_err(), KeyError::Destroyed);
+        assert_eq!(ring.open(&t, &tok, b"m", &old).unwrap_err(), KeyError::Destroyed);
+    }
+
+    #[test]
+    fn metadata_is_bound_into_the_payload() {
+        let ring = test_keyring();
+        let t = TenantId::parse("t1").unwrap();
+        let tok = Token::parse("4111110000001112").unwrap();
+        let sealed = ring.seal(&t, &tok, b"bin=411111;last4=1111", &payload("4111111111111111"));
+        assert!(ring.open(&t, &tok, b"bin=411111;last4=1111", &sealed).is_ok());
+        assert_eq!(
+            ring.open(&t, &tok, b"bin=411111;last4=9999", &sealed).unwrap_err(),
+            KeyError::Integrity
+        );
     }
 
     #[test]

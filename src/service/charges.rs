@@ -116,7 +116,7 @@ impl Vault {
 
         let ring = self.keys.ring().ok_or(VaultError::Sealed)?;
         let record = self.store.get(tenant, &input.token)?.ok_or(VaultError::NotFound)?;
-        let card = ring.open(tenant, &input.token, &record.sealed)?;
+        let card = ring.open(tenant, &input.token, &record.metadata_binding(), &record.sealed)?;
         // The CVV is used by this charge and destroyed, whatever happens next; it is
         // only ever sent on a customer-initiated charge.
         let cvv = self.cvv.take(&input.token);

@@ -223,17 +223,26 @@ impl Vault {
         {
             return Ok(Tokenized::Existing(existing));
         }
+        let created_at = now_seconds();
+        let binding = crate::store::metadata_binding(
+            input.format,
+            pan.brand(),
+            pan.bin6(),
+            pan.last4(),
+            &fingerprint,
+            created_at,
+        );
         for token in candidates(input.format, pan) {
             let record = StoredRecord {
                 tenant: tenant.clone(),
-                sealed: ring.seal(tenant, &token, &input.card),
+                sealed: ring.seal(tenant, &token, &binding, &input.card),
                 token,
                 format: input.format,
                 brand: pan.brand(),
                 bin: pan.bin6().to_owned(),
                 last4: pan.last4().to_owned(),
                 fingerprint,
-                created_at: now_seconds(),
+                created_at,
                 network_tx_id: None,
             };
             match self.store.insert(&record)? {
@@ -279,7 +288,7 @@ impl Vault {
         let Some(record) = self.store.get(tenant, token)? else {
             return Ok(None);
         };
-        let card = ring.open(tenant, token, &record.sealed)?;
+        let card = ring.open(tenant, token, &record.metadata_binding(), &record.sealed)?;
         Ok(Some(metadata(&record, &card)))
     }
 
@@ -288,11 +297,12 @@ impl Vault {
         let this = self.clone();
         tokio::task::spawn_blocking(move || {
             let record = this.store.get(&tenant, &token)?.ok_or(VaultError::NotFound)?;
-            let card = this
-                .keys
-                .ring()
-                .ok_or(VaultError::Sealed)?
-                .open(&tenant, &token, &record.sealed)?;
+            let card = this.keys.ring().ok_or(VaultError::Sealed)?.open(
+                &tenant,
+                &token,
+                &record.metadata_binding(),
+                &record.sealed,
+            )?;
             Ok(Revealed { token, card })
         })
         .await

@@ -38,6 +38,42 @@ pub struct StoredRecord {
     pub network_tx_id: Option<String>,
 }
 
+impl StoredRecord {
+    /// The public fields bound into the payload's associated data (everything but
+    /// the envelope and the card-on-file id, which is set later).
+    pub fn metadata_binding(&self) -> Vec<u8> {
+        metadata_binding(
+            self.format,
+            self.brand,
+            &self.bin,
+            &self.last4,
+            &self.fingerprint,
+            self.created_at,
+        )
+    }
+}
+
+/// See [`StoredRecord::metadata_binding`]; usable before the record exists.
+pub fn metadata_binding(
+    format: TokenFormat,
+    brand: Brand,
+    bin: &str,
+    last4: &str,
+    fingerprint: &[u8; 32],
+    created_at: OffsetDateTime,
+) -> Vec<u8> {
+    crate::crypto::aad(
+        "tokenvault/v1/record-metadata",
+        &[
+            &[format.to_u8(), brand.to_u8()],
+            bin.as_bytes(),
+            last4.as_bytes(),
+            fingerprint,
+            &created_at.unix_timestamp().to_be_bytes(),
+        ],
+    )
+}
+
 /// A charge as stored: the outcome, never card data.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ChargeRecord {

@@ -7,6 +7,7 @@ mod audit;
 mod authz;
 mod charges;
 pub mod cli;
+mod corruption;
 mod durability;
 mod helpers;
 mod hsm;
