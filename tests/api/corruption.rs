@@ -39,7 +39,7 @@ async fn damaged_records_fail_closed_and_the_rest_keep_working() {
         v[mid] ^= 0x80; // wrapped DEK / ciphertext
         put(&tokens[1].0, v);
         let mut v = get(&tokens[2].0);
-        let last4 = tokens[2].1[12..].as_bytes().to_vec();
+        let last4 = tokens[2].1.as_bytes()[12..].to_vec();
         let at = v
             .windows(4)
             .position(|w| w == last4.as_slice())
