@@ -8,6 +8,7 @@ mod authz;
 mod charges;
 pub mod cli;
 mod corruption;
+mod crash;
 mod durability;
 mod helpers;
 mod hsm;
