@@ -46,6 +46,8 @@ pub enum AuthError {
     ScopeDenied,
     #[error("tenant not allowed")]
     TenantDenied,
+    #[error("client certificate does not match the registry's pin")]
+    ClientCertificate,
 }
 
 impl AuthError {
@@ -53,7 +55,7 @@ impl AuthError {
     pub fn is_forbidden(self) -> bool {
         matches!(
             self,
-            AuthError::ClientUnknown | AuthError::ScopeDenied | AuthError::TenantDenied
+            AuthError::ClientUnknown | AuthError::ScopeDenied | AuthError::TenantDenied | AuthError::ClientCertificate
         )
     }
 
@@ -71,6 +73,7 @@ impl AuthError {
             AuthError::ClientUnknown => "client",
             AuthError::ScopeDenied => "scope",
             AuthError::TenantDenied => "tenant",
+            AuthError::ClientCertificate => "client_cert",
         }
     }
 }
@@ -115,6 +118,8 @@ struct Grant {
     scopes: BTreeSet<Scope>,
     all_tenants: bool,
     tenants: BTreeSet<String>,
+    /// SHA-256 of the SPKI of the client certificate this client must present.
+    pin: Option<[u8; 32]>,
 }
 
 /// Verifies bearer tokens and checks them against the client registry.
@@ -159,6 +164,11 @@ impl Authenticator {
                     scopes: c.scopes.clone(),
                     all_tenants: c.tenants.contains("*"),
                     tenants: c.tenants.clone(),
+                    pin: c
+                        .cert_sha256
+                        .as_deref()
+                        .and_then(|h| hex::decode(h).ok())
+                        .and_then(|b| b.try_into().ok()),
                 };
                 (c.sub.clone(), grant)
             })
@@ -171,7 +181,13 @@ impl Authenticator {
     }
 
     /// Authenticates the `Authorization` header value and authorizes `scope`.
-    pub fn authorize(&self, header: Option<&[u8]>, scope: Scope) -> Result<Principal, AuthError> {
+    /// `peer_spki` is the SPKI hash of the TLS client certificate, if one was presented.
+    pub fn authorize(
+        &self,
+        header: Option<&[u8]>,
+        scope: Scope,
+        peer_spki: Option<[u8; 32]>,
+    ) -> Result<Principal, AuthError> {
         let verified = self.authenticate(header)?;
         let grant = self.registry.get(&verified.sub).ok_or(AuthError::ClientUnknown)?;
         if !verified.scopes.contains(&scope) || !grant.scopes.contains(&scope) {
@@ -180,6 +196,13 @@ impl Authenticator {
         let tenant = verified.tenant.clone().ok_or(AuthError::TenantDenied)?;
         if !grant.all_tenants && !grant.tenants.contains(tenant.as_str()) {
             return Err(AuthError::TenantDenied);
+        }
+        if let Some(pin) = &grant.pin {
+            use subtle::ConstantTimeEq;
+            let matches = peer_spki.is_some_and(|p| bool::from(p.ct_eq(pin)));
+            if !matches {
+                return Err(AuthError::ClientCertificate);
+            }
         }
         Ok(Principal {
             sub: verified.sub.clone(),
@@ -296,6 +319,7 @@ mod tests {
             sub: "edge".into(),
             scopes: [Scope::TokensCreate].into_iter().collect(),
             tenants: ["acme".to_owned()].into_iter().collect(),
+            cert_sha256: None,
         }];
         Authenticator::new(&settings, &clients).unwrap()
     }
@@ -321,7 +345,7 @@ mod tests {
         let exp = now_secs() + 600;
         for (key, kid) in [(&old_key, "2026-10"), (&new_key, "2026-11")] {
             assert!(
-                auth.authorize(Some(&bearer(&jwt(key, kid, exp))), Scope::TokensCreate)
+                auth.authorize(Some(&bearer(&jwt(key, kid, exp))), Scope::TokensCreate, None)
                     .is_ok(),
                 "{kid}"
             );
@@ -329,14 +353,14 @@ mod tests {
         // A signature by one key presented under the other's kid fails.
         let crossed = jwt(&old_key, "2026-11", exp);
         assert_eq!(
-            auth.authorize(Some(&bearer(&crossed)), Scope::TokensCreate)
+            auth.authorize(Some(&bearer(&crossed)), Scope::TokensCreate, None)
                 .unwrap_err(),
             AuthError::BadSignature
         );
         // The registry still decides the scope and tenant.
         let ok = jwt(&new_key, "2026-11", exp);
         assert_eq!(
-            auth.authorize(Some(&bearer(&ok)), Scope::TokensRead).unwrap_err(),
+            auth.authorize(Some(&bearer(&ok)), Scope::TokensRead, None).unwrap_err(),
             AuthError::ScopeDenied
         );
     }
@@ -348,15 +372,15 @@ mod tests {
         let auth = authenticator(vec![k], 0);
         let exp = now_secs() + 2;
         let token = bearer(&jwt(&key, "k1", exp));
-        assert!(auth.authorize(Some(&token), Scope::TokensCreate).is_ok());
+        assert!(auth.authorize(Some(&token), Scope::TokensCreate, None).is_ok());
         assert_eq!(auth.cache.len(), 1, "a verified token is cached");
-        assert!(auth.authorize(Some(&token), Scope::TokensCreate).is_ok());
+        assert!(auth.authorize(Some(&token), Scope::TokensCreate, None).is_ok());
         assert_eq!(auth.cache.len(), 1);
         while now_secs() <= exp {
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
         assert_eq!(
-            auth.authorize(Some(&token), Scope::TokensCreate).unwrap_err(),
+            auth.authorize(Some(&token), Scope::TokensCreate, None).unwrap_err(),
             AuthError::Expired
         );
         assert_eq!(auth.cache.len(), 0, "the expired entry is dropped, not served");
@@ -369,16 +393,17 @@ mod tests {
         let auth = authenticator(vec![k], 30);
         let token = bearer(&jwt(&key, "other", now_secs() + 600));
         assert_eq!(
-            auth.authorize(Some(&token), Scope::TokensCreate).unwrap_err(),
+            auth.authorize(Some(&token), Scope::TokensCreate, None).unwrap_err(),
             AuthError::UnknownKid
         );
         assert_eq!(auth.cache.len(), 0);
         assert_eq!(
-            auth.authorize(None, Scope::TokensCreate).unwrap_err(),
+            auth.authorize(None, Scope::TokensCreate, None).unwrap_err(),
             AuthError::Missing
         );
         assert_eq!(
-            auth.authorize(Some(b"Basic abc"), Scope::TokensCreate).unwrap_err(),
+            auth.authorize(Some(b"Basic abc"), Scope::TokensCreate, None)
+                .unwrap_err(),
             AuthError::Malformed
         );
     }

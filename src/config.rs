@@ -125,6 +125,38 @@ pub struct ClientEntry {
     pub scopes: BTreeSet<Scope>,
     /// Tenant ids; `"*"` (every tenant) is accepted only in dev mode.
     pub tenants: BTreeSet<String>,
+    /// Pin: SHA-256 (hex) of the SubjectPublicKeyInfo of the client certificate this
+    /// client must present over mutual TLS.
+    #[serde(default)]
+    pub cert_sha256: Option<String>,
+}
+
+/// Who terminates TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TlsMode {
+    /// The vault terminates TLS itself (rustls, ring provider).
+    Native,
+    /// A sidecar or ingress terminates TLS in front of the vault (client-certificate
+    /// pins cannot be enforced by the vault then).
+    Upstream,
+}
+
+/// Transport security. Production requires this section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSettings {
+    pub mode: TlsMode,
+    #[serde(default)]
+    pub cert_file: Option<PathBuf>,
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// CA certificates that sign client certificates: enables mutual TLS.
+    #[serde(default)]
+    pub client_ca_file: Option<PathBuf>,
+    /// Refuse connections without a client certificate (otherwise only pinned clients need one).
+    #[serde(default)]
+    pub require_client_cert: bool,
 }
 
 /// Which root of trust protects the keystore.
@@ -234,6 +266,8 @@ pub struct Settings {
     pub allow_root: bool,
     /// Lock all memory (mlockall) so secrets never reach swap.
     pub mlockall: bool,
+    /// Transport security (None: plain HTTP, dev mode only).
+    pub tls: Option<TlsSettings>,
 }
 
 /// Default CVV lifetime in memory.
@@ -275,6 +309,8 @@ struct ProductionFile {
     allow_root: bool,
     #[serde(default)]
     mlockall: bool,
+    #[serde(default)]
+    tls: Option<TlsSettings>,
 }
 
 fn parse_duration(
@@ -349,6 +385,7 @@ impl Settings {
             workers: parsed.workers,
             psp: parsed.psp,
             allow_root: parsed.allow_root,
+            tls: parsed.tls,
             mlockall: parsed.mlockall,
             rate_limits: Some(match &parsed.rate_limits {
                 None => crate::limits::RateLimits::production_defaults(),
@@ -413,6 +450,35 @@ impl Settings {
         }
         if self.mode == Mode::Production && self.keystore.dev_root_key_file.is_some() {
             return bad("a root key file is for dev mode only");
+        }
+        match (&self.tls, self.mode) {
+            (None, Mode::Production) => {
+                return bad(
+                    "production requires a [tls] section (mode = \"native\" with cert_file and key_file, or mode = \"upstream\" when a sidecar/ingress terminates TLS)",
+                );
+            }
+            (Some(t), _) if t.mode == TlsMode::Native && (t.cert_file.is_none() || t.key_file.is_none()) => {
+                return bad("tls: mode = \"native\" needs cert_file and key_file");
+            }
+            _ => {}
+        }
+        let pins = self.clients.iter().filter(|c| c.cert_sha256.is_some()).count();
+        for c in &self.clients {
+            if let Some(pin) = &c.cert_sha256
+                && (pin.len() != 64 || hex::decode(pin).is_err())
+            {
+                return bad("clients: cert_sha256 must be 64 hex characters (SHA-256 of the certificate's SPKI)");
+            }
+        }
+        if pins > 0
+            && !self
+                .tls
+                .as_ref()
+                .is_some_and(|t| t.mode == TlsMode::Native && t.client_ca_file.is_some())
+        {
+            return bad(
+                "clients pin certificates: that needs [tls] mode = \"native\" with client_ca_file (mutual TLS)",
+            );
         }
         if let Some(psp) = &self.psp {
             crate::psp::check_allowed(&psp.base_url, &psp.allowed_hosts)

@@ -187,6 +187,7 @@ pub fn settings_for(data_dir: &Path, listen: std::net::SocketAddr) -> (Settings,
                 sub: r.sub().into(),
                 scopes: r.scopes().iter().copied().collect(),
                 tenants: ["*".to_owned()].into_iter().collect(),
+                cert_sha256: None,
             })
             .collect(),
         keystore: KeystoreSettings {
@@ -205,6 +206,7 @@ pub fn settings_for(data_dir: &Path, listen: std::net::SocketAddr) -> (Settings,
         rate_limits: None,
         allow_root: true,
         mlockall: false,
+        tls: None,
     };
     (settings, paths)
 }

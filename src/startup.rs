@@ -34,6 +34,8 @@ pub enum StartupError {
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error("{0} is a dev-mode data directory; production mode refuses it")]
     DevDataDir(std::path::PathBuf),
+    #[error("{0}")]
+    Tls(String),
     #[error("audit trail: {0}")]
     Audit(String),
     #[error("PSP connector: {0}")]
@@ -126,6 +128,7 @@ fn private_dir(dir: &std::path::Path) -> Result<(), StartupError> {
 pub struct Application {
     addr: SocketAddr,
     server: Server,
+    tls: bool,
 }
 
 impl Application {
@@ -183,6 +186,12 @@ impl Application {
         };
         let listener = TcpListener::bind(settings.listen).map_err(bind_err)?;
         let addr = listener.local_addr().map_err(bind_err)?;
+        let tls_config = match &settings.tls {
+            Some(t) if t.mode == crate::config::TlsMode::Native => {
+                Some(crate::tls::server_config(t).map_err(StartupError::Tls)?)
+            }
+            _ => None,
+        };
         let mut server = HttpServer::new(move || {
             App::new()
                 .app_data(state.clone())
@@ -196,19 +205,41 @@ impl Application {
         .client_disconnect_timeout(Duration::from_secs(1))
         .keep_alive(Duration::from_secs(30))
         .shutdown_timeout(10)
-        .listen(listener)
-        .map_err(bind_err)?;
+        // Client certificates are hashed once per connection for registry pins.
+        .on_connect(|conn, ext| {
+            use actix_tls::accept::rustls_0_23::TlsStream;
+            if let Some(tls) = conn.downcast_ref::<TlsStream<actix_web::rt::net::TcpStream>>()
+                && let Some(cert) = tls.get_ref().1.peer_certificates().and_then(|c| c.first())
+                && let Some(hash) = crate::tls::spki_sha256(cert.as_ref())
+            {
+                ext.insert(crate::tls::PeerSpki(hash));
+            }
+        });
+        server = match tls_config {
+            Some(config) => server.listen_rustls_0_23(listener, config).map_err(bind_err)?,
+            None => server.listen(listener).map_err(bind_err)?,
+        };
         if let Some(n) = settings.workers {
             server = server.workers(n.max(1));
         }
+        let tls = settings
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.mode == crate::config::TlsMode::Native);
         Ok(Application {
             addr,
             server: server.run(),
+            tls,
         })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The base URL clients use.
+    pub fn base_url(&self) -> String {
+        format!("{}://{}", if self.tls { "https" } else { "http" }, self.addr)
     }
 
     /// Serves until SIGINT/SIGTERM, then drains connections gracefully.

@@ -81,7 +81,8 @@ impl<S: RequiredScope> FromRequest for Caller<S> {
         };
         let source = req.peer_addr().map(|a| a.ip().to_string());
         let header = req.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes());
-        ready(match state.auth.authorize(header, S::SCOPE) {
+        let peer = req.conn_data::<crate::tls::PeerSpki>().map(|p| p.0);
+        ready(match state.auth.authorize(header, S::SCOPE, peer) {
             Ok(principal) => {
                 if let Err(wait) = state.limiter.check(S::CLASS, &principal.sub) {
                     state.metrics.rate_limited.with_label_values(&[S::CLASS.as_str()]).inc();

@@ -48,6 +48,9 @@ pub struct Conn {
     /// Production config (with --offline, for the keystore location and provider).
     #[arg(long, value_name = "FILE", global = true)]
     config: Option<PathBuf>,
+    /// CA certificate (PEM) that signed the vault's TLS certificate, if not a public one.
+    #[arg(long, env = "TOKENVAULT_CA_FILE", value_name = "FILE", global = true)]
+    ca_file: Option<PathBuf>,
     /// Custodian share file(s): for `unseal`, or with --offline on a sealed keystore. Repeatable.
     #[arg(long = "share-file", value_name = "FILE", global = true)]
     share_files: Vec<PathBuf>,
@@ -307,11 +310,13 @@ impl Backend {
                 .trim()
                 .to_owned(),
         );
-        let client = reqwest::Client::builder()
-            .no_proxy()
-            .timeout(Duration::from_secs(120))
-            .build()
-            .map_err(|e| Failure(3, e.to_string()))?;
+        let mut builder = reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(120));
+        if let Some(ca) = &conn.ca_file {
+            let pem = std::fs::read(ca).map_err(|e| usage(format!("cannot read {}: {e}", ca.display())))?;
+            let cert = reqwest::Certificate::from_pem(&pem).map_err(|e| usage(format!("{}: {e}", ca.display())))?;
+            builder = builder.add_root_certificate(cert);
+        }
+        let client = builder.build().map_err(|e| Failure(3, e.to_string()))?;
         Ok(Backend::Online {
             client,
             url: conn.url.trim_end_matches('/').to_owned(),
@@ -335,7 +340,7 @@ impl Backend {
         let res = req
             .send()
             .await
-            .map_err(|e| Failure(3, format!("cannot reach the vault at {url}: {e}")))?;
+            .map_err(|e| Failure(3, format!("cannot reach the vault at {url}: {}", chain(&e))))?;
         let status = res.status().as_u16();
         let value: Value = res.json().await.unwrap_or(Value::Null);
         match status {
@@ -347,6 +352,18 @@ impl Backend {
             _ => Err(Failure(1, problem_text(&value))),
         }
     }
+}
+
+/// An error with its causes ("…: …: …"), for operators.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cur = c.source();
+    }
+    out
 }
 
 fn problem_text(v: &Value) -> String {

@@ -241,7 +241,7 @@ fn serve(args: ServeArgs) -> ExitCode {
             "production"
         };
         tracing::info!(addr = %app.local_addr(), mode, "tokenvault listening");
-        println!("tokenvault listening on http://{}", app.local_addr());
+        println!("tokenvault listening on {}", app.base_url());
         app.run_until_stopped().await.map_err(|e| e.to_string())
     });
     match result {

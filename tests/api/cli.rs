@@ -112,6 +112,9 @@ tenants = ["acme"]
 [keystore]
 path = "{d}/keystore.json"
 provider = "sealed"
+
+[tls]
+mode = "upstream"
 "#
     )
 }
@@ -125,18 +128,20 @@ pub fn unseal_with(
 ) -> (i32, String, String) {
     let token = dir.join("officer.jwt");
     std::fs::write(&token, dev.jwt("officer", "acme")).unwrap();
-    run_cli(
-        &[
-            "unseal",
-            "--url",
-            &prod.base,
-            "--token-file",
-            token.to_str().unwrap(),
-            "--share-file",
-            share.to_str().unwrap(),
-        ],
-        &[],
-    )
+    let ca = dir.join("ca.pem");
+    let mut args = vec![
+        "unseal",
+        "--url",
+        &prod.base,
+        "--token-file",
+        token.to_str().unwrap(),
+        "--share-file",
+        share.to_str().unwrap(),
+    ];
+    if prod.base.starts_with("https://") {
+        args.extend_from_slice(&["--ca-file", ca.to_str().unwrap()]);
+    }
+    run_cli(&args, &[])
 }
 
 #[tokio::test]
@@ -201,6 +206,16 @@ async fn production_mode_requires_explicit_config_and_enforces_the_registry() {
                 "{full}\n[psp]\nbase_url = \"http://psp.internal/v71\"\napi_key_file = \"/dev/null\"\nmerchant_account = \"M\"\nallowed_hosts = [\"psp.internal\"]\n"
             )),
             "https",
+        ),
+        (
+            "no TLS section",
+            Some(full.replace("[tls]\nmode = \"upstream\"", "")),
+            "requires a [tls] section",
+        ),
+        (
+            "native TLS without a certificate",
+            Some(full.replace("mode = \"upstream\"", "mode = \"native\"")),
+            "cert_file",
         ),
         (
             "CVV TTL too long",

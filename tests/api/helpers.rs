@@ -273,8 +273,12 @@ impl TestApp {
 
     /// The value of a metric line (exact series match), or 0.
     pub async fn metric(&self, series: &str) -> f64 {
-        let text = self
-            .client
+        self.metric_via(&self.client, series).await
+    }
+
+    /// Like [`TestApp::metric`], with a given client (e.g. one that trusts a test CA).
+    pub async fn metric_via(&self, client: &reqwest::Client, series: &str) -> f64 {
+        let text = client
             .get(self.url("/metrics"))
             .send()
             .await

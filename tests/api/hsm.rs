@@ -98,6 +98,9 @@ tenants = ["acme"]
 path = "{dd}/keystore.json"
 provider = "pkcs11"
 
+[tls]
+mode = "upstream"
+
 [keystore.pkcs11]
 module = "{MODULE}"
 token_label = "tokenvault"

@@ -16,4 +16,5 @@ mod keys;
 mod limits;
 mod openapi;
 mod readme;
+mod tls;
 mod tokens;
