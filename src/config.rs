@@ -268,6 +268,8 @@ pub struct Settings {
     pub mlockall: bool,
     /// Transport security (None: plain HTTP, dev mode only).
     pub tls: Option<TlsSettings>,
+    /// Detokenize anomaly guard (None: off, the dev default).
+    pub anomaly_guard: Option<crate::limits::AnomalyParams>,
 }
 
 /// Default CVV lifetime in memory.
@@ -311,6 +313,9 @@ struct ProductionFile {
     mlockall: bool,
     #[serde(default)]
     tls: Option<TlsSettings>,
+    /// e.g. "window=60s,factor=10,floor=600,cooldown=15m" (default: those), or "off".
+    #[serde(default)]
+    anomaly_guard: Option<String>,
 }
 
 fn parse_duration(
@@ -353,6 +358,7 @@ const ENV_KEYS: &[&str] = &[
     "idempotency_window",
     "rate_limits",
     "allow_root",
+    "anomaly_guard",
     "mlockall",
     "psp.base_url",
     "psp.api_key_file",
@@ -386,6 +392,14 @@ impl Settings {
             psp: parsed.psp,
             allow_root: parsed.allow_root,
             tls: parsed.tls,
+            anomaly_guard: match parsed.anomaly_guard.as_deref() {
+                Some("off") => None,
+                None => Some(crate::limits::AnomalyParams::production_defaults()),
+                Some(spec) => Some(
+                    crate::limits::AnomalyParams::parse(spec)
+                        .map_err(|e| ConfigError::Invalid(format!("anomaly_guard: {e}")))?,
+                ),
+            },
             mlockall: parsed.mlockall,
             rate_limits: Some(match &parsed.rate_limits {
                 None => crate::limits::RateLimits::production_defaults(),

@@ -207,6 +207,7 @@ pub fn settings_for(data_dir: &Path, listen: std::net::SocketAddr) -> (Settings,
         allow_root: true,
         mlockall: false,
         tls: None,
+        anomaly_guard: None,
     };
     (settings, paths)
 }

@@ -23,6 +23,7 @@ pub struct Metrics {
     pub psp_duration: prometheus::Histogram,
     pub psp_errors: IntCounterVec,
     pub rate_limited: IntCounterVec,
+    pub anomalies: IntCounterVec,
 }
 
 /// Building a metric only fails on an invalid name or duplicate registration,
@@ -52,6 +53,11 @@ impl Metrics {
         );
         let charges = counter("charges_total", "Charges by outcome", &["status"]);
         let rate_limited = counter("rate_limited_total", "Requests refused by a rate limit", &["class"]);
+        let anomalies = counter(
+            "detokenize_anomalies_total",
+            "Clients flagged and throttled for detokenize volume far above their baseline",
+            &["kind"],
+        );
         let psp_errors = counter("psp_errors_total", "PSP calls without a verdict, by kind", &["kind"]);
         let psp_duration = prometheus::Histogram::with_opts(
             HistogramOpts::new(
@@ -107,6 +113,7 @@ impl Metrics {
             psp_duration,
             psp_errors,
             rate_limited,
+            anomalies,
         }
     }
 

@@ -174,6 +174,7 @@ impl Application {
         let state = web::Data::new(AppState {
             vault,
             limiter,
+            anomaly: settings.anomaly_guard.map(crate::limits::AnomalyGuard::new),
             audit,
             pkcs11: settings.keystore.pkcs11.clone(),
             auth,

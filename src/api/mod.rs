@@ -28,6 +28,7 @@ use problem::{ApiError, REQUEST_ID};
 pub struct AppState {
     pub vault: Vault,
     pub limiter: crate::limits::Limiter,
+    pub anomaly: Option<crate::limits::AnomalyGuard>,
     pub audit: crate::audit::AuditLog,
     /// HSM settings, for `rotate-root` (PKCS#11 provider only).
     pub pkcs11: Option<crate::config::Pkcs11Settings>,

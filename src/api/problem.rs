@@ -61,6 +61,8 @@ pub enum ApiError {
     PspNotConfigured,
     #[error("rate limited")]
     RateLimited(std::time::Duration),
+    #[error("anomaly throttled")]
+    AnomalyThrottled(std::time::Duration),
     #[error("key operation refused")]
     KeyRefused(String),
     #[error("unseal refused")]
@@ -92,6 +94,7 @@ pub const PROBLEM_CODES: &[&str] = &[
     "invalid-cvv",
     "psp-not-configured",
     "rate-limited",
+    "anomaly-throttled",
     "key-operation-refused",
     "invalid-share",
     "duplicate-share",
@@ -125,6 +128,7 @@ impl ApiError {
             ApiError::InvalidCvv => "invalid-cvv",
             ApiError::PspNotConfigured => "psp-not-configured",
             ApiError::RateLimited(_) => "rate-limited",
+            ApiError::AnomalyThrottled(_) => "anomaly-throttled",
             ApiError::KeyRefused(_) => "key-operation-refused",
             ApiError::Unseal(code, _, _) => code,
             ApiError::Internal => "internal-error",
@@ -154,6 +158,7 @@ impl ApiError {
             ApiError::InvalidCvv => "The CVV is not valid",
             ApiError::PspNotConfigured => "No payment service provider is configured",
             ApiError::RateLimited(_) => "Too many requests from this client",
+            ApiError::AnomalyThrottled(_) => "Detokenize volume far above this client's usual; throttled",
             ApiError::KeyRefused(_) => "The key operation was refused",
             ApiError::Unseal(_, _, title) => title,
             ApiError::Internal => "Internal error",
@@ -277,7 +282,7 @@ impl ResponseError for ApiError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             ApiError::IdempotencyKeyRequired => StatusCode::BAD_REQUEST,
-            ApiError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::RateLimited(_) | ApiError::AnomalyThrottled(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::IdempotencyMismatch | ApiError::InvalidCvv => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::KeyRefused(_) => StatusCode::CONFLICT,
             ApiError::Unseal(_, status, _) => *status,
@@ -300,7 +305,7 @@ impl ResponseError for ApiError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
         ));
-        if let ApiError::RateLimited(wait) = self {
+        if let ApiError::RateLimited(wait) | ApiError::AnomalyThrottled(wait) = self {
             let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
             res.insert_header((header::RETRY_AFTER, secs.max(1).to_string()));
         }

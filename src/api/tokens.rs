@@ -174,6 +174,31 @@ pub async fn detokenize(
     body: ApiJson<DetokenizeBody>,
 ) -> Result<HttpResponse, ApiError> {
     let shown = Token::parse(&body.0.token).map(|t| t.to_string());
+    if let Some(guard) = &state.anomaly {
+        use crate::limits::AnomalyVerdict;
+        let refused = match guard.check(&caller.principal.sub) {
+            AnomalyVerdict::Allow => None,
+            AnomalyVerdict::Flagged { count, threshold } => {
+                state.metrics.anomalies.with_label_values(&["flagged"]).inc();
+                tracing::warn!(sub = %caller.principal.sub, count, threshold, "detokenize anomaly: client throttled");
+                let mut event = caller.event("anomaly.detokenize", "throttled", None);
+                event.detail = Some(format!(
+                    "{count} detokenize requests in the window, threshold {threshold}"
+                ));
+                state.audit(event).await?;
+                Some(ApiError::AnomalyThrottled(guard.cooldown()))
+            }
+            AnomalyVerdict::Throttled(wait) => {
+                state.metrics.anomalies.with_label_values(&["refused"]).inc();
+                Some(ApiError::AnomalyThrottled(wait))
+            }
+        };
+        if let Some(e) = refused {
+            state.metrics.detokenize.with_label_values(&["throttled"]).inc();
+            state.audit(caller.event("detokenize", e.code(), shown)).await?;
+            return Err(e);
+        }
+    }
     let result = match parse_token(&body.0.token, &state, "detokenize") {
         Ok(token) => state
             .vault

@@ -83,6 +83,10 @@ struct ServeArgs {
     /// [dev default: unlimited; production default: those].
     #[arg(long, env = "TOKENVAULT_RATE_LIMITS", value_name = "SPEC")]
     rate_limits: Option<String>,
+    /// Detokenize anomaly guard, e.g. window=60s,factor=10,floor=600,cooldown=15m
+    /// [dev default: off; production default: those].
+    #[arg(long, env = "TOKENVAULT_ANOMALY_GUARD", value_name = "SPEC")]
+    anomaly_guard: Option<String>,
     /// How long a CVV may wait in memory for its charge [default: 15m].
     #[arg(long, env = "TOKENVAULT_CVV_TTL", value_name = "DURATION")]
     cvv_ttl: Option<String>,
@@ -176,6 +180,12 @@ fn serve(args: ServeArgs) -> ExitCode {
     let settings = settings.and_then(|mut s| {
         if let Some(p) = args.cryptoperiod.clone() {
             s.keystore.cryptoperiod = Some(p);
+        }
+        if let Some(spec) = &args.anomaly_guard {
+            s.anomaly_guard = Some(
+                crate::limits::AnomalyParams::parse(spec)
+                    .map_err(|e| ConfigError::Invalid(format!("--anomaly-guard: {e}")))?,
+            );
         }
         if let Some(spec) = &args.rate_limits {
             s.rate_limits = Some(

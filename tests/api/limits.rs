@@ -47,3 +47,68 @@ async fn detokenize_is_rate_limited_per_client_with_retry_after() {
     tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
     assert_eq!(app.detokenize("default", token).await.status(), 200);
 }
+
+/// A client far above its own usual detokenize volume is throttled; an audit
+/// event and a metric flag it; its cooldown ends.
+#[tokio::test]
+async fn detokenize_anomaly_guard_flags_and_throttles() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let args = [
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        dir.to_str().unwrap(),
+        "--anomaly-guard",
+        "window=400ms,factor=3,floor=5,cooldown=1500ms",
+    ];
+    let app = TestApp::start(&args, dir.clone());
+    let (_, tok) = app.tokenize("default", "4012888888881881", None).await;
+    let token = tok["token"].as_str().unwrap();
+    // A usual volume: two per window.
+    for _ in 0..3 {
+        for _ in 0..2 {
+            assert_eq!(app.detokenize("default", token).await.status(), 200);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(420)).await;
+    }
+    // A burst: flagged once it passes max(floor, 3 × baseline).
+    let mut statuses = Vec::new();
+    for _ in 0..12 {
+        statuses.push(app.detokenize("default", token).await.status().as_u16());
+    }
+    let first_refused = statuses.iter().position(|s| *s == 429).expect("the burst is throttled");
+    assert!((3..=7).contains(&first_refused), "{statuses:?}");
+    assert!(statuses[first_refused..].iter().all(|s| *s == 429), "{statuses:?}");
+    let res = app.detokenize("default", token).await;
+    assert!(res.headers().contains_key("retry-after"));
+    assert_problem(res, 429, "anomaly-throttled").await;
+    assert_eq!(
+        app.metric("tokenvault_detokenize_anomalies_total{kind=\"flagged\"}")
+            .await,
+        1.0
+    );
+    // Other clients are unaffected; the cooldown ends.
+    assert_eq!(app.read("default", token).await.status(), 200);
+    tokio::time::sleep(std::time::Duration::from_millis(1600)).await;
+    assert_eq!(app.detokenize("default", token).await.status(), 200);
+    let token_file = app.token_file("officer", "default");
+    let (code, out, _) = run_cli(
+        &[
+            "audit",
+            "--url",
+            &app.base,
+            "--token-file",
+            token_file.to_str().unwrap(),
+            "export",
+        ],
+        &[],
+    );
+    assert_eq!(code, 0);
+    assert!(
+        out.lines()
+            .any(|l| l.contains("\"action\":\"anomaly.detokenize\"") && l.contains("dev-psp")),
+        "audit event"
+    );
+}
