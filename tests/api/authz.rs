@@ -178,6 +178,24 @@ async fn jwt_attacks_are_refused() {
             .await;
         assert_eq!(after, before + 1.0, "{name} counted as {reason}");
     }
+    // The same forgeries against every authenticated endpoint (admin and charges included): all 401.
+    for (method, path) in tokenvault::api::ROUTES.iter().filter(|(_, p)| p.starts_with("/v1/")) {
+        let url = app.url(
+            &path
+                .replace("{token}", &token)
+                .replace("{id}", "ch_x")
+                .replace("{version}", "v1"),
+        );
+        for (name, jwt, _) in &unauthenticated {
+            let req = match *method {
+                "GET" => app.client.get(&url),
+                "DELETE" => app.client.delete(&url),
+                _ => app.client.post(&url).header("Idempotency-Key", "k").json(&json!({})),
+            };
+            let res = req.bearer_auth(jwt).send().await.unwrap();
+            assert_eq!(res.status(), 401, "{name} on {method} {path}");
+        }
+    }
     // Wrong scheme.
     let res = app
         .client
