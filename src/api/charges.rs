@@ -86,7 +86,7 @@ fn idempotency_key(req: &HttpRequest) -> Result<String, ApiError> {
         .ok_or(ApiError::IdempotencyKeyRequired)
 }
 
-fn parse(body: ChargeBody) -> Result<ChargeInput, ApiError> {
+pub(super) fn parse(body: ChargeBody) -> Result<ChargeInput, ApiError> {
     let token = Token::parse(&body.token).ok_or(ApiError::NotFound)?;
     if body.amount.value == 0 || body.amount.value > 10_000_000_000 {
         return Err(ApiError::InvalidField(

@@ -24,6 +24,19 @@ use crate::metrics::Metrics;
 use crate::service::Vault;
 use problem::{ApiError, REQUEST_ID};
 
+/// Fuzzing entry point: parses `data` as each request body the API accepts and
+/// runs the same validation the handlers do. Must never panic, whatever the bytes.
+#[doc(hidden)]
+pub fn fuzz_request_bodies(data: &[u8]) {
+    if let Ok(body) = serde_json::from_slice::<tokens::TokenizeBody>(data) {
+        let _ = tokens::parse_tokenize(&body);
+    }
+    if let Ok(body) = serde_json::from_slice::<charges::ChargeBody>(data) {
+        let _ = charges::parse(body);
+    }
+    let _ = serde_json::from_slice::<tokens::DetokenizeBody>(data);
+}
+
 /// Shared state of every worker.
 pub struct AppState {
     pub vault: Vault,

@@ -110,7 +110,7 @@ pub async fn tokenize(
         .json(TokenBody::from(&meta)))
 }
 
-fn parse_tokenize(body: &TokenizeBody) -> Result<TokenizeInput, ApiError> {
+pub(super) fn parse_tokenize(body: &TokenizeBody) -> Result<TokenizeInput, ApiError> {
     let pan = Pan::parse(body.pan.expose_secret()).map_err(ApiError::InvalidPan)?;
     let now = OffsetDateTime::now_utc();
     let expiry = Expiry::parse(body.exp_month, body.exp_year, (now.year(), u8::from(now.month())))
