@@ -15,7 +15,7 @@ const MAX_BATCH: usize = 10_000;
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RewrapBody {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "optional_integral")]
     batch: Option<usize>,
 }
 
@@ -326,4 +326,8 @@ pub async fn audit_export(
     })?;
     state.audit(caller.event("audit.export", "ok", None)).await?;
     Ok(HttpResponse::Ok().content_type("application/x-ndjson").body(lines))
+}
+
+fn optional_integral<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
+    super::extract::integral(d).map(Some)
 }

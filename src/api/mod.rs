@@ -221,6 +221,13 @@ pub async fn middleware(
         ));
     }
     let route = res.request().match_pattern().unwrap_or_else(|| "unmatched".to_owned());
+    if res.status() == actix_web::http::StatusCode::METHOD_NOT_ALLOWED {
+        // RFC 9110: a 405 lists the methods the resource supports.
+        let allow: Vec<&str> = ROUTES.iter().filter(|(_, p)| *p == route).map(|(m, _)| *m).collect();
+        if let Ok(v) = HeaderValue::from_str(&allow.join(", ")) {
+            res.headers_mut().insert(header::ALLOW, v);
+        }
+    }
     let status = res.status();
     let elapsed = start.elapsed();
     if let Some(state) = state {

@@ -18,7 +18,9 @@ use crate::service::{TokenMetadata, TokenizeInput, Tokenized, VaultError};
 #[serde(deny_unknown_fields)]
 pub struct TokenizeBody {
     pan: SecretString,
+    #[serde(deserialize_with = "super::extract::integral")]
     exp_month: i64,
+    #[serde(deserialize_with = "super::extract::integral")]
     exp_year: i64,
     #[serde(default)]
     cardholder_name: Option<SecretString>,

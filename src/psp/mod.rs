@@ -60,6 +60,7 @@ pub struct Recurring {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Amount {
+    #[serde(deserialize_with = "crate::api::extract::integral")]
     pub value: u64,
     pub currency: String,
 }
