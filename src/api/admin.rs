@@ -33,12 +33,7 @@ pub struct RotateRootBody {
 
 /// Accepts `v3` or `3`.
 fn parse_version(s: &str) -> Result<u32, ApiError> {
-    s.strip_prefix('v')
-        .unwrap_or(s)
-        .parse::<u32>()
-        .ok()
-        .filter(|v| *v > 0)
-        .ok_or(ApiError::NotFound)
+    crate::keys::parse_version(s).ok_or(ApiError::NotFound)
 }
 
 /// GET /v1/admin/keys

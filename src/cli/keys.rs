@@ -440,12 +440,7 @@ fn officer_offline() -> String {
 }
 
 fn parse_version(s: &str) -> Result<u32, Failure> {
-    s.strip_prefix('v')
-        .unwrap_or(s)
-        .parse::<u32>()
-        .ok()
-        .filter(|v| *v > 0)
-        .ok_or_else(|| usage("versions look like v3"))
+    crate::keys::parse_version(s).ok_or_else(|| usage("versions look like v3"))
 }
 
 fn keys(conn: Conn, command: KeysCommand) -> Result<u8, Failure> {

@@ -30,6 +30,16 @@ use crate::domain::card::{CardPayload, Pan};
 use crate::domain::tenant::TenantId;
 use crate::domain::token::Token;
 
+/// Parses a KEK version label: `v3` or `3` (never 0).
+pub fn parse_version(label: &str) -> Option<u32> {
+    label
+        .strip_prefix('v')
+        .unwrap_or(label)
+        .parse::<u32>()
+        .ok()
+        .filter(|v| *v > 0)
+}
+
 /// Opens (or, with `generate`, creates) the HSM root key `label`.
 pub fn open_pkcs11(
     hsm: &crate::config::Pkcs11Settings,
