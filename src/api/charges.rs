@@ -105,6 +105,13 @@ pub(super) fn parse(body: ChargeBody) -> Result<ChargeInput, ApiError> {
             "reference must be 1 to 80 characters without control characters",
         ));
     }
+    // A reference travels to the PSP, charge records and logs: it must not carry a card number.
+    let pan_like = r
+        .split(|c: char| !c.is_ascii_digit())
+        .any(|run| (12..=19).contains(&run.len()) && crate::domain::card::luhn_valid(run.as_bytes()));
+    if pan_like {
+        return Err(ApiError::InvalidField("reference must not contain a card number"));
+    }
     if body.shopper_interaction == ShopperInteraction::ContAuth && body.recurring.is_none() {
         return Err(ApiError::InvalidField(
             "cont_auth charges need recurring: {model, sequence}",

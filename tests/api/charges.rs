@@ -297,6 +297,7 @@ async fn only_the_psp_connector_charges_and_tenants_are_isolated() {
         json!({"token": token, "amount": {"value": 10, "currency": "XYZ"}, "reference": "r", "shopper_interaction": "moto"}),
         json!({"token": token, "amount": {"value": 10, "currency": "EUR"}, "reference": "", "shopper_interaction": "moto"}),
         charge_body(token, 1000, "cont_auth", None),
+        json!({"token": token, "amount": {"value": 10, "currency": "EUR"}, "reference": "order 5555555555554444", "shopper_interaction": "moto"}),
     ] {
         assert_problem(
             charge(&app, "psp", "merchant-a", Some("bad"), &bad).await,
