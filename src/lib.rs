@@ -7,14 +7,18 @@
 //! How a request flows (imports point down):
 //!
 //! ```text
-//! cli ─► startup ─► api (middleware: request id, access log, metrics)
-//!                    ├─ auth      JWT → Principal; scope ∧ client registry ∧ tenant
-//!                    ├─ extract   bounded JSON into zeroizing buffers
-//!                    └─ handlers ─► service::Vault
-//!                                    ├─ keys     envelope: DEK per record, KEK versions, fingerprints
-//!                                    │   └─ crypto   AES-256-GCM, HKDF, HMAC (RustCrypto)
-//!                                    └─ store    Store trait; sled backend with group commit
-//!                                                  └─ domain  Pan, Expiry, Token, TenantId (no I/O)
+//! cli ─► startup (hardening, tls) ─► api (middleware: request id, access log, metrics, audit flush)
+//!          ├─ auth      JWT → Principal; scope ∧ client registry ∧ tenant ∧ certificate pin
+//!          ├─ limits    per-client rate limits, detokenize anomaly guard
+//!          ├─ extract   bounded JSON into zeroizing buffers
+//!          ├─ audit     hash-chained, MACed trail, durable before the response
+//!          └─ handlers ─► service::Vault (tokens, charges, key administration, CVVs in memory)
+//!                          ├─ psp      Psp trait; Adyen-style adapter (allow-listed hosts); mock PSP
+//!                          ├─ keys     envelope (DEK per record, KEK versions, fingerprints), keystore,
+//!                          │   │       KeyManager (sealed/unsealed), root of trust: Shamir shares or PKCS#11
+//!                          │   └─ crypto   AES-256-GCM, HKDF, HMAC (RustCrypto)
+//!                          └─ store    Store trait; sled backend with group commit
+//!                                        └─ domain  Pan, Cvv, Expiry, Token, TenantId (no I/O)
 //! ```
 //!
 //! `api` never touches `store` or raw keys; `store` never sees a `Pan`, only
