@@ -8,16 +8,7 @@ use crate::helpers::*;
 #[tokio::test]
 async fn readme_walkthrough_works_as_written() {
     let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
-    let start = readme.find("<!-- walkthrough:start -->").unwrap();
-    let end = readme.find("<!-- walkthrough:end -->").unwrap();
-    let block = &readme[start..end];
-    let script: String = block
-        .lines()
-        .skip_while(|l| !l.starts_with("```bash"))
-        .skip(1)
-        .take_while(|l| !l.starts_with("```"))
-        .map(|l| format!("{l}\n"))
-        .collect();
+    let script = readme_block(&readme, "walkthrough");
     assert!(script.contains("cargo run -q --release -- dev token --role edge"));
     assert!(script.contains("http://127.0.0.1:8080"));
 
