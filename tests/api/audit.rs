@@ -57,7 +57,7 @@ fn lines(records: &[Value]) -> String {
 
 #[tokio::test]
 async fn every_action_is_recorded_and_tampering_is_caught() {
-    let (mut app, _psp, _tmp) = vault_with_psp(&[]);
+    let (mut app, _psp) = vault_with_psp(&[]);
     let keep = app.keep_data();
     let pan = "4111111111111111";
     let (_, tok) = app.tokenize("default", pan, None).await;

@@ -62,21 +62,11 @@ impl Drop for MockPsp {
 }
 
 /// A dev vault wired to a fresh mock PSP.
-pub fn vault_with_psp(extra: &[&str]) -> (TestApp, MockPsp, tempfile::TempDir) {
+pub fn vault_with_psp(extra: &[&str]) -> (TestApp, MockPsp) {
     let psp = MockPsp::spawn();
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("data");
-    let mut args = vec![
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--data-dir",
-        dir.to_str().unwrap(),
-        "--psp-url",
-        &psp.base,
-    ];
+    let mut args = vec!["--psp-url", psp.base.as_str()];
     args.extend_from_slice(extra);
-    (TestApp::start(&args, dir.clone()), psp, tmp)
+    (TestApp::spawn_with(&args), psp)
 }
 
 pub async fn charge(app: &TestApp, role: &str, tenant: &str, key: Option<&str>, body: &Value) -> reqwest::Response {
@@ -119,7 +109,7 @@ fn has_digit_run(haystack: &str, needle: &str) -> bool {
 
 #[tokio::test]
 async fn cvv_once_then_card_on_file_with_network_transaction_id() {
-    let (app, psp, _tmp) = vault_with_psp(&[]);
+    let (app, psp) = vault_with_psp(&[]);
     let pan = "378282246310005";
     let tok = tokenize_with_cvv(&app, pan, "8642").await;
     assert_eq!(tok["cvv_held"], true);
@@ -235,7 +225,7 @@ fn collect(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
 
 #[tokio::test]
 async fn only_the_psp_connector_charges_and_tenants_are_isolated() {
-    let (app, psp, _tmp) = vault_with_psp(&[]);
+    let (app, psp) = vault_with_psp(&[]);
     let (_, tok) = app.tokenize("merchant-a", "5555555555554444", None).await;
     let token = tok["token"].as_str().unwrap();
     let body = charge_body(token, 1000, "ecommerce", None);
@@ -331,7 +321,7 @@ async fn only_the_psp_connector_charges_and_tenants_are_isolated() {
 
 #[tokio::test]
 async fn twenty_concurrent_duplicates_make_one_psp_call() {
-    let (app, psp, _tmp) = vault_with_psp(&[]);
+    let (app, psp) = vault_with_psp(&[]);
     let (_, tok) = app.tokenize("default", "6011111111111117", None).await;
     let body = charge_body(tok["token"].as_str().unwrap(), 4200, "ecommerce", None);
     let results = futures_util::future::join_all((0..20).map(|_| async {
@@ -364,7 +354,7 @@ async fn twenty_concurrent_duplicates_make_one_psp_call() {
 
 #[tokio::test]
 async fn psp_failures_are_clear_counted_and_never_charge_twice() {
-    let (app, psp, _tmp) = vault_with_psp(&["--psp-timeout", "400ms"]);
+    let (app, psp) = vault_with_psp(&["--psp-timeout", "400ms"]);
     let (_, tok) = app.tokenize("default", "4012888888881881", None).await;
     let token = tok["token"].as_str().unwrap();
 
@@ -483,7 +473,7 @@ async fn psp_failures_are_clear_counted_and_never_charge_twice() {
 
 #[tokio::test]
 async fn cvv_expires_after_its_ttl_and_without_a_psp_charges_are_refused() {
-    let (app, psp, _tmp) = vault_with_psp(&["--cvv-ttl", "1s"]);
+    let (app, psp) = vault_with_psp(&["--cvv-ttl", "1s"]);
     let tok = tokenize_with_cvv(&app, "4111111111111111", "314").await;
     assert_eq!(tok["cvv_held"], true);
     tokio::time::sleep(Duration::from_millis(1600)).await;

@@ -68,10 +68,17 @@ pub struct TestApp {
 impl TestApp {
     /// A dev-mode vault in a fresh data directory.
     pub async fn spawn() -> TestApp {
+        TestApp::spawn_with(&[])
+    }
+
+    /// A dev-mode vault in a fresh data directory, with extra `serve` flags.
+    pub fn spawn_with(extra: &[&str]) -> TestApp {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("data");
         let dir_arg = dir.to_str().unwrap().to_owned();
-        let mut app = TestApp::start(&["serve", "--listen", "127.0.0.1:0", "--data-dir", &dir_arg], dir);
+        let mut args = vec!["serve", "--listen", "127.0.0.1:0", "--data-dir", &dir_arg];
+        args.extend_from_slice(extra);
+        let mut app = TestApp::start(&args, dir);
         app._tmp = Some(tmp);
         app
     }

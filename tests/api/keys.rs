@@ -304,7 +304,7 @@ async fn offline_rewrap_killed_midway_then_resumed() {
 #[tokio::test]
 async fn admin_api_is_for_officers_only() {
     let app = TestApp::spawn().await;
-    let calls: [(&str, &str, Option<Value>); 7] = [
+    let calls: [(&str, &str, Option<Value>); 9] = [
         ("GET", "/v1/admin/keys", None),
         ("POST", "/v1/admin/keys/rotate", None),
         ("POST", "/v1/admin/keys/rewrap", Some(json!({}))),
@@ -312,6 +312,8 @@ async fn admin_api_is_for_officers_only() {
         ("POST", "/v1/admin/keys/v1/destroy", None),
         ("POST", "/v1/admin/keys/rotate-root", Some(json!({"key_label": "x"}))),
         ("POST", "/v1/admin/unseal", Some(json!({"share": "x"}))),
+        ("GET", "/v1/admin/audit/verify", None),
+        ("GET", "/v1/admin/audit/export", None),
     ];
     for (method, path, body) in &calls {
         for role in ["edge", "crm", "psp"] {
@@ -416,18 +418,7 @@ async fn admin_api_is_for_officers_only() {
 
 #[tokio::test]
 async fn cryptoperiod_rotates_automatically() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("data");
-    let args = [
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--data-dir",
-        dir.to_str().unwrap(),
-        "--cryptoperiod",
-        "2s",
-    ];
-    let app = TestApp::start(&args, dir.clone());
+    let app = TestApp::spawn_with(&["--cryptoperiod", "2s"]);
     let (_, first) = app.tokenize("default", "4111111111111111", None).await;
     let mut status = status_json(&app);
     assert_eq!(status["cryptoperiod_secs"], 2);

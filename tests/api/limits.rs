@@ -6,18 +6,7 @@ use crate::helpers::*;
 
 #[tokio::test]
 async fn detokenize_is_rate_limited_per_client_with_retry_after() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("data");
-    let args = [
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--data-dir",
-        dir.to_str().unwrap(),
-        "--rate-limits",
-        "detokenize=3,tokenize=1000",
-    ];
-    let app = TestApp::start(&args, dir.clone());
+    let app = TestApp::spawn_with(&["--rate-limits", "detokenize=3,tokenize=1000"]);
     let (_, tok) = app.tokenize("default", "4111111111111111", None).await;
     let token = tok["token"].as_str().unwrap();
     let mut statuses = Vec::new();
@@ -52,18 +41,7 @@ async fn detokenize_is_rate_limited_per_client_with_retry_after() {
 /// event and a metric flag it; its cooldown ends.
 #[tokio::test]
 async fn detokenize_anomaly_guard_flags_and_throttles() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("data");
-    let args = [
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--data-dir",
-        dir.to_str().unwrap(),
-        "--anomaly-guard",
-        "window=400ms,factor=3,floor=5,cooldown=1500ms",
-    ];
-    let app = TestApp::start(&args, dir.clone());
+    let app = TestApp::spawn_with(&["--anomaly-guard", "window=400ms,factor=3,floor=5,cooldown=1500ms"]);
     let (_, tok) = app.tokenize("default", "4012888888881881", None).await;
     let token = tok["token"].as_str().unwrap();
     // A usual volume: two per window.

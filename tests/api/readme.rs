@@ -95,7 +95,7 @@ fn readme_block(readme: &str, name: &str) -> String {
 #[tokio::test]
 async fn readme_charge_walkthrough_works_as_written() {
     let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
-    let (app, psp, _tmp) = crate::charges::vault_with_psp(&[]);
+    let (app, psp) = crate::charges::vault_with_psp(&[]);
     app.watch("5555555555554444");
     let script = readme_block(&readme, "charges")
         .replace("cargo run -q --release --", BIN)
