@@ -10,8 +10,9 @@
 //! covers them through the chain. Appends are made durable (group commit) before
 //! the response is sent. [`verify`] checks a whole trail and names the first
 //! broken link: an edited, deleted, inserted or reordered record breaks it.
-//! (Truncating the tail leaves a valid shorter chain: export to a SIEM, which
-//! anchors the head elsewhere.)
+//! Truncating the tail leaves a valid shorter chain: the store's anchor
+//! (`store::anchor`, the durably written head) catches that at start, and a SIEM
+//! export anchors the head off the box.
 
 use std::sync::{Arc, Mutex};
 

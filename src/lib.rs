@@ -17,7 +17,7 @@
 //!                          ├─ keys     envelope (DEK per record, KEK versions, fingerprints), keystore,
 //!                          │   │       KeyManager (sealed/unsealed), root of trust: Shamir shares or PKCS#11
 //!                          │   └─ crypto   AES-256-GCM, HKDF, HMAC (RustCrypto)
-//!                          └─ store    Store trait; sled backend with group commit
+//!                          └─ store    Store trait; sled backend with group commit and its anchor
 //!                                        └─ domain  Pan, Cvv, Expiry, Token, TenantId (no I/O)
 //! ```
 //!

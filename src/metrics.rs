@@ -19,6 +19,7 @@ pub struct Metrics {
     pub rewrapped: prometheus::IntCounter,
     pub unseal: IntCounterVec,
     pub sealed: IntGauge,
+    pub store_damaged: IntGauge,
     pub charges: IntCounterVec,
     pub psp_duration: prometheus::Histogram,
     pub psp_errors: IntCounterVec,
@@ -81,6 +82,14 @@ impl Metrics {
         registry.register(Box::new(rewrapped.clone())).expect("unique counter");
         let sealed = IntGauge::new("sealed", "1 while the vault is sealed").expect("valid gauge");
         registry.register(Box::new(sealed.clone())).expect("unique gauge");
+        let store_damaged = IntGauge::new(
+            "store_damaged",
+            "1 when the store was found damaged at start (acknowledged writes missing)",
+        )
+        .expect("valid gauge");
+        registry
+            .register(Box::new(store_damaged.clone()))
+            .expect("unique gauge");
         let http_duration = HistogramVec::new(
             HistogramOpts::new("http_request_duration_seconds", "HTTP request latency by route pattern").buckets(vec![
                 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
@@ -109,6 +118,7 @@ impl Metrics {
             rewrapped,
             unseal,
             sealed,
+            store_damaged,
             charges,
             psp_duration,
             psp_errors,

@@ -113,6 +113,56 @@ fn spawn_auto_rotation(vault: Vault, period: Duration) {
     });
 }
 
+/// Raises the alarm for a damaged store (log and audit trail), and audits an
+/// operator's acceptance of a loss since the last start.
+fn report_store_state(store: &dyn crate::store::Store, audit: &crate::audit::AuditLog) {
+    let mut events = Vec::new();
+    if let Some(from) = store.reanchored_from() {
+        tracing::warn!(
+            moved_back_from = from,
+            "the store's anchor was moved back by `tokenvault store reanchor` (loss accepted)"
+        );
+        events.push(crate::audit::AuditEvent {
+            action: "store.reanchor",
+            outcome: "accepted".into(),
+            detail: Some(match from {
+                u64::MAX => "anchor (missing or unreadable) reset by an operator".to_owned(),
+                from => format!("anchor moved back from audit record {from} by an operator"),
+            }),
+            ..Default::default()
+        });
+    }
+    if let Some(damage) = store.damage() {
+        tracing::error!(
+            kind = damage.kind(),
+            damage = %damage,
+            "STORE DAMAGED: acknowledged writes may be missing. Lookups of missing tokens fail closed, new cards \
+             and charges are refused. Restore the data directory from backup, or accept the loss with \
+             `tokenvault store reanchor`"
+        );
+        events.push(crate::audit::AuditEvent {
+            action: "store.damage",
+            outcome: damage.kind().into(),
+            detail: Some(damage.to_string()),
+            ..Default::default()
+        });
+    }
+    if events.is_empty() {
+        return;
+    }
+    for event in events {
+        if let Err(e) = audit.append(event) {
+            tracing::error!(error = %e, "cannot audit the store's state");
+        }
+    }
+    let durable = store.commit();
+    actix_web::rt::spawn(async move {
+        if let Err(e) = durable.await {
+            tracing::error!(error = %e, "cannot make the store-state audit record durable");
+        }
+    });
+}
+
 /// Creates the data directory if needed and makes it private to the vault's user.
 fn private_dir(dir: &std::path::Path) -> Result<(), StartupError> {
     use std::os::unix::fs::PermissionsExt;
@@ -159,7 +209,8 @@ impl Application {
         };
         let audit = crate::audit::AuditLog::open(store.clone(), keys.clone())
             .map_err(|e| StartupError::Audit(e.to_string()))?;
-        let vault = Vault::new(store, keys, options)?;
+        let vault = Vault::new(store.clone(), keys, options)?;
+        report_store_state(&*store, &audit);
         spawn_cvv_sweeper(vault.clone(), settings.cvv_ttl);
         if let Some(period) = cryptoperiod {
             spawn_auto_rotation(vault.clone(), period);
@@ -171,6 +222,8 @@ impl Application {
                 .clone()
                 .unwrap_or(crate::limits::RateLimits(std::collections::HashMap::new())),
         );
+        let metrics = Metrics::new();
+        metrics.store_damaged.set(i64::from(vault.store_damage().is_some()));
         let state = web::Data::new(AppState {
             vault,
             limiter,
@@ -178,7 +231,7 @@ impl Application {
             audit,
             pkcs11: settings.keystore.pkcs11.clone(),
             auth,
-            metrics: Metrics::new(),
+            metrics,
             max_body_bytes: settings.max_body_bytes,
         });
         let bind_err = |source| StartupError::Bind {

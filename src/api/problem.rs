@@ -47,6 +47,10 @@ pub enum ApiError {
     KeyUnavailable,
     #[error("integrity failure")]
     Integrity,
+    #[error("record possibly lost")]
+    RecordLost,
+    #[error("store damaged")]
+    StoreDamaged,
     #[error("not ready")]
     NotReady,
     #[error("sealed")]
@@ -87,6 +91,7 @@ pub const PROBLEM_CODES: &[&str] = &[
     "key-destroyed",
     "key-unavailable",
     "integrity-failure",
+    "store-damaged",
     "not-ready",
     "sealed",
     "idempotency-key-required",
@@ -120,7 +125,8 @@ impl ApiError {
             ApiError::TokenSpaceExhausted => "token-space-exhausted",
             ApiError::KeyDestroyed => "key-destroyed",
             ApiError::KeyUnavailable => "key-unavailable",
-            ApiError::Integrity => "integrity-failure",
+            ApiError::Integrity | ApiError::RecordLost => "integrity-failure",
+            ApiError::StoreDamaged => "store-damaged",
             ApiError::NotReady => "not-ready",
             ApiError::Sealed => "sealed",
             ApiError::IdempotencyKeyRequired => "idempotency-key-required",
@@ -151,6 +157,8 @@ impl ApiError {
             ApiError::KeyDestroyed => "The key protecting this record has been destroyed",
             ApiError::KeyUnavailable => "The key protecting this record is not available",
             ApiError::Integrity => "The stored record failed its integrity check",
+            ApiError::RecordLost => "The store lost records, and this token may be one of them",
+            ApiError::StoreDamaged => "The store is damaged: new cards and charges are refused until it is restored",
             ApiError::NotReady => "The vault is not ready",
             ApiError::Sealed => "The vault is sealed: custodians must unseal it",
             ApiError::IdempotencyKeyRequired => "An Idempotency-Key header is required",
@@ -178,6 +186,11 @@ impl ApiError {
             ApiError::IdempotencyKeyRequired => {
                 Some("send a unique Idempotency-Key header (1-255 visible ASCII characters) per charge".into())
             }
+            ApiError::RecordLost | ApiError::StoreDamaged => Some(
+                "the vault found its store damaged at start; an operator must restore it from backup \
+                 (see SECURITY.md, raw-file corruption)"
+                    .into(),
+            ),
             // Key-operation refusals name versions and record counts: no secrets.
             ApiError::KeyRefused(why) => Some(why.clone()),
             _ => None,
@@ -197,6 +210,11 @@ impl From<crate::service::VaultError> for ApiError {
             VaultError::KeyRefused(why) => ApiError::KeyRefused(why),
             VaultError::PspNotConfigured => ApiError::PspNotConfigured,
             VaultError::IdempotencyMismatch => ApiError::IdempotencyMismatch,
+            VaultError::RecordLost => {
+                tracing::error!("token not found in a damaged store: possibly lost");
+                ApiError::RecordLost
+            }
+            VaultError::StoreDamaged => ApiError::StoreDamaged,
             VaultError::KeyUnavailable => {
                 tracing::error!("record key version unavailable");
                 ApiError::KeyUnavailable
@@ -278,16 +296,20 @@ impl ResponseError for ApiError {
             ApiError::Auth(_) => StatusCode::UNAUTHORIZED,
             ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::TokenSpaceExhausted | ApiError::NotReady | ApiError::Sealed | ApiError::PspNotConfigured => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ApiError::TokenSpaceExhausted
+            | ApiError::NotReady
+            | ApiError::Sealed
+            | ApiError::PspNotConfigured
+            | ApiError::StoreDamaged => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::IdempotencyKeyRequired => StatusCode::BAD_REQUEST,
             ApiError::RateLimited(_) | ApiError::AnomalyThrottled(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::IdempotencyMismatch | ApiError::InvalidCvv => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::KeyRefused(_) => StatusCode::CONFLICT,
             ApiError::Unseal(_, status, _) => *status,
             ApiError::KeyDestroyed => StatusCode::GONE,
-            ApiError::KeyUnavailable | ApiError::Integrity | ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::KeyUnavailable | ApiError::Integrity | ApiError::RecordLost | ApiError::Internal => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
         }
     }
 

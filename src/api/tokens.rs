@@ -286,6 +286,8 @@ fn error_outcome(e: &VaultError) -> &'static str {
         VaultError::Integrity => "integrity",
         VaultError::Store(crate::store::StoreError::Corrupt) => "integrity",
         VaultError::Sealed => "sealed",
+        VaultError::RecordLost => "lost",
+        VaultError::StoreDamaged => "store_damaged",
         VaultError::PspNotConfigured | VaultError::IdempotencyMismatch => "error",
         VaultError::Store(_) | VaultError::Task | VaultError::KeyRefused(_) | VaultError::Keystore(_) => "error",
     }

@@ -55,6 +55,11 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         api_key_file: Option<PathBuf>,
     },
+    /// The store of a stopped vault: check it against its anchor, or accept a loss after damage.
+    Store {
+        #[command(subcommand)]
+        command: StoreCommand,
+    },
     /// Dev-mode helpers (refuse to work on a production data directory).
     Dev {
         #[command(subcommand)]
@@ -96,6 +101,28 @@ struct ServeArgs {
 }
 
 #[derive(Subcommand)]
+enum StoreCommand {
+    /// Compare the store with its anchor (the durably written audit head).
+    /// Exit 0: intact; 3: damaged (acknowledged writes are missing or history differs).
+    Check {
+        /// Data directory of the stopped vault.
+        #[arg(long, env = "TOKENVAULT_DATA_DIR", value_name = "DIR")]
+        data_dir: PathBuf,
+    },
+    /// Accept the loss in a damaged store: move its anchor back to what the store
+    /// holds now, so the vault issues new tokens again. Prefer restoring the data
+    /// directory from backup; the next start writes a `store.reanchor` audit event.
+    Reanchor {
+        /// Data directory of the stopped vault.
+        #[arg(long, env = "TOKENVAULT_DATA_DIR", value_name = "DIR")]
+        data_dir: PathBuf,
+        /// Confirms that the missing records are given up.
+        #[arg(long)]
+        accept_loss: bool,
+    },
+}
+
+#[derive(Subcommand)]
 enum DevCommand {
     /// Print a JWT for a dev client, signed by the data directory's dev issuer key.
     Token {
@@ -124,6 +151,7 @@ pub fn run() -> ExitCode {
         Command::Unseal(args) => keys::run_unseal(args),
         Command::Audit { conn, command } => keys::run_audit(conn, command),
         Command::MockPsp { listen, api_key_file } => mock_psp(listen, api_key_file),
+        Command::Store { command } => store(command),
         Command::Dev {
             command:
                 DevCommand::Token {
@@ -139,6 +167,58 @@ pub fn run() -> ExitCode {
             }
             Err(e) => {
                 eprintln!("error: {e}");
+                ExitCode::from(2)
+            }
+        },
+    }
+}
+
+fn store(command: StoreCommand) -> ExitCode {
+    use crate::store::{SledStore, Store};
+    let opened = |dir: &std::path::Path| {
+        SledStore::open(&dir.join("sled")).map_err(|e| {
+            eprintln!(
+                "error: cannot open the store in {} ({e}); is the vault still running?",
+                dir.display()
+            );
+            ExitCode::from(2)
+        })
+    };
+    match command {
+        StoreCommand::Check { data_dir } => match opened(&data_dir) {
+            Err(code) => code,
+            Ok(store) => match store.damage() {
+                None => {
+                    println!("store intact: it holds everything its anchor records");
+                    ExitCode::SUCCESS
+                }
+                Some(damage) => {
+                    println!("store DAMAGED ({}): {damage}", damage.kind());
+                    ExitCode::from(3)
+                }
+            },
+        },
+        StoreCommand::Reanchor { accept_loss: false, .. } => {
+            eprintln!("error: reanchor gives up the missing records; confirm with --accept-loss");
+            ExitCode::from(2)
+        }
+        StoreCommand::Reanchor { data_dir, .. } => match SledStore::reanchor(&data_dir.join("sled")) {
+            Ok(None) => {
+                println!("store intact: nothing to reanchor");
+                ExitCode::SUCCESS
+            }
+            Ok(Some((old, new))) => {
+                let old = old.map_or_else(|| "an unreadable anchor".to_owned(), |o| format!("audit record {o}"));
+                println!(
+                    "anchor moved back from {old} to audit record {new}; the next start records this in the audit trail"
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!(
+                    "error: cannot reanchor the store in {} ({e}); is the vault still running?",
+                    data_dir.display()
+                );
                 ExitCode::from(2)
             }
         },

@@ -56,6 +56,7 @@ impl Vault {
         input: ChargeInput,
     ) -> Result<ChargeOutcome, VaultError> {
         let psp = self.psp.clone().ok_or(VaultError::PspNotConfigured)?;
+        self.refuse_if_damaged()?;
         let scope: [u8; 32] = Sha256::new()
             .chain_update(client.as_bytes())
             .chain_update([0])
@@ -115,7 +116,7 @@ impl Vault {
         }
 
         let ring = self.keys.ring().ok_or(VaultError::Sealed)?;
-        let record = self.store.get(tenant, &input.token)?.ok_or(VaultError::NotFound)?;
+        let record = self.store.get(tenant, &input.token)?.ok_or_else(|| self.missing())?;
         let card = ring.open(tenant, &input.token, &record.metadata_binding(), &record.sealed)?;
         // The CVV is used by this charge and destroyed, whatever happens next; it is
         // only ever sent on a customer-initiated charge.

@@ -19,7 +19,7 @@ use crate::domain::token::{Token, TokenFormat, candidates};
 use crate::keys::KeyError;
 use crate::keys::keystore::KeystoreError;
 use crate::keys::manager::{KeyManager, Sealed};
-use crate::store::{InsertOutcome, Store, StoreError, StoredRecord};
+use crate::store::{InsertOutcome, Store, StoreDamage, StoreError, StoredRecord};
 
 /// Why a vault operation failed. Variants carry no card data.
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +48,10 @@ pub enum VaultError {
     PspNotConfigured,
     #[error("the Idempotency-Key was already used with a different request")]
     IdempotencyMismatch,
+    #[error("token not found in a store that lost records: it may be one of them")]
+    RecordLost,
+    #[error("the store is damaged: new cards and charges are refused")]
+    StoreDamaged,
 }
 
 impl From<Sealed> for VaultError {
@@ -128,6 +132,11 @@ pub struct Vault {
     psp: Option<Arc<dyn crate::psp::Psp>>,
     inflight: Arc<charges::Inflight>,
     idempotency_window: std::time::Duration,
+    /// Damage the store found at open. While set, a token that is not found may
+    /// have been lost (fail closed, never 404), and nothing new is issued: a fresh
+    /// token could reuse a lost one that callers still hold, and lost idempotency
+    /// records could let a retried charge through twice.
+    damage: Option<StoreDamage>,
 }
 
 /// What a vault needs besides its store and keys.
@@ -154,6 +163,7 @@ impl Vault {
     /// Builds the vault; counts the stored records once (for the gauge).
     pub fn new(store: Arc<dyn Store>, keys: Arc<KeyManager>, options: VaultOptions) -> Result<Vault, VaultError> {
         let n = store.count()?;
+        let damage = store.damage();
         Ok(Vault {
             store,
             keys,
@@ -163,7 +173,29 @@ impl Vault {
             psp: options.psp,
             inflight: Arc::new(std::sync::Mutex::new(std::collections::HashMap::new())),
             idempotency_window: options.idempotency_window,
+            damage,
         })
+    }
+
+    /// Damage the store found at open, if any.
+    pub fn store_damage(&self) -> Option<&StoreDamage> {
+        self.damage.as_ref()
+    }
+
+    /// Refuses new cards and charges while the store is damaged.
+    fn refuse_if_damaged(&self) -> Result<(), VaultError> {
+        match self.damage {
+            Some(_) => Err(VaultError::StoreDamaged),
+            None => Ok(()),
+        }
+    }
+
+    /// What a missing token means: not found, or possibly lost in a damaged store.
+    fn missing(&self) -> VaultError {
+        match self.damage {
+            Some(_) => VaultError::RecordLost,
+            None => VaultError::NotFound,
+        }
     }
 
     /// The key manager (sealed state, unseal).
@@ -191,6 +223,7 @@ impl Vault {
 
     /// Tokenizes a card for `tenant`, or returns the token it already has.
     pub async fn tokenize(&self, tenant: TenantId, mut input: TokenizeInput) -> Result<Tokenized, VaultError> {
+        self.refuse_if_damaged()?;
         let cvv = input.cvv.take();
         let this = self.clone();
         let outcome = tokio::task::spawn_blocking(move || this.tokenize_blocking(&tenant, &input))
@@ -268,7 +301,7 @@ impl Vault {
         let mut meta = tokio::task::spawn_blocking(move || this.metadata_blocking(&tenant, &token))
             .await
             .map_err(|_| VaultError::Task)??
-            .ok_or(VaultError::NotFound)?;
+            .ok_or_else(|| self.missing())?;
         meta.cvv_held = self.cvv.holds(&meta.token);
         Ok(meta)
     }
@@ -296,7 +329,7 @@ impl Vault {
     pub async fn detokenize(&self, tenant: TenantId, token: Token) -> Result<Revealed, VaultError> {
         let this = self.clone();
         tokio::task::spawn_blocking(move || {
-            let record = this.store.get(&tenant, &token)?.ok_or(VaultError::NotFound)?;
+            let record = this.store.get(&tenant, &token)?.ok_or_else(|| this.missing())?;
             let card = this.keys.ring().ok_or(VaultError::Sealed)?.open(
                 &tenant,
                 &token,
@@ -320,7 +353,7 @@ impl Vault {
             .await
             .map_err(|_| VaultError::Task)??;
         if !deleted {
-            return Err(VaultError::NotFound);
+            return Err(self.missing());
         }
         // A deleted card takes its waiting CVV with it.
         drop(self.cvv.take(&gone));

@@ -2,6 +2,7 @@
 //! other backends (PostgreSQL) can implement it; the store never sees a PAN, only
 //! tokens, public metadata and sealed envelopes.
 
+mod anchor;
 mod sled_store;
 
 use std::future::Future;
@@ -113,6 +114,38 @@ pub enum InsertOutcome {
     FingerprintExists(Token),
 }
 
+/// What a store found wrong with itself at open: acknowledged writes may be gone.
+/// Carries sequence numbers only.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreDamage {
+    #[error(
+        "records lost: the audit trail ends at record {found}, but record {anchored} was durably written \
+         (the store's log was damaged and its recovery dropped everything after the damage)"
+    )]
+    RecordsLost { anchored: u64, found: u64 },
+    #[error(
+        "history differs: audit record {anchored} is not the one that was durably written \
+         (an older copy of the store was restored, or it was altered); the trail ends at {found}"
+    )]
+    HistoryDiffers { anchored: u64, found: u64 },
+    #[error("the store's anchor file is missing, but its audit trail holds {found} records")]
+    AnchorMissing { found: u64 },
+    #[error("the store's anchor file is unreadable (both copies fail their checksum); the trail ends at {found}")]
+    AnchorUnreadable { found: u64 },
+}
+
+impl StoreDamage {
+    /// A fixed label for metrics and audit outcomes.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StoreDamage::RecordsLost { .. } => "records_lost",
+            StoreDamage::HistoryDiffers { .. } => "history_differs",
+            StoreDamage::AnchorMissing { .. } => "anchor_missing",
+            StoreDamage::AnchorUnreadable { .. } => "anchor_unreadable",
+        }
+    }
+}
+
 /// A storage failure. The detail is for logs only, never for clients.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
@@ -168,6 +201,15 @@ pub trait Store: Send + Sync + 'static {
     fn commit(&self) -> Commit;
     /// Cheap liveness check of the backend, for readiness probes.
     fn check(&self) -> Result<(), StoreError>;
+    /// Damage found at open: writes acknowledged earlier may be missing.
+    fn damage(&self) -> Option<StoreDamage> {
+        None
+    }
+    /// Set when an operator accepted a loss (`tokenvault store reanchor`) since the
+    /// last start: the anchored sequence number it was moved back from.
+    fn reanchored_from(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// Resolves when the writes before it are on stable storage.

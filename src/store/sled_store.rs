@@ -18,7 +18,8 @@ use sled::transaction::{ConflictableTransactionError, TransactionError, Transact
 use time::OffsetDateTime;
 use tokio::sync::oneshot;
 
-use super::{ChargeRecord, Commit, IdempotencyRecord, InsertOutcome, Store, StoreError, StoredRecord};
+use super::anchor::{AnchorFile, Found, Mark};
+use super::{ChargeRecord, Commit, IdempotencyRecord, InsertOutcome, Store, StoreDamage, StoreError, StoredRecord};
 use crate::domain::card::Brand;
 use crate::domain::tenant::TenantId;
 use crate::domain::token::{Token, TokenFormat};
@@ -41,7 +42,11 @@ pub struct SledStore {
     audit: sled::Tree,
     meta: sled::Tree,
     committer: Mutex<mpsc::Sender<Waiter>>,
-    _thread: Arc<std::thread::JoinHandle<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    /// The audit head appended so far (anchored after the next flush).
+    head: Arc<Mutex<Option<Mark>>>,
+    damage: Option<StoreDamage>,
+    reanchored_from: Option<u64>,
 }
 
 impl SledStore {
@@ -69,11 +74,30 @@ impl SledStore {
             Some(v) if v.as_ref() == SCHEMA_V1 => {}
             Some(_) => return Err(StoreError::Backend("unsupported schema version".into())),
         }
+        let found = AnchorFile::read(dir).map_err(anchor_io)?;
+        let damage = check_anchor(&audit, &found)?;
+        let reanchored_from = match found {
+            Found::Mark(m) if m.moved_back_from != 0 => Some(m.moved_back_from),
+            _ => None,
+        };
+        // A damaged store's anchor stays frozen: the alarm outlives restarts.
+        let anchor = match (&damage, found) {
+            (Some(_), _) => None,
+            (None, Found::Missing) => {
+                let mut file = AnchorFile::open(dir).map_err(anchor_io)?;
+                file.write(&Mark::EMPTY).map_err(anchor_io)?;
+                file.sync_dir().map_err(anchor_io)?;
+                Some(file)
+            }
+            (None, _) => Some(AnchorFile::open(dir).map_err(anchor_io)?),
+        };
+        let head = Arc::new(Mutex::new(None));
         let (tx, rx) = mpsc::channel::<Waiter>();
         let flush_db = db.clone();
+        let anchored = head.clone();
         let thread = std::thread::Builder::new()
             .name("sled-commit".into())
-            .spawn(move || committer(flush_db, rx))
+            .spawn(move || committer(flush_db, rx, anchor, anchored))
             .map_err(|e| StoreError::Backend(format!("cannot start commit thread: {e}")))?;
         Ok(SledStore {
             db,
@@ -85,17 +109,101 @@ impl SledStore {
             audit,
             meta,
             committer: Mutex::new(tx),
-            _thread: Arc::new(thread),
+            thread: Some(thread),
+            head,
+            damage,
+            reanchored_from,
         })
+    }
+
+    /// Accepts the loss in a damaged store: moves its anchor to the audit trail's
+    /// current head (recording where it was moved back from, for the next start to
+    /// audit). The vault must be stopped (sled locks its files). Returns the old
+    /// and new anchored sequence numbers, or `None` when the store is not damaged.
+    pub fn reanchor(dir: &Path) -> Result<Option<(Option<u64>, u64)>, StoreError> {
+        let store = SledStore::open(dir)?;
+        if store.damage.is_none() {
+            return Ok(None);
+        }
+        let old = match AnchorFile::read(dir).map_err(anchor_io)? {
+            Found::Mark(m) => Some(m.seq),
+            Found::Missing | Found::Unreadable => None,
+        };
+        let mut mark = match store.audit.last().map_err(backend)? {
+            Some((k, v)) => Mark::of(audit_seq(&k)?, &v),
+            None => Mark::EMPTY,
+        };
+        // Non-zero marks a reanchor; u64::MAX when the old anchor was unreadable.
+        mark.moved_back_from = old.unwrap_or(u64::MAX).max(1);
+        let new = mark.seq;
+        drop(store);
+        let mut file = AnchorFile::open(dir).map_err(anchor_io)?;
+        file.write(&mark).map_err(anchor_io)?;
+        file.sync_dir().map_err(anchor_io)?;
+        Ok(Some((old, new)))
     }
 }
 
-/// Takes every waiter that has queued up, flushes once, answers them all.
-fn committer(db: sled::Db, rx: mpsc::Receiver<Waiter>) {
+impl Drop for SledStore {
+    /// Stops the committer (it finishes its batch), so the files are unlocked on return.
+    fn drop(&mut self) {
+        if let Ok(mut sender) = self.committer.lock() {
+            *sender = mpsc::channel().0;
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Compares the anchored audit head with what the store holds now.
+fn check_anchor(audit: &sled::Tree, found: &Found) -> Result<Option<StoreDamage>, StoreError> {
+    let last = match audit.last().map_err(backend)? {
+        Some((k, _)) => audit_seq(&k)?,
+        None => 0,
+    };
+    Ok(match found {
+        Found::Missing if last == 0 => None,
+        Found::Missing => Some(StoreDamage::AnchorMissing { found: last }),
+        Found::Unreadable => Some(StoreDamage::AnchorUnreadable { found: last }),
+        Found::Mark(m) if m.seq == 0 => None,
+        Found::Mark(m) => match audit.get(m.seq.to_be_bytes()).map_err(backend)? {
+            None => Some(StoreDamage::RecordsLost {
+                anchored: m.seq,
+                found: last,
+            }),
+            Some(v) if Mark::of(m.seq, &v).digest != m.digest => Some(StoreDamage::HistoryDiffers {
+                anchored: m.seq,
+                found: last,
+            }),
+            Some(_) => None,
+        },
+    })
+}
+
+fn audit_seq(key: &[u8]) -> Result<u64, StoreError> {
+    let seq: [u8; 8] = key.try_into().map_err(|_| StoreError::Corrupt)?;
+    Ok(u64::from_be_bytes(seq))
+}
+
+/// Takes every waiter that has queued up, flushes once, anchors the audit head
+/// that flush made durable, answers them all.
+fn committer(db: sled::Db, rx: mpsc::Receiver<Waiter>, mut anchor: Option<AnchorFile>, head: Arc<Mutex<Option<Mark>>>) {
+    let mut anchored: Option<Mark> = None;
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         batch.extend(rx.try_iter());
-        let result = db.flush().map(|_| ()).map_err(backend);
+        // Taken before the flush: everything up to this head is in it.
+        let target = *head.lock().unwrap_or_else(|p| p.into_inner());
+        let mut result = db.flush().map(|_| ()).map_err(backend);
+        if let (Ok(()), Some(file), Some(mark)) = (&result, anchor.as_mut(), target)
+            && anchored != Some(mark)
+        {
+            result = file.write(&mark).map_err(anchor_io);
+            if result.is_ok() {
+                anchored = Some(mark);
+            }
+        }
         for waiter in batch {
             let _ = waiter.send(result.clone());
         }
@@ -103,7 +211,15 @@ fn committer(db: sled::Db, rx: mpsc::Receiver<Waiter>) {
 }
 
 fn backend(e: sled::Error) -> StoreError {
-    StoreError::Backend(e.to_string())
+    match e {
+        // sled's own checksum caught damaged bytes when reading them in.
+        sled::Error::Corruption { .. } => StoreError::Corrupt,
+        e => StoreError::Backend(e.to_string()),
+    }
+}
+
+fn anchor_io(e: std::io::Error) -> StoreError {
+    StoreError::Backend(format!("store anchor: {e}"))
 }
 
 fn version_key(version: u32, token: &Token) -> Vec<u8> {
@@ -366,10 +482,20 @@ impl Store for SledStore {
     }
 
     fn audit_append(&self, seq: u64, record: &[u8]) -> Result<(), StoreError> {
-        self.audit
-            .insert(seq.to_be_bytes(), record)
-            .map(|_| ())
-            .map_err(backend)
+        self.audit.insert(seq.to_be_bytes(), record).map_err(backend)?;
+        let mut head = self.head.lock().unwrap_or_else(|p| p.into_inner());
+        if head.is_none_or(|h| h.seq < seq) {
+            *head = Some(Mark::of(seq, record));
+        }
+        Ok(())
+    }
+
+    fn damage(&self) -> Option<StoreDamage> {
+        self.damage.clone()
+    }
+
+    fn reanchored_from(&self) -> Option<u64> {
+        self.reanchored_from
     }
 
     fn audit_last(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
@@ -445,6 +571,71 @@ mod tests {
         for w in waits {
             w.await.unwrap();
         }
+    }
+
+    /// Appends `n` audit records and waits for them (and the anchor) to be durable.
+    async fn audited(dir: &Path, from: u64, n: u64) {
+        let store = SledStore::open(dir).unwrap();
+        assert_eq!(store.damage(), None);
+        for seq in from..from + n {
+            store.audit_append(seq, format!("record {seq}").as_bytes()).unwrap();
+        }
+        store.commit().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_anchor_catches_lost_rewritten_and_missing_history() {
+        let dir = tempfile::tempdir().unwrap();
+        audited(dir.path(), 1, 5).await;
+        let backup = tempfile::tempdir().unwrap();
+        for name in ["conf", "db", "anchor"] {
+            std::fs::copy(dir.path().join(name), backup.path().join(name)).unwrap();
+        }
+        audited(dir.path(), 6, 3).await;
+
+        // The anchor of a newer state over an older store: records lost.
+        std::fs::copy(dir.path().join("anchor"), backup.path().join("anchor")).unwrap();
+        let old = SledStore::open(backup.path()).unwrap();
+        assert_eq!(old.damage(), Some(StoreDamage::RecordsLost { anchored: 8, found: 5 }));
+        // Frozen: new writes do not move the anchor, so the alarm outlives restarts.
+        old.audit_append(6, b"another history").unwrap();
+        old.commit().await.unwrap();
+        drop(old);
+        let old = SledStore::open(backup.path()).unwrap();
+        assert_eq!(old.damage(), Some(StoreDamage::RecordsLost { anchored: 8, found: 6 }));
+        old.audit_append(7, b"x").unwrap();
+        old.audit_append(8, b"y").unwrap();
+        old.commit().await.unwrap();
+        drop(old);
+        // Record 8 exists again, but it is not the one that was anchored.
+        let old = SledStore::open(backup.path()).unwrap();
+        assert_eq!(
+            old.damage(),
+            Some(StoreDamage::HistoryDiffers { anchored: 8, found: 8 })
+        );
+        drop(old);
+
+        // Accepting the loss moves the anchor to what the store holds; reported once.
+        assert_eq!(SledStore::reanchor(backup.path()).unwrap(), Some((Some(8), 8)));
+        let healed = SledStore::open(backup.path()).unwrap();
+        assert_eq!(healed.damage(), None);
+        assert_eq!(healed.reanchored_from(), Some(8));
+        healed.audit_append(9, b"z").unwrap();
+        healed.commit().await.unwrap();
+        drop(healed);
+        let healed = SledStore::open(backup.path()).unwrap();
+        assert_eq!((healed.damage(), healed.reanchored_from()), (None, None));
+        drop(healed);
+        assert_eq!(SledStore::reanchor(backup.path()).unwrap(), None, "nothing to accept");
+
+        // A deleted or spoiled anchor is damage too, never silently re-created.
+        std::fs::remove_file(dir.path().join("anchor")).unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        assert_eq!(store.damage(), Some(StoreDamage::AnchorMissing { found: 8 }));
+        drop(store);
+        std::fs::write(dir.path().join("anchor"), [7u8; 192]).unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        assert_eq!(store.damage(), Some(StoreDamage::AnchorUnreadable { found: 8 }));
     }
 
     #[test]

@@ -12,13 +12,7 @@ async fn damaged_records_fail_closed_and_the_rest_keep_working() {
     let mut app = TestApp::spawn().await;
     let keep = app.keep_data();
     let dir = app.data_dir.clone();
-    let mut tokens = Vec::new();
-    for i in 0..12 {
-        let pan = pan_for(70_000 + i);
-        let (status, body) = app.tokenize("default", &pan, None).await;
-        assert_eq!(status, 201);
-        tokens.push((body["token"].as_str().unwrap().to_owned(), pan));
-    }
+    let tokens = seed(&app, "default", 70_000, 12).await;
     app.kill();
     drop(app);
 
@@ -81,6 +75,180 @@ async fn damaged_records_fail_closed_and_the_rest_keep_working() {
     assert!(app.logs().contains("record failed its integrity check"));
 
     // The audit trail names each damaged token.
+    let trail = export_audit(&app);
+    let failed: Vec<&Value> = trail
+        .iter()
+        .filter(|r| r["action"] == "detokenize" && r["outcome"] == "integrity-failure")
+        .collect();
+    assert_eq!(failed.len(), 6);
+    for (token, _) in &tokens[..6] {
+        assert!(
+            failed.iter().any(|r| r["token"] == token.as_str()),
+            "{token} not in the audit trail"
+        );
+    }
+    drop(app);
+    drop(keep);
+}
+
+/// Raw damage inside sled's own log file, one flipped byte per case, at positions
+/// spread over the log's used part of a pristine copy.
+///
+/// - After a crash (SIGKILL), sled's recovery replays the log, stops at the first
+///   message whose checksum fails and drops everything after it, acknowledged
+///   writes included. The store's anchor (the durably written audit head, kept
+///   beside sled's files) catches that at start: `tokenvault store check` exits 3,
+///   the vault raises `tokenvault_store_damaged` and a `store.damage` audit event,
+///   every missing token fails closed with `integrity-failure` (never a 404, never
+///   another PAN), the others open to their own PAN, and new cards are refused.
+/// - After a clean stop, sled refuses to open a damaged log at all: the vault
+///   refuses to start, with an error that names the store.
+///
+/// Then one damaged store is accepted with `tokenvault store reanchor`.
+#[tokio::test]
+async fn raw_log_damage_is_detected_and_lost_tokens_fail_closed() {
+    let mut app = TestApp::spawn().await;
+    let keep = app.keep_data();
+    let dir = app.data_dir.clone();
+    // One at a time: each token's audit record follows it in the log.
+    let mut tokens = Vec::new();
+    for i in 0..24 {
+        let pan = pan_for(71_000 + i);
+        let (status, body) = app.tokenize("default", &pan, None).await;
+        assert_eq!(status, 201);
+        tokens.push((body["token"].as_str().unwrap().to_owned(), pan));
+    }
+    app.kill();
+    drop(app);
+    // A cleanly closed copy (opened and closed by `store check`).
+    let closed = dir.with_file_name("closed");
+    copy_dir(&dir, &closed);
+    let (code, out, _) = run_cli(&["store", "check", "--data-dir", closed.to_str().unwrap()], &[]);
+    assert_eq!(code, 0, "the undamaged store checks intact: {out}");
+
+    let cases = 8;
+    let (mut intact, mut damaged, mut refused, mut lost_tokens) = (0, 0, 0, 0);
+    let mut accepted = None;
+    for (origin, source) in [("crashed", &dir), ("closed", &closed)] {
+        let db = std::fs::read(source.join("sled/db")).unwrap();
+        let used = db.iter().rposition(|&b| b != 0).unwrap() + 1;
+        for k in 1..=cases {
+            let case = dir.with_file_name(format!("{origin}{k}"));
+            copy_dir(source, &case);
+            let at = used * k / (cases + 1);
+            let mut bytes = db.clone();
+            bytes[at] ^= 0x01;
+            std::fs::write(case.join("sled/db"), &bytes).unwrap();
+            let case_arg = case.to_str().unwrap().to_owned();
+            let (code, out, err) = run_cli(&["store", "check", "--data-dir", &case_arg], &[]);
+            if code == 2 {
+                // sled refuses to open the damaged log: so does the vault.
+                assert!(err.contains("cannot open the store"), "{err}");
+                let (code, _, err) = run_cli(&["serve", "--listen", "127.0.0.1:0", "--data-dir", &case_arg], &[]);
+                assert_ne!(code, 0);
+                assert!(err.contains("cannot open the store: stored record is corrupt"), "{err}");
+                refused += 1;
+                eprintln!("{origin} {k}: byte {at} of {used}: sled refuses to open, the vault does not start");
+                continue;
+            }
+            assert!(code == 0 || code == 3, "store check: {code} {out} {err}");
+            let app = TestApp::restart_on(&case);
+            let (mut opened, mut failed) = (0, 0);
+            for (token, pan) in &tokens {
+                app.watch(pan);
+                let res = app.detokenize("default", token).await;
+                if res.status() == 200 {
+                    assert_eq!(res.json::<Value>().await.unwrap()["pan"], pan.as_str());
+                    opened += 1;
+                } else {
+                    let p = assert_problem(res, 500, "integrity-failure").await;
+                    assert!(!format!("{}{}", p["title"], p["detail"]).contains(&pan[6..]));
+                    failed += 1;
+                }
+            }
+            let flagged = app.metric("tokenvault_store_damaged").await;
+            eprintln!("{origin} {k}: byte {at} of {used}: check exit {code}, {opened} open, {failed} fail closed");
+            if code == 3 {
+                damaged += 1;
+                assert!(out.contains("store DAMAGED (records_lost)"), "{out}");
+                assert_eq!(flagged, 1.0);
+                // Audit records were lost in any case; tokens, if written after the damage.
+                lost_tokens += failed;
+                assert_eq!(
+                    app.metric("tokenvault_detokenize_total{outcome=\"lost\"}").await,
+                    failed as f64
+                );
+                assert!(app.logs().contains("STORE DAMAGED"));
+                let (status, body) = app.tokenize("default", &pan_for(72_000 + k as u64), None).await;
+                assert_eq!(
+                    (status, body["type"].as_str()),
+                    (503, Some("urn:tokenvault:problem:store-damaged"))
+                );
+                let trail = export_audit(&app);
+                let alarm: Vec<&Value> = trail.iter().filter(|r| r["action"] == "store.damage").collect();
+                assert_eq!(alarm.len(), 1, "one store.damage event");
+                assert_eq!(alarm[0]["outcome"], "records_lost");
+                let lost_reads = trail
+                    .iter()
+                    .filter(|r| r["action"] == "detokenize" && r["outcome"] == "integrity-failure")
+                    .count();
+                assert_eq!(lost_reads, failed);
+                if accepted.is_none() && failed > 0 {
+                    accepted = Some((case.clone(), opened));
+                }
+            } else {
+                intact += 1;
+                assert_eq!((flagged, failed), (0.0, 0), "an intact store serves every token");
+            }
+            drop(app);
+        }
+    }
+    eprintln!(
+        "raw log damage: {} cases: {damaged} detected as damaged ({lost_tokens} lost tokens failed closed), \
+         {intact} intact, {refused} refused by sled",
+        2 * cases
+    );
+    assert!(
+        damaged >= 1,
+        "flips in a crashed store's log make sled drop acknowledged writes"
+    );
+
+    // Accepting the loss: reanchor the stopped vault, then it issues tokens again,
+    // missing tokens are plain 404s, and the audit trail records the acceptance.
+    let (case, opened) = accepted.unwrap();
+    let case_arg = case.to_str().unwrap();
+    let (code, _, err) = run_cli(&["store", "reanchor", "--data-dir", case_arg], &[]);
+    assert_eq!(code, 2, "reanchor needs --accept-loss");
+    assert!(err.contains("--accept-loss"));
+    let (code, out, err) = run_cli(&["store", "reanchor", "--data-dir", case_arg, "--accept-loss"], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("anchor moved back"), "{out}");
+    let (code, _, _) = run_cli(&["store", "check", "--data-dir", case_arg], &[]);
+    assert_eq!(code, 0);
+    let app = TestApp::restart_on(&case);
+    assert_eq!(app.metric("tokenvault_store_damaged").await, 0.0);
+    let (mut ok, mut gone) = (0, 0);
+    for (token, _) in &tokens {
+        match app.detokenize("default", token).await.status().as_u16() {
+            200 => ok += 1,
+            404 => gone += 1,
+            s => panic!("unexpected {s}"),
+        }
+    }
+    assert_eq!((ok, gone), (opened, tokens.len() - opened));
+    let (status, _) = app.tokenize("default", &pan_for(73_000), None).await;
+    assert_eq!(status, 201);
+    let trail = export_audit(&app);
+    assert!(
+        trail
+            .iter()
+            .any(|r| r["action"] == "store.reanchor" && r["outcome"] == "accepted")
+    );
+    drop(app);
+    drop(keep);
+}
+
+fn export_audit(app: &TestApp) -> Vec<Value> {
     let token_file = app.token_file("officer", "default");
     let (code, out, err) = run_cli(
         &[
@@ -94,18 +262,5 @@ async fn damaged_records_fail_closed_and_the_rest_keep_working() {
         &[],
     );
     assert_eq!(code, 0, "{err}");
-    let failed: Vec<Value> = out
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap())
-        .filter(|r| r["action"] == "detokenize" && r["outcome"] == "integrity-failure")
-        .collect();
-    assert_eq!(failed.len(), 6);
-    for (token, _) in &tokens[..6] {
-        assert!(
-            failed.iter().any(|r| r["token"] == token.as_str()),
-            "{token} not in the audit trail"
-        );
-    }
-    drop(app);
-    drop(keep);
+    out.lines().map(|l| serde_json::from_str::<Value>(l).unwrap()).collect()
 }

@@ -9,6 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use futures_util::StreamExt;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
 
@@ -381,4 +382,41 @@ pub async fn assert_problem(res: reqwest::Response, status: u16, code: &str) -> 
         "problem carries the request id"
     );
     body
+}
+
+/// Copies a directory tree (a stopped vault's data, a backup).
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.path().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+/// Tokenizes `n` cards (PANs `pan_for(from..)`) as the edge, 32 at a time; returns (token, PAN) pairs.
+pub async fn seed(app: &TestApp, tenant: &str, from: u64, n: u64) -> Vec<(String, String)> {
+    let edge = app.jwt("edge", tenant);
+    futures_util::stream::iter(from..from + n)
+        .map(|i| {
+            let (app, edge) = (app, edge.clone());
+            async move {
+                let pan = pan_for(i);
+                let res = app
+                    .tokenize_as(&edge, json!({"pan": pan, "exp_month": 12, "exp_year": 2031}))
+                    .await;
+                assert_eq!(res.status(), 201);
+                (
+                    res.json::<Value>().await.unwrap()["token"].as_str().unwrap().to_owned(),
+                    pan,
+                )
+            }
+        })
+        .buffer_unordered(32)
+        .collect()
+        .await
 }

@@ -6,32 +6,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use serde_json::{Value, json};
 
 use crate::helpers::*;
-
-async fn seed(app: &TestApp, tenant: &str, from: u64, n: u64) -> Vec<(String, String)> {
-    let edge = app.jwt("edge", tenant);
-    futures_util::stream::iter(from..from + n)
-        .map(|i| {
-            let (app, edge) = (app, edge.clone());
-            async move {
-                let pan = pan_for(i);
-                let res = app
-                    .tokenize_as(&edge, json!({"pan": pan, "exp_month": 12, "exp_year": 2031}))
-                    .await;
-                assert_eq!(res.status(), 201);
-                (
-                    res.json::<Value>().await.unwrap()["token"].as_str().unwrap().to_owned(),
-                    pan,
-                )
-            }
-        })
-        .buffer_unordered(32)
-        .collect()
-        .await
-}
 
 fn status_json(app: &TestApp) -> Value {
     let (code, out, err) = app.keys_cli("officer", &["status", "--json"]);
@@ -226,19 +203,6 @@ async fn record_under_destroyed_version_fails_closed() {
     );
     drop(app);
     drop(keep);
-}
-
-fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.path().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
 }
 
 /// Offline rewrap SIGKILLed midway, then run again: completes, and every record opens.
