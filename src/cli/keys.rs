@@ -427,6 +427,9 @@ fn open_offline(conn: &Conn) -> Result<Backend, Failure> {
             ),
         )
     })?;
+    if let Some(damage) = crate::store::Store::damage(&store) {
+        eprintln!("warning: the store is DAMAGED ({}): {damage}", damage.kind());
+    }
     let options = crate::service::VaultOptions {
         cryptoperiod: keystore_settings.cryptoperiod(),
         ..Default::default()
