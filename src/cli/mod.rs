@@ -109,6 +109,15 @@ enum StoreCommand {
         #[arg(long, env = "TOKENVAULT_DATA_DIR", value_name = "DIR")]
         data_dir: PathBuf,
     },
+    /// Salvage a store sled refuses to open (a damaged log after a clean stop): copy
+    /// it aside, drop sled's snapshot so that sled replays its log up to the damage,
+    /// and report what the anchor finds. Exit 0: it opens now (or already did); 2: it
+    /// cannot be recovered, restore from backup.
+    Salvage {
+        /// Data directory of the stopped vault.
+        #[arg(long, env = "TOKENVAULT_DATA_DIR", value_name = "DIR")]
+        data_dir: PathBuf,
+    },
     /// Accept the loss in a damaged store: move its anchor back to what the store
     /// holds now, so the vault issues new tokens again. Prefer restoring the data
     /// directory from backup; the next start writes a `store.reanchor` audit event.
@@ -174,7 +183,7 @@ pub fn run() -> ExitCode {
 }
 
 fn store(command: StoreCommand) -> ExitCode {
-    use crate::store::{SledStore, Store};
+    use crate::store::{Salvage, SledStore, Store};
     let opened = |dir: &std::path::Path| {
         SledStore::open(&dir.join("sled")).map_err(|e| {
             eprintln!(
@@ -197,6 +206,42 @@ fn store(command: StoreCommand) -> ExitCode {
                     ExitCode::from(3)
                 }
             },
+        },
+        StoreCommand::Salvage { data_dir } => match SledStore::salvage(&data_dir.join("sled")) {
+            Ok(Salvage::NotNeeded) => {
+                println!("the store opens as it is: nothing to salvage (see `tokenvault store check`)");
+                ExitCode::SUCCESS
+            }
+            Ok(Salvage::Recovered { kept, damage }) => {
+                println!(
+                    "salvaged: sled replayed its log; the damaged store is kept in {}",
+                    kept.display()
+                );
+                match damage {
+                    Some(d) => println!(
+                        "store DAMAGED ({}): {d}\nthe vault will start damaged: restore from backup, or accept the \
+                         loss with `tokenvault store reanchor --accept-loss`",
+                        d.kind()
+                    ),
+                    None => println!("the store holds everything its anchor records"),
+                }
+                ExitCode::SUCCESS
+            }
+            Ok(Salvage::Unrecoverable { kept }) => {
+                eprintln!(
+                    "error: sled cannot recover this log even by replaying it; restore from backup (the damaged \
+                     store is kept in {})",
+                    kept.display()
+                );
+                ExitCode::from(2)
+            }
+            Err(e) => {
+                eprintln!(
+                    "error: cannot salvage the store in {} ({e}); is the vault still running?",
+                    data_dir.display()
+                );
+                ExitCode::from(2)
+            }
         },
         StoreCommand::Reanchor { accept_loss: false, .. } => {
             eprintln!("error: reanchor gives up the missing records; confirm with --accept-loss");

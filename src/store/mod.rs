@@ -12,7 +12,7 @@ use std::task::{Context, Poll};
 use time::OffsetDateTime;
 use tokio::sync::oneshot;
 
-pub use sled_store::SledStore;
+pub use sled_store::{Salvage, SledStore};
 
 use crate::domain::card::Brand;
 use crate::domain::tenant::TenantId;

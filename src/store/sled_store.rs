@@ -9,7 +9,7 @@
 //! A single committer thread takes every waiting writer, flushes once, then wakes
 //! them all (group commit): one fsync serves a whole burst of requests.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
@@ -116,6 +116,55 @@ impl SledStore {
         })
     }
 
+    /// Salvages a store sled refuses to open. After a clean stop sled recovers
+    /// from its snapshot, and a damaged log then fails the open outright; without
+    /// the snapshot sled replays the log, stops at the damage and drops the rest,
+    /// which the anchor then reports. The store is first copied aside whole
+    /// (`sled.damaged-<unix time>` next to it), then its snapshot files are
+    /// removed and it is opened again; if even that fails, the snapshot files are
+    /// put back. The vault must be stopped.
+    pub fn salvage(dir: &Path) -> Result<Salvage, StoreError> {
+        match SledStore::open(dir) {
+            Ok(_) => return Ok(Salvage::NotNeeded),
+            Err(StoreError::Corrupt) => {}
+            Err(e) => return Err(e),
+        }
+        let stamp = time::OffsetDateTime::now_utc().unix_timestamp();
+        let name = format!(
+            "{}.damaged-{stamp}",
+            dir.file_name().and_then(|n| n.to_str()).unwrap_or("sled")
+        );
+        let kept = dir.with_file_name(name);
+        copy_tree(dir, &kept).map_err(salvage_io)?;
+        let mut removed = Vec::new();
+        for entry in std::fs::read_dir(dir).map_err(salvage_io)? {
+            let path = entry.map_err(salvage_io)?.path();
+            if path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("snap."))
+            {
+                std::fs::remove_file(&path).map_err(salvage_io)?;
+                removed.push(path);
+            }
+        }
+        match SledStore::open(dir) {
+            Ok(store) => Ok(Salvage::Recovered {
+                kept,
+                damage: store.damage(),
+            }),
+            Err(StoreError::Corrupt) => {
+                for path in removed {
+                    if let Some(name) = path.file_name() {
+                        std::fs::copy(kept.join(name), &path).map_err(salvage_io)?;
+                    }
+                }
+                Ok(Salvage::Unrecoverable { kept })
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// Accepts the loss in a damaged store: moves its anchor to the audit trail's
     /// current head (recording where it was moved back from, for the next start to
     /// audit). The vault must be stopped (sled locks its files). Returns the old
@@ -154,6 +203,35 @@ impl Drop for SledStore {
             let _ = thread.join();
         }
     }
+}
+
+/// What [`SledStore::salvage`] did.
+#[derive(Debug)]
+pub enum Salvage {
+    /// The store opens as it is.
+    NotNeeded,
+    /// It opens now; what the anchor says of it (damage is expected).
+    Recovered { kept: PathBuf, damage: Option<StoreDamage> },
+    /// sled cannot recover even by replaying the log: restore from backup.
+    Unrecoverable { kept: PathBuf },
+}
+
+fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_tree(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), target)?;
+        }
+    }
+    Ok(())
+}
+
+fn salvage_io(e: std::io::Error) -> StoreError {
+    StoreError::Backend(format!("salvage: {e}"))
 }
 
 /// Compares the anchored audit head with what the store holds now.

@@ -102,7 +102,9 @@ async fn damaged_records_fail_closed_and_the_rest_keep_working() {
 ///   every missing token fails closed with `integrity-failure` (never a 404, never
 ///   another PAN), the others open to their own PAN, and new cards are refused.
 /// - After a clean stop, sled refuses to open a damaged log at all: the vault
-///   refuses to start, with an error that names the store.
+///   refuses to start, with an error that names the store. `tokenvault store
+///   salvage` copies the store aside and drops sled's snapshot, so that sled
+///   replays its log up to the damage; from there it is the case above.
 ///
 /// Then one damaged store is accepted with `tokenvault store reanchor`.
 #[tokio::test]
@@ -125,9 +127,12 @@ async fn raw_log_damage_is_detected_and_lost_tokens_fail_closed() {
     copy_dir(&dir, &closed);
     let (code, out, _) = run_cli(&["store", "check", "--data-dir", closed.to_str().unwrap()], &[]);
     assert_eq!(code, 0, "the undamaged store checks intact: {out}");
+    let (code, out, _) = run_cli(&["store", "salvage", "--data-dir", closed.to_str().unwrap()], &[]);
+    assert_eq!(code, 0);
+    assert!(out.contains("nothing to salvage"), "{out}");
 
     let cases = 8;
-    let (mut intact, mut damaged, mut refused, mut lost_tokens) = (0, 0, 0, 0);
+    let (mut intact, mut damaged, mut refused, mut salvaged, mut lost_tokens) = (0, 0, 0, 0, 0);
     let mut accepted = None;
     for (origin, source) in [("crashed", &dir), ("closed", &closed)] {
         let db = std::fs::read(source.join("sled/db")).unwrap();
@@ -140,16 +145,36 @@ async fn raw_log_damage_is_detected_and_lost_tokens_fail_closed() {
             bytes[at] ^= 0x01;
             std::fs::write(case.join("sled/db"), &bytes).unwrap();
             let case_arg = case.to_str().unwrap().to_owned();
-            let (code, out, err) = run_cli(&["store", "check", "--data-dir", &case_arg], &[]);
+            let (mut code, mut out, mut err) = run_cli(&["store", "check", "--data-dir", &case_arg], &[]);
             if code == 2 {
                 // sled refuses to open the damaged log: so does the vault.
                 assert!(err.contains("cannot open the store"), "{err}");
-                let (code, _, err) = run_cli(&["serve", "--listen", "127.0.0.1:0", "--data-dir", &case_arg], &[]);
-                assert_ne!(code, 0);
-                assert!(err.contains("cannot open the store: stored record is corrupt"), "{err}");
+                let serve = run_cli(&["serve", "--listen", "127.0.0.1:0", "--data-dir", &case_arg], &[]);
+                assert_ne!(serve.0, 0);
+                assert!(
+                    serve.2.contains("cannot open the store: stored record is corrupt"),
+                    "{}",
+                    serve.2
+                );
                 refused += 1;
-                eprintln!("{origin} {k}: byte {at} of {used}: sled refuses to open, the vault does not start");
-                continue;
+                // Salvage: sled replays its log without the snapshot, up to the damage.
+                let salvage = run_cli(&["store", "salvage", "--data-dir", &case_arg], &[]);
+                eprintln!(
+                    "{origin} {k}: byte {at} of {used}: sled refuses to open; salvage exit {}",
+                    salvage.0
+                );
+                if salvage.0 == 2 {
+                    assert!(salvage.2.contains("restore from backup"), "{}", salvage.2);
+                    continue;
+                }
+                assert_eq!(salvage.0, 0, "{}{}", salvage.1, salvage.2);
+                assert!(
+                    salvage.1.contains("salvaged") && salvage.1.contains("damaged store is kept in"),
+                    "{}",
+                    salvage.1
+                );
+                salvaged += 1;
+                (code, out, err) = run_cli(&["store", "check", "--data-dir", &case_arg], &[]);
             }
             assert!(code == 0 || code == 3, "store check: {code} {out} {err}");
             let app = TestApp::restart_on(&case);
@@ -205,7 +230,7 @@ async fn raw_log_damage_is_detected_and_lost_tokens_fail_closed() {
     }
     eprintln!(
         "raw log damage: {} cases: {damaged} detected as damaged ({lost_tokens} lost tokens failed closed), \
-         {intact} intact, {refused} refused by sled",
+         {intact} intact, {refused} refused by sled ({salvaged} of them salvaged)",
         2 * cases
     );
     assert!(
