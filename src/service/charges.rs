@@ -206,13 +206,13 @@ impl Vault {
         })
     }
 
-    /// A stored charge of `tenant`.
+    /// A stored charge of `tenant` (in a damaged store, a missing one may be lost).
     pub async fn get_charge(&self, tenant: TenantId, id: String) -> Result<ChargeRecord, VaultError> {
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || store.get_charge(&tenant, &id))
             .await
             .map_err(|_| VaultError::Task)??
-            .ok_or(VaultError::NotFound)
+            .ok_or_else(|| self.missing())
     }
 
     /// Whether a live CVV is held for `token`.

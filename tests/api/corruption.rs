@@ -209,6 +209,15 @@ async fn raw_log_damage_is_detected_and_lost_tokens_fail_closed() {
                     (status, body["type"].as_str()),
                     (503, Some("urn:tokenvault:problem:store-damaged"))
                 );
+                // Charges may be lost too: a missing one is not a plain 404 either.
+                let res = app
+                    .client
+                    .get(app.url("/v1/charges/ch_0000000000000000"))
+                    .bearer_auth(app.jwt("psp", "default"))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_problem(res, 500, "integrity-failure").await;
                 let trail = export_audit(&app);
                 let alarm: Vec<&Value> = trail.iter().filter(|r| r["action"] == "store.damage").collect();
                 assert_eq!(alarm.len(), 1, "one store.damage event");
