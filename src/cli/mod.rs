@@ -55,7 +55,7 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         api_key_file: Option<PathBuf>,
     },
-    /// The store of a stopped vault: check it against its anchor, or accept a loss after damage.
+    /// The store of a stopped vault: check it against its anchor, salvage it, or accept a loss after damage.
     Store {
         #[command(subcommand)]
         command: StoreCommand,
@@ -103,7 +103,7 @@ struct ServeArgs {
 #[derive(Subcommand)]
 enum StoreCommand {
     /// Compare the store with its anchor (the durably written audit head).
-    /// Exit 0: intact; 3: damaged (acknowledged writes are missing or history differs).
+    /// Exit 0: intact; 3: damaged (acknowledged writes are missing or history differs); 2: cannot be opened.
     Check {
         /// Data directory of the stopped vault.
         #[arg(long, env = "TOKENVAULT_DATA_DIR", value_name = "DIR")]

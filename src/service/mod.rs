@@ -132,11 +132,6 @@ pub struct Vault {
     psp: Option<Arc<dyn crate::psp::Psp>>,
     inflight: Arc<charges::Inflight>,
     idempotency_window: std::time::Duration,
-    /// Damage the store found at open. While set, a token that is not found may
-    /// have been lost (fail closed, never 404), and nothing new is issued: a fresh
-    /// token could reuse a lost one that callers still hold, and lost idempotency
-    /// records could let a retried charge through twice.
-    damage: Option<StoreDamage>,
 }
 
 /// What a vault needs besides its store and keys.
@@ -163,7 +158,6 @@ impl Vault {
     /// Builds the vault; counts the stored records once (for the gauge).
     pub fn new(store: Arc<dyn Store>, keys: Arc<KeyManager>, options: VaultOptions) -> Result<Vault, VaultError> {
         let n = store.count()?;
-        let damage = store.damage();
         Ok(Vault {
             store,
             keys,
@@ -173,18 +167,20 @@ impl Vault {
             psp: options.psp,
             inflight: Arc::new(std::sync::Mutex::new(std::collections::HashMap::new())),
             idempotency_window: options.idempotency_window,
-            damage,
         })
     }
 
-    /// Damage the store found at open, if any.
-    pub fn store_damage(&self) -> Option<&StoreDamage> {
-        self.damage.as_ref()
+    /// Damage the store found at open, if any. While there is, a token that is not
+    /// found may have been lost (fail closed, never 404), and nothing new is issued:
+    /// a fresh token could reuse a lost one that callers still hold, and lost
+    /// idempotency records could let a retried charge through twice.
+    pub fn store_damage(&self) -> Option<StoreDamage> {
+        self.store.damage()
     }
 
     /// Refuses new cards and charges while the store is damaged.
     fn refuse_if_damaged(&self) -> Result<(), VaultError> {
-        match self.damage {
+        match self.store.damage() {
             Some(_) => Err(VaultError::StoreDamaged),
             None => Ok(()),
         }
@@ -192,7 +188,7 @@ impl Vault {
 
     /// What a missing token means: not found, or possibly lost in a damaged store.
     fn missing(&self) -> VaultError {
-        match self.damage {
+        match self.store.damage() {
             Some(_) => VaultError::RecordLost,
             None => VaultError::NotFound,
         }

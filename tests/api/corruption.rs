@@ -75,7 +75,7 @@ async fn damaged_records_fail_closed_and_the_rest_keep_working() {
     assert!(app.logs().contains("record failed its integrity check"));
 
     // The audit trail names each damaged token.
-    let trail = export_audit(&app);
+    let trail = app.audit_export();
     let failed: Vec<&Value> = trail
         .iter()
         .filter(|r| r["action"] == "detokenize" && r["outcome"] == "integrity-failure")
@@ -218,7 +218,7 @@ async fn raw_log_damage_is_detected_and_lost_tokens_fail_closed() {
                     .await
                     .unwrap();
                 assert_problem(res, 500, "integrity-failure").await;
-                let trail = export_audit(&app);
+                let trail = app.audit_export();
                 let alarm: Vec<&Value> = trail.iter().filter(|r| r["action"] == "store.damage").collect();
                 assert_eq!(alarm.len(), 1, "one store.damage event");
                 assert_eq!(alarm[0]["outcome"], "records_lost");
@@ -272,7 +272,7 @@ async fn raw_log_damage_is_detected_and_lost_tokens_fail_closed() {
     assert_eq!((ok, gone), (opened, tokens.len() - opened));
     let (status, _) = app.tokenize("default", &pan_for(73_000), None).await;
     assert_eq!(status, 201);
-    let trail = export_audit(&app);
+    let trail = app.audit_export();
     assert!(
         trail
             .iter()
@@ -280,21 +280,4 @@ async fn raw_log_damage_is_detected_and_lost_tokens_fail_closed() {
     );
     drop(app);
     drop(keep);
-}
-
-fn export_audit(app: &TestApp) -> Vec<Value> {
-    let token_file = app.token_file("officer", "default");
-    let (code, out, err) = run_cli(
-        &[
-            "audit",
-            "--url",
-            &app.base,
-            "--token-file",
-            token_file.to_str().unwrap(),
-            "export",
-        ],
-        &[],
-    );
-    assert_eq!(code, 0, "{err}");
-    out.lines().map(|l| serde_json::from_str::<Value>(l).unwrap()).collect()
 }

@@ -300,6 +300,24 @@ impl TestApp {
             .unwrap_or(0.0)
     }
 
+    /// The whole audit trail, exported through the CLI as an officer.
+    pub fn audit_export(&self) -> Vec<Value> {
+        let token_file = self.token_file("officer", "default");
+        let (code, out, err) = run_cli(
+            &[
+                "audit",
+                "--url",
+                &self.base,
+                "--token-file",
+                token_file.to_str().unwrap(),
+                "export",
+            ],
+            &[],
+        );
+        assert_eq!(code, 0, "{err}");
+        out.lines().map(|l| serde_json::from_str::<Value>(l).unwrap()).collect()
+    }
+
     /// Hands over the temporary directory, so the data outlives this server.
     pub fn keep_data(&mut self) -> Option<tempfile::TempDir> {
         self._tmp.take()
