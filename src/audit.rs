@@ -101,6 +101,22 @@ pub enum AuditError {
     Corrupt,
 }
 
+/// Why a retention prune was refused or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PruneError {
+    #[error("{0}")]
+    Refused(String),
+    #[error(transparent)]
+    Audit(#[from] AuditError),
+}
+
+/// Where a pruned trail resumes: the last removed record's sequence and chain hash.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Checkpoint {
+    seq: u64,
+    hash: String,
+}
+
 /// The appender. One per process; appends are serialized.
 pub struct AuditLog {
     store: Arc<dyn Store>,
@@ -184,11 +200,137 @@ impl AuditLog {
             .collect()
     }
 
-    /// Verifies the whole stored trail.
-    pub fn verify_stored(&self) -> Result<VerifyReport, AuditError> {
+    fn checkpoint(&self) -> Result<Option<Checkpoint>, AuditError> {
+        match self.store.audit_checkpoint()? {
+            None => Ok(None),
+            Some(b) => serde_json::from_slice(&b).map(Some).map_err(|_| AuditError::Corrupt),
+        }
+    }
+
+    /// A verifier positioned at the trail's start (after a retention checkpoint).
+    fn start(&self) -> Result<(Verifier, u64), AuditError> {
         let key = self.keys.ring().map(|r| r.audit_key());
-        let mut verifier = Verifier::new(key);
-        let mut from = 1;
+        Ok(match self.checkpoint()? {
+            None => (Verifier::new(key), 1),
+            Some(cp) => {
+                let prev: [u8; 32] = hex::decode(&cp.hash)
+                    .ok()
+                    .and_then(|h| h.try_into().ok())
+                    .ok_or(AuditError::Corrupt)?;
+                (Verifier::resume(key, cp.seq + 1, prev), cp.seq + 1)
+            }
+        })
+    }
+
+    /// The first sequence number whose record is at or after `t` (binary search:
+    /// records are appended in time order).
+    pub fn first_at_or_after(&self, t: OffsetDateTime) -> Result<u64, AuditError> {
+        let Some((last, _)) = self.store.audit_last()? else {
+            return Ok(1);
+        };
+        let first = self.store.audit_scan(0, 1)?.first().map_or(1, |(s, _)| *s);
+        let (mut lo, mut hi) = (first, last + 1);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            let at = match self.store.audit_scan(mid, 1)?.into_iter().next() {
+                Some((_, b)) => serde_json::from_slice::<AuditRecord>(&b)
+                    .ok()
+                    .and_then(|r| OffsetDateTime::parse(&r.at, &time::format_description::well_known::Rfc3339).ok()),
+                None => None,
+            };
+            match at {
+                Some(at) if at < t => lo = mid + 1,
+                _ => hi = mid,
+            }
+        }
+        Ok(lo)
+    }
+
+    /// Up to `limit` records from `from` as JSON lines (only `tenant`'s when
+    /// given), and the cursor after them.
+    pub fn export_batch(
+        &self,
+        from: u64,
+        limit: usize,
+        tenant: Option<&str>,
+    ) -> Result<(Vec<Vec<u8>>, u64), AuditError> {
+        let batch = self.store.audit_scan(from, limit)?;
+        let next = batch.last().map_or(from, |(s, _)| s + 1);
+        let mut lines = Vec::with_capacity(batch.len());
+        for (_, bytes) in batch {
+            match tenant {
+                None => lines.push(bytes),
+                Some(t) => {
+                    let rec: AuditRecord = serde_json::from_slice(&bytes).map_err(|_| AuditError::Corrupt)?;
+                    if rec.tenant.as_deref() == Some(t) {
+                        lines.push(bytes);
+                    }
+                }
+            }
+        }
+        Ok((lines, next))
+    }
+
+    /// Retention: removes records through `through` after checking that the trail
+    /// verifies up to there and that `hash` is that record's chain hash (the SIEM
+    /// proves it holds a verified export). The head is never removed.
+    pub fn prune(&self, through: u64, hash: &str) -> Result<u64, PruneError> {
+        let refused = |m: &str| Err(PruneError::Refused(m.to_owned()));
+        let Some((last, _)) = self.store.audit_last().map_err(AuditError::from)? else {
+            return refused("the audit trail is empty");
+        };
+        if through >= last {
+            return refused("the newest audit record cannot be pruned");
+        }
+        let (mut verifier, mut from) = self.start()?;
+        if through < from {
+            return refused("those records were already pruned");
+        }
+        if verifier.key.is_none() {
+            return refused("the vault is sealed: the trail's MACs cannot be checked");
+        }
+        let mut target = None;
+        while from <= through {
+            let batch = self.store.audit_scan(from, 1000).map_err(AuditError::from)?;
+            let Some((l, _)) = batch.last() else { break };
+            from = l + 1;
+            for (seq, bytes) in batch {
+                if seq > through {
+                    break;
+                }
+                match serde_json::from_slice::<AuditRecord>(&bytes) {
+                    Ok(rec) => {
+                        verifier.push(&rec);
+                        if seq == through {
+                            target = Some(rec.hash.clone());
+                        }
+                    }
+                    Err(_) => verifier.fail(seq, "record is not a valid audit record"),
+                }
+            }
+            if let Some((seq, why)) = &verifier.report.first_broken {
+                return refused(&format!("the trail is broken at record {seq} ({why}); nothing pruned"));
+            }
+        }
+        if verifier.report.unmaced_tail > 0 {
+            return refused("the records to prune end inside a sealed period; prune through a MACed record");
+        }
+        match target {
+            Some(h) if h.eq_ignore_ascii_case(hash) => {}
+            Some(_) => return refused("hash is not the chain hash of that record in this trail"),
+            None => return refused("no such record"),
+        }
+        let cp = serde_json::to_vec(&Checkpoint {
+            seq: through,
+            hash: hash.to_ascii_lowercase(),
+        })
+        .map_err(|_| AuditError::Corrupt)?;
+        Ok(self.store.audit_prune(through, &cp).map_err(AuditError::from)?)
+    }
+
+    /// Verifies the whole stored trail (from the retention checkpoint, if any).
+    pub fn verify_stored(&self) -> Result<VerifyReport, AuditError> {
+        let (mut verifier, mut from) = self.start()?;
         loop {
             let batch = self.store.audit_scan(from, 1000)?;
             let Some((last, _)) = batch.last() else { break };
@@ -229,10 +371,16 @@ pub struct Verifier {
 impl Verifier {
     /// `key` checks MACs; without it only the chain is checked.
     pub fn new(key: Option<Key256>) -> Verifier {
+        Verifier::resume(key, 1, [0; 32])
+    }
+
+    /// Continues a trail at `seq`, after a record whose chain hash was `prev`
+    /// (a retention checkpoint, or the last record of an earlier export).
+    pub fn resume(key: Option<Key256>, seq: u64, prev: [u8; 32]) -> Verifier {
         Verifier {
             key,
-            expected: 1,
-            prev: [0; 32],
+            expected: seq,
+            prev,
             report: VerifyReport::default(),
         }
     }

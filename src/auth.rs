@@ -48,6 +48,12 @@ pub enum AuthError {
     TenantDenied,
     #[error("client certificate does not match the registry's pin")]
     ClientCertificate,
+    #[error("token lifetime exceeds the configured maximum")]
+    LifetimeTooLong,
+    #[error("this operation needs a global-admin grant in the registry")]
+    GlobalAdminRequired,
+    #[error("client revoked")]
+    Revoked,
 }
 
 impl AuthError {
@@ -55,7 +61,12 @@ impl AuthError {
     pub fn is_forbidden(self) -> bool {
         matches!(
             self,
-            AuthError::ClientUnknown | AuthError::ScopeDenied | AuthError::TenantDenied | AuthError::ClientCertificate
+            AuthError::ClientUnknown
+                | AuthError::ScopeDenied
+                | AuthError::TenantDenied
+                | AuthError::ClientCertificate
+                | AuthError::GlobalAdminRequired
+                | AuthError::Revoked
         )
     }
 
@@ -74,6 +85,9 @@ impl AuthError {
             AuthError::ScopeDenied => "scope",
             AuthError::TenantDenied => "tenant",
             AuthError::ClientCertificate => "client_cert",
+            AuthError::LifetimeTooLong => "lifetime",
+            AuthError::GlobalAdminRequired => "global_admin",
+            AuthError::Revoked => "revoked",
         }
     }
 }
@@ -88,6 +102,18 @@ pub struct AuthConfigError(String);
 pub struct Principal {
     pub sub: String,
     pub tenant: TenantId,
+    /// Scopes both the JWT and the registry grant (bits of [`Scope::bit`]).
+    pub granted: u32,
+    /// The registry marks this client as a global administrator (every tenant's
+    /// audit records; key custody, which spans tenants).
+    pub global_admin: bool,
+}
+
+impl Principal {
+    /// Whether the caller holds `scope` (JWT and registry both).
+    pub fn may(&self, scope: Scope) -> bool {
+        self.granted & scope.bit() != 0
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -116,17 +142,42 @@ struct VerifyKey {
 
 struct Grant {
     scopes: BTreeSet<Scope>,
+    global_admin: bool,
     all_tenants: bool,
     tenants: BTreeSet<String>,
     /// SHA-256 of the SPKI of the client certificate this client must present.
     pin: Option<[u8; 32]>,
 }
 
-/// Verifies bearer tokens and checks them against the client registry.
+/// Verifies bearer tokens and checks them against the client registry. The
+/// registry can be replaced while serving ([`Authenticator::reload_registry`], on
+/// SIGHUP): a revoked client is refused from the next request on.
 pub struct Authenticator {
     keys: HashMap<String, VerifyKey>,
-    registry: HashMap<String, Grant>,
+    registry: std::sync::RwLock<Arc<HashMap<String, Grant>>>,
     cache: quick_cache::sync::Cache<[u8; 32], Arc<Verified>>,
+    /// Longest lifetime (exp − now) a JWT may have.
+    max_lifetime_secs: u64,
+}
+
+fn build_registry(clients: &[ClientEntry]) -> HashMap<String, Grant> {
+    clients
+        .iter()
+        .map(|c| {
+            let grant = Grant {
+                scopes: c.scopes.clone(),
+                global_admin: c.global_admin,
+                all_tenants: c.tenants.contains("*"),
+                tenants: c.tenants.clone(),
+                pin: c
+                    .cert_sha256
+                    .as_deref()
+                    .and_then(|h| hex::decode(h).ok())
+                    .and_then(|b| b.try_into().ok()),
+            };
+            (c.sub.clone(), grant)
+        })
+        .collect()
 }
 
 impl Authenticator {
@@ -157,27 +208,20 @@ impl Authenticator {
             validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
             keys.insert(k.kid.clone(), VerifyKey { key, validation });
         }
-        let registry = clients
-            .iter()
-            .map(|c| {
-                let grant = Grant {
-                    scopes: c.scopes.clone(),
-                    all_tenants: c.tenants.contains("*"),
-                    tenants: c.tenants.clone(),
-                    pin: c
-                        .cert_sha256
-                        .as_deref()
-                        .and_then(|h| hex::decode(h).ok())
-                        .and_then(|b| b.try_into().ok()),
-                };
-                (c.sub.clone(), grant)
-            })
-            .collect();
         Ok(Authenticator {
             keys,
-            registry,
+            registry: std::sync::RwLock::new(Arc::new(build_registry(clients))),
             cache: quick_cache::sync::Cache::new(settings.cache_capacity.max(16)),
+            max_lifetime_secs: settings.max_token_lifetime_secs,
         })
+    }
+
+    /// Replaces the client registry (a revoked client is refused from now on).
+    pub fn reload_registry(&self, clients: &[ClientEntry]) -> usize {
+        let fresh = Arc::new(build_registry(clients));
+        let n = fresh.len();
+        *self.registry.write().unwrap_or_else(|p| p.into_inner()) = fresh;
+        n
     }
 
     /// Authenticates the `Authorization` header value and authorizes `scope`.
@@ -189,9 +233,14 @@ impl Authenticator {
         peer_spki: Option<[u8; 32]>,
     ) -> Result<Principal, AuthError> {
         let verified = self.authenticate(header)?;
-        let grant = self.registry.get(&verified.sub).ok_or(AuthError::ClientUnknown)?;
+        let registry = self.registry.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let grant = registry.get(&verified.sub).ok_or(AuthError::ClientUnknown)?;
         if !verified.scopes.contains(&scope) || !grant.scopes.contains(&scope) {
             return Err(AuthError::ScopeDenied);
+        }
+        // Key custody spans every tenant: it needs an explicit global grant.
+        if scope == Scope::KeysAdmin && !grant.global_admin {
+            return Err(AuthError::GlobalAdminRequired);
         }
         let tenant = verified.tenant.clone().ok_or(AuthError::TenantDenied)?;
         if !grant.all_tenants && !grant.tenants.contains(tenant.as_str()) {
@@ -204,10 +253,32 @@ impl Authenticator {
                 return Err(AuthError::ClientCertificate);
             }
         }
+        let granted = verified
+            .scopes
+            .iter()
+            .filter(|s| grant.scopes.contains(s))
+            .fold(0, |bits, s| bits | s.bit());
         Ok(Principal {
             sub: verified.sub.clone(),
             tenant,
+            granted,
+            global_admin: grant.global_admin,
         })
+    }
+
+    /// Whether this `Authorization` header carries a token that already verified
+    /// and has not expired (a cache lookup: no signature check). A source blocked
+    /// for its failures still lets such a known-good credential through.
+    pub fn known_good(&self, header: Option<&[u8]>) -> bool {
+        let Some(token) = header
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")))
+            .map(str::trim)
+        else {
+            return false;
+        };
+        let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        self.cache.get(&key).is_some_and(|v| now_secs() < v.exp)
     }
 
     fn authenticate(&self, header: Option<&[u8]>) -> Result<Arc<Verified>, AuthError> {
@@ -228,6 +299,10 @@ impl Authenticator {
             self.cache.remove(&cache_key);
         }
         let verified = Arc::new(self.verify(token)?);
+        // A stolen long-lived token is a standing credential: refuse it.
+        if verified.exp > now + self.max_lifetime_secs {
+            return Err(AuthError::LifetimeTooLong);
+        }
         if now < verified.exp {
             self.cache.insert(cache_key, verified.clone());
         }
@@ -314,12 +389,14 @@ mod tests {
             leeway_secs,
             allow_rs256: false,
             cache_capacity: 100,
+            max_token_lifetime_secs: 3600,
         };
         let clients = [ClientEntry {
             sub: "edge".into(),
             scopes: [Scope::TokensCreate].into_iter().collect(),
             tenants: ["acme".to_owned()].into_iter().collect(),
             cert_sha256: None,
+            global_admin: false,
         }];
         Authenticator::new(&settings, &clients).unwrap()
     }
@@ -384,6 +461,28 @@ mod tests {
             AuthError::Expired
         );
         assert_eq!(auth.cache.len(), 0, "the expired entry is dropped, not served");
+    }
+
+    #[test]
+    fn long_lived_tokens_are_refused_and_revocation_needs_no_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let (k, key) = keypair(dir.path(), "k1", 5);
+        let auth = authenticator(vec![k], 0);
+        let long = bearer(&jwt(&key, "k1", now_secs() + 7200));
+        assert_eq!(
+            auth.authorize(Some(&long), Scope::TokensCreate, None).unwrap_err(),
+            AuthError::LifetimeTooLong
+        );
+        assert_eq!(auth.cache.len(), 0, "a refused token is not cached");
+        let ok = bearer(&jwt(&key, "k1", now_secs() + 600));
+        let p = auth.authorize(Some(&ok), Scope::TokensCreate, None).unwrap();
+        assert!(p.may(Scope::TokensCreate) && !p.may(Scope::TokensDedupe));
+        // Revoked by a registry reload: the cached token no longer passes.
+        assert_eq!(auth.reload_registry(&[]), 0);
+        assert_eq!(
+            auth.authorize(Some(&ok), Scope::TokensCreate, None).unwrap_err(),
+            AuthError::ClientUnknown
+        );
     }
 
     #[test]

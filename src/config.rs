@@ -42,10 +42,18 @@ pub enum Scope {
     ChargesCreate,
     #[serde(rename = "charges:read")]
     ChargesRead,
+    /// Tokenize answers with the tenant's existing token for a known card (dedupe)
+    /// and shows fingerprints. A separate grant: with it, a credential plus a token
+    /// is a PAN oracle (bounded by the enumeration guard), so ordinary edges lack it.
+    #[serde(rename = "tokens:dedupe")]
+    TokensDedupe,
+    /// Read (verify, export) the audit trail: the SIEM's grant, apart from key custody.
+    #[serde(rename = "audit:read")]
+    AuditRead,
 }
 
 impl Scope {
-    pub const ALL: [Scope; 7] = [
+    pub const ALL: [Scope; 9] = [
         Scope::TokensCreate,
         Scope::TokensRead,
         Scope::TokensDelete,
@@ -53,6 +61,8 @@ impl Scope {
         Scope::KeysAdmin,
         Scope::ChargesCreate,
         Scope::ChargesRead,
+        Scope::TokensDedupe,
+        Scope::AuditRead,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -64,11 +74,18 @@ impl Scope {
             Scope::KeysAdmin => "keys:admin",
             Scope::ChargesCreate => "charges:create",
             Scope::ChargesRead => "charges:read",
+            Scope::TokensDedupe => "tokens:dedupe",
+            Scope::AuditRead => "audit:read",
         }
     }
 
     pub fn parse(s: &str) -> Option<Scope> {
         Scope::ALL.into_iter().find(|sc| sc.as_str() == s)
+    }
+
+    /// This scope's bit in a [`crate::auth::Principal`]'s grant set.
+    pub fn bit(self) -> u32 {
+        1 << (self as u32)
     }
 }
 
@@ -107,6 +124,14 @@ pub struct AuthSettings {
     /// Verified-token cache size.
     #[serde(default = "default_cache")]
     pub cache_capacity: usize,
+    /// Longest lifetime a JWT may have (its `exp` at most this far ahead), so a
+    /// stolen token is not a standing credential. Default 1 hour.
+    #[serde(default = "default_max_lifetime")]
+    pub max_token_lifetime_secs: u64,
+}
+
+fn default_max_lifetime() -> u64 {
+    3600
 }
 
 fn default_leeway() -> u64 {
@@ -129,6 +154,11 @@ pub struct ClientEntry {
     /// client must present over mutual TLS.
     #[serde(default)]
     pub cert_sha256: Option<String>,
+    /// A global administrator: `keys:admin` (key custody spans tenants) needs it,
+    /// and with `audit:read` it reads every tenant's audit records (otherwise only
+    /// its JWT tenant's).
+    #[serde(default)]
+    pub global_admin: bool,
 }
 
 /// Who terminates TLS.
@@ -270,6 +300,15 @@ pub struct Settings {
     pub tls: Option<TlsSettings>,
     /// Detokenize anomaly guard (None: off, the dev default).
     pub anomaly_guard: Option<crate::limits::AnomalyParams>,
+    /// Tokenize enumeration guard (None: off). On by default in both modes.
+    pub enumeration_guard: Option<crate::limits::EnumerationParams>,
+    /// Serve `/metrics` (and `/healthz`, `/readyz`) on this separate, internal
+    /// listener instead of the main one.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Unauthenticated-flood defences: per-source failure budget and aggregation.
+    pub auth_failures: crate::limits::FailureParams,
+    /// The production config file (re-read on SIGHUP for the client registry).
+    pub config_file: Option<PathBuf>,
 }
 
 /// Default CVV lifetime in memory.
@@ -316,6 +355,61 @@ struct ProductionFile {
     /// e.g. "window=60s,factor=10,floor=600,cooldown=15m" (default: those), or "off".
     #[serde(default)]
     anomaly_guard: Option<String>,
+    #[serde(default)]
+    enumeration_guard: Option<EnumerationGuardFile>,
+    #[serde(default)]
+    metrics_listen: Option<SocketAddr>,
+    #[serde(default)]
+    auth_failures: Option<AuthFailuresFile>,
+}
+
+/// `[enumeration_guard]`: distinct cards per BIN + last four per client and tenant.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EnumerationGuardFile {
+    #[serde(default = "yes")]
+    enabled: bool,
+    #[serde(default)]
+    max_distinct: Option<u32>,
+    #[serde(default)]
+    window: Option<String>,
+    #[serde(default)]
+    cooldown: Option<String>,
+}
+
+/// `[auth_failures]`: how many failed requests one source may make per window
+/// before it is refused unauthenticated, and the aggregation window.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuthFailuresFile {
+    #[serde(default)]
+    max_per_source: Option<u32>,
+    #[serde(default)]
+    window: Option<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl EnumerationGuardFile {
+    fn params(self) -> Result<Option<crate::limits::EnumerationParams>, ConfigError> {
+        if !self.enabled {
+            return Ok(None);
+        }
+        let d = crate::limits::EnumerationParams::default();
+        let p = crate::limits::EnumerationParams {
+            max_distinct: self.max_distinct.unwrap_or(d.max_distinct),
+            window: parse_duration("enumeration_guard.window", self.window, d.window)?,
+            cooldown: parse_duration("enumeration_guard.cooldown", self.cooldown, d.cooldown)?,
+        };
+        if p.max_distinct == 0 || p.window.is_zero() {
+            return Err(ConfigError::Invalid(
+                "enumeration_guard: max_distinct and window must be positive".into(),
+            ));
+        }
+        Ok(Some(p))
+    }
 }
 
 fn parse_duration(
@@ -359,6 +453,7 @@ const ENV_KEYS: &[&str] = &[
     "rate_limits",
     "allow_root",
     "anomaly_guard",
+    "metrics_listen",
     "mlockall",
     "psp.base_url",
     "psp.api_key_file",
@@ -401,6 +496,22 @@ impl Settings {
                 ),
             },
             mlockall: parsed.mlockall,
+            enumeration_guard: match parsed.enumeration_guard {
+                None => Some(crate::limits::EnumerationParams::default()),
+                Some(f) => f.params()?,
+            },
+            metrics_listen: parsed.metrics_listen,
+            auth_failures: match parsed.auth_failures {
+                None => crate::limits::FailureParams::default(),
+                Some(f) => {
+                    let d = crate::limits::FailureParams::default();
+                    crate::limits::FailureParams {
+                        max_per_source: f.max_per_source.unwrap_or(d.max_per_source).max(1),
+                        window: parse_duration("auth_failures.window", f.window, d.window)?,
+                    }
+                }
+            },
+            config_file: Some(file.to_owned()),
             rate_limits: Some(match &parsed.rate_limits {
                 None => crate::limits::RateLimits::production_defaults(),
                 Some(spec) => crate::limits::RateLimits::parse(spec)

@@ -39,10 +39,22 @@ pub enum Role {
     Officer,
     /// A second security officer (dual control): keys:admin.
     Officer2,
+    /// A bulk importer (migration from a legacy file): tokens:create, tokens:dedupe.
+    Importer,
+    /// A tenant's audit reader: audit:read (not a global admin: its JWT tenant's records only).
+    Siem,
 }
 
 impl Role {
-    pub const ALL: [Role; 5] = [Role::Edge, Role::Crm, Role::Psp, Role::Officer, Role::Officer2];
+    pub const ALL: [Role; 7] = [
+        Role::Edge,
+        Role::Crm,
+        Role::Psp,
+        Role::Officer,
+        Role::Officer2,
+        Role::Importer,
+        Role::Siem,
+    ];
 
     pub fn sub(self) -> &'static str {
         match self {
@@ -51,6 +63,8 @@ impl Role {
             Role::Psp => "dev-psp",
             Role::Officer => "dev-officer",
             Role::Officer2 => "dev-officer-2",
+            Role::Importer => "dev-importer",
+            Role::Siem => "dev-siem",
         }
     }
 
@@ -59,8 +73,15 @@ impl Role {
             Role::Edge => &[Scope::TokensCreate],
             Role::Crm => &[Scope::TokensRead, Scope::TokensDelete],
             Role::Psp => &[Scope::TokensDetokenize, Scope::ChargesCreate, Scope::ChargesRead],
-            Role::Officer | Role::Officer2 => &[Scope::KeysAdmin],
+            Role::Officer | Role::Officer2 => &[Scope::KeysAdmin, Scope::AuditRead],
+            Role::Importer => &[Scope::TokensCreate, Scope::TokensDedupe],
+            Role::Siem => &[Scope::AuditRead],
         }
+    }
+
+    /// Officers are global administrators in the dev registry.
+    pub fn global_admin(self) -> bool {
+        matches!(self, Role::Officer | Role::Officer2)
     }
 }
 
@@ -180,6 +201,7 @@ pub fn settings_for(data_dir: &Path, listen: std::net::SocketAddr) -> (Settings,
             leeway_secs: 30,
             allow_rs256: false,
             cache_capacity: 10_000,
+            max_token_lifetime_secs: 24 * 3600,
         },
         clients: Role::ALL
             .iter()
@@ -188,6 +210,7 @@ pub fn settings_for(data_dir: &Path, listen: std::net::SocketAddr) -> (Settings,
                 scopes: r.scopes().iter().copied().collect(),
                 tenants: ["*".to_owned()].into_iter().collect(),
                 cert_sha256: None,
+                global_admin: r.global_admin(),
             })
             .collect(),
         keystore: KeystoreSettings {
@@ -208,6 +231,10 @@ pub fn settings_for(data_dir: &Path, listen: std::net::SocketAddr) -> (Settings,
         mlockall: false,
         tls: None,
         anomaly_guard: None,
+        enumeration_guard: Some(crate::limits::EnumerationParams::default()),
+        metrics_listen: None,
+        auth_failures: crate::limits::FailureParams::default(),
+        config_file: None,
     };
     (settings, paths)
 }

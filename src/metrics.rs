@@ -25,6 +25,7 @@ pub struct Metrics {
     pub psp_errors: IntCounterVec,
     pub rate_limited: IntCounterVec,
     pub anomalies: IntCounterVec,
+    pub enumeration: IntCounterVec,
 }
 
 /// Building a metric only fails on an invalid name or duplicate registration,
@@ -57,6 +58,11 @@ impl Metrics {
         let anomalies = counter(
             "detokenize_anomalies_total",
             "Clients flagged and throttled for detokenize volume far above their baseline",
+            &["kind"],
+        );
+        let enumeration = counter(
+            "enumeration_suspected_total",
+            "Tokenize refused: many distinct cards behind one BIN and last four from one client (flagged, refused)",
             &["kind"],
         );
         let psp_errors = counter("psp_errors_total", "PSP calls without a verdict, by kind", &["kind"]);
@@ -124,6 +130,7 @@ impl Metrics {
             psp_errors,
             rate_limited,
             anomalies,
+            enumeration,
         }
     }
 

@@ -98,6 +98,54 @@ fn spawn_cvv_sweeper(vault: Vault, ttl: Duration) {
     });
 }
 
+/// Seconds a graceful stop waits for in-flight requests: longer than the worst
+/// PSP call (two connect retries, then a timeout retried once), plus a margin.
+pub fn drain_secs(psp: Option<&crate::config::PspSettings>) -> u64 {
+    let worst_ms = psp.map_or(0, |p| 3 * p.connect_timeout_ms + 300 + 2 * p.timeout_ms);
+    (worst_ms.div_ceil(1000) + 5).max(10)
+}
+
+/// Writes the aggregated auth-failure records as their windows end.
+fn spawn_failure_summaries(state: web::Data<AppState>) {
+    let every = (state.failures.window() / 4).clamp(Duration::from_millis(250), Duration::from_secs(15));
+    actix_web::rt::spawn(async move {
+        loop {
+            actix_web::rt::time::sleep(every).await;
+            state.flush_failure_summaries(false).await;
+        }
+    });
+}
+
+/// Re-reads the client registry from the config file on SIGHUP: a revoked or
+/// changed client takes effect without a restart (and without dropping the
+/// verified-token cache's protection: registry checks run on every request).
+fn spawn_registry_reload(state: web::Data<AppState>, file: std::path::PathBuf) {
+    actix_web::rt::spawn(async move {
+        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+            tracing::error!("cannot listen for SIGHUP: registry reload disabled");
+            return;
+        };
+        while hup.recv().await.is_some() {
+            match crate::config::Settings::production(&file) {
+                Ok(fresh) => {
+                    let n = state.auth.reload_registry(&fresh.clients);
+                    tracing::warn!(clients = n, "client registry reloaded (SIGHUP)");
+                    let event = crate::audit::AuditEvent {
+                        action: "registry.reload",
+                        outcome: "ok".into(),
+                        detail: Some(format!("{n} clients")),
+                        ..Default::default()
+                    };
+                    if let Err(e) = state.audit.record(event).await {
+                        tracing::error!(error = %e, "cannot audit the registry reload");
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "SIGHUP: config refused; the registry is unchanged"),
+            }
+        }
+    });
+}
+
 /// Rotates the KEK whenever the active one outlives the cryptoperiod.
 fn spawn_auto_rotation(vault: Vault, period: Duration) {
     let every = (period / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
@@ -179,6 +227,7 @@ pub struct Application {
     addr: SocketAddr,
     server: Server,
     tls: bool,
+    ops: Option<(SocketAddr, Server)>,
 }
 
 impl Application {
@@ -206,6 +255,7 @@ impl Application {
             cvv_ttl: settings.cvv_ttl,
             idempotency_window: settings.idempotency_window,
             psp,
+            enumeration: settings.enumeration_guard,
         };
         let audit = crate::audit::AuditLog::open(store.clone(), keys.clone())
             .map_err(|e| StartupError::Audit(e.to_string()))?;
@@ -228,12 +278,22 @@ impl Application {
             vault,
             limiter,
             anomaly: settings.anomaly_guard.map(crate::limits::AnomalyGuard::new),
+            failures: crate::limits::FailureTracker::new(settings.auth_failures),
             audit,
             pkcs11: settings.keystore.pkcs11.clone(),
             auth,
             metrics,
             max_body_bytes: settings.max_body_bytes,
         });
+        spawn_failure_summaries(state.clone());
+        if let Some(file) = &settings.config_file {
+            spawn_registry_reload(state.clone(), file.clone());
+        }
+        let ops_listener = match settings.metrics_listen {
+            Some(addr) => Some(TcpListener::bind(addr).map_err(|source| StartupError::Bind { addr, source })?),
+            None => None,
+        };
+        let ops_here = ops_listener.is_none();
         let bind_err = |source| StartupError::Bind {
             addr: settings.listen,
             source,
@@ -246,19 +306,22 @@ impl Application {
             }
             _ => None,
         };
+        let ops_state = state.clone();
         let mut server = HttpServer::new(move || {
             App::new()
                 .app_data(state.clone())
                 .app_data(web::QueryConfig::default().error_handler(|_, _| api::problem::ApiError::Malformed.into()))
                 .wrap(api::security_headers())
                 .wrap(from_fn(api::middleware))
-                .configure(api::configure)
+                .configure(|cfg| api::configure_with(cfg, ops_here))
         })
         // Slow or idle clients cannot hold connections open.
         .client_request_timeout(Duration::from_secs(5))
         .client_disconnect_timeout(Duration::from_secs(1))
         .keep_alive(Duration::from_secs(30))
-        .shutdown_timeout(10)
+        // A drain outlasts the slowest PSP call, so a stop never cuts a charge
+        // between the PSP's authorisation and the stored outcome.
+        .shutdown_timeout(drain_secs(settings.psp.as_ref()))
         // Client certificates are hashed once per connection for registry pins.
         .on_connect(|conn, ext| {
             use actix_tls::accept::rustls_0_23::TlsStream;
@@ -280,11 +343,36 @@ impl Application {
             .tls
             .as_ref()
             .is_some_and(|t| t.mode == crate::config::TlsMode::Native);
+        let ops = match ops_listener {
+            Some(listener) => {
+                let ops_addr = listener.local_addr().map_err(bind_err)?;
+                let ops_state = ops_state.clone();
+                let server = HttpServer::new(move || {
+                    App::new()
+                        .app_data(ops_state.clone())
+                        .wrap(api::security_headers())
+                        .configure(api::configure_ops)
+                })
+                .workers(1)
+                .shutdown_timeout(1)
+                .listen(listener)
+                .map_err(bind_err)?
+                .run();
+                Some((ops_addr, server))
+            }
+            None => None,
+        };
         Ok(Application {
             addr,
             server: server.run(),
             tls,
+            ops,
         })
+    }
+
+    /// The internal operational listener's address, when configured.
+    pub fn ops_addr(&self) -> Option<SocketAddr> {
+        self.ops.as_ref().map(|(a, _)| *a)
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -298,6 +386,16 @@ impl Application {
 
     /// Serves until SIGINT/SIGTERM, then drains connections gracefully.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
-        self.server.await
+        match self.ops {
+            None => self.server.await,
+            Some((_, ops)) => {
+                let handle = ops.handle();
+                let ops_task = actix_web::rt::spawn(ops);
+                let result = self.server.await;
+                handle.stop(true).await;
+                let _ = ops_task.await;
+                result
+            }
+        }
     }
 }

@@ -5,7 +5,7 @@ use actix_web::{HttpResponse, web};
 use serde::Deserialize;
 
 use super::AppState;
-use super::extract::{ApiJson, Caller, KeysAdmin};
+use super::extract::{ApiJson, AuditRead, Caller, KeysAdmin};
 use super::problem::ApiError;
 use crate::service::DestroyOutcome;
 
@@ -254,12 +254,37 @@ pub async fn unseal(
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExportQuery {
+    /// RFC 3339: start at the first record at or after this time (found by a
+    /// binary search over sequence numbers, not a scan from record 1).
     #[serde(default)]
     since: Option<String>,
+    /// Sequence cursor: start after this record (what a SIEM resumes from).
+    #[serde(default)]
+    after_seq: Option<u64>,
+    /// At most this many records (default: all).
+    #[serde(default)]
+    limit: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PruneBody {
+    /// Remove records up to and including this one...
+    #[serde(deserialize_with = "super::extract::integral")]
+    through_seq: u64,
+    /// ...whose chain hash the SIEM holds from its verified export (proof that the
+    /// records were exported before they are removed).
+    hash: String,
 }
 
 /// GET /v1/admin/audit/verify — checks the whole trail, names the first broken link.
-pub async fn audit_verify(state: web::Data<AppState>, caller: Caller<KeysAdmin>) -> Result<HttpResponse, ApiError> {
+/// Needs `audit:read` and a global-admin grant (the trail spans every tenant).
+pub async fn audit_verify(state: web::Data<AppState>, caller: Caller<AuditRead>) -> Result<HttpResponse, ApiError> {
+    if !caller.principal.global_admin {
+        let e = ApiError::Auth(crate::auth::AuthError::GlobalAdminRequired);
+        state.audit(caller.event("audit.verify", e.code(), None)).await?;
+        return Err(e);
+    }
     let st = state.clone();
     let report = tokio::task::spawn_blocking(move || st.audit.verify_stored())
         .await
@@ -279,10 +304,12 @@ pub async fn audit_verify(state: web::Data<AppState>, caller: Caller<KeysAdmin>)
     Ok(HttpResponse::Ok().json(report))
 }
 
-/// GET /v1/admin/audit/export?since=RFC3339 — JSON lines for a SIEM.
+/// GET /v1/admin/audit/export — JSON lines for a SIEM, streamed in batches from a
+/// sequence cursor (bounded memory whatever the trail's size). A global admin
+/// gets every record; anyone else only their JWT tenant's.
 pub async fn audit_export(
     state: web::Data<AppState>,
-    caller: Caller<KeysAdmin>,
+    caller: Caller<AuditRead>,
     query: web::Query<ExportQuery>,
 ) -> Result<HttpResponse, ApiError> {
     let since = match &query.since {
@@ -293,25 +320,10 @@ pub async fn audit_export(
         ),
     };
     let st = state.clone();
-    let lines = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, crate::audit::AuditError> {
-        let mut out = Vec::new();
-        let mut from = 1;
-        loop {
-            let batch = st.audit.scan(from, 1000)?;
-            let Some(last) = batch.last() else { break };
-            from = last.seq + 1;
-            for rec in batch {
-                let keep = since.is_none_or(|t| {
-                    time::OffsetDateTime::parse(&rec.at, &time::format_description::well_known::Rfc3339)
-                        .is_ok_and(|at| at >= t)
-                });
-                if keep {
-                    out.extend(serde_json::to_vec(&rec).unwrap_or_default());
-                    out.push(b'\n');
-                }
-            }
-        }
-        Ok(out)
+    let after = query.after_seq.unwrap_or(0);
+    let start = tokio::task::spawn_blocking(move || match since {
+        Some(t) => st.audit.first_at_or_after(t).map(|s| s.max(after + 1)),
+        None => Ok(after + 1),
     })
     .await
     .map_err(|_| ApiError::Internal)?
@@ -319,8 +331,83 @@ pub async fn audit_export(
         tracing::error!(error = %e, "audit export failed");
         ApiError::Internal
     })?;
-    state.audit(caller.event("audit.export", "ok", None)).await?;
-    Ok(HttpResponse::Ok().content_type("application/x-ndjson").body(lines))
+    let tenant = (!caller.principal.global_admin).then(|| caller.principal.tenant.to_string());
+    let mut event = caller.event("audit.export", "ok", None);
+    event.detail = Some(format!(
+        "from record {start}{}",
+        tenant
+            .as_ref()
+            .map_or_else(String::new, |t| format!(", tenant {t} only"))
+    ));
+    state.audit(event).await?;
+    let remaining = query.limit.unwrap_or(u64::MAX);
+    let stream = futures_util::stream::unfold(
+        (state.clone(), start, remaining, tenant),
+        |(state, from, remaining, tenant)| async move {
+            if remaining == 0 {
+                return None;
+            }
+            let st = state.clone();
+            let filter = tenant.clone();
+            let batch = tokio::task::spawn_blocking(move || st.audit.export_batch(from, 500, filter.as_deref())).await;
+            match batch {
+                Ok(Ok((mut lines, next))) => {
+                    if lines.is_empty() && next == from {
+                        return None;
+                    }
+                    let mut out = Vec::new();
+                    let mut left = remaining;
+                    for line in lines.drain(..) {
+                        if left == 0 {
+                            break;
+                        }
+                        out.extend(line);
+                        out.push(b'\n');
+                        left -= 1;
+                    }
+                    Some((
+                        Ok::<_, actix_web::Error>(actix_web::web::Bytes::from(out)),
+                        (state, next, left, tenant),
+                    ))
+                }
+                _ => {
+                    tracing::error!("audit export failed mid-stream");
+                    None
+                }
+            }
+        },
+    );
+    Ok(HttpResponse::Ok()
+        .content_type("application/x-ndjson")
+        .streaming(stream))
+}
+
+/// POST /v1/admin/audit/prune — retention after a verified SIEM export: removes
+/// records through `through_seq` once the trail verifies up to there and the
+/// caller proves it holds that record's chain hash. A checkpoint (sequence, hash)
+/// keeps the remaining trail verifiable. Needs `keys:admin` (global).
+pub async fn audit_prune(
+    state: web::Data<AppState>,
+    caller: Caller<KeysAdmin>,
+    body: ApiJson<PruneBody>,
+) -> Result<HttpResponse, ApiError> {
+    let PruneBody { through_seq, hash } = body.0;
+    let st = state.clone();
+    let result = tokio::task::spawn_blocking(move || st.audit.prune(through_seq, &hash))
+        .await
+        .map_err(|_| ApiError::Internal)?
+        .map_err(|e| match e {
+            crate::audit::PruneError::Refused(why) => ApiError::KeyRefused(why),
+            crate::audit::PruneError::Audit(e) => {
+                tracing::error!(error = %e, "audit prune failed");
+                ApiError::Internal
+            }
+        });
+    let mut event = caller.event("audit.prune", result.as_ref().map_or_else(|e| e.code(), |_| "ok"), None);
+    event.detail = Some(format!("through record {through_seq}"));
+    state.audit(event).await?;
+    let removed = result?;
+    Ok(HttpResponse::Ok().json(serde_json::json!({"removed": removed, "checkpoint_seq": through_seq})))
 }
 
 fn optional_integral<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {

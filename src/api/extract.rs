@@ -42,6 +42,7 @@ scope_marker!(TokensDetokenize, Scope::TokensDetokenize, LimitClass::Detokenize)
 scope_marker!(KeysAdmin, Scope::KeysAdmin, LimitClass::Other);
 scope_marker!(ChargesCreate, Scope::ChargesCreate, LimitClass::Charges);
 scope_marker!(ChargesRead, Scope::ChargesRead, LimitClass::Other);
+scope_marker!(AuditRead, Scope::AuditRead, LimitClass::Other);
 
 /// The authorized caller of an endpoint that requires scope `S`.
 pub struct Caller<S> {
@@ -80,7 +81,19 @@ impl<S: RequiredScope> FromRequest for Caller<S> {
             return ready(Err(ApiError::Internal));
         };
         let source = req.peer_addr().map(|a| a.ip().to_string());
+        let source_key = source.as_deref().unwrap_or("unknown");
+        // A source that spent its failure budget is refused before any JWT is
+        // parsed: a flood of junk credentials costs a hash lookup, not a signature
+        // check, and writes nothing (it is counted in the source's summary record).
+        // A credential that already verified (a cache hit) still passes, so a
+        // flood from a shared address does not lock out a legitimate client.
         let header = req.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes());
+        if !state.auth.known_good(header)
+            && let Some(wait) = state.failures.blocked(source_key)
+        {
+            state.metrics.rate_limited.with_label_values(&["source"]).inc();
+            return ready(Err(ApiError::RateLimited(wait)));
+        }
         let peer = req.conn_data::<crate::tls::PeerSpki>().map(|p| p.0);
         ready(match state.auth.authorize(header, S::SCOPE, peer) {
             Ok(principal) => {
@@ -98,6 +111,12 @@ impl<S: RequiredScope> FromRequest for Caller<S> {
             }
             Err(e) => {
                 state.metrics.auth_failures.with_label_values(&[e.reason()]).inc();
+                // Only the first failure of a source in a window is audited (and
+                // logged) on its own; the rest become one aggregated record when the
+                // window ends, so junk cannot fill the disk or the log.
+                if state.failures.record(source_key, e.reason()) == crate::limits::FailureVerdict::Counted {
+                    return ready(Err(ApiError::Auth(e)));
+                }
                 tracing::warn!(reason = e.reason(), scope = S::SCOPE.as_str(), "request denied");
                 let action = if e.is_forbidden() {
                     "authz.failure"
@@ -109,7 +128,10 @@ impl<S: RequiredScope> FromRequest for Caller<S> {
                     outcome: e.reason().to_owned(),
                     request_id: REQUEST_ID.try_with(Clone::clone).ok(),
                     source,
-                    detail: Some(format!("scope {}", S::SCOPE.as_str())),
+                    detail: Some(format!(
+                        "scope {}; first such failure from this source in the window (later ones are aggregated)",
+                        S::SCOPE.as_str()
+                    )),
                     ..AuditEvent::default()
                 };
                 // Decided synchronously (so no other extractor's error can race
@@ -140,44 +162,71 @@ impl<T: DeserializeOwned + 'static> FromRequest for ApiJson<T> {
     type Future = LocalBoxFuture<'static, Result<Self, ApiError>>;
 
     fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
-        let limit = req
-            .app_data::<web::Data<AppState>>()
-            .map(|s| s.max_body_bytes)
-            .unwrap_or(crate::config::DEFAULT_MAX_BODY_BYTES);
-        let is_json = req
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split(';').next())
-            .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"));
-        if !is_json {
-            return Box::pin(ready(Err(ApiError::UnsupportedMediaType)));
-        }
-        let declared = req
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<usize>().ok());
-        if declared.is_some_and(|n| n > limit) {
-            return Box::pin(ready(Err(ApiError::PayloadTooLarge)));
-        }
-        let mut payload = payload.take();
-        Box::pin(async move {
-            // Sized up front so the buffer never reallocates (a reallocation would
-            // free an unzeroized copy).
-            let mut buf = Zeroizing::new(Vec::with_capacity(declared.unwrap_or(limit).min(limit)));
-            while let Some(chunk) = payload.next().await {
-                let chunk = chunk.map_err(|_| ApiError::Malformed)?;
-                if buf.len() + chunk.len() > limit {
-                    return Err(ApiError::PayloadTooLarge);
-                }
-                buf.extend_from_slice(&chunk);
-            }
-            serde_json::from_slice::<T>(&buf)
-                .map(ApiJson)
-                .map_err(|_| ApiError::Malformed)
-        })
+        read_json(req, payload, false)
     }
+}
+
+/// Like [`ApiJson`], for bodies that carry card data: a body with any backslash
+/// escape is refused before parsing. serde_json unescapes a string through a
+/// scratch buffer it never zeroizes, so `"\u0034111…"` would leave a card number
+/// behind in freed memory; refusing escapes keeps card fields in the zeroizing body.
+pub struct CardJson<T>(pub T);
+
+impl<T: DeserializeOwned + 'static> FromRequest for CardJson<T> {
+    type Error = ApiError;
+    type Future = LocalBoxFuture<'static, Result<Self, ApiError>>;
+
+    fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
+        let fut = read_json::<T>(req, payload, true);
+        Box::pin(async move { fut.await.map(|ApiJson(t)| CardJson(t)) })
+    }
+}
+
+fn read_json<T: DeserializeOwned + 'static>(
+    req: &HttpRequest,
+    payload: &mut Payload,
+    no_escapes: bool,
+) -> LocalBoxFuture<'static, Result<ApiJson<T>, ApiError>> {
+    let limit = req
+        .app_data::<web::Data<AppState>>()
+        .map(|s| s.max_body_bytes)
+        .unwrap_or(crate::config::DEFAULT_MAX_BODY_BYTES);
+    let is_json = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"));
+    if !is_json {
+        return Box::pin(ready(Err(ApiError::UnsupportedMediaType)));
+    }
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Box::pin(ready(Err(ApiError::PayloadTooLarge)));
+    }
+    let mut payload = payload.take();
+    Box::pin(async move {
+        // Sized up front so the buffer never reallocates (a reallocation would
+        // free an unzeroized copy).
+        let mut buf = Zeroizing::new(Vec::with_capacity(declared.unwrap_or(limit).min(limit)));
+        while let Some(chunk) = payload.next().await {
+            let chunk = chunk.map_err(|_| ApiError::Malformed)?;
+            if buf.len() + chunk.len() > limit {
+                return Err(ApiError::PayloadTooLarge);
+            }
+            buf.extend_from_slice(&chunk);
+        }
+        if no_escapes && buf.contains(&b'\\') {
+            return Err(ApiError::EscapesRefused);
+        }
+        serde_json::from_slice::<T>(&buf)
+            .map(ApiJson)
+            .map_err(|_| ApiError::Malformed)
+    })
 }
 
 /// Deserializes an integer that JSON may write as `153` or `153.0` (JSON Schema

@@ -42,6 +42,8 @@ pub struct AppState {
     pub vault: Vault,
     pub limiter: crate::limits::Limiter,
     pub anomaly: Option<crate::limits::AnomalyGuard>,
+    /// Failed authentications per source: pre-auth blocking and audit aggregation.
+    pub failures: crate::limits::FailureTracker,
     pub audit: crate::audit::AuditLog,
     /// HSM settings, for `rotate-root` (PKCS#11 provider only).
     pub pkcs11: Option<crate::config::Pkcs11Settings>,
@@ -51,6 +53,36 @@ pub struct AppState {
 }
 
 impl AppState {
+    /// Writes one aggregated audit record per source whose failure window ended.
+    pub async fn flush_failure_summaries(&self, force: bool) {
+        let summaries = self.failures.drain_ended(force);
+        if summaries.is_empty() {
+            return;
+        }
+        for s in &summaries {
+            let reasons: Vec<String> = s.reasons.iter().map(|(r, n)| format!("{r}={n}")).collect();
+            let event = crate::audit::AuditEvent {
+                action: "auth.failure.summary",
+                outcome: "aggregated".into(),
+                source: Some(s.source.clone()),
+                detail: Some(format!(
+                    "{} failed requests in a {}s window ({}); the first of each reason was audited on its own",
+                    s.total,
+                    s.window_secs,
+                    reasons.join(", ")
+                )),
+                ..Default::default()
+            };
+            if let Err(e) = self.audit.append(event) {
+                tracing::error!(error = %e, "cannot audit an auth-failure summary");
+            }
+        }
+        tracing::warn!(sources = summaries.len(), "failed-authentication summaries audited");
+        if let Err(e) = self.audit.durable().await {
+            tracing::error!(error = %e, "cannot make auth-failure summaries durable");
+        }
+    }
+
     /// Appends an audit record durably; if that fails the request fails (closed).
     pub async fn audit(&self, event: crate::audit::AuditEvent) -> Result<(), ApiError> {
         self.audit.record(event).await.map_err(|e| {
@@ -80,10 +112,59 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/admin/unseal"),
     ("GET", "/v1/admin/audit/verify"),
     ("GET", "/v1/admin/audit/export"),
+    ("POST", "/v1/admin/audit/prune"),
 ];
 
-/// Registers the routes. Wrong methods get a 405 problem, unknown paths a 404 problem.
+/// The operational routes (`/healthz`, `/readyz`, `/metrics`), for a separate
+/// internal listener.
+pub fn configure_ops(cfg: &mut web::ServiceConfig) {
+    cfg.service(
+        web::resource("/healthz")
+            .route(web::get().to(healthz))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/readyz")
+            .route(web::get().to(readyz))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/metrics")
+            .route(web::get().to(metrics))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .default_service(web::to(not_found));
+}
+
+/// Registers the API routes, and the operational ones unless they have their own
+/// listener (`metrics_listen`). Wrong methods get a 405 problem, unknown paths a 404.
+pub fn configure_with(cfg: &mut web::ServiceConfig, ops_here: bool) {
+    if ops_here {
+        cfg.service(
+            web::resource("/healthz")
+                .route(web::get().to(healthz))
+                .default_service(web::to(method_not_allowed)),
+        )
+        .service(
+            web::resource("/readyz")
+                .route(web::get().to(readyz))
+                .default_service(web::to(method_not_allowed)),
+        )
+        .service(
+            web::resource("/metrics")
+                .route(web::get().to(metrics))
+                .default_service(web::to(method_not_allowed)),
+        );
+    }
+    configure_api(cfg);
+}
+
+/// Registers every route on one listener.
 pub fn configure(cfg: &mut web::ServiceConfig) {
+    configure_with(cfg, true);
+}
+
+fn configure_api(cfg: &mut web::ServiceConfig) {
     cfg.service(
         web::resource("/v1/tokens")
             .route(web::post().to(tokens::tokenize))
@@ -108,21 +189,6 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     .service(
         web::resource("/v1/detokenize")
             .route(web::post().to(tokens::detokenize))
-            .default_service(web::to(method_not_allowed)),
-    )
-    .service(
-        web::resource("/healthz")
-            .route(web::get().to(healthz))
-            .default_service(web::to(method_not_allowed)),
-    )
-    .service(
-        web::resource("/readyz")
-            .route(web::get().to(readyz))
-            .default_service(web::to(method_not_allowed)),
-    )
-    .service(
-        web::resource("/metrics")
-            .route(web::get().to(metrics))
             .default_service(web::to(method_not_allowed)),
     )
     .service(
@@ -170,6 +236,11 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .route(web::get().to(admin::audit_export))
             .default_service(web::to(method_not_allowed)),
     )
+    .service(
+        web::resource("/v1/admin/audit/prune")
+            .route(web::post().to(admin::audit_prune))
+            .default_service(web::to(method_not_allowed)),
+    )
     .default_service(web::to(not_found));
 }
 
@@ -199,7 +270,8 @@ pub async fn middleware(
         .map(str::to_owned)
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     let start = Instant::now();
-    let method = req.method().as_str().to_owned();
+    // A fixed vocabulary: a client-chosen method must not mint metric series.
+    let method = method_label(req.method());
     let state = req.app_data::<web::Data<AppState>>().cloned();
     let span = tracing::info_span!("request", request_id = %request_id);
     let id = request_id.clone();
@@ -234,12 +306,12 @@ pub async fn middleware(
         state
             .metrics
             .http_requests
-            .with_label_values(&[&method, &route, status.as_str()])
+            .with_label_values(&[method, &route, status.as_str()])
             .inc();
         state
             .metrics
             .http_duration
-            .with_label_values(&[&method, &route])
+            .with_label_values(&[method, &route])
             .observe(elapsed.as_secs_f64());
     }
     let sub = res.request().extensions().get::<Principal>().map(|p| p.sub.clone());
@@ -258,6 +330,21 @@ pub async fn middleware(
             .insert(header::HeaderName::from_static("x-request-id"), v);
     }
     Ok(res)
+}
+
+/// The metric label of an HTTP method: the standard ones, `other` for the rest.
+pub fn method_label(m: &actix_web::http::Method) -> &'static str {
+    use actix_web::http::Method;
+    match *m {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
 }
 
 async fn not_found() -> Result<HttpResponse, ApiError> {

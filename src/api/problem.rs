@@ -67,6 +67,10 @@ pub enum ApiError {
     RateLimited(std::time::Duration),
     #[error("anomaly throttled")]
     AnomalyThrottled(std::time::Duration),
+    #[error("enumeration suspected")]
+    EnumerationSuspected(std::time::Duration),
+    #[error("escaped card field")]
+    EscapesRefused,
     #[error("key operation refused")]
     KeyRefused(String),
     #[error("unseal refused")]
@@ -100,6 +104,7 @@ pub const PROBLEM_CODES: &[&str] = &[
     "psp-not-configured",
     "rate-limited",
     "anomaly-throttled",
+    "enumeration-suspected",
     "key-operation-refused",
     "invalid-share",
     "duplicate-share",
@@ -112,7 +117,7 @@ impl ApiError {
     /// The stable problem code (last segment of `type`).
     pub fn code(&self) -> &'static str {
         match self {
-            ApiError::Malformed => "malformed-request",
+            ApiError::Malformed | ApiError::EscapesRefused => "malformed-request",
             ApiError::UnsupportedMediaType => "unsupported-media-type",
             ApiError::PayloadTooLarge => "payload-too-large",
             ApiError::InvalidPan(_) => "invalid-card-number",
@@ -135,6 +140,7 @@ impl ApiError {
             ApiError::PspNotConfigured => "psp-not-configured",
             ApiError::RateLimited(_) => "rate-limited",
             ApiError::AnomalyThrottled(_) => "anomaly-throttled",
+            ApiError::EnumerationSuspected(_) => "enumeration-suspected",
             ApiError::KeyRefused(_) => "key-operation-refused",
             ApiError::Unseal(code, _, _) => code,
             ApiError::Internal => "internal-error",
@@ -143,7 +149,7 @@ impl ApiError {
 
     fn title(&self) -> &'static str {
         match self {
-            ApiError::Malformed => "The request body is not valid JSON for this endpoint",
+            ApiError::Malformed | ApiError::EscapesRefused => "The request body is not valid JSON for this endpoint",
             ApiError::UnsupportedMediaType => "The request body must be application/json",
             ApiError::PayloadTooLarge => "The request body is too large",
             ApiError::InvalidPan(_) => "The card number is not valid",
@@ -167,6 +173,9 @@ impl ApiError {
             ApiError::PspNotConfigured => "No payment service provider is configured",
             ApiError::RateLimited(_) => "Too many requests from this client",
             ApiError::AnomalyThrottled(_) => "Detokenize volume far above this client's usual; throttled",
+            ApiError::EnumerationSuspected(_) => {
+                "Too many distinct cards behind one BIN and last four from this client; tokenize throttled"
+            }
             ApiError::KeyRefused(_) => "The key operation was refused",
             ApiError::Unseal(_, _, title) => title,
             ApiError::Internal => "Internal error",
@@ -180,7 +189,13 @@ impl ApiError {
             ApiError::InvalidExpiry(e) => Some(e.to_string()),
             ApiError::InvalidField(what) => Some((*what).to_owned()),
             ApiError::Malformed => Some("the body must be a JSON object with exactly the documented fields".into()),
+            // An unauthenticated caller learns nothing about why its credential failed
+            // (the reason is in the log, the metric and the audit trail).
+            ApiError::Auth(e) if !e.is_forbidden() => Some("the bearer token is missing or not valid".into()),
             ApiError::Auth(e) => Some(e.to_string()),
+            ApiError::EscapesRefused => {
+                Some("card fields must be plain JSON strings without backslash escapes (send UTF-8 as is)".into())
+            }
             ApiError::TokenSpaceExhausted => Some("use another token format, such as opaque".into()),
             ApiError::InvalidCvv => Some("cvv must be 3 ASCII digits (4 for American Express)".into()),
             ApiError::IdempotencyKeyRequired => {
@@ -215,6 +230,7 @@ impl From<crate::service::VaultError> for ApiError {
                 ApiError::RecordLost
             }
             VaultError::StoreDamaged => ApiError::StoreDamaged,
+            VaultError::EnumerationSuspected { wait, .. } => ApiError::EnumerationSuspected(wait),
             VaultError::KeyUnavailable => {
                 tracing::error!("record key version unavailable");
                 ApiError::KeyUnavailable
@@ -286,7 +302,7 @@ struct Problem<'a> {
 impl ResponseError for ApiError {
     fn status_code(&self) -> StatusCode {
         match self {
-            ApiError::Malformed => StatusCode::BAD_REQUEST,
+            ApiError::Malformed | ApiError::EscapesRefused => StatusCode::BAD_REQUEST,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::InvalidPan(_) | ApiError::InvalidExpiry(_) | ApiError::InvalidField(_) => {
@@ -302,7 +318,9 @@ impl ResponseError for ApiError {
             | ApiError::PspNotConfigured
             | ApiError::StoreDamaged => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::IdempotencyKeyRequired => StatusCode::BAD_REQUEST,
-            ApiError::RateLimited(_) | ApiError::AnomalyThrottled(_) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::RateLimited(_) | ApiError::AnomalyThrottled(_) | ApiError::EnumerationSuspected(_) => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             ApiError::IdempotencyMismatch | ApiError::InvalidCvv => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::KeyRefused(_) => StatusCode::CONFLICT,
             ApiError::Unseal(_, status, _) => *status,
@@ -327,7 +345,9 @@ impl ResponseError for ApiError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
         ));
-        if let ApiError::RateLimited(wait) | ApiError::AnomalyThrottled(wait) = self {
+        if let ApiError::RateLimited(wait) | ApiError::AnomalyThrottled(wait) | ApiError::EnumerationSuspected(wait) =
+            self
+        {
             let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
             res.insert_header((header::RETRY_AFTER, secs.max(1).to_string()));
         }

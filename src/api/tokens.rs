@@ -8,11 +8,12 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use super::AppState;
-use super::extract::{ApiJson, Caller, TokensCreate, TokensDelete, TokensDetokenize, TokensRead};
+use super::extract::{ApiJson, Caller, CardJson, TokensCreate, TokensDelete, TokensDetokenize, TokensRead};
 use super::problem::ApiError;
+use crate::config::Scope;
 use crate::domain::card::{CardPayload, CardholderName, Expiry, Pan};
 use crate::domain::token::{Token, TokenFormat};
-use crate::service::{TokenMetadata, TokenizeInput, Tokenized, VaultError};
+use crate::service::{TokenMetadata, TokenizeCaller, TokenizeInput, Tokenized, VaultError};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -46,14 +47,17 @@ struct TokenBody<'a> {
     last4: &'a str,
     exp_month: u8,
     exp_year: u16,
-    fingerprint: &'a str,
+    /// Only for callers granted `tokens:dedupe`: equal fingerprints mean the same
+    /// card, so showing them to anyone else would make every tokenize an oracle.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    fingerprint: Option<&'a str>,
     #[serde(with = "time::serde::rfc3339")]
     created_at: OffsetDateTime,
     cvv_held: bool,
 }
 
-impl<'a> From<&'a TokenMetadata> for TokenBody<'a> {
-    fn from(m: &'a TokenMetadata) -> Self {
+impl<'a> TokenBody<'a> {
+    fn new(m: &'a TokenMetadata, show_fingerprint: bool) -> Self {
         TokenBody {
             token: m.token.as_str(),
             format: m.format.as_str(),
@@ -62,7 +66,7 @@ impl<'a> From<&'a TokenMetadata> for TokenBody<'a> {
             last4: &m.last4,
             exp_month: m.exp_month,
             exp_year: m.exp_year,
-            fingerprint: &m.fingerprint,
+            fingerprint: show_fingerprint.then_some(m.fingerprint.as_str()),
             created_at: m.created_at,
             cvv_held: m.cvv_held,
         }
@@ -82,7 +86,7 @@ struct RevealedBody<'a> {
 pub async fn tokenize(
     state: web::Data<AppState>,
     caller: Caller<TokensCreate>,
-    body: ApiJson<TokenizeBody>,
+    body: CardJson<TokenizeBody>,
 ) -> Result<HttpResponse, ApiError> {
     let input = match parse_tokenize(&body.0) {
         Ok(input) => input,
@@ -92,12 +96,31 @@ pub async fn tokenize(
             return Err(e);
         }
     };
-    let result = state.vault.tokenize(caller.principal.tenant.clone(), input).await;
+    let dedupe = caller.principal.may(Scope::TokensDedupe);
+    let who = TokenizeCaller {
+        client: caller.principal.sub.clone(),
+        tenant: caller.principal.tenant.clone(),
+        dedupe,
+    };
+    let result = state.vault.tokenize(who, input).await;
     let (status, meta, outcome) = match result {
         Ok(Tokenized::Created(m)) => (StatusCode::CREATED, m, "created"),
         Ok(Tokenized::Existing(m)) => (StatusCode::OK, m, "existing"),
         Err(e) => {
             state.metrics.tokenize.with_label_values(&[error_outcome(&e)]).inc();
+            if let VaultError::EnumerationSuspected { flagged, .. } = &e {
+                let kind = if *flagged { "flagged" } else { "refused" };
+                state.metrics.enumeration.with_label_values(&[kind]).inc();
+                if *flagged {
+                    tracing::warn!(
+                        sub = %caller.principal.sub,
+                        "card-number enumeration suspected: tokenize throttled for this client and tenant"
+                    );
+                    let mut event = caller.event("anomaly.enumeration", "throttled", None);
+                    event.detail = Some("too many distinct cards behind one BIN and last four in the window".into());
+                    state.audit(event).await?;
+                }
+            }
             let e = vault_error(e);
             state.audit(caller.event("tokenize", e.code(), None)).await?;
             return Err(e);
@@ -109,7 +132,7 @@ pub async fn tokenize(
         .await?;
     Ok(HttpResponse::build(status)
         .insert_header((header::LOCATION, format!("/v1/tokens/{}", meta.token)))
-        .json(TokenBody::from(&meta)))
+        .json(TokenBody::new(&meta, dedupe)))
 }
 
 pub(super) fn parse_tokenize(body: &TokenizeBody) -> Result<TokenizeInput, ApiError> {
@@ -160,7 +183,7 @@ pub async fn read(
         Ok(meta) => {
             state.metrics.reads.with_label_values(&["ok"]).inc();
             state.audit(caller.event("token.read", "ok", shown)).await?;
-            Ok(HttpResponse::Ok().json(TokenBody::from(&meta)))
+            Ok(HttpResponse::Ok().json(TokenBody::new(&meta, caller.principal.may(Scope::TokensDedupe))))
         }
         Err(e) => {
             state.audit(caller.event("token.read", e.code(), shown)).await?;
@@ -288,6 +311,7 @@ fn error_outcome(e: &VaultError) -> &'static str {
         VaultError::Sealed => "sealed",
         VaultError::RecordLost => "lost",
         VaultError::StoreDamaged => "store_damaged",
+        VaultError::EnumerationSuspected { .. } => "enumeration",
         VaultError::PspNotConfigured | VaultError::IdempotencyMismatch => "error",
         VaultError::Store(_) | VaultError::Task | VaultError::KeyRefused(_) | VaultError::Keystore(_) => "error",
     }

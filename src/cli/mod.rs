@@ -98,6 +98,17 @@ struct ServeArgs {
     /// KEK cryptoperiod, e.g. 90d: the active KEK rotates automatically when older.
     #[arg(long, env = "TOKENVAULT_CRYPTOPERIOD", value_name = "DURATION")]
     cryptoperiod: Option<String>,
+    /// Serve /metrics, /healthz and /readyz on this separate internal address (not on the API listener).
+    #[arg(long, env = "TOKENVAULT_METRICS_LISTEN", value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
+    /// Tokenize enumeration guard: "off", or max distinct cards per BIN + last four per client
+    /// and tenant in the window, e.g. max=5,window=1h,cooldown=15m [default: those].
+    #[arg(long, env = "TOKENVAULT_ENUMERATION_GUARD", value_name = "SPEC")]
+    enumeration_guard: Option<String>,
+    /// Failed authentications one source may make per window before it is refused
+    /// unauthenticated, e.g. max=1000,window=60s [default: those].
+    #[arg(long, env = "TOKENVAULT_AUTH_FAILURES", value_name = "SPEC")]
+    auth_failures: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -136,7 +147,8 @@ enum DevCommand {
     /// Print a JWT for a dev client, signed by the data directory's dev issuer key.
     Token {
         /// Which dev client: edge (tokens:create), crm (tokens:read tokens:delete),
-        /// psp (tokens:detokenize), officer and officer2 (keys:admin; two officers for dual control).
+        /// psp (tokens:detokenize charges:*), officer and officer2 (keys:admin audit:read; two officers for
+        /// dual control), importer (tokens:create tokens:dedupe), siem (audit:read, its tenant only).
         #[arg(long, value_enum)]
         role: Role,
         /// Tenant claim.
@@ -318,6 +330,17 @@ fn serve(args: ServeArgs) -> ExitCode {
                     .map_err(|e| ConfigError::Invalid(format!("--rate-limits: {e}")))?,
             );
         }
+        if let Some(addr) = args.metrics_listen {
+            s.metrics_listen = Some(addr);
+        }
+        if let Some(spec) = &args.enumeration_guard {
+            s.enumeration_guard = crate::limits::EnumerationParams::parse(spec)
+                .map_err(|e| ConfigError::Invalid(format!("--enumeration-guard: {e}")))?;
+        }
+        if let Some(spec) = &args.auth_failures {
+            s.auth_failures = crate::limits::FailureParams::parse(spec)
+                .map_err(|e| ConfigError::Invalid(format!("--auth-failures: {e}")))?;
+        }
         if let Some(ttl) = &args.cvv_ttl {
             s.cvv_ttl = humantime::parse_duration(ttl)
                 .map_err(|_| ConfigError::Invalid("--cvv-ttl must be a duration such as 15m".into()))?;
@@ -377,6 +400,9 @@ fn serve(args: ServeArgs) -> ExitCode {
         };
         tracing::info!(addr = %app.local_addr(), mode, "tokenvault listening");
         println!("tokenvault listening on {}", app.base_url());
+        if let Some(ops) = app.ops_addr() {
+            println!("tokenvault operations (metrics, health) on http://{ops}");
+        }
         app.run_until_stopped().await.map_err(|e| e.to_string())
     });
     match result {

@@ -19,7 +19,8 @@ use crate::domain::token::{Token, TokenFormat, candidates};
 use crate::keys::KeyError;
 use crate::keys::keystore::KeystoreError;
 use crate::keys::manager::{KeyManager, Sealed};
-use crate::store::{InsertOutcome, Store, StoreDamage, StoreError, StoredRecord};
+use crate::limits::{EnumerationGuard, EnumerationVerdict};
+use crate::store::{InsertMode, InsertOutcome, Store, StoreDamage, StoreError, StoredRecord};
 
 /// Why a vault operation failed. Variants carry no card data.
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +53,10 @@ pub enum VaultError {
     RecordLost,
     #[error("the store is damaged: new cards and charges are refused")]
     StoreDamaged,
+    /// Many distinct cards behind one BIN + last four from this client: a walk of
+    /// the hidden digits. `flagged` is true for the request that tripped the guard.
+    #[error("tokenize refused: card-number enumeration suspected")]
+    EnumerationSuspected { flagged: bool, wait: std::time::Duration },
 }
 
 impl From<Sealed> for VaultError {
@@ -86,6 +91,17 @@ pub struct TokenizeInput {
     pub format: TokenFormat,
     /// Held in memory only, for the next charge (never stored).
     pub cvv: Option<crate::domain::card::Cvv>,
+}
+
+/// Who asks to tokenize, and whether they may learn the tenant's existing token.
+#[derive(Debug, Clone)]
+pub struct TokenizeCaller {
+    pub client: String,
+    pub tenant: TenantId,
+    /// `tokens:dedupe`: a known card answers with its existing token. Without it
+    /// every tokenize stores and returns a new token, so the answer tells nothing
+    /// about which cards the tenant already holds.
+    pub dedupe: bool,
 }
 
 /// Public metadata of a token: never the PAN.
@@ -132,6 +148,7 @@ pub struct Vault {
     psp: Option<Arc<dyn crate::psp::Psp>>,
     inflight: Arc<charges::Inflight>,
     idempotency_window: std::time::Duration,
+    enumeration: Option<Arc<EnumerationGuard>>,
 }
 
 /// What a vault needs besides its store and keys.
@@ -141,6 +158,8 @@ pub struct VaultOptions {
     pub cvv_ttl: std::time::Duration,
     pub idempotency_window: std::time::Duration,
     pub psp: Option<Arc<dyn crate::psp::Psp>>,
+    /// The tokenize enumeration guard (None: off).
+    pub enumeration: Option<crate::limits::EnumerationParams>,
 }
 
 impl Default for VaultOptions {
@@ -150,6 +169,7 @@ impl Default for VaultOptions {
             cvv_ttl: crate::config::DEFAULT_CVV_TTL,
             idempotency_window: crate::config::DEFAULT_IDEMPOTENCY_WINDOW,
             psp: None,
+            enumeration: Some(crate::limits::EnumerationParams::default()),
         }
     }
 }
@@ -167,6 +187,7 @@ impl Vault {
             psp: options.psp,
             inflight: Arc::new(std::sync::Mutex::new(std::collections::HashMap::new())),
             idempotency_window: options.idempotency_window,
+            enumeration: options.enumeration.map(|p| Arc::new(EnumerationGuard::new(p))),
         })
     }
 
@@ -217,12 +238,13 @@ impl Vault {
             .unwrap_or(false)
     }
 
-    /// Tokenizes a card for `tenant`, or returns the token it already has.
-    pub async fn tokenize(&self, tenant: TenantId, mut input: TokenizeInput) -> Result<Tokenized, VaultError> {
+    /// Tokenizes a card for the caller's tenant; with `dedupe`, returns the token
+    /// the tenant already has for it.
+    pub async fn tokenize(&self, caller: TokenizeCaller, mut input: TokenizeInput) -> Result<Tokenized, VaultError> {
         self.refuse_if_damaged()?;
         let cvv = input.cvv.take();
         let this = self.clone();
-        let outcome = tokio::task::spawn_blocking(move || this.tokenize_blocking(&tenant, &input))
+        let outcome = tokio::task::spawn_blocking(move || this.tokenize_blocking(&caller, &input))
             .await
             .map_err(|_| VaultError::Task)??;
         // Durable before we answer: a 201 (or 200) survives a crash right after it.
@@ -241,13 +263,35 @@ impl Vault {
         Ok(outcome)
     }
 
-    fn tokenize_blocking(&self, tenant: &TenantId, input: &TokenizeInput) -> Result<Tokenized, VaultError> {
+    fn tokenize_blocking(&self, caller: &TokenizeCaller, input: &TokenizeInput) -> Result<Tokenized, VaultError> {
+        let tenant = &caller.tenant;
         // Held until the record is stored: a key change waits for in-flight seals.
         let guard = self.keys.read();
         let ring = guard.as_ref().ok_or(VaultError::Sealed)?;
         let pan = &input.card.pan;
         let fingerprint = ring.fingerprint(tenant, pan);
-        if let Some(token) = self.store.find_fingerprint(tenant, &fingerprint)?
+        // Before anything is looked up or stored: a refused guess leaves no record.
+        if let Some(enumeration) = &self.enumeration {
+            match enumeration.check(&caller.client, tenant.as_str(), pan.bin6(), pan.last4(), &fingerprint) {
+                EnumerationVerdict::Allow => {}
+                EnumerationVerdict::Flagged { .. } => {
+                    return Err(VaultError::EnumerationSuspected {
+                        flagged: true,
+                        wait: enumeration.cooldown(),
+                    });
+                }
+                EnumerationVerdict::Throttled(wait) => {
+                    return Err(VaultError::EnumerationSuspected { flagged: false, wait });
+                }
+            }
+        }
+        let mode = if caller.dedupe {
+            InsertMode::Dedupe
+        } else {
+            InsertMode::Fresh
+        };
+        if caller.dedupe
+            && let Some(token) = self.store.find_fingerprint(tenant, &fingerprint)?
             && let Some(existing) = self.metadata_with(ring, tenant, &token)?
         {
             return Ok(Tokenized::Existing(existing));
@@ -274,7 +318,7 @@ impl Vault {
                 created_at,
                 network_tx_id: None,
             };
-            match self.store.insert(&record)? {
+            match self.store.insert(&record, mode)? {
                 InsertOutcome::Inserted => {
                     return Ok(Tokenized::Created(metadata(&record, &input.card)));
                 }

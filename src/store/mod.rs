@@ -104,6 +104,16 @@ pub struct IdempotencyRecord {
     pub created_at: i64,
 }
 
+/// Whether an insert honours the tenant's fingerprint index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InsertMode {
+    /// Refuse when the tenant already holds this card ([`InsertOutcome::FingerprintExists`]).
+    Dedupe,
+    /// Always store a new token; the index keeps pointing at the card's first token
+    /// (so the answer never tells a new card from a known one).
+    Fresh,
+}
+
 /// What an insert-if-absent did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum InsertOutcome {
@@ -159,14 +169,16 @@ pub enum StoreError {
 /// executor. Writes become durable when a later [`Store::commit`] resolves.
 pub trait Store: Send + Sync + 'static {
     /// Inserts the record and its fingerprint entry atomically, unless the token
-    /// is taken or the tenant already holds this fingerprint.
-    fn insert(&self, record: &StoredRecord) -> Result<InsertOutcome, StoreError>;
+    /// is taken or (in [`InsertMode::Dedupe`]) the tenant already holds this
+    /// fingerprint. In [`InsertMode::Fresh`] a known fingerprint keeps its entry.
+    fn insert(&self, record: &StoredRecord, mode: InsertMode) -> Result<InsertOutcome, StoreError>;
     /// The record for `token` if it belongs to `tenant`; `None` otherwise, so that
     /// another tenant's token is indistinguishable from an unknown one.
     fn get(&self, tenant: &TenantId, token: &Token) -> Result<Option<StoredRecord>, StoreError>;
     /// The token a tenant holds for a fingerprint.
     fn find_fingerprint(&self, tenant: &TenantId, fingerprint: &[u8; 32]) -> Result<Option<Token>, StoreError>;
-    /// Removes the record and its fingerprint entry atomically; `false` if absent.
+    /// Removes the record, and its fingerprint entry if that names this token,
+    /// atomically; `false` if absent.
     fn delete(&self, tenant: &TenantId, token: &Token) -> Result<bool, StoreError>;
     /// Number of stored records (may be slow: call at start-up only).
     fn count(&self) -> Result<u64, StoreError>;
@@ -196,6 +208,11 @@ pub trait Store: Send + Sync + 'static {
     fn audit_last(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError>;
     /// Audit records with sequence ≥ `from`, in order, at most `limit`.
     fn audit_scan(&self, from: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError>;
+    /// The audit retention checkpoint (opaque to the store), if records were pruned.
+    fn audit_checkpoint(&self) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Stores `checkpoint`, then removes audit records with sequence ≤ `through`;
+    /// returns how many were removed.
+    fn audit_prune(&self, through: u64, checkpoint: &[u8]) -> Result<u64, StoreError>;
     /// A ticket that resolves once every write made before this call is durable.
     /// Concurrent callers share one flush (group commit).
     fn commit(&self) -> Commit;
@@ -272,7 +289,7 @@ pub(crate) mod conformance {
 
     pub async fn run(store: &dyn Store) {
         let a = record("t1", "4111110000001112", 1);
-        assert_eq!(store.insert(&a).unwrap(), InsertOutcome::Inserted);
+        assert_eq!(store.insert(&a, InsertMode::Dedupe).unwrap(), InsertOutcome::Inserted);
         store.commit().await.unwrap();
         assert_eq!(store.get(&a.tenant, &a.token).unwrap().as_ref(), Some(&a));
         assert_eq!(
@@ -288,15 +305,37 @@ pub(crate) mod conformance {
 
         // Same token in any tenant: taken. Same fingerprint in the tenant: exists.
         let same_token = record("t2", "4111110000001112", 9);
-        assert_eq!(store.insert(&same_token).unwrap(), InsertOutcome::TokenTaken);
+        assert_eq!(
+            store.insert(&same_token, InsertMode::Dedupe).unwrap(),
+            InsertOutcome::TokenTaken
+        );
         let same_fp = record("t1", "4111110000002112", 1);
         assert_eq!(
-            store.insert(&same_fp).unwrap(),
+            store.insert(&same_fp, InsertMode::Dedupe).unwrap(),
             InsertOutcome::FingerprintExists(a.token.clone())
+        );
+        // Fresh mode stores a second token for the same card; the index keeps the first,
+        // and deleting the second leaves the first's index entry alone.
+        let second = record("t1", "4111110000005112", 1);
+        assert_eq!(
+            store.insert(&second, InsertMode::Fresh).unwrap(),
+            InsertOutcome::Inserted
+        );
+        assert_eq!(
+            store.find_fingerprint(&a.tenant, &[1; 32]).unwrap(),
+            Some(a.token.clone())
+        );
+        assert!(store.delete(&second.tenant, &second.token).unwrap());
+        assert_eq!(
+            store.find_fingerprint(&a.tenant, &[1; 32]).unwrap(),
+            Some(a.token.clone())
         );
         // Same fingerprint in another tenant is independent.
         let other_tenant = record("t2", "4111110000003112", 1);
-        assert_eq!(store.insert(&other_tenant).unwrap(), InsertOutcome::Inserted);
+        assert_eq!(
+            store.insert(&other_tenant, InsertMode::Dedupe).unwrap(),
+            InsertOutcome::Inserted
+        );
         assert_eq!(store.count().unwrap(), 2);
 
         // Delete removes record and fingerprint; a second delete finds nothing.
@@ -310,7 +349,7 @@ pub(crate) mod conformance {
 
         // The version index follows inserts, rewraps and deletes.
         let c = record("t3", "4111110000004112", 3);
-        assert_eq!(store.insert(&c).unwrap(), InsertOutcome::Inserted);
+        assert_eq!(store.insert(&c, InsertMode::Dedupe).unwrap(), InsertOutcome::Inserted);
         assert_eq!(store.count_by_version().unwrap(), [(1, 2)].into_iter().collect());
         let under = store.records_under_version(1, 10).unwrap();
         assert_eq!(under.len(), 2);
@@ -341,7 +380,7 @@ pub(crate) mod conformance {
 
         // Card-on-file id: set once, never overwritten, tenant-scoped.
         let d = record("t4", "4111110000006112", 4);
-        assert_eq!(store.insert(&d).unwrap(), InsertOutcome::Inserted);
+        assert_eq!(store.insert(&d, InsertMode::Dedupe).unwrap(), InsertOutcome::Inserted);
         assert!(!store.set_network_tx_id(&t2, &d.token, "NTI1").unwrap());
         assert!(store.set_network_tx_id(&d.tenant, &d.token, "NTI1").unwrap());
         assert!(!store.set_network_tx_id(&d.tenant, &d.token, "NTI2").unwrap());

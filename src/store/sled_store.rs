@@ -19,7 +19,9 @@ use time::OffsetDateTime;
 use tokio::sync::oneshot;
 
 use super::anchor::{AnchorFile, Found, Mark};
-use super::{ChargeRecord, Commit, IdempotencyRecord, InsertOutcome, Store, StoreDamage, StoreError, StoredRecord};
+use super::{
+    ChargeRecord, Commit, IdempotencyRecord, InsertMode, InsertOutcome, Store, StoreDamage, StoreError, StoredRecord,
+};
 use crate::domain::card::Brand;
 use crate::domain::tenant::TenantId;
 use crate::domain::token::{Token, TokenFormat};
@@ -28,6 +30,7 @@ use crate::keys::SealedCard;
 const SCHEMA_KEY: &[u8] = b"schema";
 const SCHEMA_V1: &[u8] = b"1";
 const RECORD_V1: u8 = 1;
+const CHECKPOINT_KEY: &[u8] = b"audit_checkpoint";
 
 type Waiter = oneshot::Sender<Result<(), StoreError>>;
 
@@ -374,20 +377,25 @@ fn decode(token: &Token, bytes: &[u8]) -> Result<StoredRecord, StoreError> {
 }
 
 impl Store for SledStore {
-    fn insert(&self, record: &StoredRecord) -> Result<InsertOutcome, StoreError> {
+    fn insert(&self, record: &StoredRecord, mode: InsertMode) -> Result<InsertOutcome, StoreError> {
         let value = encode(record)?;
         let token_key = record.token.as_str().as_bytes();
         let fpk = fp_key(&record.tenant, &record.fingerprint);
         let vk = version_key(record.sealed.key_version, &record.token);
         let result = (&self.tokens, &self.fingerprints, &self.by_version).transaction(|(tokens, fps, versions)| {
-            if let Some(existing) = fps.get(&fpk)? {
+            let known = fps.get(&fpk)?;
+            if mode == InsertMode::Dedupe
+                && let Some(existing) = known.clone()
+            {
                 return Err(ConflictableTransactionError::Abort(Some(existing)));
             }
             if tokens.get(token_key)?.is_some() {
                 return Err(ConflictableTransactionError::Abort(None));
             }
             tokens.insert(token_key, value.as_slice())?;
-            fps.insert(fpk.as_slice(), token_key)?;
+            if known.is_none() {
+                fps.insert(fpk.as_slice(), token_key)?;
+            }
             versions.insert(vk.as_slice(), &[] as &[u8])?;
             Ok(())
         });
@@ -433,7 +441,10 @@ impl Store for SledStore {
                 return Ok(false);
             }
             tokens.remove(token_key)?;
-            fps.remove(fp_key(tenant, &record.fingerprint))?;
+            let fpk = fp_key(tenant, &record.fingerprint);
+            if fps.get(&fpk)?.is_some_and(|t| t.as_ref() == token_key) {
+                fps.remove(fpk)?;
+            }
             versions.remove(version_key(record.sealed.key_version, token))?;
             Ok(true)
         });
@@ -596,6 +607,37 @@ impl Store for SledStore {
         Ok(out)
     }
 
+    fn audit_checkpoint(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.meta.get(CHECKPOINT_KEY).map_err(backend)?.map(|v| v.to_vec()))
+    }
+
+    fn audit_prune(&self, through: u64, checkpoint: &[u8]) -> Result<u64, StoreError> {
+        // Checkpoint first: a crash midway leaves records the verifier skips.
+        self.meta.insert(CHECKPOINT_KEY, checkpoint).map_err(backend)?;
+        self.db.flush().map_err(backend)?;
+        let mut removed = 0;
+        loop {
+            let keys: Vec<sled::IVec> = self
+                .audit
+                .range(..=through.to_be_bytes())
+                .keys()
+                .take(10_000)
+                .collect::<Result<_, _>>()
+                .map_err(backend)?;
+            if keys.is_empty() {
+                break;
+            }
+            let mut batch = sled::Batch::default();
+            for k in &keys {
+                batch.remove(k);
+            }
+            self.audit.apply_batch(batch).map_err(backend)?;
+            removed += keys.len() as u64;
+        }
+        self.db.flush().map_err(backend)?;
+        Ok(removed)
+    }
+
     fn commit(&self) -> Commit {
         let (tx, rx) = oneshot::channel();
         let sent = match self.committer.lock() {
@@ -643,7 +685,7 @@ mod tests {
             let mut r = conformance::record("t1", t.as_str(), (i % 250) as u8);
             r.fingerprint[1] = 7;
             r.fingerprint[2] = i as u8;
-            assert_eq!(store.insert(&r).unwrap(), InsertOutcome::Inserted);
+            assert_eq!(store.insert(&r, InsertMode::Dedupe).unwrap(), InsertOutcome::Inserted);
             waits.push(store.commit());
         }
         for w in waits {

@@ -106,8 +106,9 @@ tenants = ["acme"]
 
 [[clients]]
 sub = "dev-officer"
-scopes = ["keys:admin"]
+scopes = ["keys:admin", "audit:read"]
 tenants = ["acme"]
+global_admin = true
 
 [keystore]
 path = "{d}/keystore.json"

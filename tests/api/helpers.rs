@@ -179,8 +179,10 @@ impl TestApp {
             "edge" => ("dev-edge", "tokens:create"),
             "crm" => ("dev-crm", "tokens:read tokens:delete"),
             "psp" => ("dev-psp", "tokens:detokenize charges:create charges:read"),
-            "officer" => ("dev-officer", "keys:admin"),
-            "officer2" => ("dev-officer-2", "keys:admin"),
+            "officer" => ("dev-officer", "keys:admin audit:read"),
+            "officer2" => ("dev-officer-2", "keys:admin audit:read"),
+            "importer" => ("dev-importer", "tokens:create tokens:dedupe"),
+            "siem" => ("dev-siem", "audit:read"),
             other => panic!("unknown role {other}"),
         };
         let n = now();
@@ -242,11 +244,16 @@ impl TestApp {
 
     /// Tokenizes as the edge of `tenant`; returns (status, body).
     pub async fn tokenize(&self, tenant: &str, pan: &str, format: Option<&str>) -> (u16, Value) {
+        self.tokenize_by("edge", tenant, pan, format).await
+    }
+
+    /// Tokenizes as `role` (e.g. `importer`, which holds tokens:dedupe); returns (status, body).
+    pub async fn tokenize_by(&self, role: &str, tenant: &str, pan: &str, format: Option<&str>) -> (u16, Value) {
         let mut body = json!({"pan": pan, "exp_month": 12, "exp_year": 2031, "cardholder_name": "Test Holder"});
         if let Some(f) = format {
             body["format"] = json!(f);
         }
-        let res = self.tokenize_as(&self.jwt("edge", tenant), body).await;
+        let res = self.tokenize_as(&self.jwt(role, tenant), body).await;
         let status = res.status().as_u16();
         (status, res.json().await.unwrap_or(Value::Null))
     }

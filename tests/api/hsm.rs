@@ -91,8 +91,9 @@ tenants = ["acme"]
 
 [[clients]]
 sub = "dev-officer"
-scopes = ["keys:admin"]
+scopes = ["keys:admin", "audit:read"]
 tenants = ["acme"]
+global_admin = true
 
 [keystore]
 path = "{dd}/keystore.json"

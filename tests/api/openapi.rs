@@ -47,6 +47,7 @@ fn routes_and_scopes_match_the_server() {
                 ("get", "/v1/tokens/{token}") => &["tokens:read"],
                 ("delete", "/v1/tokens/{token}") => &["tokens:delete"],
                 ("post", "/v1/detokenize") => &["tokens:detokenize"],
+                ("get", "/v1/admin/audit/verify") | ("get", "/v1/admin/audit/export") => &["audit:read"],
                 (_, p) if p.starts_with("/v1/admin/") => &["keys:admin"],
                 ("post", "/v1/charges") => &["charges:create"],
                 ("get", "/v1/charges/{id}") => &["charges:read"],
@@ -91,11 +92,16 @@ async fn live_responses_have_exactly_the_documented_fields() {
     assert_eq!(status, 201);
     let keys = |v: &Value| v.as_object().unwrap().keys().cloned().collect::<BTreeSet<_>>();
     let (props, required) = schema_fields(&spec, "TokenMetadata");
-    assert_eq!(keys(&meta), props);
-    assert_eq!(required, props);
+    // The fingerprint is shown only to callers granted tokens:dedupe.
+    let mut without_fp = props.clone();
+    without_fp.remove("fingerprint");
+    assert_eq!(keys(&meta), without_fp);
+    assert_eq!(required, without_fp);
+    let (_, deduped) = app.tokenize_by("importer", "default", "5555555555554444", None).await;
+    assert_eq!(keys(&deduped), props);
     let token = meta["token"].as_str().unwrap();
     let read: Value = app.read("default", token).await.json().await.unwrap();
-    assert_eq!(keys(&read), props);
+    assert_eq!(keys(&read), without_fp);
     let revealed: Value = app.detokenize("default", token).await.json().await.unwrap();
     assert_eq!(keys(&revealed), schema_fields(&spec, "RevealedCard").0);
     let problem: Value = app

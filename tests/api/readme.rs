@@ -68,7 +68,8 @@ async fn readme_walkthrough_works_as_written() {
     for expected in [
         "active KEK: v1",
         "rotated: v2 is now active",
-        "rewrapped 0 records",
+        // The walk-through's first token is still held (its second one was deleted).
+        "rewrapped 1 records",
         "v1 retired",
         "destruction of v1 requested by dev-officer",
         "v1 destroyed (crypto-shredded): requested by dev-officer, approved by dev-officer-2",

@@ -64,6 +64,9 @@ tenants = {{ .tenants | toJson }}
 {{- with .certSha256 }}
 cert_sha256 = {{ lower . | toJson }}
 {{- end }}
+{{- if .globalAdmin }}
+global_admin = true
+{{- end }}
 {{- end }}
 
 [keystore]
