@@ -399,3 +399,25 @@ impl Application {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_drain_outlasts_the_slowest_psp_call() {
+        assert_eq!(drain_secs(None), 10);
+        let psp = crate::config::PspSettings {
+            base_url: "https://psp.example".into(),
+            api_key_file: "/nonexistent".into(),
+            merchant_account: "M".into(),
+            allowed_hosts: vec!["psp.example".into()],
+            connect_timeout_ms: 2_000,
+            timeout_ms: 10_000,
+            dev_api_key: None,
+        };
+        // Worst call: three connects (two retried) + 300 ms of back-off + a timeout retried once.
+        let worst = Duration::from_millis(3 * 2_000 + 300 + 2 * 10_000);
+        assert!(Duration::from_secs(drain_secs(Some(&psp))) > worst);
+    }
+}

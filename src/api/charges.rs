@@ -105,11 +105,9 @@ pub(super) fn parse(body: ChargeBody) -> Result<ChargeInput, ApiError> {
             "reference must be 1 to 80 characters without control characters",
         ));
     }
-    // A reference travels to the PSP, charge records and logs: it must not carry a card number.
-    let pan_like = r
-        .split(|c: char| !c.is_ascii_digit())
-        .any(|run| (12..=19).contains(&run.len()) && crate::domain::card::luhn_valid(run.as_bytes()));
-    if pan_like {
+    // A reference travels to the PSP and into charge records: it must not carry a
+    // card number, however it is grouped.
+    if crate::domain::card::contains_pan(r) {
         return Err(ApiError::InvalidField("reference must not contain a card number"));
     }
     if body.shopper_interaction == ShopperInteraction::ContAuth && body.recurring.is_none() {
@@ -177,7 +175,13 @@ pub async fn create(
     );
     event.detail = Some(format!("charge {}", c.id));
     state.audit(event).await?;
-    let mut res = HttpResponse::Created();
+    // 202: reserved and sent, but the PSP's verdict is not known yet; a retry with
+    // the same Idempotency-Key reconciles (one authorisation at most).
+    let mut res = if c.status == crate::service::STATUS_PENDING {
+        HttpResponse::Accepted()
+    } else {
+        HttpResponse::Created()
+    };
     res.insert_header((header::LOCATION, format!("/v1/charges/{}", c.id)));
     if outcome.replayed {
         res.insert_header(("Idempotent-Replayed", "true"));
@@ -192,7 +196,13 @@ pub async fn read(
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let id = path.into_inner();
-    let result = if !id.starts_with("ch_") || id.len() > 64 {
+    // An id that is not a charge id (or carries a card number) is neither looked up
+    // nor written to the audit trail.
+    let bogus = !id.starts_with("ch_")
+        || id.len() > 64
+        || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        || crate::domain::card::contains_pan(&id);
+    let result = if bogus {
         Err(ApiError::NotFound)
     } else {
         state
@@ -202,7 +212,7 @@ pub async fn read(
             .map_err(ApiError::from)
     };
     let mut event = caller.event("charge.read", result.as_ref().map_or_else(|e| e.code(), |_| "ok"), None);
-    event.detail = Some(format!("charge {}", id.chars().take(64).collect::<String>()));
+    event.detail = (!bogus).then(|| format!("charge {id}"));
     state.audit(event).await?;
     Ok(HttpResponse::Ok().json(view(&result?)))
 }

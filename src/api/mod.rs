@@ -266,7 +266,14 @@ pub async fn middleware(
         .headers()
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty() && v.len() <= 64 && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
+        // Logged and audited: a bounded safe charset, and never anything shaped
+        // like a card number (otherwise the server's own id is used).
+        .filter(|v| {
+            !v.is_empty()
+                && v.len() <= 64
+                && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !crate::domain::card::contains_pan(v)
+        })
         .map(str::to_owned)
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     let start = Instant::now();

@@ -85,6 +85,50 @@ pub fn luhn_valid(digits: &[u8]) -> bool {
     luhn_sum(digits).is_multiple_of(10)
 }
 
+/// Whether free text holds something shaped like a card number: 12–19 digits
+/// passing Luhn, also when written in groups (`4111 1111 1111 1111`,
+/// `4111-1111-1111-1111`, `4111.1111…`). Digit groups joined by one separator
+/// (space, `-`, `.`, `/`, `_`) are scanned as every run of consecutive groups, so
+/// a number is found even next to other digits (`order 12 4111 1111 1111 1111`).
+pub fn contains_pan(text: &str) -> bool {
+    let bytes = text.as_bytes();
+    let is_sep = |b: u8| matches!(b, b' ' | b'-' | b'.' | b'/' | b'_');
+    let mut i = 0;
+    while i < bytes.len() {
+        if !bytes[i].is_ascii_digit() {
+            i += 1;
+            continue;
+        }
+        // One chain: digit groups separated by single separators.
+        let mut groups: Vec<&[u8]> = Vec::new();
+        loop {
+            let start = i;
+            while i < bytes.len() && bytes[i].is_ascii_digit() {
+                i += 1;
+            }
+            groups.push(&bytes[start..i]);
+            if i + 1 < bytes.len() && is_sep(bytes[i]) && bytes[i + 1].is_ascii_digit() {
+                i += 1;
+            } else {
+                break;
+            }
+        }
+        for from in 0..groups.len() {
+            let mut run: Vec<u8> = Vec::with_capacity(19);
+            for g in &groups[from..] {
+                run.extend_from_slice(g);
+                if run.len() > 19 {
+                    break;
+                }
+                if run.len() >= 12 && luhn_valid(&run) {
+                    return true;
+                }
+            }
+        }
+    }
+    false
+}
+
 fn luhn_sum(digits: &[u8]) -> u32 {
     digits
         .iter()
@@ -533,6 +577,63 @@ mod tests {
             let i = pos % bytes.len();
             bytes[i] = b'0' + (bytes[i] - b'0' + delta) % 10;
             prop_assert!(!luhn_valid(&bytes));
+        }
+    }
+}
+
+#[cfg(test)]
+mod free_text_tests {
+    use super::contains_pan;
+    use proptest::prelude::*;
+
+    #[test]
+    fn card_numbers_in_free_text_are_found_however_grouped() {
+        for hit in [
+            "4111111111111111",
+            "pay 4111 1111 1111 1111",
+            "4111-1111-1111-1111 thanks",
+            "ref:4111.1111.1111.1111",
+            "order 12 4111 1111 1111 1111",
+            "3782 822463 10005",
+            "x5555555555554444y",
+        ] {
+            assert!(contains_pan(hit), "{hit}");
+        }
+        for miss in [
+            "order-1001",
+            "4111 1111 1111 1112",
+            "2026-11-30 12:00",
+            "invoice 123456789",
+            "4111  1111 1111 1111", // two separators break the chain
+            "",
+        ] {
+            assert!(!contains_pan(miss), "{miss}");
+        }
+    }
+
+    proptest! {
+        /// Any valid test PAN, split into groups by any single separators and
+        /// embedded in any text, is found.
+        #[test]
+        fn grouped_pans_are_always_found(
+            cut in proptest::collection::vec(1usize..6, 1..6),
+            sep in prop::sample::select(vec![" ", "-", ".", "/", "_"]),
+            prefix in "[a-z :]{0,8}",
+            suffix in "[a-z :]{0,8}",
+        ) {
+            let pan = "5555555555554444";
+            let mut text = prefix.clone();
+            let mut at = 0;
+            for c in cut {
+                if at >= pan.len() { break; }
+                let end = (at + c).min(pan.len());
+                text.push_str(&pan[at..end]);
+                if end < pan.len() { text.push_str(sep); }
+                at = end;
+            }
+            text.push_str(&pan[at..]);
+            text.push_str(&suffix);
+            prop_assert!(contains_pan(&text), "{}", text);
         }
     }
 }

@@ -66,7 +66,7 @@ impl AdyenPsp {
         })
     }
 
-    async fn send_once(&self, body: &[u8], idempotency_key: &str) -> Result<PspOutcome, PspError> {
+    async fn send_once(&self, body: bytes::Bytes, idempotency_key: &str) -> Result<PspOutcome, PspError> {
         // Defense in depth: re-check the destination right before card data leaves.
         let host = self.endpoint.host_str().unwrap_or_default();
         if !self.allowed_hosts.iter().any(|h| h.eq_ignore_ascii_case(host)) {
@@ -78,7 +78,8 @@ impl AdyenPsp {
             .header("X-API-Key", self.api_key.expose_secret())
             .header("Idempotency-Key", idempotency_key)
             .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .body(body.to_vec())
+            // A reference-counted view of the one zeroizing buffer: no copy per attempt.
+            .body(body)
             .send()
             .await
             .map_err(|e| {
@@ -114,6 +115,30 @@ impl AdyenPsp {
             refusal_reason: parsed.refusal_reason,
             network_tx_reference: parsed.additional_data.and_then(|a| a.network_tx_reference),
         })
+    }
+}
+
+/// Counts what a serializer writes (to size the zeroizing buffer up front).
+struct ByteCounter(usize);
+
+impl std::io::Write for ByteCounter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The serialized request as the owner of a `Bytes`: zeroized when the last
+/// reference (ours or the HTTP client's) is dropped.
+struct ZeroizingBody(Zeroizing<Vec<u8>>);
+
+impl AsRef<[u8]> for ZeroizingBody {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
     }
 }
 
@@ -200,19 +225,32 @@ impl super::Psp for AdyenPsp {
                 }),
                 network_tx_reference: req.network_tx_reference,
             };
-            // Serialized into a zeroizing buffer sized up front (no reallocation copies).
-            let mut buf = Zeroizing::new(Vec::with_capacity(1024));
+            // Serialized once into a zeroizing buffer of exactly the right size (measured
+            // first, so it never reallocates and leaves no unzeroized copy behind). The
+            // buffer is then shared with the HTTP client by reference count: every
+            // attempt sends the same bytes, and the last drop zeroizes them.
             let mut failed_attempts = Vec::new();
-            if serde_json::to_writer(&mut *buf, &body).is_err() {
+            let mut counter = ByteCounter(0);
+            let mut buf = match serde_json::to_writer(&mut counter, &body) {
+                Ok(()) => Zeroizing::new(Vec::with_capacity(counter.0)),
+                Err(_) => {
+                    return PspCall {
+                        result: Err(PspError::Protocol),
+                        failed_attempts,
+                    };
+                }
+            };
+            if serde_json::to_writer(&mut *buf, &body).is_err() || buf.len() != buf.capacity() {
                 return PspCall {
                     result: Err(PspError::Protocol),
                     failed_attempts,
                 };
             }
+            let buf = bytes::Bytes::from_owner(ZeroizingBody(buf));
             let mut connect_retries = 0;
             let mut unknown_retried = false;
             loop {
-                match self.send_once(&buf, req.idempotency_key).await {
+                match self.send_once(buf.clone(), req.idempotency_key).await {
                     Err(PspError::Connect) if connect_retries < 2 => {
                         // Nothing was sent: safe to try again.
                         connect_retries += 1;
@@ -222,9 +260,9 @@ impl super::Psp for AdyenPsp {
                     Err(e @ (PspError::Timeout | PspError::Unavailable(_))) if !unknown_retried => {
                         // Outcome unknown: retry once with the same idempotency key.
                         unknown_retried = true;
+                        // Never the merchant reference: it is free text from the caller.
                         tracing::warn!(
                             kind = e.kind(),
-                            reference = req.reference,
                             "PSP call failed; retrying with the same idempotency key"
                         );
                         failed_attempts.push(e);

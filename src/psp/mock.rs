@@ -47,7 +47,8 @@
 //!
 //! As with Adyen, the first *completed* answer (`Authorised`/`Refused`, including the
 //! delayed `504` authorisation) for an `Idempotency-Key` is stored. A later request with
-//! the same key and the same JSON body gets the identical stored answer (same
+//! the same key and the same JSON body (compared without `paymentMethod.cvc`, which a PSP
+//! cannot keep after authorisation) gets the identical stored answer (same
 //! `pspReference`) and is recorded with `replay: true` (its `outcome` is the stored
 //! `resultCode`); the same key with a different body gets `422`, `errorCode` `704`.
 //! Requests sharing a key are serialized, so concurrent duplicates are processed once and
@@ -418,7 +419,7 @@ async fn process(state: &MockPsp, payment: &Payment, request: &Value, key: Optio
     let slot = state.slot(key);
     let mut slot = slot.lock().await;
     if let Some(done) = &slot.completed {
-        if done.request == *request {
+        if without_cvc(&done.request) == without_cvc(request) {
             return (done.outcome, true, done.reply.clone());
         }
         return (Outcome::Error422, false, validation_error("704", CONFLICT_MESSAGE));
@@ -441,6 +442,17 @@ async fn process(state: &MockPsp, payment: &Payment, request: &Value, key: Optio
         Outcome::Pending | Outcome::Error422 | Outcome::Error500 | Outcome::NoAnswer => {}
     }
     (outcome, false, reply)
+}
+
+/// The request as compared for a replay: without `paymentMethod.cvc`. A PSP may not
+/// keep a CVC after authorisation (PCI DSS 3.3.1), so it cannot compare it; and a
+/// resend after the caller's crash no longer has the (single-use) CVC.
+fn without_cvc(request: &Value) -> Value {
+    let mut r = request.clone();
+    if let Some(pm) = r.get_mut("paymentMethod").and_then(Value::as_object_mut) {
+        pm.remove("cvc");
+    }
+    r
 }
 
 fn api_key_ok(req: &HttpRequest, expected: &str) -> bool {

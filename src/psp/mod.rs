@@ -98,7 +98,7 @@ pub struct PspOutcome {
 /// Why no verdict came back. Never carries card data.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PspError {
-    #[error("the PSP did not answer in time (outcome unknown; retried with the same idempotency key)")]
+    #[error("the PSP did not answer in time")]
     Timeout,
     #[error("the PSP answered HTTP {0}")]
     Unavailable(u16),
@@ -113,6 +113,12 @@ pub enum PspError {
 }
 
 impl PspError {
+    /// The PSP may have processed the request (it was sent and no verdict came
+    /// back): only a resend under the same idempotency key tells.
+    pub fn outcome_unknown(&self) -> bool {
+        matches!(self, PspError::Timeout | PspError::Unavailable(_) | PspError::Protocol)
+    }
+
     /// A fixed label for metrics.
     pub fn kind(&self) -> &'static str {
         match self {

@@ -16,6 +16,15 @@ use super::{Vault, VaultError};
 use crate::domain::tenant::TenantId;
 use crate::domain::token::Token;
 use crate::psp::{Amount, PspError, PspRequest, PspStatus, Recurring, Sequence, ShopperInteraction};
+
+/// A reserved charge whose PSP outcome is not known yet.
+pub const STATUS_PENDING: &str = "pending";
+
+/// The PSP idempotency key of a charge: derived from the durable reservation, so
+/// every resend (after a timeout, a crash, on a retry) carries the same key.
+pub fn psp_idempotency_key(charge_id: &str) -> String {
+    format!("tv-{charge_id}")
+}
 use crate::store::{ChargeRecord, IdempotencyRecord};
 
 /// A parsed charge request.
@@ -97,66 +106,53 @@ impl Vault {
     ) -> Result<ChargeOutcome, VaultError> {
         let now = OffsetDateTime::now_utc().unix_timestamp();
         let window = self.idempotency_window.as_secs() as i64;
-        if let Some(prior) = self.store.get_idempotency(&scope)?
-            && prior.created_at + window > now
-        {
+        let this = self.clone();
+        let t = tenant.clone();
+        let prior = tokio::task::spawn_blocking(move || -> Result<_, VaultError> {
+            match this.store.get_idempotency(&scope)? {
+                Some(prior) if prior.created_at + window > now => {
+                    let charge = this
+                        .store
+                        .get_charge(&t, &prior.charge_id)?
+                        .ok_or(VaultError::Integrity)?;
+                    Ok(Some((prior, charge)))
+                }
+                _ => Ok(None),
+            }
+        })
+        .await
+        .map_err(|_| VaultError::Task)??;
+        if let Some((prior, charge)) = prior {
             if prior.request_hash != request_hash {
                 return Err(VaultError::IdempotencyMismatch);
             }
-            let charge = self
-                .store
-                .get_charge(tenant, &prior.charge_id)?
-                .ok_or(VaultError::Integrity)?;
-            return Ok(ChargeOutcome {
-                charge,
-                replayed: true,
-                psp_errors: Vec::new(),
-                psp_seconds: None,
-            });
+            if charge.status != STATUS_PENDING {
+                return Ok(ChargeOutcome {
+                    charge,
+                    replayed: true,
+                    psp_errors: Vec::new(),
+                    psp_seconds: None,
+                });
+            }
+            // Reserved, outcome unknown (the PSP did not answer, or this vault
+            // stopped mid-call): resend with the reservation's own PSP key. The PSP
+            // replays what it did the first time, or processes it once now.
+            return self.drive(psp, tenant, charge, None).await;
         }
 
-        let ring = self.keys.ring().ok_or(VaultError::Sealed)?;
-        let record = self.store.get(tenant, &input.token)?.ok_or_else(|| self.missing())?;
-        let card = ring.open(tenant, &input.token, &record.metadata_binding(), &record.sealed)?;
-        // The CVV is used by this charge and destroyed, whatever happens next; it is
-        // only ever sent on a customer-initiated charge.
-        let cvv = self.cvv.take(&input.token);
+        // Reserve durably *before* the PSP sees anything: a crash from here on
+        // leaves a `pending` charge whose PSP idempotency key (derived from its id)
+        // every retry reuses, so the card is authorised at most once.
         let cit = input.interaction.is_customer_initiated();
-        let send_cvv = if cit { cvv.as_ref() } else { None };
+        let this = self.clone();
+        let t = tenant.clone();
+        let token = input.token.clone();
+        let record = tokio::task::spawn_blocking(move || this.store.get(&t, &token))
+            .await
+            .map_err(|_| VaultError::Task)??
+            .ok_or_else(|| self.missing())?;
         let mit = !cit || input.recurring.is_some_and(|r| r.sequence == Sequence::Subsequent);
-        let nti = if mit { record.network_tx_id.as_deref() } else { None };
-        let psp_key = format!("tv-{}-{now}", hex::encode(&scope[..12]));
-        let started = Instant::now();
-        let call = psp
-            .authorise(PspRequest {
-                card: &card,
-                cvv: send_cvv,
-                amount: &input.amount,
-                reference: &input.reference,
-                interaction: input.interaction,
-                recurring: input.recurring,
-                network_tx_reference: nti,
-                idempotency_key: &psp_key,
-            })
-            .await;
-        let psp_seconds = started.elapsed().as_secs_f64();
-        drop(card);
-        let cvv_sent = send_cvv.is_some();
-        drop(cvv);
-
-        let (status, psp_reference, refusal_reason, network_tx) = match call.result {
-            Ok(o) => (o.status, o.psp_reference, o.refusal_reason, o.network_tx_reference),
-            Err(e) => (PspStatus::Error, None, Some(e.to_string()), None),
-        };
-        // Card-on-file: the first successful customer-initiated charge records the
-        // scheme's transaction id for later merchant-initiated charges.
-        if status == PspStatus::Authorised
-            && cit
-            && record.network_tx_id.is_none()
-            && let Some(id) = &network_tx
-        {
-            self.store.set_network_tx_id(tenant, &input.token, id)?;
-        }
+        let nti = if mit { record.network_tx_id.clone() } else { None };
         let charge = ChargeRecord {
             id: format!(
                 "ch_{}",
@@ -179,16 +175,12 @@ impl Vault {
                     s(serde_json::to_value(r.sequence).unwrap_or_default()),
                 )
             }),
-            status: match status {
-                PspStatus::Authorised => "authorised",
-                PspStatus::Refused => "refused",
-                PspStatus::Error => "error",
-            }
-            .to_owned(),
-            psp_reference,
-            refusal_reason,
-            network_transaction_id: network_tx.or_else(|| nti.map(str::to_owned)),
-            cvv_sent,
+            status: STATUS_PENDING.to_owned(),
+            psp_reference: None,
+            refusal_reason: None,
+            // The scheme id this charge sends (MIT); replaced by the one the PSP returns.
+            network_transaction_id: nti,
+            cvv_sent: false,
             created_at: now,
         };
         let idem = IdempotencyRecord {
@@ -196,7 +188,121 @@ impl Vault {
             charge_id: charge.id.clone(),
             created_at: now,
         };
-        self.store.put_charge(&charge, &scope, &idem)?;
+        let this = self.clone();
+        let reserved = charge.clone();
+        tokio::task::spawn_blocking(move || this.store.put_charge(&reserved, &scope, &idem))
+            .await
+            .map_err(|_| VaultError::Task)??;
+        self.store.commit().await?;
+        // The CVV is used by this charge and destroyed, whatever happens next; it is
+        // only ever sent on a customer-initiated charge.
+        let cvv = self.cvv.take(&input.token);
+        self.drive(psp, tenant, charge, cvv).await
+    }
+
+    /// Sends a reserved charge to the PSP under its stable PSP idempotency key and
+    /// stores the outcome durably. An unknown outcome keeps the charge `pending`.
+    async fn drive(
+        &self,
+        psp: &dyn crate::psp::Psp,
+        tenant: &TenantId,
+        mut charge: ChargeRecord,
+        cvv: Option<crate::domain::card::Cvv>,
+    ) -> Result<ChargeOutcome, VaultError> {
+        let token = Token::parse(&charge.token).ok_or(VaultError::Integrity)?;
+        let this = self.clone();
+        let (t, tok) = (tenant.clone(), token.clone());
+        let opened = tokio::task::spawn_blocking(move || -> Result<_, VaultError> {
+            let record = this.store.get(&t, &tok)?.ok_or_else(|| this.missing())?;
+            let ring = this.keys.ring().ok_or(VaultError::Sealed)?;
+            let card = ring.open(&t, &tok, &record.metadata_binding(), &record.sealed)?;
+            Ok((record, card))
+        })
+        .await
+        .map_err(|_| VaultError::Task)??;
+        let (record, card) = opened;
+        let interaction: ShopperInteraction =
+            serde_json::from_value(serde_json::Value::String(charge.shopper_interaction.clone()))
+                .map_err(|_| VaultError::Integrity)?;
+        let recurring: Option<Recurring> = match &charge.recurring {
+            None => None,
+            Some((m, q)) => Some(
+                serde_json::from_value(serde_json::json!({"model": m, "sequence": q}))
+                    .map_err(|_| VaultError::Integrity)?,
+            ),
+        };
+        let cit = interaction.is_customer_initiated();
+        let send_cvv = if cit { cvv.as_ref() } else { None };
+        let nti = charge.network_transaction_id.clone();
+        let psp_key = psp_idempotency_key(&charge.id);
+        let amount = Amount {
+            value: charge.amount_value,
+            currency: charge.currency.clone(),
+        };
+        let started = Instant::now();
+        let call = psp
+            .authorise(PspRequest {
+                card: &card,
+                cvv: send_cvv,
+                amount: &amount,
+                reference: &charge.reference,
+                interaction,
+                recurring,
+                network_tx_reference: nti.as_deref(),
+                idempotency_key: &psp_key,
+            })
+            .await;
+        let psp_seconds = started.elapsed().as_secs_f64();
+        drop(card);
+        charge.cvv_sent |= send_cvv.is_some();
+        drop(cvv);
+
+        let (status, network_tx) = match call.result {
+            Ok(o) => {
+                charge.psp_reference = o.psp_reference;
+                charge.refusal_reason = o.refusal_reason;
+                let status = match o.status {
+                    PspStatus::Authorised => "authorised",
+                    PspStatus::Refused => "refused",
+                    PspStatus::Error => "error",
+                };
+                (status, o.network_tx_reference)
+            }
+            Err(e) if e.outcome_unknown() => {
+                // The PSP may have authorised: stay pending; a retry with the same
+                // Idempotency-Key resends under the same PSP key and learns the truth.
+                charge.refusal_reason = Some(format!(
+                    "outcome unknown: {e}; retry with the same Idempotency-Key to reconcile with the PSP"
+                ));
+                (STATUS_PENDING, None)
+            }
+            Err(e) => {
+                // Nothing was charged (never sent, or refused as a bad request).
+                charge.refusal_reason = Some(format!("{e}; not charged"));
+                ("error", None)
+            }
+        };
+        charge.status = status.to_owned();
+        // Card-on-file: the first successful customer-initiated charge records the
+        // scheme's transaction id for later merchant-initiated charges.
+        let set_nti = (status == "authorised" && cit && record.network_tx_id.is_none())
+            .then(|| network_tx.clone())
+            .flatten();
+        if let Some(id) = network_tx {
+            charge.network_transaction_id = Some(id);
+        }
+        let this = self.clone();
+        let stored = charge.clone();
+        let t = tenant.clone();
+        tokio::task::spawn_blocking(move || -> Result<(), VaultError> {
+            if let Some(id) = &set_nti {
+                this.store.set_network_tx_id(&t, &token, id)?;
+            }
+            this.store.update_charge(&stored)?;
+            Ok(())
+        })
+        .await
+        .map_err(|_| VaultError::Task)??;
         self.store.commit().await?;
         Ok(ChargeOutcome {
             charge,

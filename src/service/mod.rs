@@ -134,7 +134,7 @@ pub struct Revealed {
     pub card: CardPayload,
 }
 
-pub use charges::{ChargeInput, ChargeOutcome};
+pub use charges::{ChargeInput, ChargeOutcome, STATUS_PENDING, psp_idempotency_key};
 pub use keyadmin::{DestroyOutcome, KeyStatus, RewrapProgress, VersionStatus};
 
 /// The vault. Cheap to clone.

@@ -198,6 +198,8 @@ pub trait Store: Send + Sync + 'static {
         idempotency_key: &[u8; 32],
         idem: &IdempotencyRecord,
     ) -> Result<(), StoreError>;
+    /// Replaces a stored charge (its outcome, after the PSP answered).
+    fn update_charge(&self, charge: &ChargeRecord) -> Result<(), StoreError>;
     /// A charge of `tenant` by id.
     fn get_charge(&self, tenant: &TenantId, id: &str) -> Result<Option<ChargeRecord>, StoreError>;
     /// The idempotency entry for a (client, tenant, key) digest.
@@ -423,5 +425,14 @@ pub(crate) mod conformance {
         assert_eq!(store.get_charge(&t2, "ch_1").unwrap(), None);
         assert_eq!(store.get_idempotency(&[9; 32]).unwrap(), Some(idem));
         assert_eq!(store.get_idempotency(&[8; 32]).unwrap(), None);
+        // A reservation's outcome replaces it; the idempotency entry still names it.
+        let done = ChargeRecord {
+            status: "refused".into(),
+            ..store.get_charge(&d.tenant, "ch_1").unwrap().unwrap()
+        };
+        store.update_charge(&done).unwrap();
+        store.commit().await.unwrap();
+        assert_eq!(store.get_charge(&d.tenant, "ch_1").unwrap(), Some(done));
+        assert_eq!(store.get_idempotency(&[9; 32]).unwrap().unwrap().charge_id, "ch_1");
     }
 }

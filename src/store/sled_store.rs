@@ -555,6 +555,12 @@ impl Store for SledStore {
         })
     }
 
+    fn update_charge(&self, charge: &ChargeRecord) -> Result<(), StoreError> {
+        let c = postcard::to_stdvec(charge).map_err(|_| StoreError::Corrupt)?;
+        self.charges.insert(charge.id.as_bytes(), c).map_err(backend)?;
+        Ok(())
+    }
+
     fn get_charge(&self, tenant: &TenantId, id: &str) -> Result<Option<ChargeRecord>, StoreError> {
         let Some(bytes) = self.charges.get(id.as_bytes()).map_err(backend)? else {
             return Ok(None);

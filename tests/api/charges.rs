@@ -372,7 +372,8 @@ async fn psp_failures_are_clear_counted_and_never_charge_twice() {
     assert_eq!(res.status(), 201);
     let timeout: Value = res.json().await.unwrap();
     assert_eq!(timeout["status"], "authorised", "{timeout}");
-    // A PSP that never answers: one safe retry, then a stored `error` outcome.
+    // A PSP that never answers: one safe retry, then the charge stays `pending`
+    // (202): the PSP may have authorised, so the caller must not move to a new key.
     let res = charge(
         &app,
         "psp",
@@ -381,8 +382,9 @@ async fn psp_failures_are_clear_counted_and_never_charge_twice() {
         &charge_body(token, 1508, "ecommerce", None),
     )
     .await;
+    assert_eq!(res.status(), 202);
     let lost: Value = res.json().await.unwrap();
-    assert_eq!(lost["status"], "error", "{lost}");
+    assert_eq!(lost["status"], "pending", "{lost}");
     assert!(
         lost["refusal_reason"]
             .as_str()
@@ -391,7 +393,7 @@ async fn psp_failures_are_clear_counted_and_never_charge_twice() {
         "{lost}"
     );
     assert!(lost["psp_reference"].is_null());
-    // 500 on every attempt: an `error` outcome too.
+    // 500 on every attempt: outcome unknown too, `pending`.
     let res = charge(
         &app,
         "psp",
@@ -400,8 +402,9 @@ async fn psp_failures_are_clear_counted_and_never_charge_twice() {
         &charge_body(token, 2500, "ecommerce", None),
     )
     .await;
+    assert_eq!(res.status(), 202);
     let failed: Value = res.json().await.unwrap();
-    assert_eq!(failed["status"], "error");
+    assert_eq!(failed["status"], "pending");
     assert!(failed["refusal_reason"].as_str().unwrap().contains("HTTP 500"));
     // A transient 502: the safe retry (same PSP idempotency key) succeeds — one charge at the PSP.
     let res = charge(
@@ -466,9 +469,121 @@ async fn psp_failures_are_clear_counted_and_never_charge_twice() {
         3.0,
         "500 twice, 502 once"
     );
-    assert_eq!(app.metric("tokenvault_charges_total{status=\"error\"}").await, 2.0);
+    assert_eq!(app.metric("tokenvault_charges_total{status=\"pending\"}").await, 2.0);
     assert_eq!(app.metric("tokenvault_charges_total{status=\"authorised\"}").await, 2.0);
     assert_eq!(app.metric("tokenvault_charges_total{status=\"refused\"}").await, 1.0);
+
+    // The truth of a pending charge: GET shows it, and a retry with the same
+    // Idempotency-Key resends under the reservation's PSP key (never a new one).
+    let id = failed["id"].as_str().unwrap();
+    let shown: Value = app
+        .client
+        .get(app.url(&format!("/v1/charges/{id}")))
+        .bearer_auth(app.jwt("psp", "default"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(shown["status"], "pending");
+    let res = charge(
+        &app,
+        "psp",
+        "default",
+        Some("t-2"),
+        &charge_body(token, 2500, "ecommerce", None),
+    )
+    .await;
+    assert_eq!(res.status(), 202, "the PSP still fails: still pending");
+    let again: Value = res.json().await.unwrap();
+    assert_eq!(again["id"], failed["id"], "the same reservation");
+    let seen = psp.received().await;
+    let keys: std::collections::BTreeSet<String> = seen
+        .iter()
+        .filter(|r| r["request"]["amount"]["value"] == 2500)
+        .map(|r| r["idempotency_key"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(keys.len(), 1, "every resend under one PSP key: {keys:?}");
+    assert_eq!(
+        keys.into_iter().next().unwrap(),
+        format!("tv-{id}"),
+        "the PSP key derives from the reservation"
+    );
+}
+
+/// The assessor's double charge: the PSP key held the current time and nothing
+/// was stored before the PSP call, so a vault killed while the PSP authorised got a
+/// retry under a new PSP key: two authorisations. Now the reservation is durable
+/// before the call and the PSP key derives from it: the retry after SIGKILL resends
+/// under the same key and the PSP replays its one authorisation.
+#[tokio::test]
+async fn sigkill_during_a_charge_then_retry_charges_once() {
+    let (mut app, psp) = vault_with_psp(&["--psp-timeout", "20s"]);
+    let tok = tokenize_with_cvv(&app, "5555555555554444", "737").await;
+    let token = tok["token"].as_str().unwrap().to_owned();
+    // Amount ending 504: the mock stores its authorisation, then answers only after 30 s.
+    let body = charge_body(&token, 7504, "moto", None);
+    let client = app.client.clone();
+    let url = app.url("/v1/charges");
+    let jwt = app.jwt("psp", "default");
+    let sent = body.clone();
+    let in_flight = tokio::spawn(async move {
+        client
+            .post(url)
+            .bearer_auth(jwt)
+            .header("Idempotency-Key", "order-7504")
+            .json(&sent)
+            .send()
+            .await
+    });
+    // Wait until the PSP holds the authorisation, then kill the vault mid-call.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while psp.received().await.is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the PSP never saw the charge");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    app.kill();
+    assert!(in_flight.await.unwrap().is_err(), "the caller never got an answer");
+
+    // The caller retries with the same Idempotency-Key on the restarted vault.
+    let data_dir = app.data_dir.clone();
+    let _keep = app.keep_data();
+    let psp_url = psp.base.clone();
+    let dir = data_dir.to_str().unwrap().to_owned();
+    let again = TestApp::start(
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            &dir,
+            "--psp-url",
+            &psp_url,
+        ],
+        data_dir.clone(),
+    );
+    let res = charge(&again, "psp", "default", Some("order-7504"), &body).await;
+    assert_eq!(res.status(), 201);
+    let outcome: Value = res.json().await.unwrap();
+    assert_eq!(outcome["status"], "authorised", "{outcome}");
+    // Once more: a plain replay from the vault, no PSP call.
+    let res = charge(&again, "psp", "default", Some("order-7504"), &body).await;
+    assert_eq!(res.headers()["idempotent-replayed"], "true");
+
+    let seen = psp.received().await;
+    let originals = seen.iter().filter(|r| r["replay"] == false).count();
+    assert_eq!(originals, 1, "one PSP authorisation: {seen:?}");
+    assert_eq!(seen.len(), 2, "the original and one replayed resend: {seen:?}");
+    assert_eq!(seen[0]["idempotency_key"], seen[1]["idempotency_key"]);
+    assert_eq!(
+        seen[1]["idempotency_key"],
+        format!("tv-{}", outcome["id"].as_str().unwrap())
+    );
+    // The CVV went once, with the first attempt; the resend had none left to send.
+    assert_eq!(seen[0]["request"]["paymentMethod"]["cvc"], "737");
+    assert!(seen[1]["request"]["paymentMethod"].get("cvc").is_none());
+    app.watch("5555555555554444");
 }
 
 #[tokio::test]
@@ -513,4 +628,58 @@ async fn cvv_expires_after_its_ttl_and_without_a_psp_charges_are_refused() {
     )
     .await;
     assert_problem(res, 503, "psp-not-configured").await;
+}
+
+/// Card numbers hidden in free text: a grouped PAN in a reference was accepted,
+/// stored, returned and logged on a PSP retry; a client's X-Request-Id was logged
+/// and audited verbatim. Now both are refused or replaced, and a charge id that
+/// carries a card number is neither looked up nor audited.
+#[tokio::test]
+async fn card_numbers_in_free_text_are_refused_and_never_logged() {
+    let (app, psp) = vault_with_psp(&[]);
+    let (_, tok) = app.tokenize("default", "4012888888881881", None).await;
+    let token = tok["token"].as_str().unwrap();
+    app.watch("4111111111111111");
+    for (i, reference) in [
+        "pay 4111 1111 1111 1111",
+        "4111-1111-1111-1111",
+        "order 12 4111.1111.1111.1111",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut body = charge_body(token, 1000, "moto", None);
+        body["reference"] = json!(reference);
+        let res = charge(&app, "psp", "default", Some(&format!("k-{i}")), &body).await;
+        let problem = assert_problem(res, 422, "invalid-field").await;
+        assert!(problem["detail"].as_str().unwrap().contains("card number"));
+    }
+    assert!(psp.received().await.is_empty(), "nothing reached the PSP");
+    // A client request id shaped like a card number is replaced by the server's own.
+    let res = app
+        .client
+        .get(app.url("/v1/charges/ch_4111111111111111"))
+        .bearer_auth(app.jwt("psp", "default"))
+        .header("X-Request-Id", "4111111111111111")
+        .send()
+        .await
+        .unwrap();
+    let id = res.headers()["x-request-id"].to_str().unwrap().to_owned();
+    assert_ne!(id, "4111111111111111");
+    assert_problem(res, 404, "not-found").await;
+    // A safe client id is kept (for correlation with the caller's logs).
+    let res = app
+        .client
+        .get(app.url("/healthz"))
+        .header("X-Request-Id", "ivr-call-42")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.headers()["x-request-id"], "ivr-call-42");
+    let trail = app.audit_export();
+    let text = serde_json::to_string(&trail).unwrap();
+    assert!(
+        !text.contains("4111111111111111") && !text.contains("4111 1111"),
+        "{text}"
+    );
 }
