@@ -117,11 +117,12 @@ struct Checkpoint {
     hash: String,
 }
 
-/// The appender. One per process; appends are serialized.
+/// The appender. One per process (clones share it); appends are serialized.
+#[derive(Clone)]
 pub struct AuditLog {
     store: Arc<dyn Store>,
     keys: Arc<KeyManager>,
-    head: Mutex<(u64, [u8; 32])>,
+    head: Arc<Mutex<(u64, [u8; 32])>>,
 }
 
 impl AuditLog {
@@ -141,7 +142,7 @@ impl AuditLog {
         Ok(AuditLog {
             store,
             keys,
-            head: Mutex::new(head),
+            head: Arc::new(Mutex::new(head)),
         })
     }
 
@@ -178,9 +179,13 @@ impl AuditLog {
         Ok(())
     }
 
-    /// Appends an event and waits until it is durable.
+    /// Appends an event (on the blocking pool: the store write may do I/O) and
+    /// waits until it is durable.
     pub async fn record(&self, event: AuditEvent) -> Result<(), AuditError> {
-        self.append(event)?;
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.append(event))
+            .await
+            .map_err(|_| AuditError::Store(StoreError::Backend("audit append task failed".into())))??;
         self.store.commit().await?;
         Ok(())
     }

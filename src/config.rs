@@ -309,10 +309,14 @@ pub struct Settings {
     pub auth_failures: crate::limits::FailureParams,
     /// The production config file (re-read on SIGHUP for the client registry).
     pub config_file: Option<PathBuf>,
+    /// DEK wraps per KEK version before it is rotated (its random-nonce budget).
+    pub kek_wrap_limit: u64,
 }
 
 /// Default CVV lifetime in memory.
 pub const DEFAULT_CVV_TTL: std::time::Duration = std::time::Duration::from_secs(15 * 60);
+/// Default KEK wrap budget: half of SP 800-38D's 2^32 random-nonce bound.
+pub const DEFAULT_KEK_WRAP_LIMIT: u64 = 1 << 31;
 /// Default idempotency window.
 pub const DEFAULT_IDEMPOTENCY_WINDOW: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
@@ -361,6 +365,9 @@ struct ProductionFile {
     metrics_listen: Option<SocketAddr>,
     #[serde(default)]
     auth_failures: Option<AuthFailuresFile>,
+    /// Wraps per KEK version before automatic rotation (default 2^31).
+    #[serde(default)]
+    kek_wrap_limit: Option<u64>,
 }
 
 /// `[enumeration_guard]`: distinct cards per BIN + last four per client and tenant.
@@ -454,6 +461,7 @@ const ENV_KEYS: &[&str] = &[
     "allow_root",
     "anomaly_guard",
     "metrics_listen",
+    "kek_wrap_limit",
     "mlockall",
     "psp.base_url",
     "psp.api_key_file",
@@ -512,6 +520,7 @@ impl Settings {
                 }
             },
             config_file: Some(file.to_owned()),
+            kek_wrap_limit: parsed.kek_wrap_limit.unwrap_or(DEFAULT_KEK_WRAP_LIMIT).max(1),
             rate_limits: Some(match &parsed.rate_limits {
                 None => crate::limits::RateLimits::production_defaults(),
                 Some(spec) => crate::limits::RateLimits::parse(spec)

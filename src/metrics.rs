@@ -26,6 +26,8 @@ pub struct Metrics {
     pub rate_limited: IntCounterVec,
     pub anomalies: IntCounterVec,
     pub enumeration: IntCounterVec,
+    pub kek_wraps: prometheus::IntGaugeVec,
+    pub kek_wrap_limit: IntGauge,
 }
 
 /// Building a metric only fails on an invalid name or duplicate registration,
@@ -106,6 +108,23 @@ impl Metrics {
         registry
             .register(Box::new(http_duration.clone()))
             .expect("unique histogram");
+        let kek_wraps = prometheus::IntGaugeVec::new(
+            Opts::new(
+                "kek_wraps",
+                "DEK wraps (AES-GCM encryptions with random nonces) counted per KEK version",
+            ),
+            &["version"],
+        )
+        .expect("valid gauge");
+        registry.register(Box::new(kek_wraps.clone())).expect("unique gauge");
+        let kek_wrap_limit = IntGauge::new(
+            "kek_wrap_limit",
+            "Wraps per KEK version before automatic rotation (random-nonce budget)",
+        )
+        .expect("valid gauge");
+        registry
+            .register(Box::new(kek_wrap_limit.clone()))
+            .expect("unique gauge");
         let tokens_stored = IntGauge::new("tokens_stored", "Tokens held by the vault").expect("valid gauge");
         registry
             .register(Box::new(tokens_stored.clone()))
@@ -131,6 +150,8 @@ impl Metrics {
             rate_limited,
             anomalies,
             enumeration,
+            kek_wraps,
+            kek_wrap_limit,
         }
     }
 

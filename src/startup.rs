@@ -146,6 +146,20 @@ fn spawn_registry_reload(state: web::Data<AppState>, file: std::path::PathBuf) {
     });
 }
 
+/// Rotates the KEK before its random-nonce budget runs out.
+fn spawn_budget_rotation(vault: Vault) {
+    actix_web::rt::spawn(async move {
+        loop {
+            actix_web::rt::time::sleep(Duration::from_secs(1)).await;
+            match vault.rotate_if_budget_spent().await {
+                Ok(Some(v)) => tracing::warn!(version = v, "KEK rotated automatically: wrap (nonce) budget reached"),
+                Ok(None) => {}
+                Err(e) => tracing::error!(error = %e, "automatic KEK rotation (nonce budget) failed"),
+            }
+        }
+    });
+}
+
 /// Rotates the KEK whenever the active one outlives the cryptoperiod.
 fn spawn_auto_rotation(vault: Vault, period: Duration) {
     let every = (period / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
@@ -256,6 +270,7 @@ impl Application {
             idempotency_window: settings.idempotency_window,
             psp,
             enumeration: settings.enumeration_guard,
+            kek_wrap_limit: settings.kek_wrap_limit,
         };
         let audit = crate::audit::AuditLog::open(store.clone(), keys.clone())
             .map_err(|e| StartupError::Audit(e.to_string()))?;
@@ -265,6 +280,7 @@ impl Application {
         if let Some(period) = cryptoperiod {
             spawn_auto_rotation(vault.clone(), period);
         }
+        spawn_budget_rotation(vault.clone());
         let auth = Authenticator::new(&settings.auth, &settings.clients)?;
         let limiter = crate::limits::Limiter::new(
             &settings

@@ -68,9 +68,10 @@ impl<S> Caller<S> {
     }
 }
 
-/// Marks a request whose audit record was appended by an extractor; the request
-/// middleware makes it durable before the response leaves.
-pub struct AuditPending;
+/// An audit record decided by an extractor (an authentication failure); the
+/// request middleware appends it off the async workers and makes it durable
+/// before the response leaves (or fails the request closed).
+pub struct AuditPending(pub AuditEvent);
 
 impl<S: RequiredScope> FromRequest for Caller<S> {
     type Error = ApiError;
@@ -135,17 +136,9 @@ impl<S: RequiredScope> FromRequest for Caller<S> {
                     ..AuditEvent::default()
                 };
                 // Decided synchronously (so no other extractor's error can race
-                // ahead of the 401/403); made durable by the middleware.
-                match state.audit.append(event) {
-                    Ok(()) => {
-                        req.extensions_mut().insert(AuditPending);
-                        Err(ApiError::Auth(e))
-                    }
-                    Err(err) => {
-                        tracing::error!(error = %err, "audit trail write failed");
-                        Err(ApiError::Internal)
-                    }
-                }
+                // ahead of the 401/403); written and made durable by the middleware.
+                req.extensions_mut().insert(AuditPending(event));
+                Err(ApiError::Auth(e))
             }
         })
     }

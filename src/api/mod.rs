@@ -73,14 +73,11 @@ impl AppState {
                 )),
                 ..Default::default()
             };
-            if let Err(e) = self.audit.append(event) {
+            if let Err(e) = self.audit.record(event).await {
                 tracing::error!(error = %e, "cannot audit an auth-failure summary");
             }
         }
         tracing::warn!(sources = summaries.len(), "failed-authentication summaries audited");
-        if let Err(e) = self.audit.durable().await {
-            tracing::error!(error = %e, "cannot make auth-failure summaries durable");
-        }
     }
 
     /// Appends an audit record durably; if that fails the request fails (closed).
@@ -288,9 +285,9 @@ pub async fn middleware(
         .map_into_boxed_body();
     // An extractor appended an audit record (e.g. an authentication failure):
     // it is durable before the response leaves; if it cannot be, the request fails.
-    if res.request().extensions().contains::<extract::AuditPending>()
-        && let Some(state) = &state
-        && let Err(e) = state.audit.durable().await
+    let pending = res.request().extensions_mut().remove::<extract::AuditPending>();
+    if let (Some(extract::AuditPending(event)), Some(state)) = (pending, &state)
+        && let Err(e) = state.audit.record(event).await
     {
         tracing::error!(error = %e, "audit trail flush failed");
         let (req, _) = res.into_parts();
@@ -377,6 +374,19 @@ async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
 async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     state.metrics.tokens_stored.set(state.vault.tokens_stored());
     state.metrics.sealed.set(i64::from(state.vault.keys().is_sealed()));
+    if let Ok((counts, limit)) = state.vault.wrap_counts().await {
+        state
+            .metrics
+            .kek_wrap_limit
+            .set(i64::try_from(limit).unwrap_or(i64::MAX));
+        for (version, n) in counts {
+            state
+                .metrics
+                .kek_wraps
+                .with_label_values(&[&version.to_string()])
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+    }
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4; charset=utf-8")
         .body(state.metrics.render())

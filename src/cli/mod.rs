@@ -109,6 +109,9 @@ struct ServeArgs {
     /// unauthenticated, e.g. max=1000,window=60s [default: those].
     #[arg(long, env = "TOKENVAULT_AUTH_FAILURES", value_name = "SPEC")]
     auth_failures: Option<String>,
+    /// DEK wraps per KEK version before it rotates automatically (random-nonce budget) [default: 2^31].
+    #[arg(long, env = "TOKENVAULT_KEK_WRAP_LIMIT", value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    kek_wrap_limit: Option<u64>,
 }
 
 #[derive(Subcommand)]
@@ -329,6 +332,9 @@ fn serve(args: ServeArgs) -> ExitCode {
                 crate::limits::RateLimits::parse(spec)
                     .map_err(|e| ConfigError::Invalid(format!("--rate-limits: {e}")))?,
             );
+        }
+        if let Some(n) = args.kek_wrap_limit {
+            s.kek_wrap_limit = n;
         }
         if let Some(addr) = args.metrics_listen {
             s.metrics_listen = Some(addr);

@@ -207,6 +207,7 @@ impl Vault {
                     budget = budget.saturating_sub(1);
                     match ring.rewrap(&record.tenant, &record.token, &record.sealed) {
                         Ok(sealed) => {
+                            self.budget.count(sealed.key_version, 1)?;
                             if self.store.replace_sealed(record, &sealed)? {
                                 progress.rewrapped += 1;
                                 moved_any = true;

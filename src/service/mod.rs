@@ -4,6 +4,7 @@
 //! (insert-if-absent, group commit). Blocking work (crypto, sled) runs on the
 //! blocking pool; a created or deleted record is durable before the call returns.
 
+mod budget;
 mod charges;
 mod cvv;
 mod keyadmin;
@@ -149,6 +150,7 @@ pub struct Vault {
     inflight: Arc<charges::Inflight>,
     idempotency_window: std::time::Duration,
     enumeration: Option<Arc<EnumerationGuard>>,
+    budget: Arc<budget::WrapBudget>,
 }
 
 /// What a vault needs besides its store and keys.
@@ -160,6 +162,8 @@ pub struct VaultOptions {
     pub psp: Option<Arc<dyn crate::psp::Psp>>,
     /// The tokenize enumeration guard (None: off).
     pub enumeration: Option<crate::limits::EnumerationParams>,
+    /// Wraps per KEK version before it is rotated (random-nonce budget).
+    pub kek_wrap_limit: u64,
 }
 
 impl Default for VaultOptions {
@@ -170,6 +174,7 @@ impl Default for VaultOptions {
             idempotency_window: crate::config::DEFAULT_IDEMPOTENCY_WINDOW,
             psp: None,
             enumeration: Some(crate::limits::EnumerationParams::default()),
+            kek_wrap_limit: budget::DEFAULT_LIMIT,
         }
     }
 }
@@ -178,7 +183,9 @@ impl Vault {
     /// Builds the vault; counts the stored records once (for the gauge).
     pub fn new(store: Arc<dyn Store>, keys: Arc<KeyManager>, options: VaultOptions) -> Result<Vault, VaultError> {
         let n = store.count()?;
+        let budget = Arc::new(budget::WrapBudget::new(store.clone(), options.kek_wrap_limit));
         Ok(Vault {
+            budget,
             store,
             keys,
             stored: Arc::new(AtomicI64::new(n as i64)),
@@ -230,12 +237,41 @@ impl Vault {
         self.stored.load(Ordering::Relaxed)
     }
 
-    /// Store and keys usable: for readiness.
+    /// Store reachable and keys unsealed: for readiness. Spends no encryption (an
+    /// unauthenticated probe must not eat a KEK's random-nonce budget); the keys'
+    /// round trip is checked once when they are loaded.
     pub async fn ready(&self) -> bool {
         let (store, keys) = (self.store.clone(), self.keys.clone());
-        tokio::task::spawn_blocking(move || store.check().is_ok() && keys.ring().is_some_and(|r| r.self_test()))
+        tokio::task::spawn_blocking(move || store.check().is_ok() && keys.ring().is_some())
             .await
             .unwrap_or(false)
+    }
+
+    /// Wraps counted per KEK version, and the limit (metrics, key status).
+    pub async fn wrap_counts(&self) -> Result<(Vec<(u32, u64)>, u64), VaultError> {
+        let Some(ring) = self.keys.ring() else {
+            return Ok((Vec::new(), self.budget.limit()));
+        };
+        let versions: Vec<u32> = ring.versions().iter().map(|v| v.version).collect();
+        let budget = self.budget.clone();
+        let counts = tokio::task::spawn_blocking(move || budget.snapshot(&versions))
+            .await
+            .map_err(|_| VaultError::Task)??;
+        Ok((counts, self.budget.limit()))
+    }
+
+    /// Rotates the KEK when the active version has spent its wrap budget.
+    pub async fn rotate_if_budget_spent(&self) -> Result<Option<u32>, VaultError> {
+        let Some(ring) = self.keys.ring() else { return Ok(None) };
+        let active = ring.active_version();
+        let budget = self.budget.clone();
+        let spent = tokio::task::spawn_blocking(move || budget.exhausted(active))
+            .await
+            .map_err(|_| VaultError::Task)??;
+        if !spent {
+            return Ok(None);
+        }
+        self.rotate_key("auto-rotation (nonce budget)").await.map(Some)
     }
 
     /// Tokenizes a card for the caller's tenant; with `dedupe`, returns the token
@@ -306,9 +342,11 @@ impl Vault {
             created_at,
         );
         for token in candidates(input.format, pan) {
+            let sealed = ring.seal(tenant, &token, &binding, &input.card);
+            self.budget.count(sealed.key_version, 1)?;
             let record = StoredRecord {
                 tenant: tenant.clone(),
-                sealed: ring.seal(tenant, &token, &binding, &input.card),
+                sealed,
                 token,
                 format: input.format,
                 brand: pan.brand(),

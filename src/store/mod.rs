@@ -210,6 +210,10 @@ pub trait Store: Send + Sync + 'static {
     fn audit_last(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError>;
     /// Audit records with sequence ≥ `from`, in order, at most `limit`.
     fn audit_scan(&self, from: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError>;
+    /// Wraps durably reserved under a KEK version (its random-nonce budget), 0 if none.
+    fn kek_wraps(&self, version: u32) -> Result<u64, StoreError>;
+    /// Records the wraps reserved under a KEK version (durable with the next commit).
+    fn set_kek_wraps(&self, version: u32, reserved: u64) -> Result<(), StoreError>;
     /// The audit retention checkpoint (opaque to the store), if records were pruned.
     fn audit_checkpoint(&self) -> Result<Option<Vec<u8>>, StoreError>;
     /// Stores `checkpoint`, then removes audit records with sequence ≤ `through`;
@@ -425,6 +429,14 @@ pub(crate) mod conformance {
         assert_eq!(store.get_charge(&t2, "ch_1").unwrap(), None);
         assert_eq!(store.get_idempotency(&[9; 32]).unwrap(), Some(idem));
         assert_eq!(store.get_idempotency(&[8; 32]).unwrap(), None);
+        // KEK wrap budgets: absent is 0; set values read back per version.
+        assert_eq!(store.kek_wraps(1).unwrap(), 0);
+        store.set_kek_wraps(1, 10_000).unwrap();
+        store.set_kek_wraps(2, 20_000).unwrap();
+        assert_eq!(
+            (store.kek_wraps(1).unwrap(), store.kek_wraps(2).unwrap()),
+            (10_000, 20_000)
+        );
         // A reservation's outcome replaces it; the idempotency entry still names it.
         let done = ChargeRecord {
             status: "refused".into(),

@@ -303,6 +303,12 @@ fn anchor_io(e: std::io::Error) -> StoreError {
     StoreError::Backend(format!("store anchor: {e}"))
 }
 
+fn wraps_key(version: u32) -> Vec<u8> {
+    let mut k = b"kek_wraps/".to_vec();
+    k.extend_from_slice(&version.to_be_bytes());
+    k
+}
+
 fn version_key(version: u32, token: &Token) -> Vec<u8> {
     let mut k = Vec::with_capacity(4 + token.as_str().len());
     k.extend_from_slice(&version.to_be_bytes());
@@ -611,6 +617,23 @@ impl Store for SledStore {
             out.push((u64::from_be_bytes(seq), v.to_vec()));
         }
         Ok(out)
+    }
+
+    fn kek_wraps(&self, version: u32) -> Result<u64, StoreError> {
+        match self.meta.get(wraps_key(version)).map_err(backend)? {
+            None => Ok(0),
+            Some(v) => {
+                let b: [u8; 8] = v.as_ref().try_into().map_err(|_| StoreError::Corrupt)?;
+                Ok(u64::from_be_bytes(b))
+            }
+        }
+    }
+
+    fn set_kek_wraps(&self, version: u32, reserved: u64) -> Result<(), StoreError> {
+        self.meta
+            .insert(wraps_key(version), &reserved.to_be_bytes())
+            .map_err(backend)?;
+        Ok(())
     }
 
     fn audit_checkpoint(&self) -> Result<Option<Vec<u8>>, StoreError> {

@@ -544,3 +544,38 @@ async fn sealed_vault_needs_threshold_valid_shares() {
     }
     assert!(logs.contains("unseal share refused") && logs.contains("unseal share accepted"));
 }
+
+/// The random-nonce budget of a KEK: every wrap is counted per version, readiness
+/// probes spend none, and the KEK rotates before its limit (here 5 wraps).
+#[tokio::test]
+async fn kek_rotates_before_its_nonce_budget_and_readiness_spends_none() {
+    let app = TestApp::spawn_with(&["--kek-wrap-limit", "5"]);
+    for _ in 0..50 {
+        assert_eq!(app.client.get(app.url("/readyz")).send().await.unwrap().status(), 200);
+    }
+    assert_eq!(
+        app.metric("tokenvault_kek_wraps{version=\"1\"}").await,
+        0.0,
+        "readiness encrypts nothing"
+    );
+    for pan in TEST_PANS {
+        assert_eq!(app.tokenize("default", pan, None).await.0, 201);
+    }
+    assert_eq!(app.metric("tokenvault_kek_wraps{version=\"1\"}").await, 5.0);
+    assert_eq!(app.metric("tokenvault_kek_wrap_limit").await, 5.0);
+    // The budget check runs every second: v2 takes over.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (code, out, _) = app.keys_cli("officer", &["status", "--json"]);
+        assert_eq!(code, 0);
+        let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+        if status["active"] == 2 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no rotation: {status}");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert_eq!(app.tokenize("default", "36227206271667", None).await.0, 201);
+    assert_eq!(app.metric("tokenvault_kek_wraps{version=\"2\"}").await, 1.0);
+    assert!(app.logs().contains("wrap (nonce) budget reached"));
+}
