@@ -1,5 +1,9 @@
-//! Split knowledge for the sealed root key: Shamir secret sharing (the `sharks`
-//! crate, GF(256)) among N custodians, any M of whom can rebuild the root.
+//! Split knowledge for the sealed root key: Shamir secret sharing over GF(256)
+//! (the `blahaj` crate, the maintained fork of `sharks` that fixes its biased
+//! polynomial coefficients, RUSTSEC-2024-0398) among N custodians, any M of whom
+//! can rebuild the root. The share format is unchanged: x byte then y bytes, as
+//! `sharks` wrote them, so shares issued before the move still unseal (a test
+//! keeps a set issued by `sharks`).
 //!
 //! A share's text form is `tvs1.<base64url bytes>.<checksum>`; the checksum
 //! (first 4 bytes of SHA-256) catches typos before a share is used, so a
@@ -72,27 +76,50 @@ pub fn split(root: &Key256, threshold: u8, n: u8) -> Result<Vec<Share>, ShareErr
     if threshold < 2 || threshold > n {
         return Err(ShareError::Parameters);
     }
-    let dealer = sharks::Sharks(threshold).dealer_rng(root.expose_bytes(), &mut rand::rngs::OsRng);
+    let dealer = blahaj::Sharks(threshold).dealer_rng(root.expose_bytes(), &mut OsEntropy);
     Ok(dealer
         .take(usize::from(n))
         .map(|s| Share(Zeroizing::new(Vec::from(&s))))
         .collect())
 }
 
+/// The operating system's entropy source, for `blahaj`'s RNG interface: every
+/// polynomial coefficient comes straight from the OS (no user-space generator).
+struct OsEntropy;
+
+impl rand_core_010::TryRng for OsEntropy {
+    type Error = rand_core_010::Infallible;
+
+    fn try_next_u32(&mut self) -> Result<u32, Self::Error> {
+        Ok(rand::RngCore::next_u32(&mut rand::rngs::OsRng))
+    }
+
+    fn try_next_u64(&mut self) -> Result<u64, Self::Error> {
+        Ok(rand::RngCore::next_u64(&mut rand::rngs::OsRng))
+    }
+
+    fn try_fill_bytes(&mut self, dst: &mut [u8]) -> Result<(), Self::Error> {
+        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, dst);
+        Ok(())
+    }
+}
+
+impl rand_core_010::TryCryptoRng for OsEntropy {}
+
 /// Rebuilds the root from at least `threshold` distinct shares. A wrong share
 /// yields a wrong key, which the keystore's MAC then refuses.
 pub fn combine(shares: &[Share], threshold: u8) -> Result<Key256, ShareError> {
     let mut seen = std::collections::BTreeSet::new();
-    let distinct: Vec<sharks::Share> = shares
+    let distinct: Vec<blahaj::Share> = shares
         .iter()
         .filter(|s| seen.insert(s.index()))
-        .map(|s| sharks::Share::try_from(s.0.as_slice()).map_err(|_| ShareError::Malformed))
+        .map(|s| blahaj::Share::try_from(s.0.as_slice()).map_err(|_| ShareError::Malformed))
         .collect::<Result<_, _>>()?;
     if distinct.len() < usize::from(threshold) {
         return Err(ShareError::TooFew);
     }
     let secret = Zeroizing::new(
-        sharks::Sharks(threshold)
+        blahaj::Sharks(threshold)
             .recover(distinct.iter())
             .map_err(|_| ShareError::TooFew)?,
     );
@@ -115,6 +142,23 @@ mod tests {
         // Text round trip.
         let text = shares[0].encode();
         assert_eq!(Share::parse(&format!("  {}\n", &*text)).unwrap().0, shares[0].0);
+    }
+
+    /// Shares issued by the `sharks` crate before the move to `blahaj` (root key
+    /// 32 × 0x42, 2 of 3) still rebuild the root: the format did not change.
+    #[test]
+    fn shares_issued_by_sharks_still_unseal() {
+        let issued = [
+            "tvs1.AVqslmq6IAWqnRYXQ7Ll9UcT-m-QIdxM70DzIQlEhQOK.2703075f",
+            "tvs1.AnKD9xKvhsyP4eroQL8RMUjgLxj7hGNeBUY9hNRO0cDP.2e39a0a5",
+            "tvs1.A2ptIzpX5ItnPr69QU-2hk2xlzUp5_1QqESM559IFoEH.63641abf",
+        ];
+        let shares: Vec<Share> = issued.iter().map(|t| Share::parse(t).unwrap()).collect();
+        let root = Key256::from_slice(&[0x42; 32]).unwrap();
+        for pair in [[0, 1], [0, 2], [1, 2]] {
+            let subset: Vec<Share> = pair.iter().map(|&i| shares[i].clone()).collect();
+            assert_eq!(combine(&subset, 2).unwrap(), root);
+        }
     }
 
     #[test]
