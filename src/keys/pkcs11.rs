@@ -342,8 +342,11 @@ fn read_pin(path: &Path) -> Result<AuthPin, ProviderError> {
     Ok(AuthPin::from(pin))
 }
 
-/// Refuses a root key found by label that could leave the HSM or is not AES-256
-/// (keys made by [`Pkcs11Provider::generate`] never are).
+/// Refuses a root key found by label that could leave the HSM, ever could have, or
+/// is not AES-256 (keys made by [`Pkcs11Provider::generate`] never are). A key
+/// imported with `C_CreateObject`, or once extractable, can be marked sensitive
+/// and non-extractable afterwards; `CKA_ALWAYS_SENSITIVE` and
+/// `CKA_NEVER_EXTRACTABLE` (set by the HSM, not by the caller) tell the difference.
 fn warn_if_weak(session: &Session, key: ObjectHandle, label: &str) -> Result<(), ProviderError> {
     let attrs = session
         .get_attributes(
@@ -351,12 +354,33 @@ fn warn_if_weak(session: &Session, key: ObjectHandle, label: &str) -> Result<(),
             &[
                 AttributeType::Sensitive,
                 AttributeType::Extractable,
+                AttributeType::AlwaysSensitive,
+                AttributeType::NeverExtractable,
                 AttributeType::ValueLen,
             ],
         )
         .map_err(|e| device(format!("reading attributes of key '{label}': {e}")))?;
+    let mut seen = 0;
     for attr in attrs {
         match attr {
+            Attribute::AlwaysSensitive(always) => {
+                seen += 1;
+                if !always {
+                    return Err(device(format!(
+                        "HSM root key '{label}' is not CKA_ALWAYS_SENSITIVE (it was imported or once readable); \
+                         refusing it"
+                    )));
+                }
+            }
+            Attribute::NeverExtractable(never) => {
+                seen += 1;
+                if !never {
+                    return Err(device(format!(
+                        "HSM root key '{label}' is not CKA_NEVER_EXTRACTABLE (it was imported or once \
+                         extractable); refusing it"
+                    )));
+                }
+            }
             Attribute::Sensitive(false) => {
                 return Err(device(format!(
                     "HSM root key '{label}' is not CKA_SENSITIVE; refusing it"
@@ -373,6 +397,37 @@ fn warn_if_weak(session: &Session, key: ObjectHandle, label: &str) -> Result<(),
             _ => {}
         }
     }
+    if seen != 2 {
+        return Err(device(format!(
+            "the HSM does not report CKA_ALWAYS_SENSITIVE and CKA_NEVER_EXTRACTABLE for '{label}'; refusing it"
+        )));
+    }
+    Ok(())
+}
+
+/// Destroys the root key labelled `key_label` in the HSM (after `rotate-root` has
+/// moved every keystore key under another one): old keystore copies wrapped under
+/// it can then never be opened again.
+pub fn destroy_root_key(settings: &Pkcs11Settings, key_label: &str) -> Result<(), ProviderError> {
+    check_label(key_label)?;
+    let session = login_session(settings, true)?;
+    let found = session
+        .find_objects(&[
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::AES),
+            Attribute::Label(key_label.as_bytes().to_vec()),
+        ])
+        .map_err(|e| device(format!("searching for key '{key_label}': {e}")))?;
+    let [key] = found.as_slice() else {
+        return Err(device(format!(
+            "expected exactly one key labelled '{key_label}', found {}",
+            found.len()
+        )));
+    };
+    session
+        .destroy_object(*key)
+        .map_err(|e| device(format!("destroying key '{key_label}': {e}")))?;
+    tracing::warn!(key_label, token = %settings.token_label, "old HSM root key destroyed");
     Ok(())
 }
 
@@ -658,6 +713,41 @@ mod tests {
                 matches!(export, Err(CkError::Pkcs11(RvError::KeyUnextractable, _))),
                 "C_WrapKey of the root key must fail: {export:?}"
             );
+        }
+
+        // An imported key (C_CreateObject with a known value), even marked sensitive and
+        // non-extractable, is neither always-sensitive nor never-extractable: refused.
+        {
+            let session = raw_session(true);
+            session
+                .create_object(&[
+                    Attribute::Class(ObjectClass::SECRET_KEY),
+                    Attribute::KeyType(KeyType::AES),
+                    Attribute::Value(vec![7u8; 32]),
+                    Attribute::Label(b"tokenvault-root-imported".to_vec()),
+                    Attribute::Token(true),
+                    Attribute::Private(true),
+                    Attribute::Sensitive(true),
+                    Attribute::Extractable(false),
+                    Attribute::Encrypt(true),
+                    Attribute::Decrypt(true),
+                ])
+                .unwrap();
+            let msg = device_error(Pkcs11Provider::open(&good, "tokenvault-root-imported"));
+            assert!(
+                msg.contains("CKA_ALWAYS_SENSITIVE") || msg.contains("CKA_NEVER_EXTRACTABLE"),
+                "{msg}"
+            );
+        }
+
+        // A destroyed root key is gone for good.
+        {
+            let doomed = Pkcs11Provider::generate(&good, "tokenvault-root-doomed").unwrap();
+            drop(doomed);
+            destroy_root_key(&good, "tokenvault-root-doomed").unwrap();
+            let msg = device_error(Pkcs11Provider::open(&good, "tokenvault-root-doomed"));
+            assert!(msg.contains("no AES secret key labelled"), "{msg}");
+            assert!(destroy_root_key(&good, "tokenvault-root-doomed").is_err());
         }
 
         // Two keys under one label: `open` refuses rather than guess.

@@ -11,7 +11,7 @@ use time::OffsetDateTime;
 
 use super::{Vault, VaultError};
 use crate::keys::KeyState;
-use crate::keys::keystore::{KeyEvent, Shamir};
+use crate::keys::keystore::{KeyEvent, KeystoreError, Shamir};
 use crate::keys::manager::UnsealProgress;
 
 /// How long a destroy request waits for its second officer.
@@ -330,9 +330,16 @@ impl Vault {
                             "rotate-root needs the pkcs11 provider".into(),
                         ));
                     }
+                    let old = ks.provider_info().root_id.clone();
                     let provider = crate::keys::open_pkcs11(&hsm, &key_label, true)?;
                     let id = provider.root_id();
                     ks.change_provider(provider, &[&officer])?;
+                    // The keystore is saved under the new key: nothing depends on the
+                    // old one any more, except old keystore copies, which must not
+                    // open again (they hold destroyed KEKs). Destroy it in the HSM.
+                    if old != id {
+                        crate::keys::pkcs11::destroy_root_key(&hsm, &old).map_err(KeystoreError::from)?;
+                    }
                     Ok(id)
                 },
             )

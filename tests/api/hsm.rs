@@ -158,6 +158,7 @@ pin_file = "{dd}/pin"
         full.extend_from_slice(args);
         run_cli(&full, &env)
     };
+    let before_rotation = std::fs::read(d.join("keystore.json")).unwrap();
     let (code, out, err) = keys(&["rotate-root", "--key-label", "root-2"]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("root-2"), "{out}");
@@ -191,11 +192,20 @@ pin_file = "{dd}/pin"
     assert_eq!(res.status(), 200);
     assert_eq!(res.json::<Value>().await.unwrap()["pan"], "5555555555554444");
 
+    // rotate-root destroyed root-1 in the HSM: a keystore copy from before the
+    // rotation (wrapped under root-1) can never be opened again.
+    drop(prod);
+    let current = std::fs::read(d.join("keystore.json")).unwrap();
+    std::fs::write(d.join("keystore.json"), &before_rotation).unwrap();
+    let (code, _, err) = run_cli(&["serve", "--config", cfg_s], &[env[0], ("RUST_LOG", "error")]);
+    assert_ne!(code, 0);
+    assert!(err.contains("no AES secret key labelled 'root-1'"), "{err}");
+    std::fs::write(d.join("keystore.json"), &current).unwrap();
+
     // A keystore pointed at a key the HSM does not hold does not start.
     let edited = std::fs::read_to_string(d.join("keystore.json"))
         .unwrap()
         .replace("\"root-2\"", "\"root-9\"");
-    drop(prod);
     std::fs::write(d.join("keystore.json"), edited).unwrap();
     let (code, _, err) = run_cli(&["serve", "--config", cfg_s], &[env[0], ("RUST_LOG", "error")]);
     assert_ne!(code, 0);
