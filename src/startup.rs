@@ -84,6 +84,32 @@ pub fn open_keys(ks: &KeystoreSettings) -> Result<KeyManager, StartupError> {
     }
 }
 
+/// The keystore rollback guard: the highest keystore generation the vault has seen
+/// lives in the store, outside the keystore file.
+pub struct StoreGenerationGuard(pub Arc<dyn crate::store::Store>);
+
+impl crate::keys::manager::GenerationGuard for StoreGenerationGuard {
+    fn check(&self, generation: u64) -> Result<(), KeystoreError> {
+        let seen = self
+            .0
+            .keystore_generation()
+            .map_err(|e| KeystoreError::Refused(format!("cannot read the keystore generation: {e}")))?;
+        if generation < seen {
+            return Err(KeystoreError::Refused(format!(
+                "keystore rollback refused: the keystore is generation {generation}, but this vault has already \
+                 used generation {seen}. An older keystore file was restored; it may bring back destroyed keys. \
+                 Put the current keystore back (see SECURITY.md, key destruction and backups)"
+            )));
+        }
+        if generation > seen {
+            self.0
+                .set_keystore_generation(generation)
+                .map_err(|e| KeystoreError::Refused(format!("cannot record the keystore generation: {e}")))?;
+        }
+        Ok(())
+    }
+}
+
 /// Destroys CVVs whose TTL ran out, even if no charge ever came.
 fn spawn_cvv_sweeper(vault: Vault, ttl: Duration) {
     let every = (ttl / 4).clamp(Duration::from_millis(250), Duration::from_secs(30));
@@ -254,6 +280,7 @@ impl Application {
         private_dir(&settings.data_dir)?;
         let store: Arc<dyn crate::store::Store> = Arc::new(SledStore::open(&settings.data_dir.join("sled"))?);
         let keys = Arc::new(open_keys(&settings.keystore)?);
+        keys.set_generation_guard(Arc::new(StoreGenerationGuard(store.clone())))?;
         if keys.is_sealed() {
             tracing::warn!("the vault is SEALED: data endpoints answer 503 until custodians run `tokenvault unseal`");
         }

@@ -427,14 +427,17 @@ fn open_offline(conn: &Conn) -> Result<Backend, Failure> {
             ),
         )
     })?;
-    if let Some(damage) = crate::store::Store::damage(&store) {
+    let store: Arc<dyn crate::store::Store> = Arc::new(store);
+    keys.set_generation_guard(Arc::new(crate::startup::StoreGenerationGuard(store.clone())))
+        .map_err(Failure::from)?;
+    if let Some(damage) = crate::store::Store::damage(&*store) {
         eprintln!("warning: the store is DAMAGED ({}): {damage}", damage.kind());
     }
     let options = crate::service::VaultOptions {
         cryptoperiod: keystore_settings.cryptoperiod(),
         ..Default::default()
     };
-    let vault = Vault::new(Arc::new(store), Arc::new(keys), options).map_err(Failure::from)?;
+    let vault = Vault::new(store, Arc::new(keys), options).map_err(Failure::from)?;
     Ok(Backend::Offline { vault })
 }
 

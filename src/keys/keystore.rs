@@ -124,12 +124,22 @@ struct KeystoreFile {
 #[serde(deny_unknown_fields)]
 struct Body {
     format: u32,
+    /// Bumped by every save. The vault keeps the highest generation it has seen
+    /// outside this file (in its store) and refuses an older keystore: a restored
+    /// copy from before a destroy would bring the destroyed KEK back. Absent (0) in
+    /// keystores written before it existed, so their MAC still verifies.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    generation: u64,
     provider: ProviderInfo,
     active: u32,
     mac_key: String,
     index_key: String,
     keks: Vec<KekEntry>,
     events: Vec<KeyEvent>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 #[derive(Clone, Serialize, Deserialize)]
@@ -167,6 +177,7 @@ impl Keystore {
         let now = OffsetDateTime::now_utc();
         let body = Body {
             format: FORMAT,
+            generation: 1,
             provider: ProviderInfo {
                 kind: provider.kind().into(),
                 root_id: provider.root_id(),
@@ -277,6 +288,11 @@ impl Keystore {
         &self.body.provider
     }
 
+    /// The keystore's generation (bumped by every save).
+    pub fn generation(&self) -> u64 {
+        self.body.generation
+    }
+
     pub fn events(&self) -> &[KeyEvent] {
         &self.body.events
     }
@@ -327,7 +343,17 @@ impl Keystore {
         entry.state = KeyState::Destroyed;
         entry.wrapped = None;
         push_event(&mut next, "destroy", Some(version), officers);
-        self.commit(next)
+        // A fresh MAC key with every destruction: the file is re-authenticated under
+        // a key no earlier copy was MACed with. (What refuses an earlier copy is the
+        // generation check: an old copy carries its own, still valid, MAC key.)
+        let mac_key = Key256::random();
+        next.mac_key = B64.encode(self.provider.wrap(&aad(AAD_MAC, &[]), &mac_key)?);
+        let old_mac = std::mem::replace(&mut self.mac_key, mac_key);
+        if let Err(e) = self.commit(next) {
+            self.mac_key = old_mac;
+            return Err(e);
+        }
+        Ok(())
     }
 
     /// Re-wraps every key under a new root of trust (root-key rotation).
@@ -367,8 +393,9 @@ impl Keystore {
         self.body.clone()
     }
 
-    /// Saves `next` atomically, then adopts it.
-    fn commit(&mut self, next: Body) -> Result<(), KeystoreError> {
+    /// Saves `next` atomically (one generation later), then adopts it.
+    fn commit(&mut self, mut next: Body) -> Result<(), KeystoreError> {
+        next.generation = self.body.generation + 1;
         let old = std::mem::replace(&mut self.body, next);
         let saved = self.serialize().and_then(|bytes| replace_private(&self.path, &bytes));
         if let Err(e) = saved {

@@ -41,8 +41,16 @@ pub struct UnsealProgress {
     pub threshold: u8,
 }
 
+/// Where the vault keeps the highest keystore generation it has seen, outside the
+/// keystore file (the store). `check` refuses an older keystore (a restored copy)
+/// and records a newer one durably.
+pub trait GenerationGuard: Send + Sync {
+    fn check(&self, generation: u64) -> Result<(), KeystoreError>;
+}
+
 /// The vault's keys, sealed or unsealed.
 pub struct KeyManager {
+    guard: Mutex<Option<Arc<dyn GenerationGuard>>>,
     path: PathBuf,
     info: Mutex<ProviderInfo>,
     ring: RwLock<Option<Arc<Keyring>>>,
@@ -59,6 +67,7 @@ impl KeyManager {
     pub fn unsealed(path: &Path, keystore: Keystore) -> Result<KeyManager, KeystoreError> {
         let ring = Arc::new(keystore.keyring()?);
         Ok(KeyManager {
+            guard: Mutex::new(None),
             path: path.to_owned(),
             info: Mutex::new(keystore.provider_info().clone()),
             ring: RwLock::new(Some(ring)),
@@ -71,12 +80,30 @@ impl KeyManager {
     pub fn sealed(path: &Path) -> Result<KeyManager, KeystoreError> {
         let info = Keystore::peek(path)?;
         Ok(KeyManager {
+            guard: Mutex::new(None),
             path: path.to_owned(),
             info: Mutex::new(info),
             ring: RwLock::new(None),
             keystore: Mutex::new(None),
             pending: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Installs the rollback guard and checks the open keystore against it (while
+    /// sealed, the check runs at unseal, once the keystore is authenticated).
+    pub fn set_generation_guard(&self, guard: Arc<dyn GenerationGuard>) -> Result<(), KeystoreError> {
+        if let Some(ks) = lock(&self.keystore).as_ref() {
+            guard.check(ks.generation())?;
+        }
+        *lock(&self.guard) = Some(guard);
+        Ok(())
+    }
+
+    fn check_generation(&self, generation: u64) -> Result<(), KeystoreError> {
+        match lock(&self.guard).as_ref() {
+            Some(g) => g.check(generation),
+            None => Ok(()),
+        }
     }
 
     /// The keyring in force, or `None` while sealed.
@@ -122,6 +149,7 @@ impl KeyManager {
         };
         check(current)?;
         let out = change(ks)?;
+        self.check_generation(ks.generation())?;
         *ring = Some(Arc::new(ks.keyring()?));
         *lock(&self.info) = ks.provider_info().clone();
         Ok(out)
@@ -157,6 +185,7 @@ impl KeyManager {
         let Some(keystore) = attempt else {
             return Err(UnsealError::WrongShares);
         };
+        self.check_generation(keystore.generation())?;
         let ring = Arc::new(keystore.keyring()?);
         *lock(&self.keystore) = Some(keystore);
         *self.ring.write().unwrap_or_else(|p| p.into_inner()) = Some(ring);

@@ -210,6 +210,10 @@ pub trait Store: Send + Sync + 'static {
     fn audit_last(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError>;
     /// Audit records with sequence ≥ `from`, in order, at most `limit`.
     fn audit_scan(&self, from: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError>;
+    /// The highest keystore generation this store has seen (0: none yet).
+    fn keystore_generation(&self) -> Result<u64, StoreError>;
+    /// Records a keystore generation, durably before it returns.
+    fn set_keystore_generation(&self, generation: u64) -> Result<(), StoreError>;
     /// Wraps durably reserved under a KEK version (its random-nonce budget), 0 if none.
     fn kek_wraps(&self, version: u32) -> Result<u64, StoreError>;
     /// Records the wraps reserved under a KEK version (durable with the next commit).
@@ -429,6 +433,10 @@ pub(crate) mod conformance {
         assert_eq!(store.get_charge(&t2, "ch_1").unwrap(), None);
         assert_eq!(store.get_idempotency(&[9; 32]).unwrap(), Some(idem));
         assert_eq!(store.get_idempotency(&[8; 32]).unwrap(), None);
+        // Keystore generation: 0 until set, then what was set.
+        assert_eq!(store.keystore_generation().unwrap(), 0);
+        store.set_keystore_generation(7).unwrap();
+        assert_eq!(store.keystore_generation().unwrap(), 7);
         // KEK wrap budgets: absent is 0; set values read back per version.
         assert_eq!(store.kek_wraps(1).unwrap(), 0);
         store.set_kek_wraps(1, 10_000).unwrap();

@@ -31,6 +31,7 @@ const SCHEMA_KEY: &[u8] = b"schema";
 const SCHEMA_V1: &[u8] = b"1";
 const RECORD_V1: u8 = 1;
 const CHECKPOINT_KEY: &[u8] = b"audit_checkpoint";
+const KEYSTORE_GENERATION_KEY: &[u8] = b"keystore_generation";
 
 type Waiter = oneshot::Sender<Result<(), StoreError>>;
 
@@ -617,6 +618,24 @@ impl Store for SledStore {
             out.push((u64::from_be_bytes(seq), v.to_vec()));
         }
         Ok(out)
+    }
+
+    fn keystore_generation(&self) -> Result<u64, StoreError> {
+        match self.meta.get(KEYSTORE_GENERATION_KEY).map_err(backend)? {
+            None => Ok(0),
+            Some(v) => {
+                let b: [u8; 8] = v.as_ref().try_into().map_err(|_| StoreError::Corrupt)?;
+                Ok(u64::from_be_bytes(b))
+            }
+        }
+    }
+
+    fn set_keystore_generation(&self, generation: u64) -> Result<(), StoreError> {
+        self.meta
+            .insert(KEYSTORE_GENERATION_KEY, &generation.to_be_bytes())
+            .map_err(backend)?;
+        self.db.flush().map_err(backend)?;
+        Ok(())
     }
 
     fn kek_wraps(&self, version: u32) -> Result<u64, StoreError> {

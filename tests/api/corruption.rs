@@ -212,7 +212,7 @@ async fn raw_log_damage_is_detected_and_lost_tokens_fail_closed() {
                 // Charges may be lost too: a missing one is not a plain 404 either.
                 let res = app
                     .client
-                    .get(app.url("/v1/charges/ch_0000000000000000"))
+                    .get(app.url("/v1/charges/ch_AAAAAAAAAAAAAAAAAAAAAA"))
                     .bearer_auth(app.jwt("psp", "default"))
                     .send()
                     .await

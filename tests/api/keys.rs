@@ -579,3 +579,55 @@ async fn kek_rotates_before_its_nonce_budget_and_readiness_spends_none() {
     assert_eq!(app.metric("tokenvault_kek_wraps{version=\"2\"}").await, 1.0);
     assert!(app.logs().contains("wrap (nonce) budget reached"));
 }
+
+/// The assessor's rollback: the keystore's MAC key never changed, so a copy of
+/// `keystore.json` from before a destroy verified and brought the destroyed KEK
+/// back. Now every save bumps the keystore's generation, the vault keeps the
+/// highest one it has seen in its store, and an older keystore is refused.
+#[tokio::test]
+async fn a_restored_old_keystore_cannot_undo_a_destroy() {
+    let mut app = TestApp::spawn().await;
+    let (_, tok) = app.tokenize("default", "4111111111111111", None).await;
+    let token = tok["token"].as_str().unwrap().to_owned();
+    let keystore = app.data_dir.join("keys/keystore.json");
+    let before = std::fs::read(&keystore).unwrap();
+    for (role, args) in [
+        ("officer", &["rotate"][..]),
+        ("officer", &["rewrap"]),
+        ("officer", &["retire", "v1"]),
+        ("officer", &["destroy", "v1"]),
+        ("officer2", &["destroy", "v1"]),
+    ] {
+        let (code, out, err) = app.keys_cli(role, args);
+        assert!(code == 0 || code == 10, "{args:?}: {out}{err}");
+    }
+    let after = std::fs::read(&keystore).unwrap();
+    let mac = |b: &[u8]| serde_json::from_slice::<serde_json::Value>(b).unwrap()["body"]["mac_key"].clone();
+    assert_ne!(mac(&before), mac(&after), "destroy rotates the keystore's MAC key");
+    let dir = app.data_dir.clone();
+    let _keep = app.keep_data();
+    app.kill();
+
+    // The old keystore (v1 alive) put back: refused at start, nothing served.
+    std::fs::write(&keystore, &before).unwrap();
+    let (code, _, err) = run_cli(
+        &["serve", "--listen", "127.0.0.1:0", "--data-dir", dir.to_str().unwrap()],
+        &[("RUST_LOG", "error")],
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("keystore rollback refused"), "{err}");
+    // Offline key commands refuse it too.
+    let (code, _, err) = run_cli(
+        &["keys", "--offline", "--data-dir", dir.to_str().unwrap(), "status"],
+        &[],
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("keystore rollback refused"), "{err}");
+
+    // The current keystore back: the vault starts and the card opens (under v2).
+    std::fs::write(&keystore, &after).unwrap();
+    let app = TestApp::restart_on(&dir);
+    let res = app.detokenize("default", &token).await;
+    assert_eq!(res.status(), 200);
+    app.watch("4111111111111111");
+}
