@@ -122,21 +122,40 @@ struct Checkpoint {
 pub struct AuditLog {
     store: Arc<dyn Store>,
     keys: Arc<KeyManager>,
-    head: Arc<Mutex<(u64, [u8; 32])>>,
+    /// (sequence, chain hash, inside a sealed period) of the newest record.
+    head: Arc<Mutex<(u64, [u8; 32], bool)>>,
+}
+
+/// The action of the record that opens a sealed period: records after it are
+/// written without a key (none is available while sealed) until the next MACed
+/// record. An un-MACed record anywhere else is refused by the verifier.
+pub const SEALED_PERIOD: &str = "audit.sealed_period";
+
+/// The MAC a keyed anchor mark carries: over the record's sequence and the
+/// SHA-256 of its stored bytes, under the audit key.
+pub fn keyed_mark_mac(key: &Key256, seq: u64, stored: &[u8]) -> [u8; 32] {
+    let digest: [u8; 32] = Sha256::digest(stored).into();
+    let mut msg = Vec::with_capacity(64);
+    msg.extend_from_slice(b"tokenvault/v1/anchor-keyed-mark");
+    msg.extend_from_slice(&seq.to_be_bytes());
+    msg.extend_from_slice(&digest);
+    key.hmac(&msg)
 }
 
 impl AuditLog {
     /// Opens the trail, continuing after its last record.
     pub fn open(store: Arc<dyn Store>, keys: Arc<KeyManager>) -> Result<AuditLog, AuditError> {
         let head = match store.audit_last()? {
-            None => (0, [0u8; 32]),
+            None => (0, [0u8; 32], false),
             Some((seq, bytes)) => {
                 let rec: AuditRecord = serde_json::from_slice(&bytes).map_err(|_| AuditError::Corrupt)?;
                 let hash: [u8; 32] = hex::decode(&rec.hash)
                     .ok()
                     .and_then(|h| h.try_into().ok())
                     .ok_or(AuditError::Corrupt)?;
-                (seq, hash)
+                // An un-MACed head continues the sealed period it belongs to (the
+                // head check below, or at unseal, decides whether that is genuine).
+                (seq, hash, rec.mac.is_none())
             }
         };
         Ok(AuditLog {
@@ -151,6 +170,28 @@ impl AuditLog {
     pub fn append(&self, event: AuditEvent) -> Result<(), AuditError> {
         let key = self.keys.ring().map(|r| r.audit_key());
         let mut head = self.head.lock().unwrap_or_else(|p| p.into_inner());
+        if key.is_none() && !head.2 {
+            // No key: open a sealed period explicitly before the first un-MACed record.
+            let marker = AuditEvent {
+                action: SEALED_PERIOD,
+                outcome: "opened".into(),
+                detail: Some("the vault is sealed: records up to the next MACed one carry no MAC".into()),
+                ..Default::default()
+            };
+            self.append_locked(&mut head, None, marker)?;
+            head.2 = true;
+        }
+        self.append_locked(&mut head, key.as_ref(), event)?;
+        head.2 = key.is_none();
+        Ok(())
+    }
+
+    fn append_locked(
+        &self,
+        head: &mut (u64, [u8; 32], bool),
+        key: Option<&Key256>,
+        event: AuditEvent,
+    ) -> Result<(), AuditError> {
         let seq = head.0 + 1;
         let at = OffsetDateTime::now_utc()
             .format(&time::format_description::well_known::Rfc3339)
@@ -174,9 +215,88 @@ impl AuditLog {
         rec.hash = hex::encode(hash);
         rec.mac = key.map(|k| hex::encode(k.hmac(&hash)));
         let bytes = serde_json::to_vec(&rec).map_err(|_| AuditError::Corrupt)?;
-        self.store.audit_append(seq, &bytes)?;
-        *head = (seq, hash);
+        let keyed = key.map(|k| keyed_mark_mac(k, seq, &bytes));
+        self.store.audit_append(seq, &bytes, keyed)?;
+        head.0 = seq;
+        head.1 = hash;
         Ok(())
+    }
+
+    /// Checks the trail's head against the anchor's keyed mark: its MAC verifies
+    /// under the audit key, the record it names is still there byte for byte, and
+    /// every later record chains from it and is MACed or inside a recorded sealed
+    /// period. Run at start (when the keys are there) and at unseal. `Err` names
+    /// what is wrong; the vault then refuses to go on (fail closed).
+    pub fn verify_head(&self, key: &Key256) -> Result<HeadCheck, String> {
+        let store_err = |e: StoreError| format!("cannot read the audit trail: {e}");
+        if self.store.damage().is_some() {
+            // Already flagged loudly (damaged mode): records may be missing, the
+            // keyed one among them. The SIEM's copy is the reference then.
+            return Ok(HeadCheck::StoreDamaged);
+        }
+        let Some(mark) = self.store.audit_keyed_mark() else {
+            // An anchor from before keyed marks, or one an operator reset with
+            // `store reanchor` (audited): no keyed mark is expected, once.
+            if self.store.audit_anchor_legacy() || self.store.reanchored_from().is_some() {
+                return Ok(HeadCheck::NoKeyedMark);
+            }
+            // No keyed mark is genuine only while no record has ever been MACed.
+            let mut from = 0;
+            loop {
+                let batch = self.store.audit_scan(from, 1000).map_err(store_err)?;
+                let Some((last, _)) = batch.last() else { break };
+                from = last + 1;
+                for (seq, b) in batch {
+                    let maced = serde_json::from_slice::<AuditRecord>(&b).map_or(true, |r| r.mac.is_some());
+                    if maced {
+                        return Err(format!(
+                            "the anchor has no keyed mark, but audit record {seq} is MACed: the anchor was replaced"
+                        ));
+                    }
+                }
+            }
+            return Ok(HeadCheck::NoKeyedMark);
+        };
+        use subtle::ConstantTimeEq;
+        let rows = self.store.audit_scan(mark.seq, 1).map_err(store_err)?;
+        let Some((seq, bytes)) = rows.into_iter().next().filter(|(s, _)| *s == mark.seq) else {
+            return Err(format!(
+                "audit record {} (the anchor's keyed mark) is missing",
+                mark.seq
+            ));
+        };
+        let expected = keyed_mark_mac(key, seq, &bytes);
+        if !bool::from(expected.ct_eq(&mark.mac)) {
+            return Err(format!(
+                "the anchor's keyed mark for audit record {seq} does not verify (record or anchor altered)"
+            ));
+        }
+        let first: AuditRecord =
+            serde_json::from_slice(&bytes).map_err(|_| format!("audit record {seq} is corrupt"))?;
+        let prev: [u8; 32] = hex::decode(&first.hash)
+            .ok()
+            .and_then(|h| h.try_into().ok())
+            .ok_or_else(|| format!("audit record {seq} is corrupt"))?;
+        let mut verifier = Verifier::resume(Some(key.clone()), seq + 1, prev);
+        let mut from = seq + 1;
+        loop {
+            let batch = self.store.audit_scan(from, 1000).map_err(store_err)?;
+            let Some((last, _)) = batch.last() else { break };
+            from = last + 1;
+            for (s, b) in batch {
+                match serde_json::from_slice::<AuditRecord>(&b) {
+                    Ok(rec) => verifier.push(&rec),
+                    Err(_) => verifier.fail(s, "record is not a valid audit record"),
+                }
+            }
+            if let Some((s, why)) = &verifier.report.first_broken {
+                return Err(format!("audit record {s} after the keyed mark: {why}"));
+            }
+        }
+        Ok(HeadCheck::Verified {
+            keyed_seq: seq,
+            after: verifier.report.records,
+        })
     }
 
     /// Appends an event (on the blocking pool: the store write may do I/O) and
@@ -354,6 +474,18 @@ impl AuditLog {
     }
 }
 
+/// What [`AuditLog::verify_head`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeadCheck {
+    /// No MACed record has been anchored yet (a new trail, or one written before
+    /// keyed marks existed).
+    NoKeyedMark,
+    /// The keyed mark verifies and `after` later records chain from it.
+    Verified { keyed_seq: u64, after: u64 },
+    /// The store is damaged (records lost): not checked here.
+    StoreDamaged,
+}
+
 /// What [`verify`] found.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct VerifyReport {
@@ -371,6 +503,8 @@ pub struct Verifier {
     expected: u64,
     prev: [u8; 32],
     report: VerifyReport,
+    /// Inside a sealed period (opened by a [`SEALED_PERIOD`] record).
+    in_period: bool,
 }
 
 impl Verifier {
@@ -387,6 +521,9 @@ impl Verifier {
             expected: seq,
             prev,
             report: VerifyReport::default(),
+            // Resuming mid-trail (after a checkpoint or keyed mark, both MACed
+            // records): not inside a period.
+            in_period: false,
         }
     }
 
@@ -432,9 +569,22 @@ impl Verifier {
                 }
                 self.report.macs_checked += 1;
                 self.report.unmaced_tail = 0;
+                self.in_period = false;
             }
-            (Some(_), None) => self.report.unmaced_tail = 0,
-            (None, _) => self.report.unmaced_tail += 1,
+            (Some(_), None) => {
+                self.report.unmaced_tail = 0;
+                self.in_period = false;
+            }
+            (None, _) => {
+                // A record without a MAC is genuine only inside a sealed period that
+                // a record of its own opened; anywhere else its MAC was removed.
+                if rec.action == SEALED_PERIOD {
+                    self.in_period = true;
+                } else if !self.in_period {
+                    return self.fail(rec.seq, "no MAC outside a sealed period (MAC removed?)");
+                }
+                self.report.unmaced_tail += 1;
+            }
         }
         self.prev = hash;
         self.expected += 1;

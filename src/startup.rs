@@ -301,6 +301,32 @@ impl Application {
         };
         let audit = crate::audit::AuditLog::open(store.clone(), keys.clone())
             .map_err(|e| StartupError::Audit(e.to_string()))?;
+        // The trail's head must verify against the anchor's keyed mark before the
+        // vault chains anything onto it: now if the keys are here, else at unseal.
+        let head_check = |ring: &crate::keys::Keyring, audit: &crate::audit::AuditLog| {
+            audit.verify_head(&ring.audit_key()).map(|c| {
+                if let crate::audit::HeadCheck::Verified { keyed_seq, after } = c {
+                    tracing::info!(
+                        keyed_seq,
+                        after,
+                        "audit trail head verified against the anchor's keyed mark"
+                    );
+                }
+            })
+        };
+        if let Some(ring) = keys.ring() {
+            head_check(&ring, &audit).map_err(|e| {
+                StartupError::Audit(format!(
+                    "the audit trail's head does not verify: {e}. The trail or its anchor was altered: \
+                     investigate (tokenvault audit verify, the SIEM's copy) before starting"
+                ))
+            })?;
+        }
+        let unseal_audit = audit.clone();
+        keys.set_unseal_check(Arc::new(move |ring| {
+            head_check(ring, &unseal_audit)
+                .map_err(|e| format!("unseal refused: the audit trail's head does not verify: {e}"))
+        }));
         let vault = Vault::new(store.clone(), keys, options)?;
         report_store_state(&*store, &audit);
         spawn_cvv_sweeper(vault.clone(), settings.cvv_ttl);

@@ -279,6 +279,10 @@ impl From<crate::keys::manager::UnsealError> for ApiError {
                 StatusCode::CONFLICT,
                 "The vault is not waiting for key shares",
             ),
+            UnsealError::Keystore(crate::keys::keystore::KeystoreError::Refused(why)) => {
+                tracing::error!(reason = %why, "unseal refused");
+                ApiError::KeyRefused(why)
+            }
             UnsealError::Keystore(e) => {
                 tracing::error!(error = %e, "keystore error during unseal");
                 ApiError::Internal

@@ -49,8 +49,13 @@ pub trait GenerationGuard: Send + Sync {
 }
 
 /// The vault's keys, sealed or unsealed.
+/// A check run with the keyring before an unseal takes effect (the audit trail's
+/// head, which can only be verified with a key); `Err` keeps the vault sealed.
+pub type UnsealCheck = Arc<dyn Fn(&Keyring) -> Result<(), String> + Send + Sync>;
+
 pub struct KeyManager {
     guard: Mutex<Option<Arc<dyn GenerationGuard>>>,
+    unseal_check: Mutex<Option<UnsealCheck>>,
     path: PathBuf,
     info: Mutex<ProviderInfo>,
     ring: RwLock<Option<Arc<Keyring>>>,
@@ -68,6 +73,7 @@ impl KeyManager {
         let ring = Arc::new(keystore.keyring()?);
         Ok(KeyManager {
             guard: Mutex::new(None),
+            unseal_check: Mutex::new(None),
             path: path.to_owned(),
             info: Mutex::new(keystore.provider_info().clone()),
             ring: RwLock::new(Some(ring)),
@@ -81,6 +87,7 @@ impl KeyManager {
         let info = Keystore::peek(path)?;
         Ok(KeyManager {
             guard: Mutex::new(None),
+            unseal_check: Mutex::new(None),
             path: path.to_owned(),
             info: Mutex::new(info),
             ring: RwLock::new(None),
@@ -97,6 +104,11 @@ impl KeyManager {
         }
         *lock(&self.guard) = Some(guard);
         Ok(())
+    }
+
+    /// Installs the check that runs with the keyring before an unseal takes effect.
+    pub fn set_unseal_check(&self, check: UnsealCheck) {
+        *lock(&self.unseal_check) = Some(check);
     }
 
     fn check_generation(&self, generation: u64) -> Result<(), KeystoreError> {
@@ -187,6 +199,9 @@ impl KeyManager {
         };
         self.check_generation(keystore.generation())?;
         let ring = Arc::new(keystore.keyring()?);
+        if let Some(check) = lock(&self.unseal_check).clone() {
+            check(&ring).map_err(KeystoreError::Refused)?;
+        }
         *lock(&self.keystore) = Some(keystore);
         *self.ring.write().unwrap_or_else(|p| p.into_inner()) = Some(ring);
         Ok(UnsealProgress {

@@ -16,9 +16,20 @@
 //! restarts until an operator restores a backup or accepts the loss
 //! (`tokenvault store reanchor`).
 //!
-//! Format: two 96-byte slots written alternately (a torn write spoils at most
-//! one): magic, generation, sequence, digest, "moved back from" sequence, and a
-//! SHA-256 over those. The valid slot with the higher generation wins.
+//! The anchor is also MACed where it matters: with each MACed audit record the
+//! audit layer hands the store a MAC (under the audit key) over that record's
+//! sequence and digest, and the anchor keeps the latest such *keyed mark*. While
+//! the vault is sealed no MAC can be made, so the keyed mark stays at the last
+//! MACed record. At open (or unseal) the audit layer checks the keyed mark's MAC,
+//! that the record it names is still there byte for byte, and that everything after
+//! it chains and is MACed or inside a recorded sealed period: an edited trail with
+//! recomputed hashes and dropped MACs cannot also forge the keyed mark.
+//!
+//! Format (v2): two 168-byte slots written alternately (a torn write spoils at
+//! most one): magic, generation, sequence, digest, "moved back from" sequence,
+//! keyed sequence, keyed digest, keyed MAC, and a SHA-256 over those. The valid
+//! slot with the higher generation wins. v1 anchors (96-byte slots, no keyed
+//! mark) are still read; the next write converts the file.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -26,8 +37,20 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-const MAGIC: &[u8; 8] = b"TVANCHR1";
-const SLOT: usize = 96;
+const MAGIC_V1: &[u8; 8] = b"TVANCHR1";
+const SLOT_V1: usize = 96;
+const MAGIC: &[u8; 8] = b"TVANCHR2";
+const SLOT: usize = 168;
+const DATA: usize = SLOT - 32;
+
+/// The last MACed audit record, as anchored: its sequence, digest, and a MAC
+/// under the audit key over both (made by the audit layer, never by the store).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyedMark {
+    pub seq: u64,
+    pub digest: [u8; 32],
+    pub mac: [u8; 32],
+}
 
 /// The anchored audit head.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,6 +62,8 @@ pub struct Mark {
     /// Set by `reanchor`: the sequence number the anchor was moved back from
     /// (reported once by the next start, then cleared).
     pub moved_back_from: u64,
+    /// The last MACed audit record (none before the first one, or in a v1 anchor).
+    pub keyed: Option<KeyedMark>,
 }
 
 impl Mark {
@@ -46,6 +71,7 @@ impl Mark {
         seq: 0,
         digest: [0; 32],
         moved_back_from: 0,
+        keyed: None,
     };
 
     /// The mark for an audit record stored at `seq`.
@@ -54,8 +80,14 @@ impl Mark {
             seq,
             digest: Sha256::digest(stored).into(),
             moved_back_from: 0,
+            keyed: None,
         }
     }
+}
+
+/// Whether the anchor file in `dir` is in the v1 layout (before keyed marks).
+pub fn is_legacy(dir: &Path) -> bool {
+    std::fs::read(AnchorFile::path_in(dir)).is_ok_and(|b| b.get(..8) == Some(MAGIC_V1.as_slice()))
 }
 
 /// What reading the anchor found.
@@ -105,8 +137,18 @@ impl AnchorFile {
             .open(&path)?;
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes)?;
-        let generation = best_slot(&bytes).map_or(0, |(g, _)| g);
-        Ok(AnchorFile { path, file, generation })
+        let best = best_slot(&bytes);
+        let generation = best.map_or(0, |(g, _)| g);
+        let mut anchor = AnchorFile { path, file, generation };
+        // A v1 anchor: rewrite both slots in the v2 layout, so the two formats never mix.
+        if (bytes.len() == 2 * SLOT_V1 || (!bytes.is_empty() && bytes.len() < SLOT))
+            && let Some((_, mark)) = best
+        {
+            anchor.file.set_len(0)?;
+            anchor.write(&mark)?;
+            anchor.write(&mark)?;
+        }
+        Ok(anchor)
     }
 
     /// Writes `mark` durably into the older slot.
@@ -137,32 +179,56 @@ fn encode(generation: u64, mark: &Mark) -> [u8; SLOT] {
     out[16..24].copy_from_slice(&mark.seq.to_be_bytes());
     out[24..56].copy_from_slice(&mark.digest);
     out[56..64].copy_from_slice(&mark.moved_back_from.to_be_bytes());
-    let check: [u8; 32] = Sha256::digest(&out[..64]).into();
-    out[64..].copy_from_slice(&check);
+    if let Some(k) = &mark.keyed {
+        out[64..72].copy_from_slice(&k.seq.to_be_bytes());
+        out[72..104].copy_from_slice(&k.digest);
+        out[104..136].copy_from_slice(&k.mac);
+    }
+    let check: [u8; 32] = Sha256::digest(&out[..DATA]).into();
+    out[DATA..].copy_from_slice(&check);
     out
 }
 
 fn decode(slot: &[u8]) -> Option<(u64, Mark)> {
-    if slot.len() != SLOT || &slot[..8] != MAGIC {
+    let (magic, data) = match slot.len() {
+        SLOT => (MAGIC, DATA),
+        SLOT_V1 => (MAGIC_V1, 64),
+        _ => return None,
+    };
+    if &slot[..8] != magic {
         return None;
     }
-    let check: [u8; 32] = Sha256::digest(&slot[..64]).into();
-    if check[..] != slot[64..] {
+    let check: [u8; 32] = Sha256::digest(&slot[..data]).into();
+    if check[..] != slot[data..] {
         return None;
     }
     let u64_at = |at: usize| slot[at..at + 8].try_into().ok().map(u64::from_be_bytes);
     let generation = u64_at(8)?;
+    let keyed = match data {
+        DATA if u64_at(64)? != 0 => Some(KeyedMark {
+            seq: u64_at(64)?,
+            digest: slot[72..104].try_into().ok()?,
+            mac: slot[104..136].try_into().ok()?,
+        }),
+        _ => None,
+    };
     let mark = Mark {
         seq: u64_at(16)?,
         digest: slot[24..56].try_into().ok()?,
         moved_back_from: u64_at(56)?,
+        keyed,
     };
     Some((generation, mark))
 }
 
 fn best_slot(bytes: &[u8]) -> Option<(u64, Mark)> {
+    let size = if bytes.len() == 2 * SLOT_V1 || bytes.get(..8) == Some(MAGIC_V1.as_slice()) {
+        SLOT_V1
+    } else {
+        SLOT
+    };
     bytes
-        .chunks(SLOT)
+        .chunks(size)
         .take(2)
         .filter_map(decode)
         .max_by_key(|(generation, _)| *generation)
@@ -198,10 +264,60 @@ mod tests {
         assert!(matches!(AnchorFile::read(dir.path()).unwrap(), Found::Unreadable));
     }
 
+    #[test]
+    fn a_v1_anchor_is_read_and_converted_with_its_mark() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = AnchorFile::path_in(dir.path());
+        // A v1 file as earlier versions wrote it: two 96-byte slots.
+        let v1 = |generation: u64, seq: u64| {
+            let mut out = [0u8; SLOT_V1];
+            out[..8].copy_from_slice(MAGIC_V1);
+            out[8..16].copy_from_slice(&generation.to_be_bytes());
+            out[16..24].copy_from_slice(&seq.to_be_bytes());
+            out[24..56].copy_from_slice(&[9; 32]);
+            let check: [u8; 32] = Sha256::digest(&out[..64]).into();
+            out[64..].copy_from_slice(&check);
+            out
+        };
+        let mut bytes = v1(4, 40).to_vec();
+        bytes.extend_from_slice(&v1(5, 41));
+        std::fs::write(&path, &bytes).unwrap();
+        let want = Mark {
+            seq: 41,
+            digest: [9; 32],
+            moved_back_from: 0,
+            keyed: None,
+        };
+        assert!(matches!(AnchorFile::read(dir.path()).unwrap(), Found::Mark(m) if m == want));
+        let mut a = AnchorFile::open(dir.path()).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap().len(), 2 * SLOT, "converted to v2");
+        assert!(matches!(AnchorFile::read(dir.path()).unwrap(), Found::Mark(m) if m == want));
+        let keyed = Mark {
+            keyed: Some(KeyedMark {
+                seq: 41,
+                digest: [9; 32],
+                mac: [1; 32],
+            }),
+            ..want
+        };
+        a.write(&keyed).unwrap();
+        assert!(matches!(AnchorFile::read(dir.path()).unwrap(), Found::Mark(m) if m == keyed));
+    }
+
     proptest! {
         #[test]
-        fn any_single_flipped_bit_is_caught(seq in any::<u64>(), back in any::<u64>(), bit in 0usize..SLOT * 8) {
-            let mark = Mark { seq, digest: Sha256::digest(seq.to_be_bytes()).into(), moved_back_from: back };
+        fn any_single_flipped_bit_is_caught(
+            seq in any::<u64>(),
+            back in any::<u64>(),
+            keyed in 1u64..,
+            bit in 0usize..SLOT * 8,
+        ) {
+            let mark = Mark {
+                seq,
+                digest: Sha256::digest(seq.to_be_bytes()).into(),
+                moved_back_from: back,
+                keyed: Some(KeyedMark { seq: keyed, digest: [3; 32], mac: [4; 32] }),
+            };
             let mut slot = encode(3, &mark);
             prop_assert_eq!(decode(&slot), Some((3, mark)));
             slot[bit / 8] ^= 1 << (bit % 8);

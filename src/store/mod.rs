@@ -12,6 +12,7 @@ use std::task::{Context, Poll};
 use time::OffsetDateTime;
 use tokio::sync::oneshot;
 
+pub use anchor::KeyedMark;
 pub use sled_store::{Salvage, SledStore};
 
 use crate::domain::card::Brand;
@@ -205,7 +206,19 @@ pub trait Store: Send + Sync + 'static {
     /// The idempotency entry for a (client, tenant, key) digest.
     fn get_idempotency(&self, idempotency_key: &[u8; 32]) -> Result<Option<IdempotencyRecord>, StoreError>;
     /// Appends one audit record (the caller assigns consecutive sequence numbers).
-    fn audit_append(&self, seq: u64, record: &[u8]) -> Result<(), StoreError>;
+    /// `keyed_mac`, for a MACed record, is the audit layer's MAC over the record's
+    /// sequence and digest: the store anchors it as the keyed mark.
+    fn audit_append(&self, seq: u64, record: &[u8], keyed_mac: Option<[u8; 32]>) -> Result<(), StoreError>;
+    /// The keyed mark the store was anchored with when it opened (the last MACed
+    /// audit record then), if any.
+    fn audit_keyed_mark(&self) -> Option<KeyedMark> {
+        None
+    }
+    /// Whether the anchor read at open predates keyed marks (written by an older
+    /// version): then a missing keyed mark is expected, once.
+    fn audit_anchor_legacy(&self) -> bool {
+        false
+    }
     /// The last audit record, if any.
     fn audit_last(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError>;
     /// Audit records with sequence ≥ `from`, in order, at most `limit`.

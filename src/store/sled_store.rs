@@ -18,7 +18,7 @@ use sled::transaction::{ConflictableTransactionError, TransactionError, Transact
 use time::OffsetDateTime;
 use tokio::sync::oneshot;
 
-use super::anchor::{AnchorFile, Found, Mark};
+use super::anchor::{AnchorFile, Found, KeyedMark, Mark};
 use super::{
     ChargeRecord, Commit, IdempotencyRecord, InsertMode, InsertOutcome, Store, StoreDamage, StoreError, StoredRecord,
 };
@@ -51,6 +51,8 @@ pub struct SledStore {
     head: Arc<Mutex<Option<Mark>>>,
     damage: Option<StoreDamage>,
     reanchored_from: Option<u64>,
+    keyed_at_open: Option<KeyedMark>,
+    legacy_anchor: bool,
 }
 
 impl SledStore {
@@ -78,11 +80,22 @@ impl SledStore {
             Some(v) if v.as_ref() == SCHEMA_V1 => {}
             Some(_) => return Err(StoreError::Backend("unsupported schema version".into())),
         }
+        let legacy_anchor = super::anchor::is_legacy(dir);
         let found = AnchorFile::read(dir).map_err(anchor_io)?;
         let damage = check_anchor(&audit, &found)?;
         let reanchored_from = match found {
             Found::Mark(m) if m.moved_back_from != 0 => Some(m.moved_back_from),
             _ => None,
+        };
+        let (keyed_at_open, found_mark) = match &found {
+            Found::Mark(m) => (
+                m.keyed,
+                Some(Mark {
+                    moved_back_from: 0,
+                    ..*m
+                }),
+            ),
+            _ => (None, None),
         };
         // A damaged store's anchor stays frozen: the alarm outlives restarts.
         let anchor = match (&damage, found) {
@@ -95,7 +108,9 @@ impl SledStore {
             }
             (None, _) => Some(AnchorFile::open(dir).map_err(anchor_io)?),
         };
-        let head = Arc::new(Mutex::new(None));
+        // Starts from the anchored mark, so a process that never MACs (sealed)
+        // carries the last keyed mark forward.
+        let head = Arc::new(Mutex::new(if damage.is_none() { found_mark } else { None }));
         let (tx, rx) = mpsc::channel::<Waiter>();
         let flush_db = db.clone();
         let anchored = head.clone();
@@ -117,6 +132,8 @@ impl SledStore {
             head,
             damage,
             reanchored_from,
+            keyed_at_open,
+            legacy_anchor,
         })
     }
 
@@ -583,13 +600,30 @@ impl Store for SledStore {
         }
     }
 
-    fn audit_append(&self, seq: u64, record: &[u8]) -> Result<(), StoreError> {
+    fn audit_append(&self, seq: u64, record: &[u8], keyed_mac: Option<[u8; 32]>) -> Result<(), StoreError> {
         self.audit.insert(seq.to_be_bytes(), record).map_err(backend)?;
         let mut head = self.head.lock().unwrap_or_else(|p| p.into_inner());
         if head.is_none_or(|h| h.seq < seq) {
-            *head = Some(Mark::of(seq, record));
+            let mut mark = Mark::of(seq, record);
+            mark.keyed = match keyed_mac {
+                Some(mac) => Some(KeyedMark {
+                    seq,
+                    digest: mark.digest,
+                    mac,
+                }),
+                None => head.and_then(|h| h.keyed),
+            };
+            *head = Some(mark);
         }
         Ok(())
+    }
+
+    fn audit_keyed_mark(&self) -> Option<KeyedMark> {
+        self.keyed_at_open
+    }
+
+    fn audit_anchor_legacy(&self) -> bool {
+        self.legacy_anchor
     }
 
     fn damage(&self) -> Option<StoreDamage> {
@@ -746,7 +780,9 @@ mod tests {
         let store = SledStore::open(dir).unwrap();
         assert_eq!(store.damage(), None);
         for seq in from..from + n {
-            store.audit_append(seq, format!("record {seq}").as_bytes()).unwrap();
+            store
+                .audit_append(seq, format!("record {seq}").as_bytes(), None)
+                .unwrap();
         }
         store.commit().await.unwrap();
     }
@@ -766,13 +802,13 @@ mod tests {
         let old = SledStore::open(backup.path()).unwrap();
         assert_eq!(old.damage(), Some(StoreDamage::RecordsLost { anchored: 8, found: 5 }));
         // Frozen: new writes do not move the anchor, so the alarm outlives restarts.
-        old.audit_append(6, b"another history").unwrap();
+        old.audit_append(6, b"another history", None).unwrap();
         old.commit().await.unwrap();
         drop(old);
         let old = SledStore::open(backup.path()).unwrap();
         assert_eq!(old.damage(), Some(StoreDamage::RecordsLost { anchored: 8, found: 6 }));
-        old.audit_append(7, b"x").unwrap();
-        old.audit_append(8, b"y").unwrap();
+        old.audit_append(7, b"x", None).unwrap();
+        old.audit_append(8, b"y", None).unwrap();
         old.commit().await.unwrap();
         drop(old);
         // Record 8 exists again, but it is not the one that was anchored.
@@ -788,7 +824,7 @@ mod tests {
         let healed = SledStore::open(backup.path()).unwrap();
         assert_eq!(healed.damage(), None);
         assert_eq!(healed.reanchored_from(), Some(8));
-        healed.audit_append(9, b"z").unwrap();
+        healed.audit_append(9, b"z", None).unwrap();
         healed.commit().await.unwrap();
         drop(healed);
         let healed = SledStore::open(backup.path()).unwrap();

@@ -178,6 +178,21 @@ async fn every_action_is_recorded_and_tampering_is_caught() {
             "BROKEN at record 3: MAC does not verify",
         ),
         (
+            // The assessor's forgery: edit, recompute the chain, drop every MAC from
+            // there on. Before the fix this verified ("written while sealed").
+            "edited with the chain recomputed and the MACs dropped",
+            {
+                let mut r = records.clone();
+                r[2]["outcome"] = json!("not_found");
+                rechain(&mut r);
+                for rec in r.iter_mut().skip(2) {
+                    rec["mac"] = Value::Null;
+                }
+                r
+            },
+            "BROKEN at record 3: no MAC outside a sealed period",
+        ),
+        (
             "deleted",
             {
                 let mut r = records.clone();
@@ -238,4 +253,87 @@ async fn every_action_is_recorded_and_tampering_is_caught() {
     assert!(out.contains("BROKEN at record 7: sequence jumps from 5 to 7"), "{out}");
     drop(app);
     drop(keep);
+}
+
+/// The same forgery made to look like a sealed period (the edited record turned
+/// into a period opener), written into the stopped vault's own store: the file
+/// verifier can no longer tell, but the anchor's keyed mark (MACed under the audit
+/// key) can. The vault refuses to start and chain onto the forged head.
+#[tokio::test]
+async fn a_forged_sealed_period_cannot_be_chained_onto() {
+    let mut app = TestApp::spawn().await;
+    for pan in TEST_PANS {
+        assert_eq!(app.tokenize("default", pan, None).await.0, 201);
+    }
+    let dir = app.data_dir.clone();
+    let _keep = app.keep_data();
+    app.kill();
+    {
+        let db = sled::open(dir.join("sled")).unwrap();
+        let tree = db.open_tree("audit").unwrap();
+        let mut records: Vec<Value> = tree
+            .iter()
+            .values()
+            .map(|v| serde_json::from_slice(&v.unwrap()).unwrap())
+            .collect();
+        assert!(records.len() >= 5);
+        records[2]["action"] = json!("audit.sealed_period");
+        records[2]["outcome"] = json!("opened");
+        records[3]["principal"] = json!("someone-else");
+        rechain(&mut records);
+        for rec in records.iter_mut().skip(2) {
+            rec["mac"] = Value::Null;
+        }
+        for rec in &records {
+            let seq = rec["seq"].as_u64().unwrap();
+            tree.insert(seq.to_be_bytes(), serde_json::to_vec(rec).unwrap())
+                .unwrap();
+        }
+        db.flush().unwrap();
+    }
+    // The attacker also rewrites the anchor's (checksummed, unkeyed) head mark so
+    // the store looks intact; keeping the keyed mark or zeroing it, the vault will
+    // not chain onto the forged head.
+    let head = {
+        let db = sled::open(dir.join("sled")).unwrap();
+        let tree = db.open_tree("audit").unwrap();
+        let (k, v) = tree.last().unwrap().unwrap();
+        (u64::from_be_bytes(k.as_ref().try_into().unwrap()), v.to_vec())
+    };
+    let anchor = dir.join("sled/anchor");
+    let original = std::fs::read(&anchor).unwrap();
+    assert_eq!(original.len(), 2 * 168, "a v2 anchor");
+    for (case, keep_keyed, expected) in [
+        ("keyed mark kept", true, "does not verify"),
+        ("keyed mark zeroed", false, "has no keyed mark"),
+    ] {
+        let best = (0..2)
+            .map(|i| &original[i * 168..(i + 1) * 168])
+            .max_by_key(|s| u64::from_be_bytes(s[8..16].try_into().unwrap()))
+            .unwrap();
+        let mut slot = best.to_vec();
+        let generation = u64::from_be_bytes(slot[8..16].try_into().unwrap()) + 1;
+        slot[8..16].copy_from_slice(&generation.to_be_bytes());
+        slot[16..24].copy_from_slice(&head.0.to_be_bytes());
+        slot[24..56].copy_from_slice(&Sha256::digest(&head.1));
+        if !keep_keyed {
+            slot[64..136].fill(0);
+        }
+        let check = Sha256::digest(&slot[..136]);
+        slot[136..].copy_from_slice(&check);
+        let mut forged = slot.clone();
+        forged.extend_from_slice(&slot);
+        std::fs::write(&anchor, &forged).unwrap();
+        // The store itself now looks intact...
+        let (code, out, err) = run_cli(&["store", "check", "--data-dir", dir.to_str().unwrap()], &[]);
+        assert_eq!(code, 0, "{case}: {out}{err}");
+        // ...but the vault refuses to start on the forged head.
+        let (code, _, err) = run_cli(
+            &["serve", "--listen", "127.0.0.1:0", "--data-dir", dir.to_str().unwrap()],
+            &[("RUST_LOG", "error")],
+        );
+        assert_ne!(code, 0, "{case}");
+        assert!(err.contains("the audit trail's head does not verify"), "{case}: {err}");
+        assert!(err.contains(expected), "{case}: {err}");
+    }
 }
