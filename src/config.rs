@@ -311,10 +311,16 @@ pub struct Settings {
     pub config_file: Option<PathBuf>,
     /// DEK wraps per KEK version before it is rotated (its random-nonce budget).
     pub kek_wrap_limit: u64,
+    /// Deletion epoch: the KEK is rotated this often, live records are rewrapped
+    /// and versions wrapping nothing live are destroyed, so a deleted card cannot be
+    /// opened from the data directory after at most two epochs (None: off).
+    pub deletion_epoch: Option<std::time::Duration>,
 }
 
 /// Default CVV lifetime in memory.
 pub const DEFAULT_CVV_TTL: std::time::Duration = std::time::Duration::from_secs(15 * 60);
+/// Default deletion epoch (production): a deleted card is unrecoverable within two.
+pub const DEFAULT_DELETION_EPOCH: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
 /// Default KEK wrap budget: half of SP 800-38D's 2^32 random-nonce bound.
 pub const DEFAULT_KEK_WRAP_LIMIT: u64 = 1 << 31;
 /// Default idempotency window.
@@ -368,6 +374,9 @@ struct ProductionFile {
     /// Wraps per KEK version before automatic rotation (default 2^31).
     #[serde(default)]
     kek_wrap_limit: Option<u64>,
+    /// e.g. "7d" (the default), or "off".
+    #[serde(default)]
+    deletion_epoch: Option<String>,
 }
 
 /// `[enumeration_guard]`: distinct cards per BIN + last four per client and tenant.
@@ -462,6 +471,7 @@ const ENV_KEYS: &[&str] = &[
     "anomaly_guard",
     "metrics_listen",
     "kek_wrap_limit",
+    "deletion_epoch",
     "mlockall",
     "psp.base_url",
     "psp.api_key_file",
@@ -521,6 +531,16 @@ impl Settings {
             },
             config_file: Some(file.to_owned()),
             kek_wrap_limit: parsed.kek_wrap_limit.unwrap_or(DEFAULT_KEK_WRAP_LIMIT).max(1),
+            deletion_epoch: match parsed.deletion_epoch.as_deref() {
+                Some("off") => None,
+                other => {
+                    let d = parse_duration("deletion_epoch", other.map(str::to_owned), DEFAULT_DELETION_EPOCH)?;
+                    if d < std::time::Duration::from_secs(1) {
+                        return Err(ConfigError::Invalid("deletion_epoch must be at least 1s".into()));
+                    }
+                    Some(d)
+                }
+            },
             rate_limits: Some(match &parsed.rate_limits {
                 None => crate::limits::RateLimits::production_defaults(),
                 Some(spec) => crate::limits::RateLimits::parse(spec)

@@ -236,6 +236,7 @@ pub fn settings_for(data_dir: &Path, listen: std::net::SocketAddr) -> (Settings,
         auth_failures: crate::limits::FailureParams::default(),
         config_file: None,
         kek_wrap_limit: crate::config::DEFAULT_KEK_WRAP_LIMIT,
+        deletion_epoch: None,
     };
     (settings, paths)
 }

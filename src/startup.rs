@@ -131,6 +131,50 @@ pub fn drain_secs(psp: Option<&crate::config::PspSettings>) -> u64 {
     (worst_ms.div_ceil(1000) + 5).max(10)
 }
 
+/// Runs the deletion epoch: rotate when due, rewrap, destroy versions that wrap
+/// nothing live; every key change is audited as `system:deletion-epoch`.
+fn spawn_deletion_epoch(state: web::Data<AppState>, epoch: Duration) {
+    let every = (epoch / 10).clamp(Duration::from_millis(500), Duration::from_secs(60));
+    actix_web::rt::spawn(async move {
+        loop {
+            actix_web::rt::time::sleep(every).await;
+            let step = match state.vault.deletion_epoch_step(epoch).await {
+                Ok(step) => step,
+                Err(e) => {
+                    tracing::error!(error = %e, "deletion epoch step failed");
+                    continue;
+                }
+            };
+            let mut events = Vec::new();
+            if let Some(v) = step.rotated_to {
+                state.metrics.key_ops.with_label_values(&["rotate"]).inc();
+                events.push(("key.rotate", format!("v{v} active (deletion epoch)")));
+            }
+            if step.rewrapped > 0 {
+                state.metrics.rewrapped.inc_by(step.rewrapped);
+                events.push(("key.rewrap", format!("{} records (deletion epoch)", step.rewrapped)));
+            }
+            for v in &step.destroyed {
+                state.metrics.key_ops.with_label_values(&["destroy"]).inc();
+                tracing::warn!(version = v, "deletion epoch: KEK destroyed (it wrapped no live record)");
+                events.push(("key.destroy", format!("v{v} crypto-shredded (deletion epoch)")));
+            }
+            for (action, detail) in events {
+                let event = crate::audit::AuditEvent {
+                    action,
+                    outcome: "ok".into(),
+                    principal: Some(crate::service::EPOCH_OFFICER.into()),
+                    detail: Some(detail),
+                    ..Default::default()
+                };
+                if let Err(e) = state.audit.record(event).await {
+                    tracing::error!(error = %e, "cannot audit a deletion-epoch step");
+                }
+            }
+        }
+    });
+}
+
 /// Writes the aggregated auth-failure records as their windows end.
 fn spawn_failure_summaries(state: web::Data<AppState>) {
     let every = (state.failures.window() / 4).clamp(Duration::from_millis(250), Duration::from_secs(15));
@@ -355,6 +399,9 @@ impl Application {
             max_body_bytes: settings.max_body_bytes,
         });
         spawn_failure_summaries(state.clone());
+        if let Some(epoch) = settings.deletion_epoch {
+            spawn_deletion_epoch(state.clone(), epoch);
+        }
         if let Some(file) = &settings.config_file {
             spawn_registry_reload(state.clone(), file.clone());
         }

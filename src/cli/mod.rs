@@ -112,6 +112,10 @@ struct ServeArgs {
     /// DEK wraps per KEK version before it rotates automatically (random-nonce budget) [default: 2^31].
     #[arg(long, env = "TOKENVAULT_KEK_WRAP_LIMIT", value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     kek_wrap_limit: Option<u64>,
+    /// Deletion epoch, e.g. 7d, or "off": rotate, rewrap and destroy old KEKs so a deleted
+    /// card is unrecoverable within two epochs [dev default: off; production default: 7d].
+    #[arg(long, env = "TOKENVAULT_DELETION_EPOCH", value_name = "DURATION")]
+    deletion_epoch: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -332,6 +336,17 @@ fn serve(args: ServeArgs) -> ExitCode {
                 crate::limits::RateLimits::parse(spec)
                     .map_err(|e| ConfigError::Invalid(format!("--rate-limits: {e}")))?,
             );
+        }
+        if let Some(spec) = &args.deletion_epoch {
+            s.deletion_epoch = match spec.as_str() {
+                "off" => None,
+                d => Some(
+                    humantime::parse_duration(d)
+                        .ok()
+                        .filter(|d| *d >= std::time::Duration::from_secs(1))
+                        .ok_or_else(|| ConfigError::Invalid("--deletion-epoch must be a duration such as 7d".into()))?,
+                ),
+            };
         }
         if let Some(n) = args.kek_wrap_limit {
             s.kek_wrap_limit = n;

@@ -17,6 +17,17 @@ use crate::keys::manager::UnsealProgress;
 /// How long a destroy request waits for its second officer.
 const APPROVAL_WINDOW: Duration = Duration::from_secs(3600);
 
+/// Who the deletion epoch's key operations are recorded as.
+pub const EPOCH_OFFICER: &str = "system:deletion-epoch";
+
+/// What one deletion-epoch step did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct EpochStep {
+    pub rotated_to: Option<u32>,
+    pub rewrapped: u64,
+    pub destroyed: Vec<u32>,
+}
+
 pub(super) struct AdminState {
     cryptoperiod: Option<Duration>,
     pending_destroy: Mutex<HashMap<u32, (String, Instant)>>,
@@ -295,6 +306,89 @@ impl Vault {
                 })
             }
         }
+    }
+
+    /// One step of the deletion epoch (a bound on how long a deleted card stays
+    /// recoverable from the data directory): once the active KEK is older than
+    /// `epoch` it is rotated; then every live record is rewrapped under the new
+    /// version, and each older version that no longer wraps any record is retired
+    /// and destroyed. A deleted card's envelope (still in the store's log until it
+    /// is compacted away) was wrapped under such an older version, so it can no
+    /// longer be opened: deletion is real within two epochs. Destroying a version
+    /// that wraps no live record needs no second officer (nothing live depends on
+    /// it); the schedule itself is the officers' configuration. Audited by the caller.
+    pub async fn deletion_epoch_step(&self, epoch: Duration) -> Result<EpochStep, VaultError> {
+        let mut step = EpochStep::default();
+        let Some(ring) = self.keys.ring() else {
+            return Ok(step);
+        };
+        let now = OffsetDateTime::now_utc();
+        let due = ring
+            .versions()
+            .iter()
+            .any(|v| v.state == KeyState::Active && (now - v.created_at).whole_seconds() >= epoch.as_secs() as i64);
+        if due {
+            step.rotated_to = Some(self.rotate_key(EPOCH_OFFICER).await?);
+        }
+        let pending_old = self.keys.ring().is_some_and(|r| {
+            r.versions()
+                .iter()
+                .any(|v| matches!(v.state, KeyState::DecryptOnly | KeyState::Retired))
+        });
+        if !pending_old {
+            return Ok(step);
+        }
+        loop {
+            let progress = self.rewrap_batch(1000).await?;
+            step.rewrapped += progress.rewrapped;
+            if progress.remaining == 0 || progress.rewrapped == 0 {
+                break;
+            }
+        }
+        let Some(ring) = self.keys.ring() else {
+            return Ok(step);
+        };
+        let old: Vec<u32> = ring
+            .versions()
+            .iter()
+            .filter(|v| matches!(v.state, KeyState::DecryptOnly | KeyState::Retired))
+            .map(|v| v.version)
+            .collect();
+        for version in old {
+            let this = self.clone();
+            let shredded = tokio::task::spawn_blocking(move || -> Result<bool, VaultError> {
+                if this.store.count_by_version()?.get(&version).copied().unwrap_or(0) > 0 {
+                    return Ok(false);
+                }
+                this.keys.update(
+                    |ring| {
+                        this.require_unused(version)?;
+                        match ring.versions().iter().find(|v| v.version == version).map(|v| v.state) {
+                            Some(KeyState::DecryptOnly | KeyState::Retired) => Ok(()),
+                            _ => Err(VaultError::KeyRefused(format!("v{version} changed meanwhile"))),
+                        }
+                    },
+                    |ks| {
+                        if ks
+                            .keyring()?
+                            .versions()
+                            .iter()
+                            .any(|v| v.version == version && v.state == KeyState::DecryptOnly)
+                        {
+                            ks.retire(version, &[EPOCH_OFFICER])?;
+                        }
+                        ks.destroy(version, &[EPOCH_OFFICER])
+                    },
+                )?;
+                Ok(true)
+            })
+            .await
+            .map_err(|_| VaultError::Task)??;
+            if shredded {
+                step.destroyed.push(version);
+            }
+        }
+        Ok(step)
     }
 
     fn require_unused(&self, version: u32) -> Result<(), VaultError> {

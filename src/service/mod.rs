@@ -136,7 +136,7 @@ pub struct Revealed {
 }
 
 pub use charges::{ChargeInput, ChargeOutcome, STATUS_PENDING, psp_idempotency_key};
-pub use keyadmin::{DestroyOutcome, KeyStatus, RewrapProgress, VersionStatus};
+pub use keyadmin::{DestroyOutcome, EPOCH_OFFICER, EpochStep, KeyStatus, RewrapProgress, VersionStatus};
 
 /// The vault. Cheap to clone.
 #[derive(Clone)]

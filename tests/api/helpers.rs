@@ -92,6 +92,14 @@ impl TestApp {
         )
     }
 
+    /// A dev-mode vault on an existing data directory, with extra `serve` flags.
+    pub fn restart_on_with(dir: &Path, extra: &[&str]) -> TestApp {
+        let d = dir.to_str().unwrap().to_owned();
+        let mut args = vec!["serve", "--listen", "127.0.0.1:0", "--data-dir", &d];
+        args.extend_from_slice(extra);
+        TestApp::start(&args, dir.to_owned())
+    }
+
     /// Starts the binary with `args` and waits for it to listen.
     pub fn start(args: &[&str], data_dir: PathBuf) -> TestApp {
         TestApp::start_with_env(args, &[], data_dir)

@@ -631,3 +631,66 @@ async fn a_restored_old_keystore_cannot_undo_a_destroy() {
     assert_eq!(res.status(), 200);
     app.watch("4111111111111111");
 }
+
+/// The assessor's finding: after DELETE the envelope stayed in sled's log under a
+/// still-active KEK, so the data directory plus the keys opened it. With a deletion
+/// epoch the KEK rotates, live records are rewrapped and the old KEK is destroyed:
+/// the deleted card's envelope (here taken from a copy of the disk made before the
+/// delete, standing for what stays in the log) no longer opens with the vault's keys.
+#[tokio::test]
+async fn deleted_cards_become_unrecoverable_within_the_deletion_epoch() {
+    let mut app = TestApp::spawn_with(&["--deletion-epoch", "3s"]);
+    let (_, gone) = app.tokenize("default", "4111111111111111", None).await;
+    let (_, kept) = app.tokenize("default", "5555555555554444", None).await;
+    let gone = gone["token"].as_str().unwrap().to_owned();
+    let kept = kept["token"].as_str().unwrap().to_owned();
+    // The bytes an attacker could recover from the disk: the card's envelope as
+    // stored (a copy of the data directory holds it, as sled's log does after a delete).
+    let dir = app.data_dir.clone();
+    let _keep = app.keep_data();
+    app.kill();
+    let snapshot = dir.with_file_name("snapshot");
+    copy_dir(&dir, &snapshot);
+
+    let app = TestApp::restart_on_with(&dir, &["--deletion-epoch", "3s"]);
+    assert_eq!(app.delete("default", &gone).await.status(), 204);
+    // The epoch passes: v2 active, the live card rewrapped, v1 destroyed.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let (_, out, _) = app.keys_cli("officer", &["status", "--json"]);
+        let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let v1 = status["versions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["version"] == 1)
+            .cloned();
+        if v1.as_ref().is_some_and(|v| v["state"] == "destroyed") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no deletion epoch: {status}");
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
+    assert_eq!(
+        app.detokenize("default", &kept).await.status(),
+        200,
+        "live cards keep working"
+    );
+    let trail = app.audit_export();
+    assert!(
+        trail
+            .iter()
+            .any(|r| r["action"] == "key.destroy" && r["principal"] == "system:deletion-epoch"),
+        "the shredding is audited"
+    );
+    let keystore = std::fs::read(dir.join("keys/keystore.json")).unwrap();
+    drop(app);
+
+    // The old bytes with today's keys: the deleted card's envelope was wrapped
+    // under the destroyed v1 and no longer opens (before the fix: 200 and the PAN).
+    std::fs::write(snapshot.join("keys/keystore.json"), &keystore).unwrap();
+    let old = TestApp::restart_on(&snapshot);
+    assert_problem(old.detokenize("default", &gone).await, 410, "key-destroyed").await;
+    old.watch("4111111111111111");
+    old.watch("5555555555554444");
+}
