@@ -140,3 +140,36 @@ async fn readme_charge_walkthrough_works_as_written() {
     assert_eq!(reqs[0]["request"]["paymentMethod"]["cvc"], "737");
     assert!(reqs[1]["request"]["paymentMethod"].get("cvc").is_none());
 }
+
+/// The README's production config parses and passes the vault's own validation
+/// (only the certificate-pin placeholders are filled in).
+#[test]
+fn readme_production_config_is_accepted() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let section = &readme[readme.find("## Production mode").unwrap()..];
+    let toml: String = section
+        .lines()
+        .skip_while(|l| !l.starts_with("```toml"))
+        .skip(1)
+        .take_while(|l| !l.starts_with("```"))
+        .map(|l| format!("{}\n", l.replace("…64 hex…", &"ab".repeat(32))))
+        .collect();
+    assert!(toml.contains("[enumeration_guard]") && toml.contains("global_admin = true"));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tokenvault.toml");
+    std::fs::write(&path, &toml).unwrap();
+    let settings = tokenvault::config::Settings::production(&path).unwrap_or_else(|e| panic!("{e}\n{toml}"));
+    assert_eq!(settings.enumeration_guard.unwrap().max_distinct, 5);
+    assert_eq!(
+        settings.deletion_epoch,
+        Some(std::time::Duration::from_secs(7 * 24 * 3600))
+    );
+    assert_eq!(settings.auth.max_token_lifetime_secs, 3600);
+    assert!(settings.metrics_listen.is_some());
+    assert!(
+        settings
+            .clients
+            .iter()
+            .any(|c| c.sub == "officer-alice" && c.global_admin)
+    );
+}
