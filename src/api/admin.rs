@@ -319,6 +319,10 @@ pub async fn audit_export(
                 .map_err(|_| ApiError::InvalidField("since must be an RFC 3339 time, e.g. 2026-11-01T00:00:00Z"))?,
         ),
     };
+    // The documented range is int64's (what JSON and most SIEM clients can hold).
+    if query.after_seq.is_some_and(|n| n > i64::MAX as u64) || query.limit.is_some_and(|n| n > i64::MAX as u64) {
+        return Err(ApiError::InvalidField("after_seq and limit must be 0 to 9223372036854775807"));
+    }
     let st = state.clone();
     let after = query.after_seq.unwrap_or(0);
     let start = tokio::task::spawn_blocking(move || match since {
