@@ -110,6 +110,52 @@ impl crate::keys::manager::GenerationGuard for StoreGenerationGuard {
     }
 }
 
+/// The same rollback guard kept in the HSM (pkcs11 provider): survives restoring
+/// the keystore and the data directory together.
+pub struct HsmGenerationGuard(pub crate::config::Pkcs11Settings);
+
+impl crate::keys::manager::GenerationGuard for HsmGenerationGuard {
+    fn check(&self, generation: u64) -> Result<(), KeystoreError> {
+        let seen = crate::keys::pkcs11::hsm_generation(&self.0)?;
+        if generation < seen {
+            return Err(KeystoreError::Refused(format!(
+                "keystore rollback refused: the keystore is generation {generation}, but the HSM records \
+                 generation {seen}. An older keystore (or a whole older backup) was restored; it may bring back \
+                 destroyed keys"
+            )));
+        }
+        if generation > seen {
+            crate::keys::pkcs11::set_hsm_generation(&self.0, generation)?;
+        }
+        Ok(())
+    }
+}
+
+/// Every guard must agree (the store's, and the HSM's for the pkcs11 provider).
+struct AllGuards(Vec<Arc<dyn crate::keys::manager::GenerationGuard>>);
+
+impl crate::keys::manager::GenerationGuard for AllGuards {
+    fn check(&self, generation: u64) -> Result<(), KeystoreError> {
+        self.0.iter().try_for_each(|g| g.check(generation))
+    }
+}
+
+/// The keystore rollback guard for this configuration: the store always; the HSM
+/// too with the pkcs11 provider.
+pub fn generation_guard(
+    ks: &KeystoreSettings,
+    store: Arc<dyn crate::store::Store>,
+) -> Arc<dyn crate::keys::manager::GenerationGuard> {
+    let mut guards: Vec<Arc<dyn crate::keys::manager::GenerationGuard>> = vec![Arc::new(StoreGenerationGuard(store))];
+    if ks.provider == ProviderKind::Pkcs11
+        && ks.dev_root_key_file.is_none()
+        && let Some(hsm) = &ks.pkcs11
+    {
+        guards.push(Arc::new(HsmGenerationGuard(hsm.clone())));
+    }
+    Arc::new(AllGuards(guards))
+}
+
 /// Destroys CVVs whose TTL ran out, even if no charge ever came.
 fn spawn_cvv_sweeper(vault: Vault, ttl: Duration) {
     let every = (ttl / 4).clamp(Duration::from_millis(250), Duration::from_secs(30));
@@ -324,7 +370,7 @@ impl Application {
         private_dir(&settings.data_dir)?;
         let store: Arc<dyn crate::store::Store> = Arc::new(SledStore::open(&settings.data_dir.join("sled"))?);
         let keys = Arc::new(open_keys(&settings.keystore)?);
-        keys.set_generation_guard(Arc::new(StoreGenerationGuard(store.clone())))?;
+        keys.set_generation_guard(generation_guard(&settings.keystore, store.clone()))?;
         if keys.is_sealed() {
             tracing::warn!("the vault is SEALED: data endpoints answer 503 until custodians run `tokenvault unseal`");
         }

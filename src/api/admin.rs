@@ -321,7 +321,9 @@ pub async fn audit_export(
     };
     // The documented range is int64's (what JSON and most SIEM clients can hold).
     if query.after_seq.is_some_and(|n| n > i64::MAX as u64) || query.limit.is_some_and(|n| n > i64::MAX as u64) {
-        return Err(ApiError::InvalidField("after_seq and limit must be 0 to 9223372036854775807"));
+        return Err(ApiError::InvalidField(
+            "after_seq and limit must be 0 to 9223372036854775807",
+        ));
     }
     let st = state.clone();
     let after = query.after_seq.unwrap_or(0);

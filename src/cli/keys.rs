@@ -428,7 +428,7 @@ fn open_offline(conn: &Conn) -> Result<Backend, Failure> {
         )
     })?;
     let store: Arc<dyn crate::store::Store> = Arc::new(store);
-    keys.set_generation_guard(Arc::new(crate::startup::StoreGenerationGuard(store.clone())))
+    keys.set_generation_guard(crate::startup::generation_guard(&keystore_settings, store.clone()))
         .map_err(Failure::from)?;
     if let Some(damage) = crate::store::Store::damage(&*store) {
         eprintln!("warning: the store is DAMAGED ({}): {damage}", damage.kind());

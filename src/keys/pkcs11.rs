@@ -405,6 +405,69 @@ fn warn_if_weak(session: &Session, key: ObjectHandle, label: &str) -> Result<(),
     Ok(())
 }
 
+const GENERATION_LABEL: &[u8] = b"tokenvault-keystore-generation";
+
+/// The keystore generation recorded in the HSM (0 when none is): data objects on
+/// the token, outside the keystore file and the vault's data directory, so that
+/// restoring both together (an old backup) cannot roll the keystore back. The
+/// highest value wins (a crash while replacing one leaves two).
+pub fn hsm_generation(settings: &Pkcs11Settings) -> Result<u64, ProviderError> {
+    let session = login_session(settings, false)?;
+    Ok(generation_objects(&session)?
+        .into_iter()
+        .map(|(_, g)| g)
+        .max()
+        .unwrap_or(0))
+}
+
+/// Records `generation` in the HSM. Tokens may not let an application modify a
+/// data object's value, so a new object is created first and the older ones are
+/// destroyed after it: the recorded value never goes down, even across a crash.
+pub fn set_hsm_generation(settings: &Pkcs11Settings, generation: u64) -> Result<(), ProviderError> {
+    let session = login_session(settings, true)?;
+    let older = generation_objects(&session)?;
+    session
+        .create_object(&[
+            Attribute::Class(ObjectClass::DATA),
+            Attribute::Token(true),
+            Attribute::Private(true),
+            Attribute::Label(GENERATION_LABEL.to_vec()),
+            Attribute::Application(b"tokenvault".to_vec()),
+            Attribute::Value(generation.to_be_bytes().to_vec()),
+        ])
+        .map_err(|e| device(format!("recording the keystore generation: {e}")))?;
+    for (object, g) in older {
+        if g < generation {
+            session
+                .destroy_object(object)
+                .map_err(|e| device(format!("removing an older keystore generation: {e}")))?;
+        }
+    }
+    Ok(())
+}
+
+fn generation_objects(session: &Session) -> Result<Vec<(ObjectHandle, u64)>, ProviderError> {
+    let found = session
+        .find_objects(&[
+            Attribute::Class(ObjectClass::DATA),
+            Attribute::Label(GENERATION_LABEL.to_vec()),
+        ])
+        .map_err(|e| device(format!("searching for the keystore generation: {e}")))?;
+    let mut out = Vec::with_capacity(found.len());
+    for object in found {
+        let attrs = session
+            .get_attributes(object, &[AttributeType::Value])
+            .map_err(|e| device(format!("reading the keystore generation: {e}")))?;
+        let value = attrs.into_iter().find_map(|a| match a {
+            Attribute::Value(v) => <[u8; 8]>::try_from(v.as_slice()).ok().map(u64::from_be_bytes),
+            _ => None,
+        });
+        let g = value.ok_or_else(|| device("an HSM keystore generation object is malformed".into()))?;
+        out.push((object, g));
+    }
+    Ok(out)
+}
+
 /// Destroys the root key labelled `key_label` in the HSM (after `rotate-root` has
 /// moved every keystore key under another one): old keystore copies wrapped under
 /// it can then never be opened again.

@@ -339,4 +339,53 @@ async fn production_mode_requires_explicit_config_and_enforces_the_registry() {
         .await
         .unwrap();
     assert_eq!(res.status(), 200);
+
+    // Revocation without a restart: dev-crm leaves the registry, SIGHUP re-reads it,
+    // and the same (cached, still valid) JWT is refused from the next request on.
+    let crm = dev.jwt("crm", "acme");
+    let revoked = full.replace("sub = \"dev-crm\"", "sub = \"dev-crm-revoked\"");
+    assert_ne!(revoked, full);
+    std::fs::write(&path, &revoked).unwrap();
+    let hup = std::process::Command::new("kill")
+        .args(["-HUP", &prod.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let res = prod
+            .client
+            .get(prod.url(&format!("/v1/tokens/{token}")))
+            .bearer_auth(&crm)
+            .send()
+            .await
+            .unwrap();
+        if res.status() == 403 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "SIGHUP did not revoke dev-crm");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(prod.logs().contains("client registry reloaded (SIGHUP)"));
+    // A JWT living longer than auth.max_token_lifetime_secs (default 1 h) is refused.
+    let mut claims = dev.claims("edge", "acme");
+    claims["exp"] = serde_json::json!(now() + 2 * 3600);
+    let long = dev.sign(&claims, Some("dev-ed25519-1"));
+    let res = prod
+        .client
+        .post(prod.url("/v1/tokens"))
+        .bearer_auth(long)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let problem = assert_problem(res, 401, "unauthenticated").await;
+    assert_eq!(
+        problem["detail"], "the bearer token is missing or not valid",
+        "no reason to the caller"
+    );
+    assert_eq!(
+        prod.metric("tokenvault_auth_failures_total{reason=\"lifetime\"}").await,
+        1.0
+    );
 }

@@ -202,6 +202,42 @@ pin_file = "{dd}/pin"
     assert!(err.contains("no AES secret key labelled 'root-1'"), "{err}");
     std::fs::write(d.join("keystore.json"), &current).unwrap();
 
+    // The keystore generation is also kept in the HSM: restoring the keystore and
+    // the whole data directory together (an old backup) is refused as well.
+    let backup = d.join("backup");
+    copy_dir(&d.join("data"), &backup.join("data"));
+    std::fs::copy(d.join("keystore.json"), backup.join("keystore.json")).unwrap();
+    let mut prod = TestApp::start_with_env(&["serve", "--config", cfg_s], &env, d.join("data"));
+    let (code, out, err) = run_cli(
+        &[
+            "keys",
+            "--url",
+            &prod.base,
+            "--token-file",
+            token_file.to_str().unwrap(),
+            "rotate",
+        ],
+        &env,
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    prod.kill();
+    drop(prod);
+    let now_data = d.join("now");
+    copy_dir(&d.join("data"), &now_data.join("data"));
+    std::fs::copy(d.join("keystore.json"), now_data.join("keystore.json")).unwrap();
+    std::fs::remove_dir_all(d.join("data")).unwrap();
+    copy_dir(&backup.join("data"), &d.join("data"));
+    std::fs::copy(backup.join("keystore.json"), d.join("keystore.json")).unwrap();
+    let (code, _, err) = run_cli(&["serve", "--config", cfg_s], &[env[0], ("RUST_LOG", "error")]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("keystore rollback refused") && err.contains("HSM"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(d.join("data")).unwrap();
+    copy_dir(&now_data.join("data"), &d.join("data"));
+    std::fs::copy(now_data.join("keystore.json"), d.join("keystore.json")).unwrap();
+
     // A keystore pointed at a key the HSM does not hold does not start.
     let edited = std::fs::read_to_string(d.join("keystore.json"))
         .unwrap()
