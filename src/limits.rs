@@ -9,6 +9,23 @@ use std::time::Duration;
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 
+/// Splits a `key=value,key=value` spec into trimmed pairs.
+fn spec_pairs(s: &str) -> Result<Vec<(&str, &str)>, String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|part| {
+            part.split_once('=')
+                .map(|(k, v)| (k.trim(), v.trim()))
+                .ok_or_else(|| format!("expected key=value, got {part:?}"))
+        })
+        .collect()
+}
+
+fn spec_duration(v: &str) -> Result<Duration, String> {
+    humantime::parse_duration(v).map_err(|_| format!("bad duration {v:?}"))
+}
+
 /// Which budget a request draws from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum LimitClass {
@@ -58,13 +75,9 @@ impl RateLimits {
     /// Parses `tokenize=200,detokenize=50,charges=20,other=100` (missing classes are unlimited).
     pub fn parse(s: &str) -> Result<RateLimits, String> {
         let mut map = HashMap::new();
-        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            let (k, v) = part
-                .split_once('=')
-                .ok_or_else(|| format!("expected class=N, got {part:?}"))?;
-            let class = LimitClass::parse(k.trim()).ok_or_else(|| format!("unknown rate-limit class {k:?}"))?;
+        for (k, v) in spec_pairs(s)? {
+            let class = LimitClass::parse(k).ok_or_else(|| format!("unknown rate-limit class {k:?}"))?;
             let n: u32 = v
-                .trim()
                 .parse()
                 .ok()
                 .filter(|n| *n > 0)
@@ -160,16 +173,12 @@ impl AnomalyParams {
     /// Parses `window=60s,factor=10,floor=600,cooldown=15m` (missing keys keep the defaults).
     pub fn parse(s: &str) -> Result<AnomalyParams, String> {
         let mut p = AnomalyParams::production_defaults();
-        for part in s.split(',').map(str::trim).filter(|x| !x.is_empty()) {
-            let (k, v) = part
-                .split_once('=')
-                .ok_or_else(|| format!("expected key=value, got {part:?}"))?;
-            let dur = |v: &str| humantime::parse_duration(v.trim()).map_err(|_| format!("bad duration {v:?}"));
-            match k.trim() {
-                "window" => p.window = dur(v)?,
-                "cooldown" => p.cooldown = dur(v)?,
-                "factor" => p.factor = v.trim().parse().map_err(|_| format!("bad factor {v:?}"))?,
-                "floor" => p.floor = v.trim().parse().map_err(|_| format!("bad floor {v:?}"))?,
+        for (k, v) in spec_pairs(s)? {
+            match k {
+                "window" => p.window = spec_duration(v)?,
+                "cooldown" => p.cooldown = spec_duration(v)?,
+                "factor" => p.factor = v.parse().map_err(|_| format!("bad factor {v:?}"))?,
+                "floor" => p.floor = v.parse().map_err(|_| format!("bad floor {v:?}"))?,
                 other => return Err(format!("unknown anomaly-guard key {other:?}")),
             }
         }
@@ -333,15 +342,11 @@ impl EnumerationParams {
             return Ok(None);
         }
         let mut p = EnumerationParams::default();
-        for part in s.split(',').map(str::trim).filter(|x| !x.is_empty()) {
-            let (k, v) = part
-                .split_once('=')
-                .ok_or_else(|| format!("expected key=value, got {part:?}"))?;
-            let dur = |v: &str| humantime::parse_duration(v.trim()).map_err(|_| format!("bad duration {v:?}"));
-            match k.trim() {
-                "max" => p.max_distinct = v.trim().parse().map_err(|_| format!("bad max {v:?}"))?,
-                "window" => p.window = dur(v)?,
-                "cooldown" => p.cooldown = dur(v)?,
+        for (k, v) in spec_pairs(s)? {
+            match k {
+                "max" => p.max_distinct = v.parse().map_err(|_| format!("bad max {v:?}"))?,
+                "window" => p.window = spec_duration(v)?,
+                "cooldown" => p.cooldown = spec_duration(v)?,
                 other => return Err(format!("unknown enumeration-guard key {other:?}")),
             }
         }
@@ -538,15 +543,10 @@ impl FailureParams {
     /// Parses `max=1000,window=60s` (missing keys keep the defaults).
     pub fn parse(s: &str) -> Result<FailureParams, String> {
         let mut p = FailureParams::default();
-        for part in s.split(',').map(str::trim).filter(|x| !x.is_empty()) {
-            let (k, v) = part
-                .split_once('=')
-                .ok_or_else(|| format!("expected key=value, got {part:?}"))?;
-            match k.trim() {
-                "max" => p.max_per_source = v.trim().parse().map_err(|_| format!("bad max {v:?}"))?,
-                "window" => {
-                    p.window = humantime::parse_duration(v.trim()).map_err(|_| format!("bad duration {v:?}"))?
-                }
+        for (k, v) in spec_pairs(s)? {
+            match k {
+                "max" => p.max_per_source = v.parse().map_err(|_| format!("bad max {v:?}"))?,
+                "window" => p.window = spec_duration(v)?,
                 other => return Err(format!("unknown auth-failures key {other:?}")),
             }
         }

@@ -112,9 +112,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/admin/audit/prune"),
 ];
 
-/// The operational routes (`/healthz`, `/readyz`, `/metrics`), for a separate
-/// internal listener.
-pub fn configure_ops(cfg: &mut web::ServiceConfig) {
+/// The operational routes (`/healthz`, `/readyz`, `/metrics`).
+fn ops_routes(cfg: &mut web::ServiceConfig) {
     cfg.service(
         web::resource("/healthz")
             .route(web::get().to(healthz))
@@ -129,29 +128,20 @@ pub fn configure_ops(cfg: &mut web::ServiceConfig) {
         web::resource("/metrics")
             .route(web::get().to(metrics))
             .default_service(web::to(method_not_allowed)),
-    )
-    .default_service(web::to(not_found));
+    );
+}
+
+/// The operational routes alone, for a separate internal listener (`metrics_listen`).
+pub fn configure_ops(cfg: &mut web::ServiceConfig) {
+    ops_routes(cfg);
+    cfg.default_service(web::to(not_found));
 }
 
 /// Registers the API routes, and the operational ones unless they have their own
 /// listener (`metrics_listen`). Wrong methods get a 405 problem, unknown paths a 404.
 pub fn configure_with(cfg: &mut web::ServiceConfig, ops_here: bool) {
     if ops_here {
-        cfg.service(
-            web::resource("/healthz")
-                .route(web::get().to(healthz))
-                .default_service(web::to(method_not_allowed)),
-        )
-        .service(
-            web::resource("/readyz")
-                .route(web::get().to(readyz))
-                .default_service(web::to(method_not_allowed)),
-        )
-        .service(
-            web::resource("/metrics")
-                .route(web::get().to(metrics))
-                .default_service(web::to(method_not_allowed)),
-        );
+        ops_routes(cfg);
     }
     configure_api(cfg);
 }
@@ -379,6 +369,9 @@ async fn metrics(state: web::Data<AppState>) -> HttpResponse {
             .metrics
             .kek_wrap_limit
             .set(i64::try_from(limit).unwrap_or(i64::MAX));
+        // Only versions that still hold key material: the series set stays bounded
+        // as the deletion epoch destroys versions.
+        state.metrics.kek_wraps.reset();
         for (version, n) in counts {
             state
                 .metrics

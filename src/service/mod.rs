@@ -252,7 +252,17 @@ impl Vault {
         let Some(ring) = self.keys.ring() else {
             return Ok((Vec::new(), self.budget.limit()));
         };
-        let versions: Vec<u32> = ring.versions().iter().map(|v| v.version).collect();
+        let versions: Vec<u32> = ring
+            .versions()
+            .iter()
+            .filter(|v| {
+                matches!(
+                    v.state,
+                    crate::keys::KeyState::Active | crate::keys::KeyState::DecryptOnly
+                )
+            })
+            .map(|v| v.version)
+            .collect();
         let budget = self.budget.clone();
         let counts = tokio::task::spawn_blocking(move || budget.snapshot(&versions))
             .await
