@@ -5,7 +5,7 @@ use actix_web::{HttpResponse, web};
 use serde::Deserialize;
 
 use super::AppState;
-use super::extract::{ApiJson, AuditRead, Caller, KeysAdmin};
+use super::extract::{ApiJson, AuditRead, Caller, KeysAdmin, SecretJson};
 use super::problem::ApiError;
 use crate::service::DestroyOutcome;
 
@@ -217,7 +217,7 @@ pub async fn rotate_root(
 pub async fn unseal(
     state: web::Data<AppState>,
     caller: Caller<KeysAdmin>,
-    body: ApiJson<UnsealBody>,
+    body: SecretJson<UnsealBody>,
 ) -> Result<HttpResponse, ApiError> {
     use secrecy::ExposeSecret;
     let vault = state.vault.clone();

@@ -159,19 +159,20 @@ impl<T: DeserializeOwned + 'static> FromRequest for ApiJson<T> {
     }
 }
 
-/// Like [`ApiJson`], for bodies that carry card data: a body with any backslash
-/// escape is refused before parsing. serde_json unescapes a string through a
-/// scratch buffer it never zeroizes, so `"\u0034111…"` would leave a card number
-/// behind in freed memory; refusing escapes keeps card fields in the zeroizing body.
-pub struct CardJson<T>(pub T);
+/// Like [`ApiJson`], for bodies that carry card data or other secrets (a key
+/// share): a body with any backslash escape is refused before parsing. serde_json
+/// unescapes a string through a scratch buffer it never zeroizes, so
+/// `"\u0034111…"` would leave a card number behind in freed memory; refusing
+/// escapes keeps secret fields in the zeroizing body.
+pub struct SecretJson<T>(pub T);
 
-impl<T: DeserializeOwned + 'static> FromRequest for CardJson<T> {
+impl<T: DeserializeOwned + 'static> FromRequest for SecretJson<T> {
     type Error = ApiError;
     type Future = LocalBoxFuture<'static, Result<Self, ApiError>>;
 
     fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
         let fut = read_json::<T>(req, payload, true);
-        Box::pin(async move { fut.await.map(|ApiJson(t)| CardJson(t)) })
+        Box::pin(async move { fut.await.map(|ApiJson(t)| SecretJson(t)) })
     }
 }
 

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use super::AppState;
-use super::extract::{ApiJson, Caller, CardJson, TokensCreate, TokensDelete, TokensDetokenize, TokensRead};
+use super::extract::{ApiJson, Caller, SecretJson, TokensCreate, TokensDelete, TokensDetokenize, TokensRead};
 use super::problem::ApiError;
 use crate::config::Scope;
 use crate::domain::card::{CardPayload, CardholderName, Expiry, Pan};
@@ -86,7 +86,7 @@ struct RevealedBody<'a> {
 pub async fn tokenize(
     state: web::Data<AppState>,
     caller: Caller<TokensCreate>,
-    body: CardJson<TokenizeBody>,
+    body: SecretJson<TokenizeBody>,
 ) -> Result<HttpResponse, ApiError> {
     let input = match parse_tokenize(&body.0) {
         Ok(input) => input,

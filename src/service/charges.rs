@@ -16,6 +16,7 @@ use super::{Vault, VaultError};
 use crate::domain::tenant::TenantId;
 use crate::domain::token::Token;
 use crate::psp::{Amount, PspError, PspRequest, PspStatus, Recurring, Sequence, ShopperInteraction};
+use crate::store::{ChargeRecord, IdempotencyRecord};
 
 /// A reserved charge whose PSP outcome is not known yet.
 pub const STATUS_PENDING: &str = "pending";
@@ -25,7 +26,6 @@ pub const STATUS_PENDING: &str = "pending";
 pub fn psp_idempotency_key(charge_id: &str) -> String {
     format!("tv-{charge_id}")
 }
-use crate::store::{ChargeRecord, IdempotencyRecord};
 
 /// A parsed charge request.
 #[derive(Debug, Clone, Serialize)]
