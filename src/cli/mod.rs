@@ -46,15 +46,6 @@ enum Command {
     },
     /// Submit one custodian share to a sealed vault (read from a file, a hidden prompt or stdin; never argv).
     Unseal(keys::UnsealArgs),
-    /// A local PSP simulator (Adyen-style `POST /payments`) with deterministic outcomes, for dev and tests.
-    MockPsp {
-        /// Listen address.
-        #[arg(long, default_value = "127.0.0.1:8081", value_name = "ADDR")]
-        listen: SocketAddr,
-        /// File holding the API key to require [default: the dev key the vault uses with --psp-url].
-        #[arg(long, value_name = "FILE")]
-        api_key_file: Option<PathBuf>,
-    },
     /// The store of a stopped vault: check it against its anchor, salvage it, or accept a loss after damage.
     Store {
         #[command(subcommand)]
@@ -178,7 +169,6 @@ pub fn run() -> ExitCode {
         Command::Keys { conn, command } => keys::run_keys(conn, command),
         Command::Unseal(args) => keys::run_unseal(args),
         Command::Audit { conn, command } => keys::run_audit(conn, command),
-        Command::MockPsp { listen, api_key_file } => mock_psp(listen, api_key_file),
         Command::Store { command } => store(command),
         Command::Dev {
             command:
@@ -427,27 +417,6 @@ fn serve(args: ServeArgs) -> ExitCode {
         app.run_until_stopped().await.map_err(|e| e.to_string())
     });
     match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-fn mock_psp(listen: SocketAddr, api_key_file: Option<PathBuf>) -> ExitCode {
-    let key = match api_key_file {
-        Some(f) => match std::fs::read_to_string(&f) {
-            Ok(k) => k.trim().to_owned(),
-            Err(e) => {
-                eprintln!("error: cannot read {}: {e}", f.display());
-                return ExitCode::from(2);
-            }
-        },
-        None => crate::psp::DEV_API_KEY.to_owned(),
-    };
-    telemetry::init(crate::config::LogFormat::Pretty);
-    match actix_web::rt::System::new().block_on(crate::psp::mock::serve(listen, key)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");

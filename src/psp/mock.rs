@@ -1,4 +1,4 @@
-//! `tokenvault mock-psp`: a local simulator of an Adyen-style Checkout `POST /payments` API.
+//! `tokenvault-mock-psp`: a local simulator of an Adyen-style Checkout `POST /payments` API.
 //!
 //! It is a **test tool**: outcomes are deterministic, and every request that passed the
 //! API-key check is recorded (card data included) so a test can prove which card reached
@@ -82,6 +82,30 @@ const TIMEOUT_DELAY: Duration = Duration::from_secs(30);
 const DECLINED_CARD: &str = "4000000000000002";
 /// Message of the `704` idempotency conflict.
 const CONFLICT_MESSAGE: &str = "request already processed or in progress with different body";
+
+/// The `tokenvault-mock-psp` binary: reads the API key (default: the dev key),
+/// then serves until stopped.
+pub fn run(listen: SocketAddr, api_key_file: Option<std::path::PathBuf>) -> std::process::ExitCode {
+    use std::process::ExitCode;
+    let key = match api_key_file {
+        Some(f) => match std::fs::read_to_string(&f) {
+            Ok(k) => k.trim().to_owned(),
+            Err(e) => {
+                eprintln!("error: cannot read {}: {e}", f.display());
+                return ExitCode::from(2);
+            }
+        },
+        None => super::DEV_API_KEY.to_owned(),
+    };
+    crate::telemetry::init(crate::config::LogFormat::Pretty);
+    match actix_web::rt::System::new().block_on(serve(listen, key)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
 
 /// Serves the simulator until the process is stopped. Prints exactly one line to stdout when bound:
 /// `mock-psp listening on http://<ip>:<port>` (tests parse it; port 0 allowed).

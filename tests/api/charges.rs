@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 
 use crate::helpers::*;
 
-/// `tokenvault mock-psp` as a child process.
+/// `tokenvault-mock-psp` as a child process.
 pub struct MockPsp {
     pub base: String,
     child: Child,
@@ -19,8 +19,8 @@ pub struct MockPsp {
 
 impl MockPsp {
     pub fn spawn() -> MockPsp {
-        let mut child = Command::new(BIN)
-            .args(["mock-psp", "--listen", "127.0.0.1:0"])
+        let mut child = Command::new(MOCK_PSP_BIN)
+            .args(["--listen", "127.0.0.1:0"])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()

@@ -389,3 +389,17 @@ async fn production_mode_requires_explicit_config_and_enforces_the_registry() {
         1.0
     );
 }
+
+/// The PSP simulator records card numbers: it is its own binary, and none of it is
+/// linked into the vault's binary (which is what the container image ships).
+#[test]
+fn the_vault_binary_carries_no_psp_simulator() {
+    let vault = std::fs::read(BIN).unwrap();
+    let mock = std::fs::read(MOCK_PSP_BIN).unwrap();
+    let marker = b"mock-psp listening on";
+    let holds = |bin: &[u8]| bin.windows(marker.len()).any(|w| w == marker);
+    assert!(holds(&mock), "the simulator binary carries its own banner");
+    assert!(!holds(&vault), "the vault binary must not contain the simulator");
+    let out = std::process::Command::new(BIN).arg("mock-psp").output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "no mock-psp subcommand");
+}

@@ -14,6 +14,8 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_tokenvault");
+/// The PSP simulator, a separate binary (never part of the vault's production binary).
+pub const MOCK_PSP_BIN: &str = env!("CARGO_BIN_EXE_tokenvault-mock-psp");
 
 /// PANs used across the suite; none may ever appear in a log.
 pub const TEST_PANS: &[&str] = &[
