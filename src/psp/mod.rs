@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::domain::card::{CardPayload, Cvv};
 
-/// The API key the dev vault (`serve --psp-url`) and `tokenvault mock-psp` share by
+/// The API key the dev vault (`serve --psp-url`) and `tokenvault-mock-psp` share by
 /// default. Dev only: production reads `psp.api_key_file`.
 pub const DEV_API_KEY: &str = "tokenvault-dev-mock-psp-key";
 
