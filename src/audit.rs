@@ -22,6 +22,7 @@ use time::OffsetDateTime;
 
 use crate::crypto::Key256;
 use crate::keys::manager::KeyManager;
+pub use crate::store::AuditAppend;
 use crate::store::{Store, StoreError};
 
 /// What happened, as the caller describes it. No card data.
@@ -142,6 +143,104 @@ pub fn keyed_mark_mac(key: &Key256, seq: u64, stored: &[u8]) -> [u8; 32] {
     key.hmac(&msg)
 }
 
+/// The audit log seals records for the store's atomic writes (units of work).
+impl crate::store::AuditSeal for AuditLog {
+    fn begin(&self) -> Box<dyn crate::store::SealBatch + '_> {
+        let key = self.keys.ring().map(|r| r.audit_key());
+        let head = self.head.lock().unwrap_or_else(|p| p.into_inner());
+        let start = *head;
+        Box::new(Sealing {
+            head,
+            start,
+            at: start,
+            before_last: start,
+            key,
+        })
+    }
+}
+
+/// Records sealed for one store write; the trail's head stays locked meanwhile.
+struct Sealing<'a> {
+    head: std::sync::MutexGuard<'a, (u64, [u8; 32], bool)>,
+    start: (u64, [u8; 32], bool),
+    at: (u64, [u8; 32], bool),
+    before_last: (u64, [u8; 32], bool),
+    key: Option<Key256>,
+}
+
+impl crate::store::SealBatch for Sealing<'_> {
+    fn restart(&mut self) {
+        self.at = self.start;
+    }
+
+    fn seal(&mut self, event: &AuditEvent) -> Result<Vec<AuditAppend>, StoreError> {
+        let corrupt = |_| StoreError::Corrupt;
+        self.before_last = self.at;
+        let mut out = Vec::with_capacity(1);
+        if self.key.is_none() && !self.at.2 {
+            // No key: open a sealed period explicitly before the first un-MACed record.
+            let marker = prepare(&self.at, None, sealed_period_marker()).map_err(corrupt)?;
+            self.at = (marker.seq, marker.hash, true);
+            out.push(marker);
+        }
+        let record = prepare(&self.at, self.key.as_ref(), event.clone()).map_err(corrupt)?;
+        self.at = (record.seq, record.hash, self.key.is_none());
+        out.push(record);
+        Ok(out)
+    }
+
+    fn unseal_last(&mut self) {
+        self.at = self.before_last;
+    }
+
+    fn commit(mut self: Box<Self>) {
+        *self.head = self.at;
+    }
+}
+
+fn sealed_period_marker() -> AuditEvent {
+    AuditEvent {
+        action: SEALED_PERIOD,
+        outcome: "opened".into(),
+        detail: Some("the vault is sealed: records up to the next MACed one carry no MAC".into()),
+        ..Default::default()
+    }
+}
+
+/// Builds the next record after `head`: chained, MACed under `key` if there is one.
+fn prepare(head: &(u64, [u8; 32], bool), key: Option<&Key256>, event: AuditEvent) -> Result<AuditAppend, AuditError> {
+    let seq = head.0 + 1;
+    let at = OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default();
+    let mut rec = AuditRecord {
+        seq,
+        at,
+        action: event.action.to_owned(),
+        outcome: event.outcome,
+        principal: event.principal,
+        tenant: event.tenant,
+        token: event.token,
+        request_id: event.request_id,
+        source: event.source,
+        detail: event.detail,
+        prev: hex::encode(head.1),
+        hash: String::new(),
+        mac: None,
+    };
+    let hash = rec.chain_hash(&head.1);
+    rec.hash = hex::encode(hash);
+    rec.mac = key.map(|k| hex::encode(k.hmac(&hash)));
+    let record = serde_json::to_vec(&rec).map_err(|_| AuditError::Corrupt)?;
+    let keyed_mac = key.map(|k| keyed_mark_mac(k, seq, &record));
+    Ok(AuditAppend {
+        seq,
+        record,
+        keyed_mac,
+        hash,
+    })
+}
+
 impl AuditLog {
     /// Opens the trail, continuing after its last record.
     pub fn open(store: Arc<dyn Store>, keys: Arc<KeyManager>) -> Result<AuditLog, AuditError> {
@@ -169,21 +268,16 @@ impl AuditLog {
     /// [`AuditLog::record`]) before answering.
     pub fn append(&self, event: AuditEvent) -> Result<(), AuditError> {
         let key = self.keys.ring().map(|r| r.audit_key());
-        let mut head = self.head.lock().unwrap_or_else(|p| p.into_inner());
-        if key.is_none() && !head.2 {
-            // No key: open a sealed period explicitly before the first un-MACed record.
-            let marker = AuditEvent {
-                action: SEALED_PERIOD,
-                outcome: "opened".into(),
-                detail: Some("the vault is sealed: records up to the next MACed one carry no MAC".into()),
-                ..Default::default()
-            };
-            self.append_locked(&mut head, None, marker)?;
-            head.2 = true;
-        }
-        self.append_locked(&mut head, key.as_ref(), event)?;
-        head.2 = key.is_none();
-        Ok(())
+        self.append_keyed(key.as_ref(), event)
+    }
+
+    /// [`AuditLog::append`] under the audit key of a keyring the caller already
+    /// holds (none while sealed): no second lock on the keys.
+    pub fn append_keyed(&self, key: Option<&Key256>, event: AuditEvent) -> Result<(), AuditError> {
+        self.append_with(key, event, |entry| {
+            self.store.audit_append(entry.seq, &entry.record, entry.keyed_mac)?;
+            Ok::<_, AuditError>(((), true))
+        })
     }
 
     fn append_locked(
@@ -192,34 +286,43 @@ impl AuditLog {
         key: Option<&Key256>,
         event: AuditEvent,
     ) -> Result<(), AuditError> {
-        let seq = head.0 + 1;
-        let at = OffsetDateTime::now_utc()
-            .format(&time::format_description::well_known::Rfc3339)
-            .unwrap_or_default();
-        let mut rec = AuditRecord {
-            seq,
-            at,
-            action: event.action.to_owned(),
-            outcome: event.outcome,
-            principal: event.principal,
-            tenant: event.tenant,
-            token: event.token,
-            request_id: event.request_id,
-            source: event.source,
-            detail: event.detail,
-            prev: hex::encode(head.1),
-            hash: String::new(),
-            mac: None,
-        };
-        let hash = rec.chain_hash(&head.1);
-        rec.hash = hex::encode(hash);
-        rec.mac = key.map(|k| hex::encode(k.hmac(&hash)));
-        let bytes = serde_json::to_vec(&rec).map_err(|_| AuditError::Corrupt)?;
-        let keyed = key.map(|k| keyed_mark_mac(k, seq, &bytes));
-        self.store.audit_append(seq, &bytes, keyed)?;
-        head.0 = seq;
-        head.1 = hash;
+        let prepared = prepare(head, key, event)?;
+        self.store
+            .audit_append(prepared.seq, &prepared.record, prepared.keyed_mac)?;
+        head.0 = prepared.seq;
+        head.1 = prepared.hash;
         Ok(())
+    }
+
+    /// Appends `event` in the same atomic store write as the change it records:
+    /// `write` receives the prepared record and makes the change, returning whether
+    /// it stored the record with it (a refused change stores neither). The trail's
+    /// head stays locked meanwhile, so records keep consecutive sequence numbers.
+    /// `key` is the audit key of the keyring the caller already holds (none while
+    /// sealed). Not yet durable: commit the store before answering.
+    pub fn append_with<T, E>(
+        &self,
+        key: Option<&Key256>,
+        event: AuditEvent,
+        write: impl FnOnce(&AuditAppend) -> Result<(T, bool), E>,
+    ) -> Result<T, E>
+    where
+        E: From<AuditError>,
+    {
+        let mut head = self.head.lock().unwrap_or_else(|p| p.into_inner());
+        if key.is_none() && !head.2 {
+            // No key: open a sealed period explicitly before the first un-MACed record.
+            self.append_locked(&mut head, None, sealed_period_marker())?;
+            head.2 = true;
+        }
+        let prepared = prepare(&head, key, event)?;
+        let (out, stored) = write(&prepared)?;
+        if stored {
+            head.0 = prepared.seq;
+            head.1 = prepared.hash;
+            head.2 = key.is_none();
+        }
+        Ok(out)
     }
 
     /// Checks the trail's head against the anchor's keyed mark: its MAC verifies

@@ -417,7 +417,7 @@ impl Application {
             head_check(ring, &unseal_audit)
                 .map_err(|e| format!("unseal refused: the audit trail's head does not verify: {e}"))
         }));
-        let vault = Vault::new(store.clone(), keys, options)?;
+        let vault = Vault::new(store.clone(), keys, audit.clone(), options)?;
         report_store_state(&*store, &audit);
         spawn_cvv_sweeper(vault.clone(), settings.cvv_ttl);
         if let Some(period) = cryptoperiod {

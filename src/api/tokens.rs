@@ -102,7 +102,11 @@ pub async fn tokenize(
         tenant: caller.principal.tenant.clone(),
         dedupe,
     };
-    let result = state.vault.tokenize(who, input).await;
+    // On success the vault stores the audit record with the card (one durable wait).
+    let result = state
+        .vault
+        .tokenize(who, input, caller.event("tokenize", "", None))
+        .await;
     let (status, meta, outcome) = match result {
         Ok(Tokenized::Created(m)) => (StatusCode::CREATED, m, "created"),
         Ok(Tokenized::Existing(m)) => (StatusCode::OK, m, "existing"),
@@ -127,9 +131,6 @@ pub async fn tokenize(
         }
     };
     state.metrics.tokenize.with_label_values(&[outcome]).inc();
-    state
-        .audit(caller.event("tokenize", outcome, Some(meta.token.to_string())))
-        .await?;
     Ok(HttpResponse::build(status)
         .insert_header((header::LOCATION, format!("/v1/tokens/{}", meta.token)))
         .json(TokenBody::new(&meta, dedupe)))
@@ -170,7 +171,11 @@ pub async fn read(
     let result = match parse_token(&path, &state, "read") {
         Ok(token) => state
             .vault
-            .metadata(caller.principal.tenant.clone(), token)
+            .metadata(
+                caller.principal.tenant.clone(),
+                token,
+                caller.event("token.read", "", None),
+            )
             .await
             .map_err(|e| {
                 state.metrics.reads.with_label_values(&[error_outcome(&e)]).inc();
@@ -181,8 +186,8 @@ pub async fn read(
     let shown = Token::parse(&path).map(|t| t.to_string());
     match result {
         Ok(meta) => {
+            // Audited (durably) by the vault with the read.
             state.metrics.reads.with_label_values(&["ok"]).inc();
-            state.audit(caller.event("token.read", "ok", shown)).await?;
             Ok(HttpResponse::Ok().json(TokenBody::new(&meta, caller.principal.may(Scope::TokensDedupe))))
         }
         Err(e) => {
@@ -227,7 +232,11 @@ pub async fn detokenize(
     let result = match parse_token(&body.0.token, &state, "detokenize") {
         Ok(token) => state
             .vault
-            .detokenize(caller.principal.tenant.clone(), token)
+            .detokenize(
+                caller.principal.tenant.clone(),
+                token,
+                caller.event("detokenize", "", None),
+            )
             .await
             .map_err(|e| {
                 state.metrics.detokenize.with_label_values(&[error_outcome(&e)]).inc();
@@ -237,8 +246,8 @@ pub async fn detokenize(
     };
     match result {
         Ok(revealed) => {
+            // Audited (durably) by the vault before it returned the card.
             state.metrics.detokenize.with_label_values(&["ok"]).inc();
-            state.audit(caller.event("detokenize", "ok", shown)).await?;
             let body = RevealedBody {
                 token: revealed.token.as_str(),
                 pan: revealed.card.pan.expose_digits(),
@@ -265,7 +274,11 @@ pub async fn delete(
     let result = match parse_token(&path, &state, "delete") {
         Ok(token) => state
             .vault
-            .delete(caller.principal.tenant.clone(), token)
+            .delete(
+                caller.principal.tenant.clone(),
+                token,
+                caller.event("token.delete", "", None),
+            )
             .await
             .map_err(|e| {
                 state.metrics.delete.with_label_values(&[error_outcome(&e)]).inc();
@@ -275,8 +288,8 @@ pub async fn delete(
     };
     match result {
         Ok(()) => {
+            // Audited by the vault in the same write as the deletion.
             state.metrics.delete.with_label_values(&["deleted"]).inc();
-            state.audit(caller.event("token.delete", "deleted", shown)).await?;
             Ok(HttpResponse::NoContent().finish())
         }
         Err(e) => {

@@ -437,7 +437,10 @@ fn open_offline(conn: &Conn) -> Result<Backend, Failure> {
         cryptoperiod: keystore_settings.cryptoperiod(),
         ..Default::default()
     };
-    let vault = Vault::new(store, Arc::new(keys), options).map_err(Failure::from)?;
+    let keys = Arc::new(keys);
+    let audit = crate::audit::AuditLog::open(store.clone(), keys.clone())
+        .map_err(|e| Failure(1, format!("cannot open the audit trail: {e}")))?;
+    let vault = Vault::new(store, keys, audit, options).map_err(Failure::from)?;
     Ok(Backend::Offline { vault })
 }
 

@@ -10,12 +10,17 @@ use serde::Serialize;
 use time::OffsetDateTime;
 
 use super::{Vault, VaultError};
+use crate::domain::token::Token;
 use crate::keys::KeyState;
 use crate::keys::keystore::{KeyEvent, KeystoreError, Shamir};
 use crate::keys::manager::UnsealProgress;
 
 /// How long a destroy request waits for its second officer.
 const APPROVAL_WINDOW: Duration = Duration::from_secs(3600);
+
+/// Records a rewrap moves per atomic store write: large enough to amortise the
+/// write, small enough that a concurrent tokenize never waits long behind it.
+pub const REWRAP_CHUNK: usize = 512;
 
 /// Who the deletion epoch's key operations are recorded as.
 pub const EPOCH_OFFICER: &str = "system:deletion-epoch";
@@ -187,7 +192,8 @@ impl Vault {
     }
 
     /// Rewraps up to `limit` DEKs from older versions under the active KEK,
-    /// durably. Payloads are not touched. Idempotent and resumable.
+    /// durably: [`REWRAP_CHUNK`] records per atomic store write, one durable wait
+    /// for the call. Payloads are not touched. Idempotent and resumable.
     pub async fn rewrap_batch(&self, limit: usize) -> Result<RewrapProgress, VaultError> {
         let this = self.clone();
         let progress = tokio::task::spawn_blocking(move || this.rewrap_blocking(limit.max(1)))
@@ -208,31 +214,31 @@ impl Vault {
         let mut progress = RewrapProgress::default();
         let mut budget = limit;
         for version in &movable {
+            // A cursor through the version's index: each record is read once.
+            let mut after: Option<Token> = None;
             while budget > 0 {
-                let batch = self.store.records_under_version(*version, budget)?;
-                if batch.is_empty() {
-                    break;
-                }
-                let mut moved_any = false;
-                for record in &batch {
-                    budget = budget.saturating_sub(1);
+                let batch = self
+                    .store
+                    .records_under_version(*version, after.as_ref(), budget.min(REWRAP_CHUNK))?;
+                let Some(last) = batch.last() else { break };
+                after = Some(last.token.clone());
+                budget = budget.saturating_sub(batch.len());
+                let mut moves = Vec::with_capacity(batch.len());
+                for record in batch {
                     match ring.rewrap(&record.tenant, &record.token, &record.sealed) {
-                        Ok(sealed) => {
-                            self.budget.count(sealed.key_version, 1)?;
-                            if self.store.replace_sealed(record, &sealed)? {
-                                progress.rewrapped += 1;
-                                moved_any = true;
-                            }
-                        }
+                        Ok(sealed) => moves.push((record, sealed)),
                         Err(_) => {
                             progress.failed += 1;
                             tracing::error!(token = %record.token, version, "rewrap: record failed to open; left as is");
                         }
                     }
                 }
-                if !moved_any {
-                    break;
+                if let Some((_, sealed)) = moves.first() {
+                    self.budget.count(sealed.key_version, moves.len() as u64)?;
                 }
+                // One atomic write per chunk; a record changed meanwhile keeps its
+                // envelope and is moved by a later call.
+                progress.rewrapped += self.store.replace_sealed(&moves)?;
             }
         }
         let counts = self.store.count_by_version()?;
@@ -392,7 +398,8 @@ impl Vault {
     }
 
     fn require_unused(&self, version: u32) -> Result<(), VaultError> {
-        let n = self.store.count_by_version()?.get(&version).copied().unwrap_or(0);
+        // Records sealed under it but not yet stored count too.
+        let n = self.store.count_by_version()?.get(&version).copied().unwrap_or(0) + self.sealing.in_flight(version);
         if n > 0 {
             return Err(VaultError::KeyRefused(format!(
                 "v{version} still wraps {n} record(s); run `tokenvault keys rewrap` first"

@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 
 use time::OffsetDateTime;
 
+use crate::audit::{AuditError, AuditEvent, AuditLog};
 use crate::domain::card::{Brand, CardPayload};
 use crate::domain::tenant::TenantId;
 use crate::domain::token::{Token, TokenFormat, candidates};
@@ -21,6 +22,7 @@ use crate::keys::KeyError;
 use crate::keys::keystore::KeystoreError;
 use crate::keys::manager::{KeyManager, Sealed};
 use crate::limits::{EnumerationGuard, EnumerationVerdict};
+use crate::store::{Applied, AuditSeal, Change, Unit};
 use crate::store::{InsertMode, InsertOutcome, Store, StoreDamage, StoreError, StoredRecord};
 
 /// Why a vault operation failed. Variants carry no card data.
@@ -63,6 +65,15 @@ pub enum VaultError {
 impl From<Sealed> for VaultError {
     fn from(_: Sealed) -> Self {
         VaultError::Sealed
+    }
+}
+
+impl From<AuditError> for VaultError {
+    fn from(e: AuditError) -> Self {
+        match e {
+            AuditError::Store(e) => VaultError::Store(e),
+            AuditError::Corrupt => VaultError::Store(StoreError::Corrupt),
+        }
     }
 }
 
@@ -142,6 +153,12 @@ pub use keyadmin::{DestroyOutcome, EPOCH_OFFICER, EpochStep, KeyStatus, RewrapPr
 #[derive(Clone)]
 pub struct Vault {
     store: Arc<dyn Store>,
+    /// The trail the hot paths' units of work seal their audit records with, in
+    /// the same store write (and the same durable wait) as the change they record.
+    seal: Arc<dyn AuditSeal>,
+    /// Records sealed under a KEK version but not yet stored: a version is not
+    /// retired or destroyed under them.
+    sealing: Arc<SealingCounts>,
     keys: Arc<KeyManager>,
     stored: Arc<AtomicI64>,
     admin: Arc<keyadmin::AdminState>,
@@ -180,12 +197,20 @@ impl Default for VaultOptions {
 }
 
 impl Vault {
-    /// Builds the vault; counts the stored records once (for the gauge).
-    pub fn new(store: Arc<dyn Store>, keys: Arc<KeyManager>, options: VaultOptions) -> Result<Vault, VaultError> {
+    /// Builds the vault over `audit` (opened on the same store and keys); counts the
+    /// stored records once (for the gauge).
+    pub fn new(
+        store: Arc<dyn Store>,
+        keys: Arc<KeyManager>,
+        audit: AuditLog,
+        options: VaultOptions,
+    ) -> Result<Vault, VaultError> {
         let n = store.count()?;
         let budget = Arc::new(budget::WrapBudget::new(store.clone(), options.kek_wrap_limit));
         Ok(Vault {
             budget,
+            seal: Arc::new(audit),
+            sealing: Arc::new(SealingCounts::default()),
             store,
             keys,
             stored: Arc::new(AtomicI64::new(n as i64)),
@@ -285,20 +310,56 @@ impl Vault {
     }
 
     /// Tokenizes a card for the caller's tenant; with `dedupe`, returns the token
-    /// the tenant already has for it.
-    pub async fn tokenize(&self, caller: TokenizeCaller, mut input: TokenizeInput) -> Result<Tokenized, VaultError> {
+    /// the tenant already has for it. `event` is the caller's audit record (its
+    /// outcome and token are filled in here): the store writes it with the record,
+    /// atomically, and both are durable before this returns (one durable wait).
+    /// A failure is the caller's to audit.
+    pub async fn tokenize(
+        &self,
+        caller: TokenizeCaller,
+        mut input: TokenizeInput,
+        event: AuditEvent,
+    ) -> Result<Tokenized, VaultError> {
         self.refuse_if_damaged()?;
         let cvv = input.cvv.take();
-        let this = self.clone();
-        let outcome = tokio::task::spawn_blocking(move || this.tokenize_blocking(&caller, &input))
-            .await
-            .map_err(|_| VaultError::Task)??;
-        // Durable before we answer: a 201 (or 200) survives a crash right after it.
-        self.store.commit().await?;
-        if matches!(outcome, Tokenized::Created(_)) {
-            self.stored.fetch_add(1, Ordering::Relaxed);
-        }
-        let mut outcome = outcome;
+        let (caller, input) = (Arc::new(caller), Arc::new(input));
+        let mut skip = 0;
+        let mut outcome = loop {
+            let (this, who, card) = (self.clone(), caller.clone(), input.clone());
+            let prepared = tokio::task::spawn_blocking(move || this.tokenize_prepare(&who, &card, skip))
+                .await
+                .map_err(|_| VaultError::Task)??;
+            let (record, meta, _sealing) = match prepared {
+                Prepared::Existing(meta) => break self.existing(meta, &event).await?,
+                Prepared::New { record, meta, sealing } => (record, meta, sealing),
+            };
+            let unit = Unit {
+                audit: outcome_event(&event, "created", &record.token),
+                change: Change::Insert {
+                    record: *record,
+                    mode: caller.mode(),
+                },
+            };
+            // Durable before we answer: a 201 and its audit record survive a crash right after it.
+            match self.store.apply(unit, self.seal.clone()).await? {
+                Applied::Inserted(InsertOutcome::Inserted) => {
+                    self.stored.fetch_add(1, Ordering::Relaxed);
+                    break Tokenized::Created(meta);
+                }
+                // Another card holds this token: seal under the next candidate.
+                Applied::Inserted(InsertOutcome::TokenTaken) => skip += 1,
+                // A concurrent request stored this card first.
+                Applied::Inserted(InsertOutcome::FingerprintExists(token)) => {
+                    let (this, tenant) = (self.clone(), caller.tenant.clone());
+                    let meta = tokio::task::spawn_blocking(move || this.metadata_blocking(&tenant, &token))
+                        .await
+                        .map_err(|_| VaultError::Task)??
+                        .ok_or(VaultError::NotFound)?;
+                    break self.existing(meta, &event).await?;
+                }
+                Applied::Deleted(_) | Applied::Audited => return Err(VaultError::Task),
+            }
+        };
         let meta = match &mut outcome {
             Tokenized::Created(m) | Tokenized::Existing(m) => m,
         };
@@ -309,9 +370,31 @@ impl Vault {
         Ok(outcome)
     }
 
-    fn tokenize_blocking(&self, caller: &TokenizeCaller, input: &TokenizeInput) -> Result<Tokenized, VaultError> {
+    /// Answers with the tenant's existing token, audited durably.
+    async fn existing(&self, meta: TokenMetadata, event: &AuditEvent) -> Result<Tokenized, VaultError> {
+        self.audited(outcome_event(event, "existing", &meta.token)).await?;
+        Ok(Tokenized::Existing(meta))
+    }
+
+    /// Appends an audit record as its own unit of work, durably.
+    async fn audited(&self, event: AuditEvent) -> Result<(), VaultError> {
+        let unit = Unit {
+            change: Change::Nothing,
+            audit: event,
+        };
+        self.store.apply(unit, self.seal.clone()).await?;
+        Ok(())
+    }
+
+    /// The blocking half of tokenize: checks, lookups and sealing (under a steady
+    /// keyring), for the `skip`-th token candidate.
+    fn tokenize_prepare(
+        &self,
+        caller: &TokenizeCaller,
+        input: &TokenizeInput,
+        skip: usize,
+    ) -> Result<Prepared, VaultError> {
         let tenant = &caller.tenant;
-        // Held until the record is stored: a key change waits for in-flight seals.
         let guard = self.keys.read();
         let ring = guard.as_ref().ok_or(VaultError::Sealed)?;
         let pan = &input.card.pan;
@@ -331,16 +414,11 @@ impl Vault {
                 }
             }
         }
-        let mode = if caller.dedupe {
-            InsertMode::Dedupe
-        } else {
-            InsertMode::Fresh
-        };
         if caller.dedupe
             && let Some(token) = self.store.find_fingerprint(tenant, &fingerprint)?
             && let Some(existing) = self.metadata_with(ring, tenant, &token)?
         {
-            return Ok(Tokenized::Existing(existing));
+            return Ok(Prepared::Existing(existing));
         }
         let created_at = now_seconds();
         let binding = crate::store::metadata_binding(
@@ -351,45 +429,48 @@ impl Vault {
             &fingerprint,
             created_at,
         );
-        for token in candidates(input.format, pan) {
-            let sealed = ring.seal(tenant, &token, &binding, &input.card);
-            self.budget.count(sealed.key_version, 1)?;
-            let record = StoredRecord {
-                tenant: tenant.clone(),
-                sealed,
-                token,
-                format: input.format,
-                brand: pan.brand(),
-                bin: pan.bin6().to_owned(),
-                last4: pan.last4().to_owned(),
-                fingerprint,
-                created_at,
-                network_tx_id: None,
-            };
-            match self.store.insert(&record, mode)? {
-                InsertOutcome::Inserted => {
-                    return Ok(Tokenized::Created(metadata(&record, &input.card)));
-                }
-                InsertOutcome::TokenTaken => continue,
-                InsertOutcome::FingerprintExists(token) => {
-                    // A concurrent request stored this card first.
-                    return self
-                        .metadata_with(ring, tenant, &token)?
-                        .map(Tokenized::Existing)
-                        .ok_or(VaultError::NotFound);
-                }
-            }
-        }
-        Err(VaultError::TokenSpaceExhausted)
+        let token = candidates(input.format, pan)
+            .nth(skip)
+            .ok_or(VaultError::TokenSpaceExhausted)?;
+        let sealed = ring.seal(tenant, &token, &binding, &input.card);
+        self.budget.count(sealed.key_version, 1)?;
+        // Counted while the keyring is held: a retire or destroy (which takes it
+        // exclusively) sees this record until it is stored.
+        let sealing = self.sealing.hold(sealed.key_version);
+        let record = StoredRecord {
+            tenant: tenant.clone(),
+            sealed,
+            token,
+            format: input.format,
+            brand: pan.brand(),
+            bin: pan.bin6().to_owned(),
+            last4: pan.last4().to_owned(),
+            fingerprint,
+            created_at,
+            network_tx_id: None,
+        };
+        let meta = metadata(&record, &input.card);
+        Ok(Prepared::New {
+            record: Box::new(record),
+            meta,
+            sealing,
+        })
     }
 
     /// Metadata of a token (decrypts the payload for the expiry, then drops it).
-    pub async fn metadata(&self, tenant: TenantId, token: Token) -> Result<TokenMetadata, VaultError> {
+    /// `event` (outcome `ok`) is appended and durable before this returns.
+    pub async fn metadata(
+        &self,
+        tenant: TenantId,
+        token: Token,
+        event: AuditEvent,
+    ) -> Result<TokenMetadata, VaultError> {
         let this = self.clone();
         let mut meta = tokio::task::spawn_blocking(move || this.metadata_blocking(&tenant, &token))
             .await
             .map_err(|_| VaultError::Task)??
             .ok_or_else(|| self.missing())?;
+        self.audited(outcome_event(&event, "ok", &meta.token)).await?;
         meta.cvv_held = self.cvv.holds(&meta.token);
         Ok(meta)
     }
@@ -413,10 +494,11 @@ impl Vault {
         Ok(Some(metadata(&record, &card)))
     }
 
-    /// Reveals the card behind a token.
-    pub async fn detokenize(&self, tenant: TenantId, token: Token) -> Result<Revealed, VaultError> {
+    /// Reveals the card behind a token. `event` (outcome `ok`) is appended and
+    /// durable before the card is returned.
+    pub async fn detokenize(&self, tenant: TenantId, token: Token, event: AuditEvent) -> Result<Revealed, VaultError> {
         let this = self.clone();
-        tokio::task::spawn_blocking(move || {
+        let revealed = tokio::task::spawn_blocking(move || {
             let record = this.store.get(&tenant, &token)?.ok_or_else(|| this.missing())?;
             let card = this.keys.ring().ok_or(VaultError::Sealed)?.open(
                 &tenant,
@@ -424,30 +506,104 @@ impl Vault {
                 &record.metadata_binding(),
                 &record.sealed,
             )?;
-            Ok(Revealed { token, card })
+            Ok::<_, VaultError>(Revealed { token, card })
         })
         .await
-        .map_err(|_| VaultError::Task)?
+        .map_err(|_| VaultError::Task)??;
+        self.audited(outcome_event(&event, "ok", &revealed.token)).await?;
+        Ok(revealed)
     }
 
-    /// Deletes a token for good: record and fingerprint entry, durably.
-    pub async fn delete(&self, tenant: TenantId, token: Token) -> Result<(), VaultError> {
+    /// Deletes a token for good: record and fingerprint entry, with `event`
+    /// (outcome `deleted`) in the same atomic write, durably.
+    pub async fn delete(&self, tenant: TenantId, token: Token, event: AuditEvent) -> Result<(), VaultError> {
         if self.keys.is_sealed() {
             return Err(VaultError::Sealed);
         }
-        let store = self.store.clone();
-        let gone = token.clone();
-        let deleted = tokio::task::spawn_blocking(move || store.delete(&tenant, &token))
-            .await
-            .map_err(|_| VaultError::Task)??;
-        if !deleted {
+        let unit = Unit {
+            audit: outcome_event(&event, "deleted", &token),
+            change: Change::Delete {
+                tenant,
+                token: token.clone(),
+            },
+        };
+        if self.store.apply(unit, self.seal.clone()).await? != Applied::Deleted(true) {
             return Err(self.missing());
         }
         // A deleted card takes its waiting CVV with it.
-        drop(self.cvv.take(&gone));
-        self.store.commit().await?;
+        drop(self.cvv.take(&token));
         self.stored.fetch_sub(1, Ordering::Relaxed);
         Ok(())
+    }
+}
+
+/// What the blocking half of tokenize found or made.
+enum Prepared {
+    Existing(TokenMetadata),
+    New {
+        record: Box<StoredRecord>,
+        meta: TokenMetadata,
+        sealing: Sealing,
+    },
+}
+
+impl TokenizeCaller {
+    fn mode(&self) -> InsertMode {
+        if self.dedupe {
+            InsertMode::Dedupe
+        } else {
+            InsertMode::Fresh
+        }
+    }
+}
+
+/// Records sealed per KEK version and not yet stored.
+#[derive(Default)]
+pub(crate) struct SealingCounts(std::sync::Mutex<std::collections::HashMap<u32, u64>>);
+
+impl SealingCounts {
+    fn hold(self: &Arc<Self>, version: u32) -> Sealing {
+        *self.lock().entry(version).or_insert(0) += 1;
+        Sealing {
+            counts: self.clone(),
+            version,
+        }
+    }
+
+    /// Records sealed under `version` that are on their way to the store.
+    pub(crate) fn in_flight(&self, version: u32) -> u64 {
+        self.lock().get(&version).copied().unwrap_or(0)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<u32, u64>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// One sealed record on its way to the store (counted until dropped).
+pub(crate) struct Sealing {
+    counts: Arc<SealingCounts>,
+    version: u32,
+}
+
+impl Drop for Sealing {
+    fn drop(&mut self) {
+        let mut counts = self.counts.lock();
+        if let Some(n) = counts.get_mut(&self.version) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                counts.remove(&self.version);
+            }
+        }
+    }
+}
+
+/// The caller's audit event with the outcome and token of what happened.
+fn outcome_event(event: &AuditEvent, outcome: &str, token: &Token) -> AuditEvent {
+    AuditEvent {
+        outcome: outcome.to_owned(),
+        token: Some(token.to_string()),
+        ..event.clone()
     }
 }
 

@@ -7,6 +7,7 @@ mod sled_store;
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use time::OffsetDateTime;
@@ -15,6 +16,7 @@ use tokio::sync::oneshot;
 pub use anchor::KeyedMark;
 pub use sled_store::{Salvage, SledStore};
 
+use crate::audit::AuditEvent;
 use crate::domain::card::Brand;
 use crate::domain::tenant::TenantId;
 use crate::domain::token::{Token, TokenFormat};
@@ -105,6 +107,112 @@ pub struct IdempotencyRecord {
     pub created_at: i64,
 }
 
+/// An audit record the audit layer prepared (opaque bytes to the store), stored in
+/// the same atomic write as the change it records: both or neither.
+#[derive(Debug, Clone)]
+pub struct AuditAppend {
+    /// Consecutive sequence number assigned by the audit layer.
+    pub seq: u64,
+    pub record: Vec<u8>,
+    /// For a MACed record, the audit layer's MAC over its sequence and digest: the
+    /// store anchors it as the keyed mark.
+    pub keyed_mac: Option<[u8; 32]>,
+    /// The record's chain hash (the audit layer's head; the store ignores it).
+    pub hash: [u8; 32],
+}
+
+/// What one request changes in the store: the data change and the audit record
+/// that records it, applied atomically (both or neither) and durable together.
+#[derive(Debug, Clone)]
+pub struct Unit {
+    pub change: Change,
+    /// The audit record to store if the change is made (an insert that finds the
+    /// token taken or the card known, or a delete that finds nothing, stores none).
+    pub audit: AuditEvent,
+}
+
+/// The data change of a [`Unit`].
+#[derive(Debug, Clone)]
+pub enum Change {
+    /// Insert-if-absent, as [`Store::insert`].
+    Insert { record: StoredRecord, mode: InsertMode },
+    /// Remove a record and its index entries, as [`Store::delete`].
+    Delete { tenant: TenantId, token: Token },
+    /// Nothing but the audit record (a read).
+    Nothing,
+}
+
+/// What a [`Unit`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Applied {
+    Inserted(InsertOutcome),
+    Deleted(bool),
+    Audited,
+}
+
+impl Applied {
+    /// Whether the change was made (and its audit record stored).
+    pub fn made(&self) -> bool {
+        matches!(
+            self,
+            Applied::Inserted(InsertOutcome::Inserted) | Applied::Deleted(true) | Applied::Audited
+        )
+    }
+}
+
+/// Seals audit records in the order the store writes them. The audit layer
+/// implements it (sequence numbers, chain hashes, MACs); the store only decides
+/// which records are written, in one atomic write with their changes.
+pub trait AuditSeal: Send + Sync {
+    /// Locks the trail's head for one atomic write.
+    fn begin(&self) -> Box<dyn SealBatch + '_>;
+}
+
+/// Records sealed for one atomic write, after the head [`AuditSeal::begin`] locked.
+pub trait SealBatch {
+    /// The write is attempted again (a backend may retry a transaction): start over.
+    fn restart(&mut self);
+    /// The next records for `event` (an opening marker may precede it).
+    fn seal(&mut self, event: &AuditEvent) -> Result<Vec<AuditAppend>, StoreError>;
+    /// The records of the last [`SealBatch::seal`] were not written: drop them.
+    fn unseal_last(&mut self);
+    /// The write is stored: what was sealed becomes the trail's head.
+    fn commit(self: Box<Self>);
+}
+
+/// Resolves to a unit's outcome once it is applied and durable.
+pub struct Applying(ApplyingInner);
+
+enum ApplyingInner {
+    Waiting(oneshot::Receiver<Result<Applied, StoreError>>),
+    Failed(Option<StoreError>),
+}
+
+impl Applying {
+    pub(crate) fn waiting(rx: oneshot::Receiver<Result<Applied, StoreError>>) -> Applying {
+        Applying(ApplyingInner::Waiting(rx))
+    }
+
+    pub(crate) fn failed(e: StoreError) -> Applying {
+        Applying(ApplyingInner::Failed(Some(e)))
+    }
+}
+
+impl Future for Applying {
+    type Output = Result<Applied, StoreError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match &mut self.get_mut().0 {
+            ApplyingInner::Waiting(rx) => Pin::new(rx)
+                .poll(cx)
+                .map(|r| r.unwrap_or_else(|_| Err(StoreError::Backend("commit thread stopped".into())))),
+            ApplyingInner::Failed(e) => Poll::Ready(Err(e
+                .take()
+                .unwrap_or_else(|| StoreError::Backend("polled twice".into())))),
+        }
+    }
+}
+
 /// Whether an insert honours the tenant's fingerprint index.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum InsertMode {
@@ -172,24 +280,38 @@ pub trait Store: Send + Sync + 'static {
     /// Inserts the record and its fingerprint entry atomically, unless the token
     /// is taken or (in [`InsertMode::Dedupe`]) the tenant already holds this
     /// fingerprint. In [`InsertMode::Fresh`] a known fingerprint keeps its entry.
-    fn insert(&self, record: &StoredRecord, mode: InsertMode) -> Result<InsertOutcome, StoreError>;
+    /// `audit`, if given, is stored in the same atomic write, only if the record is.
+    fn insert(
+        &self,
+        record: &StoredRecord,
+        mode: InsertMode,
+        audit: Option<&AuditAppend>,
+    ) -> Result<InsertOutcome, StoreError>;
     /// The record for `token` if it belongs to `tenant`; `None` otherwise, so that
     /// another tenant's token is indistinguishable from an unknown one.
     fn get(&self, tenant: &TenantId, token: &Token) -> Result<Option<StoredRecord>, StoreError>;
     /// The token a tenant holds for a fingerprint.
     fn find_fingerprint(&self, tenant: &TenantId, fingerprint: &[u8; 32]) -> Result<Option<Token>, StoreError>;
     /// Removes the record, and its fingerprint entry if that names this token,
-    /// atomically; `false` if absent.
-    fn delete(&self, tenant: &TenantId, token: &Token) -> Result<bool, StoreError>;
+    /// atomically; `false` if absent. `audit`, if given, is stored in the same
+    /// atomic write, only if the record was removed.
+    fn delete(&self, tenant: &TenantId, token: &Token, audit: Option<&AuditAppend>) -> Result<bool, StoreError>;
     /// Number of stored records (may be slow: call at start-up only).
     fn count(&self) -> Result<u64, StoreError>;
-    /// Records per KEK version (scans the version index, not the records).
+    /// Records per KEK version (cheap: key status and every rewrap step ask).
     fn count_by_version(&self) -> Result<std::collections::BTreeMap<u32, u64>, StoreError>;
-    /// Up to `limit` records whose DEK is wrapped under `version`.
-    fn records_under_version(&self, version: u32, limit: usize) -> Result<Vec<StoredRecord>, StoreError>;
-    /// Replaces a record's envelope if the record is still exactly `current`
-    /// (compare-and-swap); `false` if it changed or was deleted meanwhile.
-    fn replace_sealed(&self, current: &StoredRecord, sealed: &SealedCard) -> Result<bool, StoreError>;
+    /// Up to `limit` records whose DEK is wrapped under `version`, in token order,
+    /// starting after the token `after` (a cursor: no rescans).
+    fn records_under_version(
+        &self,
+        version: u32,
+        after: Option<&Token>,
+        limit: usize,
+    ) -> Result<Vec<StoredRecord>, StoreError>;
+    /// Replaces the envelopes of many records in one atomic write, each only if the
+    /// record is still exactly as read (compare-and-swap; a record that changed or
+    /// was deleted meanwhile is left alone). Returns how many were replaced.
+    fn replace_sealed(&self, moves: &[(StoredRecord, SealedCard)]) -> Result<u64, StoreError>;
     /// Sets a record's card-on-file network transaction id if it has none yet.
     fn set_network_tx_id(&self, tenant: &TenantId, token: &Token, id: &str) -> Result<bool, StoreError>;
     /// Stores a charge and the idempotency entry that names it, atomically.
@@ -236,6 +358,10 @@ pub trait Store: Send + Sync + 'static {
     /// Stores `checkpoint`, then removes audit records with sequence ≤ `through`;
     /// returns how many were removed.
     fn audit_prune(&self, through: u64, checkpoint: &[u8]) -> Result<u64, StoreError>;
+    /// Applies one request's unit of work (its change and its audit record, atomically)
+    /// and resolves once both are durable: the request's one durable wait. Never
+    /// blocks; backends batch concurrent units into one write and one flush.
+    fn apply(&self, unit: Unit, seal: Arc<dyn AuditSeal>) -> Applying;
     /// A ticket that resolves once every write made before this call is durable.
     /// Concurrent callers share one flush (group commit).
     fn commit(&self) -> Commit;
@@ -310,9 +436,59 @@ pub(crate) mod conformance {
         }
     }
 
+    /// Seals an event as its outcome's bytes, numbered after the store's trail.
+    pub struct TestSeal(std::sync::Mutex<u64>);
+
+    impl TestSeal {
+        pub fn after(store: &dyn Store) -> TestSeal {
+            TestSeal(std::sync::Mutex::new(store.audit_last().unwrap().map_or(0, |(s, _)| s)))
+        }
+    }
+
+    struct TestBatch<'a> {
+        head: std::sync::MutexGuard<'a, u64>,
+        start: u64,
+        at: u64,
+    }
+
+    impl AuditSeal for TestSeal {
+        fn begin(&self) -> Box<dyn SealBatch + '_> {
+            let head = self.0.lock().unwrap();
+            let start = *head;
+            Box::new(TestBatch { head, start, at: start })
+        }
+    }
+
+    impl SealBatch for TestBatch<'_> {
+        fn restart(&mut self) {
+            self.at = self.start;
+        }
+
+        fn seal(&mut self, event: &AuditEvent) -> Result<Vec<AuditAppend>, StoreError> {
+            self.at += 1;
+            Ok(vec![AuditAppend {
+                seq: self.at,
+                record: event.outcome.clone().into_bytes(),
+                keyed_mac: None,
+                hash: [0; 32],
+            }])
+        }
+
+        fn unseal_last(&mut self) {
+            self.at -= 1;
+        }
+
+        fn commit(mut self: Box<Self>) {
+            *self.head = self.at;
+        }
+    }
+
     pub async fn run(store: &dyn Store) {
         let a = record("t1", "4111110000001112", 1);
-        assert_eq!(store.insert(&a, InsertMode::Dedupe).unwrap(), InsertOutcome::Inserted);
+        assert_eq!(
+            store.insert(&a, InsertMode::Dedupe, None).unwrap(),
+            InsertOutcome::Inserted
+        );
         store.commit().await.unwrap();
         assert_eq!(store.get(&a.tenant, &a.token).unwrap().as_ref(), Some(&a));
         assert_eq!(
@@ -324,31 +500,31 @@ pub(crate) mod conformance {
         let t2 = TenantId::parse("t2").unwrap();
         assert_eq!(store.get(&t2, &a.token).unwrap(), None);
         assert_eq!(store.find_fingerprint(&t2, &[1; 32]).unwrap(), None);
-        assert!(!store.delete(&t2, &a.token).unwrap());
+        assert!(!store.delete(&t2, &a.token, None).unwrap());
 
         // Same token in any tenant: taken. Same fingerprint in the tenant: exists.
         let same_token = record("t2", "4111110000001112", 9);
         assert_eq!(
-            store.insert(&same_token, InsertMode::Dedupe).unwrap(),
+            store.insert(&same_token, InsertMode::Dedupe, None).unwrap(),
             InsertOutcome::TokenTaken
         );
         let same_fp = record("t1", "4111110000002112", 1);
         assert_eq!(
-            store.insert(&same_fp, InsertMode::Dedupe).unwrap(),
+            store.insert(&same_fp, InsertMode::Dedupe, None).unwrap(),
             InsertOutcome::FingerprintExists(a.token.clone())
         );
         // Fresh mode stores a second token for the same card; the index keeps the first,
         // and deleting the second leaves the first's index entry alone.
         let second = record("t1", "4111110000005112", 1);
         assert_eq!(
-            store.insert(&second, InsertMode::Fresh).unwrap(),
+            store.insert(&second, InsertMode::Fresh, None).unwrap(),
             InsertOutcome::Inserted
         );
         assert_eq!(
             store.find_fingerprint(&a.tenant, &[1; 32]).unwrap(),
             Some(a.token.clone())
         );
-        assert!(store.delete(&second.tenant, &second.token).unwrap());
+        assert!(store.delete(&second.tenant, &second.token, None).unwrap());
         assert_eq!(
             store.find_fingerprint(&a.tenant, &[1; 32]).unwrap(),
             Some(a.token.clone())
@@ -356,54 +532,103 @@ pub(crate) mod conformance {
         // Same fingerprint in another tenant is independent.
         let other_tenant = record("t2", "4111110000003112", 1);
         assert_eq!(
-            store.insert(&other_tenant, InsertMode::Dedupe).unwrap(),
+            store.insert(&other_tenant, InsertMode::Dedupe, None).unwrap(),
             InsertOutcome::Inserted
         );
         assert_eq!(store.count().unwrap(), 2);
 
         // Delete removes record and fingerprint; a second delete finds nothing.
-        assert!(store.delete(&a.tenant, &a.token).unwrap());
+        assert!(store.delete(&a.tenant, &a.token, None).unwrap());
         store.commit().await.unwrap();
         assert_eq!(store.get(&a.tenant, &a.token).unwrap(), None);
         assert_eq!(store.find_fingerprint(&a.tenant, &[1; 32]).unwrap(), None);
-        assert!(!store.delete(&a.tenant, &a.token).unwrap());
+        assert!(!store.delete(&a.tenant, &a.token, None).unwrap());
         assert_eq!(store.count().unwrap(), 1);
         store.check().unwrap();
 
         // The version index follows inserts, rewraps and deletes.
         let c = record("t3", "4111110000004112", 3);
-        assert_eq!(store.insert(&c, InsertMode::Dedupe).unwrap(), InsertOutcome::Inserted);
+        assert_eq!(
+            store.insert(&c, InsertMode::Dedupe, None).unwrap(),
+            InsertOutcome::Inserted
+        );
         assert_eq!(store.count_by_version().unwrap(), [(1, 2)].into_iter().collect());
-        let under = store.records_under_version(1, 10).unwrap();
+        let under = store.records_under_version(1, None, 10).unwrap();
         assert_eq!(under.len(), 2);
-        assert_eq!(store.records_under_version(1, 1).unwrap().len(), 1);
+        assert!(under[0].token.as_str() < under[1].token.as_str(), "token order");
+        let first = store.records_under_version(1, None, 1).unwrap();
+        assert_eq!(first, under[..1]);
+        // The cursor continues after the token it is given.
+        assert_eq!(
+            store.records_under_version(1, Some(&first[0].token), 10).unwrap(),
+            under[1..]
+        );
+        assert_eq!(store.records_under_version(1, Some(&under[1].token), 10).unwrap(), []);
         let moved = SealedCard {
             key_version: 2,
             wrapped_dek: vec![7; 60],
             ciphertext: c.sealed.ciphertext.clone(),
         };
-        assert!(store.replace_sealed(&c, &moved).unwrap());
-        assert!(!store.replace_sealed(&c, &moved).unwrap(), "CAS: the record changed");
+        assert_eq!(store.replace_sealed(&[(c.clone(), moved.clone())]).unwrap(), 1);
+        assert_eq!(
+            store.replace_sealed(&[(c.clone(), moved.clone())]).unwrap(),
+            0,
+            "CAS: the record changed"
+        );
         assert_eq!(store.get(&c.tenant, &c.token).unwrap().unwrap().sealed, moved);
         assert_eq!(
             store.count_by_version().unwrap(),
             [(1, 1), (2, 1)].into_iter().collect()
         );
-        assert_eq!(store.records_under_version(2, 10).unwrap()[0].token, c.token);
-        assert!(store.delete(&c.tenant, &c.token).unwrap());
+        assert_eq!(store.records_under_version(2, None, 10).unwrap()[0].token, c.token);
+        assert!(store.delete(&c.tenant, &c.token, None).unwrap());
         assert_eq!(store.count_by_version().unwrap(), [(1, 1)].into_iter().collect());
         let gone = StoredRecord {
             sealed: moved.clone(),
             ..c.clone()
         };
-        assert!(
-            !store.replace_sealed(&gone, &c.sealed).unwrap(),
+        assert_eq!(
+            store.replace_sealed(&[(gone, c.sealed.clone())]).unwrap(),
+            0,
             "CAS: the record was deleted"
         );
+        // A batch replaces every record still as read, atomically, and skips the rest.
+        let (p, q) = (
+            record("t3", "4111110000009112", 11),
+            record("t3", "4111110000010112", 12),
+        );
+        for r in [&p, &q] {
+            assert_eq!(
+                store.insert(r, InsertMode::Dedupe, None).unwrap(),
+                InsertOutcome::Inserted
+            );
+        }
+        let stale = StoredRecord {
+            network_tx_id: Some("changed since".into()),
+            ..q.clone()
+        };
+        assert_eq!(
+            store
+                .replace_sealed(&[(p.clone(), moved.clone()), (stale, moved.clone())])
+                .unwrap(),
+            1
+        );
+        assert_eq!(store.get(&p.tenant, &p.token).unwrap().unwrap().sealed, moved);
+        assert_eq!(store.get(&q.tenant, &q.token).unwrap().unwrap().sealed, q.sealed);
+        assert_eq!(
+            store.count_by_version().unwrap(),
+            [(1, 2), (2, 1)].into_iter().collect()
+        );
+        for r in [&p, &q] {
+            assert!(store.delete(&r.tenant, &r.token, None).unwrap());
+        }
 
         // Card-on-file id: set once, never overwritten, tenant-scoped.
         let d = record("t4", "4111110000006112", 4);
-        assert_eq!(store.insert(&d, InsertMode::Dedupe).unwrap(), InsertOutcome::Inserted);
+        assert_eq!(
+            store.insert(&d, InsertMode::Dedupe, None).unwrap(),
+            InsertOutcome::Inserted
+        );
         assert!(!store.set_network_tx_id(&t2, &d.token, "NTI1").unwrap());
         assert!(store.set_network_tx_id(&d.tenant, &d.token, "NTI1").unwrap());
         assert!(!store.set_network_tx_id(&d.tenant, &d.token, "NTI2").unwrap());
@@ -416,6 +641,122 @@ pub(crate) mod conformance {
                 .as_deref(),
             Some("NTI1")
         );
+
+        // Audited writes: the audit record is stored with the change, or not at all.
+        let entry = |seq: u64, what: &str| AuditAppend {
+            seq,
+            record: format!("audit {seq} {what}").into_bytes(),
+            keyed_mac: None,
+            hash: [0; 32],
+        };
+        let head = store.audit_last().unwrap().map_or(0, |(s, _)| s);
+        let e = record("t5", "4111110000007112", 5);
+        let inserted = entry(head + 1, "insert");
+        assert_eq!(
+            store.insert(&e, InsertMode::Dedupe, Some(&inserted)).unwrap(),
+            InsertOutcome::Inserted
+        );
+        assert_eq!(store.audit_last().unwrap(), Some((head + 1, inserted.record.clone())));
+        let taken = record("t5", "4111110000007112", 6);
+        assert_eq!(
+            store
+                .insert(&taken, InsertMode::Dedupe, Some(&entry(head + 2, "taken")))
+                .unwrap(),
+            InsertOutcome::TokenTaken
+        );
+        let known = record("t5", "4111110000008112", 5);
+        assert_eq!(
+            store
+                .insert(&known, InsertMode::Dedupe, Some(&entry(head + 2, "known")))
+                .unwrap(),
+            InsertOutcome::FingerprintExists(e.token.clone())
+        );
+        assert!(
+            !store
+                .delete(&t2, &e.token, Some(&entry(head + 2, "other tenant")))
+                .unwrap()
+        );
+        assert_eq!(
+            store.audit_last().unwrap().map(|(s, _)| s),
+            Some(head + 1),
+            "a refused change stores no audit record"
+        );
+        let deleted = entry(head + 2, "delete");
+        assert!(store.delete(&e.tenant, &e.token, Some(&deleted)).unwrap());
+        store.commit().await.unwrap();
+        assert_eq!(store.get(&e.tenant, &e.token).unwrap(), None);
+        assert_eq!(
+            store.audit_scan(head + 1, 10).unwrap(),
+            vec![(head + 1, inserted.record), (head + 2, deleted.record)]
+        );
+
+        // Units of work: the change and its audit record together, sealed in the
+        // order they are written; a unit that changes nothing stores no record.
+        let seal: Arc<dyn AuditSeal> = Arc::new(TestSeal::after(store));
+        let f = record("t6", "4111110000011112", 6);
+        let event = |what: &str| AuditEvent {
+            action: "test",
+            outcome: what.into(),
+            ..Default::default()
+        };
+        let insert = |r: &StoredRecord, what: &str| Unit {
+            change: Change::Insert {
+                record: r.clone(),
+                mode: InsertMode::Dedupe,
+            },
+            audit: event(what),
+        };
+        let before = store.audit_last().unwrap().map_or(0, |(s, _)| s);
+        let (one, two, three, four) = tokio::join!(
+            store.apply(insert(&f, "created"), seal.clone()),
+            store.apply(
+                insert(&record("t6", "4111110000011112", 7), "token taken"),
+                seal.clone()
+            ),
+            store.apply(insert(&record("t6", "4111110000012112", 6), "card known"), seal.clone()),
+            store.apply(
+                Unit {
+                    change: Change::Nothing,
+                    audit: event("read"),
+                },
+                seal.clone()
+            ),
+        );
+        assert_eq!(one.unwrap(), Applied::Inserted(InsertOutcome::Inserted));
+        assert_eq!(two.unwrap(), Applied::Inserted(InsertOutcome::TokenTaken));
+        assert_eq!(
+            three.unwrap(),
+            Applied::Inserted(InsertOutcome::FingerprintExists(f.token.clone()))
+        );
+        assert_eq!(four.unwrap(), Applied::Audited);
+        let delete = |tenant: &str| Unit {
+            change: Change::Delete {
+                tenant: TenantId::parse(tenant).unwrap(),
+                token: f.token.clone(),
+            },
+            audit: event(&format!("deleted by {tenant}")),
+        };
+        assert_eq!(
+            store.apply(delete("t2"), seal.clone()).await.unwrap(),
+            Applied::Deleted(false)
+        );
+        assert_eq!(
+            store.apply(delete("t6"), seal.clone()).await.unwrap(),
+            Applied::Deleted(true)
+        );
+        assert_eq!(store.get(&f.tenant, &f.token).unwrap(), None);
+        assert_eq!(store.find_fingerprint(&f.tenant, &f.fingerprint).unwrap(), None);
+        let trail: Vec<String> = store
+            .audit_scan(before + 1, 10)
+            .unwrap()
+            .into_iter()
+            .enumerate()
+            .map(|(i, (seq, bytes))| {
+                assert_eq!(seq, before + 1 + i as u64, "consecutive sequence numbers");
+                String::from_utf8(bytes).unwrap()
+            })
+            .collect();
+        assert_eq!(trail, ["created", "read", "deleted by t6"]);
 
         // Charges and idempotency entries.
         let charge = ChargeRecord {

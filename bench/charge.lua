@@ -1,0 +1,22 @@
+-- POST /v1/charges (MOTO) over stored tokens against the mock PSP, a fresh
+-- Idempotency-Key per request (env TV_JWT: a psp JWT; TV_TOKENS: a file of tokens).
+package.path = package.path .. ";bench/?.lua"
+local c = require("common")
+setup = c.setup
+done = c.done
+delay = c.delay
+local tokens, auth, n
+function init(args)
+  c.seed()
+  n = 0
+  tokens = c.lines(os.getenv("TV_TOKENS"))
+  auth = "Bearer " .. (os.getenv("TV_JWT") or "")
+end
+function request()
+  n = n + 1
+  local key = string.format("bench-%d-%d-%d", tid, math.random(0, 999999999), n)
+  local headers = { ["Authorization"] = auth, ["Content-Type"] = "application/json", ["Idempotency-Key"] = key }
+  return wrk.format("POST", "/v1/charges", headers,
+    '{"token":"' .. tokens[math.random(#tokens)] .. '","amount":{"value":1000,"currency":"EUR"},' ..
+    '"reference":"' .. key .. '","shopper_interaction":"moto"}')
+end
