@@ -5,16 +5,15 @@ local c = require("common")
 setup = c.setup
 done = c.done
 delay = c.delay
-local tokens, auth, n
+response = c.count
+local tokens, auth
 function init(args)
   c.seed()
-  n = 0
   tokens = c.lines(os.getenv("TV_TOKENS"))
   auth = "Bearer " .. (os.getenv("TV_JWT") or "")
 end
 function request()
-  n = n + 1
-  local key = string.format("bench-%d-%d-%d", tid, math.random(0, 999999999), n)
+  local key = "bench-" .. c.word(16)
   local headers = { ["Authorization"] = auth, ["Content-Type"] = "application/json", ["Idempotency-Key"] = key }
   return wrk.format("POST", "/v1/charges", headers,
     '{"token":"' .. tokens[math.random(#tokens)] .. '","amount":{"value":1000,"currency":"EUR"},' ..

@@ -29,6 +29,14 @@ function M.pan()
   return body .. tostring((10 - sum % 10) % 10)
 end
 
+-- A random lowercase word: idempotency keys and references must not look like
+-- card numbers (the vault refuses digit runs that could be one).
+function M.word(n)
+  local t = {}
+  for i = 1, n do t[i] = string.char(96 + math.random(26)) end
+  return table.concat(t)
+end
+
 function M.lines(path)
   local out = {}
   local f = assert(io.open(path, "r"))
@@ -39,13 +47,32 @@ function M.lines(path)
   return out
 end
 
+-- Counts answers outside 2xx by status (scripts that want it set response = c.count).
+function M.count(status)
+  if status < 200 or status > 299 then
+    bad = bad or {}
+    bad[status] = (bad[status] or 0) + 1
+  end
+end
+
 function M.done(summary, latency, requests)
   local e = summary.errors
+  local by = {}
+  local totals = {}
+  for _, t in ipairs(threads) do
+    for status, n in pairs(t:get("bad") or {}) do
+      totals[status] = (totals[status] or 0) + n
+    end
+  end
+  for status, n in pairs(totals) do
+    table.insert(by, string.format('"%d":%d', status, n))
+  end
   io.write(string.format(
     'BENCH {"requests":%d,"duration_us":%d,"p50_us":%d,"p90_us":%d,"p99_us":%d,"max_us":%d,' ..
-    '"connect":%d,"read":%d,"write":%d,"status":%d,"timeout":%d}\n',
+    '"connect":%d,"read":%d,"write":%d,"status":%d,"timeout":%d,"by_status":{%s}}\n',
     summary.requests, summary.duration, latency:percentile(50), latency:percentile(90),
-    latency:percentile(99), latency.max, e.connect, e.read, e.write, e.status, e.timeout))
+    latency:percentile(99), latency.max, e.connect, e.read, e.write, e.status, e.timeout,
+    table.concat(by, ",")))
 end
 
 -- Optional pacing (env TV_RATE, requests/s over all connections; TV_CONNECTIONS):

@@ -6,10 +6,10 @@ local c = require("common")
 setup = c.setup
 done = c.done
 delay = c.delay
-local tokens, edge, crm, psp, n
+response = c.count
+local tokens, edge, crm, psp
 function init(args)
   c.seed()
-  n = 0
   tokens = c.lines(os.getenv("TV_TOKENS"))
   edge = "Bearer " .. os.getenv("TV_JWT_EDGE")
   crm = "Bearer " .. os.getenv("TV_JWT_CRM")
@@ -23,8 +23,7 @@ function request()
   elseif r <= 80 then
     return wrk.format("GET", "/v1/tokens/" .. tokens[math.random(#tokens)], { ["Authorization"] = crm })
   else
-    n = n + 1
-    local key = string.format("day-%d-%d-%d", tid, math.random(0, 999999999), n)
+    local key = "day-" .. c.word(16)
     return wrk.format("POST", "/v1/charges",
       { ["Authorization"] = psp, ["Content-Type"] = "application/json", ["Idempotency-Key"] = key },
       '{"token":"' .. tokens[math.random(#tokens)] .. '","amount":{"value":1000,"currency":"EUR"},' ..

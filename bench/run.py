@@ -106,7 +106,8 @@ def wrk(script, url, pid, env, args):
     before_cli = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.time()
     out = subprocess.run(
-        ["wrk", "-t", str(args.threads), "-c", str(env.get("TV_C", args.connections)),
+        ["wrk", "-t", str(min(args.threads, int(env.get("TV_C", args.connections)))),
+         "-c", str(env.get("TV_C", args.connections)),
          "-d", f"{env.get('TV_D', args.duration)}s", "--timeout", "5s", "-s", os.path.join("bench", script), url],
         cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout
     wall = time.time() - t0
@@ -125,7 +126,8 @@ def wrk(script, url, pid, env, args):
 def fmt(r):
     return (f"{r['rps']:>9.0f} req/s  p50 {r['p50_us'] / 1000:6.2f} ms  p99 {r['p99_us'] / 1000:6.2f} ms  "
             f"cpu {r['server_cores']:.2f} cores (client {r['client_cores']:.2f})  "
-            f"non-2xx {r['non2xx']} socket errors {r['errors']}")
+            f"non-2xx {r['non2xx']}{' ' + json.dumps(r['by_status']) if r.get('by_status') else ''} "
+            f"socket errors {r['errors']}")
 
 
 class Bench:
@@ -149,6 +151,15 @@ class Bench:
         return Server([VAULT, "serve", "--data-dir", self.data, "--listen", f"127.0.0.1:{self.port}",
                        "--psp-url", f"http://127.0.0.1:{self.psp_port}"],
                       f"http://127.0.0.1:{self.port}/readyz", env={"RUST_LOG": "warn"})
+
+    def fresh(self):
+        """A new vault on an empty data directory (the store-size scenario starts from zero)."""
+        self.vault.stop()
+        shutil.rmtree(self.data, ignore_errors=True)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.vault = self.start_vault()
+        self.jwt = {role: self.token(role) for role in ("edge", "crm", "psp", "officer")}
 
     def token(self, role):
         return subprocess.run([VAULT, "dev", "token", "--role", role, "--ttl", "8h", "--data-dir", self.data],
@@ -285,9 +296,10 @@ def run(args):
                     sweep[scenario].append({"connections": c, **r})
             res["concurrency"] = sweep
         if "sizes" in wanted or "rewrap" in wanted:
-            print("store sizes:", flush=True)
+            print("store sizes (a fresh vault):", flush=True)
+            b.fresh()
             sizes = []
-            sample = list(tokens)
+            sample = []
             for size in [int(s) for s in args.sizes.split(",")]:
                 have = b.stored()
                 if size > have:
@@ -310,12 +322,13 @@ def run(args):
             res["rewrap"] = rewrap(b, tpath)
     finally:
         b.close()
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(b.results, f, indent=1)
-    import plots
-    plots.draw(b.results, args.out)
-    print(f"wrote {args.out}/results.json and plots", flush=True)
+        # Whatever was measured is kept, even when a later scenario fails.
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "results.json"), "w") as f:
+            json.dump(b.results, f, indent=1)
+        import plots
+        plots.draw(b.results, args.out)
+        print(f"wrote {args.out}/results.json and plots", flush=True)
 
 
 def admin(b, method, path, body=None):

@@ -18,8 +18,7 @@ use crate::keys::manager::UnsealProgress;
 /// How long a destroy request waits for its second officer.
 const APPROVAL_WINDOW: Duration = Duration::from_secs(3600);
 
-/// Records a rewrap moves per atomic store write: large enough to amortise the
-/// write, small enough that a concurrent tokenize never waits long behind it.
+/// Records a rewrap reads per step of its cursor.
 pub const REWRAP_CHUNK: usize = 512;
 
 /// Who the deletion epoch's key operations are recorded as.
@@ -192,8 +191,8 @@ impl Vault {
     }
 
     /// Rewraps up to `limit` DEKs from older versions under the active KEK,
-    /// durably: [`REWRAP_CHUNK`] records per atomic store write, one durable wait
-    /// for the call. Payloads are not touched. Idempotent and resumable.
+    /// durably: [`REWRAP_CHUNK`] records per step, each compare-and-swapped, one
+    /// durable wait for the call. Payloads are not touched. Idempotent and resumable.
     pub async fn rewrap_batch(&self, limit: usize) -> Result<RewrapProgress, VaultError> {
         let this = self.clone();
         let progress = tokio::task::spawn_blocking(move || this.rewrap_blocking(limit.max(1)))
@@ -236,8 +235,7 @@ impl Vault {
                 if let Some((_, sealed)) = moves.first() {
                     self.budget.count(sealed.key_version, moves.len() as u64)?;
                 }
-                // One atomic write per chunk; a record changed meanwhile keeps its
-                // envelope and is moved by a later call.
+                // A record changed meanwhile keeps its envelope and is moved by a later call.
                 progress.rewrapped += self.store.replace_sealed(&moves)?;
             }
         }

@@ -301,16 +301,18 @@ pub trait Store: Send + Sync + 'static {
     /// Records per KEK version (cheap: key status and every rewrap step ask).
     fn count_by_version(&self) -> Result<std::collections::BTreeMap<u32, u64>, StoreError>;
     /// Up to `limit` records whose DEK is wrapped under `version`, in token order,
-    /// starting after the token `after` (a cursor: no rescans).
+    /// starting after the token `after` (a cursor: no rescans). An index entry
+    /// whose record is gone or under another version is dropped, not returned.
     fn records_under_version(
         &self,
         version: u32,
         after: Option<&Token>,
         limit: usize,
     ) -> Result<Vec<StoredRecord>, StoreError>;
-    /// Replaces the envelopes of many records in one atomic write, each only if the
-    /// record is still exactly as read (compare-and-swap; a record that changed or
-    /// was deleted meanwhile is left alone). Returns how many were replaced.
+    /// Replaces the envelopes of many records, each only if the record is still
+    /// exactly as read (compare-and-swap per record; a record that changed or was
+    /// deleted meanwhile is left alone), and moves its version index entry.
+    /// Returns how many were replaced. Durable with the next commit.
     fn replace_sealed(&self, moves: &[(StoredRecord, SealedCard)]) -> Result<u64, StoreError>;
     /// Sets a record's card-on-file network transaction id if it has none yet.
     fn set_network_tx_id(&self, tenant: &TenantId, token: &Token, id: &str) -> Result<bool, StoreError>;
@@ -592,7 +594,7 @@ pub(crate) mod conformance {
             0,
             "CAS: the record was deleted"
         );
-        // A batch replaces every record still as read, atomically, and skips the rest.
+        // A batch replaces every record still as read and skips the rest.
         let (p, q) = (
             record("t3", "4111110000009112", 11),
             record("t3", "4111110000010112", 12),

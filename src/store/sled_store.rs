@@ -488,10 +488,15 @@ impl Writer {
                     self.fingerprints.insert(fpk, token_key).map_err(backend)?;
                 }
                 let vk = version_key(record.sealed.key_version, &record.token);
-                self.by_version.insert(vk, &[] as &[u8]).map_err(backend)?;
+                // The counts follow the index entries themselves (new or not).
+                let fresh = self.by_version.insert(vk, &[] as &[u8]).map_err(backend)?.is_none();
                 (
                     Applied::Inserted(InsertOutcome::Inserted),
-                    Effect::Added(record.sealed.key_version),
+                    if fresh {
+                        Effect::Added(record.sealed.key_version)
+                    } else {
+                        Effect::None
+                    },
                 )
             }
             Change::Delete { tenant, token } => {
@@ -505,7 +510,7 @@ impl Writer {
                 }
                 audit(sealer)?;
                 let vk = version_key(record.sealed.key_version, token);
-                self.by_version.remove(vk).map_err(backend)?;
+                let indexed = self.by_version.remove(vk).map_err(backend)?.is_some();
                 let fpk = fp_key(tenant, &record.fingerprint);
                 // Only this token's own entry (compare-and-swap: never another's).
                 let _ = self
@@ -513,7 +518,14 @@ impl Writer {
                     .compare_and_swap(fpk, Some(token_key), None as Option<&[u8]>)
                     .map_err(backend)?;
                 self.tokens.remove(token_key).map_err(backend)?;
-                (Applied::Deleted(true), Effect::Removed(record.sealed.key_version))
+                (
+                    Applied::Deleted(true),
+                    if indexed {
+                        Effect::Removed(record.sealed.key_version)
+                    } else {
+                        Effect::None
+                    },
+                )
             }
             Change::Nothing => {
                 audit(sealer)?;
@@ -609,27 +621,52 @@ fn audit_seq(key: &[u8]) -> Result<u64, StoreError> {
     Ok(u64::from_be_bytes(seq))
 }
 
-/// Takes every job that has queued up, applies the units among them in one
-/// transaction, flushes once, anchors the audit head that flush made durable,
-/// answers them all: one log write and one fsync for a whole burst of requests.
+/// An answer that waits for the next flush.
+enum Durable {
+    Flush(Waiter),
+    Applied(
+        oneshot::Sender<Result<Applied, StoreError>>,
+        Result<Applied, StoreError>,
+    ),
+}
+
+/// Takes every job that has queued up and applies the units among them, in
+/// order, then hands their answers to the flusher thread and goes on with the
+/// next jobs while it flushes: applying a batch and flushing the one before
+/// overlap (a pipeline of two), and each answer still waits for a flush that
+/// began after its writes.
 fn committer(
     db: sled::Db,
     rx: mpsc::Receiver<Job>,
-    mut anchor: Option<AnchorFile>,
+    anchor: Option<AnchorFile>,
     head: Arc<Mutex<Option<Mark>>>,
     writer: Writer,
 ) {
-    let mut anchored: Option<Mark> = None;
+    let (to_flush, flushes) = mpsc::channel::<Vec<Durable>>();
+    let flusher = std::thread::Builder::new()
+        .name("sled-flush".into())
+        .spawn(move || flusher(db, flushes, anchor, head));
+    let Ok(flusher) = flusher else {
+        // No flusher thread: nothing can become durable; every caller hears so.
+        for job in rx {
+            let e = StoreError::Backend("cannot start the flush thread".into());
+            match job {
+                Job::Flush(w) => drop(w.send(Err(e))),
+                Job::Apply { reply, .. } => drop(reply.send(Err(e))),
+            }
+        }
+        return;
+    };
     while let Ok(first) = rx.recv() {
-        let mut flushes = Vec::new();
+        let mut answers = Vec::new();
         let mut applies = Vec::new();
         for job in std::iter::once(first).chain(rx.try_iter()) {
             match job {
-                Job::Flush(w) => flushes.push(w),
+                Job::Flush(w) => answers.push(Durable::Flush(w)),
                 Job::Apply { unit, seal, reply } => applies.push((unit, seal, reply)),
             }
         }
-        // Units sharing an audit trail go in one transaction.
+        // Units sharing an audit trail are applied as one batch.
         let mut outcomes: Vec<Result<Applied, StoreError>> = Vec::with_capacity(applies.len());
         let mut start = 0;
         while start < applies.len() {
@@ -645,6 +682,31 @@ fn committer(
             }
             start = end;
         }
+        for ((_, _, reply), outcome) in applies.into_iter().zip(outcomes) {
+            answers.push(Durable::Applied(reply, outcome));
+        }
+        if to_flush.send(answers).is_err() {
+            break;
+        }
+    }
+    drop(to_flush);
+    let _ = flusher.join();
+}
+
+/// Flushes once for every batch of answers that queued up, anchors the audit head
+/// that flush made durable, then answers them all.
+fn flusher(
+    db: sled::Db,
+    rx: mpsc::Receiver<Vec<Durable>>,
+    mut anchor: Option<AnchorFile>,
+    head: Arc<Mutex<Option<Mark>>>,
+) {
+    let mut anchored: Option<Mark> = None;
+    while let Ok(first) = rx.recv() {
+        let mut answers = first;
+        for more in rx.try_iter() {
+            answers.extend(more);
+        }
         // Taken before the flush: everything up to this head is in it.
         let target = *head.lock().unwrap_or_else(|p| p.into_inner());
         let mut result = db.flush().map(|_| ()).map_err(backend);
@@ -656,14 +718,14 @@ fn committer(
                 anchored = Some(mark);
             }
         }
-        for waiter in flushes {
-            let _ = waiter.send(result.clone());
-        }
-        for ((_, _, reply), outcome) in applies.into_iter().zip(outcomes) {
-            let _ = reply.send(match (&result, outcome) {
-                (Ok(()), outcome) => outcome,
-                (Err(e), _) => Err(e.clone()),
-            });
+        for answer in answers {
+            match answer {
+                Durable::Flush(w) => drop(w.send(result.clone())),
+                Durable::Applied(reply, outcome) => drop(reply.send(match &result {
+                    Ok(()) => outcome,
+                    Err(e) => Err(e.clone()),
+                })),
+            }
         }
     }
 }
@@ -852,59 +914,59 @@ impl Store for SledStore {
                 .and_then(Token::parse)
                 .ok_or(StoreError::Corrupt)?;
             if let Some(bytes) = self.tokens.get(token.as_str().as_bytes()).map_err(backend)? {
-                out.push(decode(&token, &bytes)?);
+                let record = decode(&token, &bytes)?;
+                if record.sealed.key_version == version {
+                    out.push(record);
+                    continue;
+                }
+            }
+            // A stale entry (a crash or a race between a rewrap and a delete left
+            // it): the record is gone or under another version. Cleared here.
+            if self
+                .by_version
+                .compare_and_swap(&key, Some(&[] as &[u8]), None as Option<&[u8]>)
+                .map_err(backend)?
+                .is_ok()
+            {
+                note_versions(&self.versions, Some(version), None, 1);
             }
         }
         Ok(out)
     }
 
     fn replace_sealed(&self, moves: &[(StoredRecord, SealedCard)]) -> Result<u64, StoreError> {
-        struct Move {
-            token: Vec<u8>,
-            expected: Vec<u8>,
-            next: Vec<u8>,
-            old_vk: Vec<u8>,
-            new_vk: Vec<u8>,
-            versions: (u32, u32),
-        }
-        let prepared = moves
-            .iter()
-            .map(|(current, sealed)| {
-                Ok(Move {
-                    token: current.token.as_str().as_bytes().to_vec(),
-                    expected: encode(current)?,
-                    next: encode(&StoredRecord {
-                        sealed: sealed.clone(),
-                        ..current.clone()
-                    })?,
-                    old_vk: version_key(current.sealed.key_version, &current.token),
-                    new_vk: version_key(sealed.key_version, &current.token),
-                    versions: (current.sealed.key_version, sealed.key_version),
-                })
-            })
-            .collect::<Result<Vec<Move>, StoreError>>()?;
-        let result = (&self.tokens, &self.by_version).transaction(|(tokens, versions)| {
-            let mut moved = Vec::with_capacity(prepared.len());
-            for m in &prepared {
-                match tokens.get(&m.token)? {
-                    Some(now) if now.as_ref() == m.expected.as_slice() => {}
-                    _ => continue,
-                }
-                tokens.insert(m.token.as_slice(), m.next.as_slice())?;
-                versions.remove(m.old_vk.as_slice())?;
-                versions.insert(m.new_vk.as_slice(), &[] as &[u8])?;
-                moved.push(m.versions);
+        // No sled transaction (each would roll the log buffer twice): every record
+        // is compare-and-swapped on its own, then its index entry moves, the new
+        // entry first. A crash between the two leaves a stale entry under the old
+        // version (the next rewrap clears it), never a record its version's index
+        // does not list.
+        let mut moved = 0;
+        for (current, sealed) in moves {
+            let expected = encode(current)?;
+            let next = encode(&StoredRecord {
+                sealed: sealed.clone(),
+                ..current.clone()
+            })?;
+            let key = current.token.as_str().as_bytes();
+            if self
+                .tokens
+                .compare_and_swap(key, Some(expected), Some(next))
+                .map_err(backend)?
+                .is_err()
+            {
+                continue; // changed or deleted meanwhile
             }
-            Ok(moved)
-        });
-        let moved = result.map_err(|e: TransactionError<StoreError>| match e {
-            TransactionError::Abort(e) => e,
-            TransactionError::Storage(e) => backend(e),
-        })?;
-        for (from, to) in &moved {
-            note_versions(&self.versions, Some(*from), Some(*to), 1);
+            let new_vk = version_key(sealed.key_version, &current.token);
+            if self.by_version.insert(new_vk, &[] as &[u8]).map_err(backend)?.is_none() {
+                note_versions(&self.versions, None, Some(sealed.key_version), 1);
+            }
+            let old_vk = version_key(current.sealed.key_version, &current.token);
+            if self.by_version.remove(old_vk).map_err(backend)?.is_some() {
+                note_versions(&self.versions, Some(current.sealed.key_version), None, 1);
+            }
+            moved += 1;
         }
-        Ok(moved.len() as u64)
+        Ok(moved)
     }
 
     fn set_network_tx_id(&self, tenant: &TenantId, token: &Token, id: &str) -> Result<bool, StoreError> {
@@ -1221,6 +1283,36 @@ mod tests {
         std::fs::write(dir.path().join("anchor"), [7u8; 192]).unwrap();
         let store = SledStore::open(dir.path()).unwrap();
         assert_eq!(store.damage(), Some(StoreDamage::AnchorUnreadable { found: 8 }));
+    }
+
+    #[tokio::test]
+    async fn stale_version_entries_are_cleared_and_uncounted() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = conformance::record("t1", "4111110000001112", 1);
+        {
+            let store = SledStore::open(dir.path()).unwrap();
+            assert_eq!(
+                store.insert(&a, InsertMode::Dedupe, None).unwrap(),
+                InsertOutcome::Inserted
+            );
+            // What a crash between a rewrap's two index writes, or a delete racing a
+            // rewrap, can leave: entries naming a gone token and a moved record.
+            let gone = Token::parse("4111110000002112").unwrap();
+            store.by_version.insert(version_key(1, &gone), &[] as &[u8]).unwrap();
+            store.by_version.insert(version_key(2, &a.token), &[] as &[u8]).unwrap();
+            store.commit().await.unwrap();
+        }
+        let store = SledStore::open(dir.path()).unwrap();
+        // Counted at open from the index as it stands...
+        assert_eq!(
+            store.count_by_version().unwrap(),
+            [(1, 2), (2, 1)].into_iter().collect()
+        );
+        // ...and the cursor clears what is stale instead of returning it.
+        assert_eq!(store.records_under_version(1, None, 10).unwrap(), vec![a.clone()]);
+        assert_eq!(store.records_under_version(2, None, 10).unwrap(), vec![]);
+        assert_eq!(store.count_by_version().unwrap(), [(1, 1)].into_iter().collect());
+        assert_eq!(store.by_version.len(), 1);
     }
 
     #[test]
