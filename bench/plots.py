@@ -49,7 +49,11 @@ def chart(path, title, xlabel, ylabel, series, logx=False, w=640, h=360):
         out.append(f'<line x1="{left}" y1="{y:.1f}" x2="{left + pw}" y2="{y:.1f}" stroke="#ddd"/>')
         label = f"{yv:,.0f}" if ymax >= 10 else f"{yv:.1f}"
         out.append(f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">{label}</text>')
-    for x in sorted(set(xs)):
+    ticks = sorted(set(xs))
+    if len(ticks) > 12:  # a time series: ten evenly spaced ticks instead of one per point
+        lo, hi = min(xs), max(xs)
+        ticks = [lo + (hi - lo) * i / 10 for i in range(11)]
+    for x in ticks:
         out.append(f'<text x="{px(x):.1f}" y="{top + ph + 18}" text-anchor="middle">{x:,.0f}</text>')
     out.append(f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#333"/>')
     for i, (name, pts) in enumerate(series):
