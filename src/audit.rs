@@ -22,8 +22,7 @@ use time::OffsetDateTime;
 
 use crate::crypto::Key256;
 use crate::keys::manager::KeyManager;
-pub use crate::store::AuditAppend;
-use crate::store::{Store, StoreError};
+use crate::store::{AuditAppend, Store, StoreError};
 
 /// What happened, as the caller describes it. No card data.
 #[derive(Debug, Clone, Default)]
@@ -264,65 +263,22 @@ impl AuditLog {
         })
     }
 
-    /// Appends an event, not yet durable: await [`AuditLog::durable`] (or use
-    /// [`AuditLog::record`]) before answering.
+    /// Appends an event on its own (not part of a unit of work), not yet durable:
+    /// await [`AuditLog::durable`] (or use [`AuditLog::record`]) before answering.
+    /// Sealed like a unit's record; a record that cannot be written does not move
+    /// the head.
     pub fn append(&self, event: AuditEvent) -> Result<(), AuditError> {
-        let key = self.keys.ring().map(|r| r.audit_key());
-        self.append_keyed(key.as_ref(), event)
-    }
-
-    /// [`AuditLog::append`] under the audit key of a keyring the caller already
-    /// holds (none while sealed): no second lock on the keys.
-    pub fn append_keyed(&self, key: Option<&Key256>, event: AuditEvent) -> Result<(), AuditError> {
-        self.append_with(key, event, |entry| {
-            self.store.audit_append(entry.seq, &entry.record, entry.keyed_mac)?;
-            Ok::<_, AuditError>(((), true))
-        })
-    }
-
-    fn append_locked(
-        &self,
-        head: &mut (u64, [u8; 32], bool),
-        key: Option<&Key256>,
-        event: AuditEvent,
-    ) -> Result<(), AuditError> {
-        let prepared = prepare(head, key, event)?;
-        self.store
-            .audit_append(prepared.seq, &prepared.record, prepared.keyed_mac)?;
-        head.0 = prepared.seq;
-        head.1 = prepared.hash;
-        Ok(())
-    }
-
-    /// Appends `event` in the same atomic store write as the change it records:
-    /// `write` receives the prepared record and makes the change, returning whether
-    /// it stored the record with it (a refused change stores neither). The trail's
-    /// head stays locked meanwhile, so records keep consecutive sequence numbers.
-    /// `key` is the audit key of the keyring the caller already holds (none while
-    /// sealed). Not yet durable: commit the store before answering.
-    pub fn append_with<T, E>(
-        &self,
-        key: Option<&Key256>,
-        event: AuditEvent,
-        write: impl FnOnce(&AuditAppend) -> Result<(T, bool), E>,
-    ) -> Result<T, E>
-    where
-        E: From<AuditError>,
-    {
-        let mut head = self.head.lock().unwrap_or_else(|p| p.into_inner());
-        if key.is_none() && !head.2 {
-            // No key: open a sealed period explicitly before the first un-MACed record.
-            self.append_locked(&mut head, None, sealed_period_marker())?;
-            head.2 = true;
+        use crate::store::AuditSeal;
+        let mut batch = self.begin();
+        let records = batch.seal(&event)?;
+        let written = records
+            .iter()
+            .try_for_each(|r| self.store.audit_append(r.seq, &r.record, r.keyed_mac));
+        if written.is_err() {
+            batch.unseal_last();
         }
-        let prepared = prepare(&head, key, event)?;
-        let (out, stored) = write(&prepared)?;
-        if stored {
-            head.0 = prepared.seq;
-            head.1 = prepared.hash;
-            head.2 = key.is_none();
-        }
-        Ok(out)
+        batch.commit();
+        Ok(written?)
     }
 
     /// Checks the trail's head against the anchor's keyed mark: its MAC verifies

@@ -17,7 +17,7 @@ use time::OffsetDateTime;
 use crate::audit::{AuditError, AuditEvent, AuditLog};
 use crate::domain::card::{Brand, CardPayload};
 use crate::domain::tenant::TenantId;
-use crate::domain::token::{Token, TokenFormat, candidates};
+use crate::domain::token::{Candidates, Token, TokenFormat, candidates};
 use crate::keys::KeyError;
 use crate::keys::keystore::KeystoreError;
 use crate::keys::manager::{KeyManager, Sealed};
@@ -323,12 +323,20 @@ impl Vault {
         self.refuse_if_damaged()?;
         let cvv = input.cvv.take();
         let (caller, input) = (Arc::new(caller), Arc::new(input));
-        let mut skip = 0;
+        // The token candidates, kept across attempts (a small space is enumerated
+        // once, in random order, so every free token is tried).
+        let mut tokens: Option<Candidates> = None;
         let mut outcome = loop {
             let (this, who, card) = (self.clone(), caller.clone(), input.clone());
-            let prepared = tokio::task::spawn_blocking(move || this.tokenize_prepare(&who, &card, skip))
-                .await
-                .map_err(|_| VaultError::Task)??;
+            let mut slot = tokens.take();
+            let (prepared, slot) = tokio::task::spawn_blocking(move || {
+                let prepared = this.tokenize_prepare(&who, &card, &mut slot);
+                (prepared, slot)
+            })
+            .await
+            .map_err(|_| VaultError::Task)?;
+            tokens = slot;
+            let prepared = prepared?;
             let (record, meta, _sealing) = match prepared {
                 Prepared::Existing(meta) => break self.existing(meta, &event).await?,
                 Prepared::New { record, meta, sealing } => (record, meta, sealing),
@@ -347,7 +355,7 @@ impl Vault {
                     break Tokenized::Created(meta);
                 }
                 // Another card holds this token: seal under the next candidate.
-                Applied::Inserted(InsertOutcome::TokenTaken) => skip += 1,
+                Applied::Inserted(InsertOutcome::TokenTaken) => continue,
                 // A concurrent request stored this card first.
                 Applied::Inserted(InsertOutcome::FingerprintExists(token)) => {
                     let (this, tenant) = (self.clone(), caller.tenant.clone());
@@ -387,12 +395,13 @@ impl Vault {
     }
 
     /// The blocking half of tokenize: checks, lookups and sealing (under a steady
-    /// keyring), for the `skip`-th token candidate.
+    /// keyring), for the next of the token candidates in `tokens` (drawn at the
+    /// first attempt).
     fn tokenize_prepare(
         &self,
         caller: &TokenizeCaller,
         input: &TokenizeInput,
-        skip: usize,
+        tokens: &mut Option<Candidates>,
     ) -> Result<Prepared, VaultError> {
         let tenant = &caller.tenant;
         let guard = self.keys.read();
@@ -429,8 +438,9 @@ impl Vault {
             &fingerprint,
             created_at,
         );
-        let token = candidates(input.format, pan)
-            .nth(skip)
+        let token = tokens
+            .get_or_insert_with(|| candidates(input.format, pan))
+            .next()
             .ok_or(VaultError::TokenSpaceExhausted)?;
         let sealed = ring.seal(tenant, &token, &binding, &input.card);
         self.budget.count(sealed.key_version, 1)?;

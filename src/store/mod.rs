@@ -281,6 +281,7 @@ pub trait Store: Send + Sync + 'static {
     /// is taken or (in [`InsertMode::Dedupe`]) the tenant already holds this
     /// fingerprint. In [`InsertMode::Fresh`] a known fingerprint keeps its entry.
     /// `audit`, if given, is stored in the same atomic write, only if the record is.
+    /// For tests and tools: the service writes through [`Store::apply`].
     fn insert(
         &self,
         record: &StoredRecord,
@@ -294,7 +295,8 @@ pub trait Store: Send + Sync + 'static {
     fn find_fingerprint(&self, tenant: &TenantId, fingerprint: &[u8; 32]) -> Result<Option<Token>, StoreError>;
     /// Removes the record, and its fingerprint entry if that names this token,
     /// atomically; `false` if absent. `audit`, if given, is stored in the same
-    /// atomic write, only if the record was removed.
+    /// atomic write, only if the record was removed. For tests and tools: the
+    /// service writes through [`Store::apply`].
     fn delete(&self, tenant: &TenantId, token: &Token, audit: Option<&AuditAppend>) -> Result<bool, StoreError>;
     /// Number of stored records (may be slow: call at start-up only).
     fn count(&self) -> Result<u64, StoreError>;
