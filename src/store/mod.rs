@@ -181,32 +181,38 @@ pub trait SealBatch {
 }
 
 /// Resolves to a unit's outcome once it is applied and durable.
-pub struct Applying(ApplyingInner);
+pub type Applying = Pending<Applied>;
 
-enum ApplyingInner {
-    Waiting(oneshot::Receiver<Result<Applied, StoreError>>),
+/// Resolves when the writes before it are on stable storage.
+pub type Commit = Pending<()>;
+
+/// An answer from a backend's writer: resolves once the work is durable.
+pub struct Pending<T>(PendingInner<T>);
+
+enum PendingInner<T> {
+    Waiting(oneshot::Receiver<Result<T, StoreError>>),
     Failed(Option<StoreError>),
 }
 
-impl Applying {
-    pub(crate) fn waiting(rx: oneshot::Receiver<Result<Applied, StoreError>>) -> Applying {
-        Applying(ApplyingInner::Waiting(rx))
+impl<T> Pending<T> {
+    pub(crate) fn waiting(rx: oneshot::Receiver<Result<T, StoreError>>) -> Pending<T> {
+        Pending(PendingInner::Waiting(rx))
     }
 
-    pub(crate) fn failed(e: StoreError) -> Applying {
-        Applying(ApplyingInner::Failed(Some(e)))
+    pub(crate) fn failed(e: StoreError) -> Pending<T> {
+        Pending(PendingInner::Failed(Some(e)))
     }
 }
 
-impl Future for Applying {
-    type Output = Result<Applied, StoreError>;
+impl<T> Future for Pending<T> {
+    type Output = Result<T, StoreError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match &mut self.get_mut().0 {
-            ApplyingInner::Waiting(rx) => Pin::new(rx)
+            PendingInner::Waiting(rx) => Pin::new(rx)
                 .poll(cx)
                 .map(|r| r.unwrap_or_else(|_| Err(StoreError::Backend("commit thread stopped".into())))),
-            ApplyingInner::Failed(e) => Poll::Ready(Err(e
+            PendingInner::Failed(e) => Poll::Ready(Err(e
                 .take()
                 .unwrap_or_else(|| StoreError::Backend("polled twice".into())))),
         }
@@ -379,39 +385,6 @@ pub trait Store: Send + Sync + 'static {
     /// last start: the anchored sequence number it was moved back from.
     fn reanchored_from(&self) -> Option<u64> {
         None
-    }
-}
-
-/// Resolves when the writes before it are on stable storage.
-pub struct Commit(CommitInner);
-
-enum CommitInner {
-    Waiting(oneshot::Receiver<Result<(), StoreError>>),
-    Failed(Option<StoreError>),
-}
-
-impl Commit {
-    pub(crate) fn waiting(rx: oneshot::Receiver<Result<(), StoreError>>) -> Commit {
-        Commit(CommitInner::Waiting(rx))
-    }
-
-    pub(crate) fn failed(e: StoreError) -> Commit {
-        Commit(CommitInner::Failed(Some(e)))
-    }
-}
-
-impl Future for Commit {
-    type Output = Result<(), StoreError>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match &mut self.get_mut().0 {
-            CommitInner::Waiting(rx) => Pin::new(rx)
-                .poll(cx)
-                .map(|r| r.unwrap_or_else(|_| Err(StoreError::Backend("commit thread stopped".into())))),
-            CommitInner::Failed(e) => Poll::Ready(Err(e
-                .take()
-                .unwrap_or_else(|| StoreError::Backend("polled twice".into())))),
-        }
     }
 }
 
