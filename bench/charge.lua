@@ -2,16 +2,9 @@
 -- Idempotency-Key per request (env TV_JWT: a psp JWT; TV_TOKENS: a file of tokens).
 package.path = package.path .. ";bench/?.lua"
 local c = require("common")
-setup = c.setup
-done = c.done
-delay = c.delay
-response = c.count
+setup, done, delay, response = c.setup, c.done, c.delay, c.count
 local tokens, auth
-function init(args)
-  c.seed()
-  tokens = c.lines(os.getenv("TV_TOKENS"))
-  auth = "Bearer " .. (os.getenv("TV_JWT") or "")
-end
+function init(args) tokens, auth = c.init_tokens() end
 function request()
   local key = "bench-" .. c.word(16)
   local headers = { ["Authorization"] = auth, ["Content-Type"] = "application/json", ["Idempotency-Key"] = key }

@@ -37,6 +37,13 @@ function M.word(n)
   return table.concat(t)
 end
 
+-- The init of the scripts that pick stored tokens: seeds, loads TV_TOKENS,
+-- returns the Authorization header value for TV_JWT.
+function M.init_tokens()
+  M.seed()
+  return M.lines(os.getenv("TV_TOKENS")), "Bearer " .. (os.getenv("TV_JWT") or "")
+end
+
 function M.lines(path)
   local out = {}
   local f = assert(io.open(path, "r"))

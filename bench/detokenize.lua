@@ -1,15 +1,10 @@
 -- POST /v1/detokenize over stored tokens (env TV_JWT: a psp JWT; TV_TOKENS: a file of tokens).
 package.path = package.path .. ";bench/?.lua"
 local c = require("common")
-setup = c.setup
-done = c.done
-delay = c.delay
-local headers, tokens
-function init(args)
-  c.seed()
-  tokens = c.lines(os.getenv("TV_TOKENS"))
-  headers = { ["Authorization"] = "Bearer " .. (os.getenv("TV_JWT") or ""), ["Content-Type"] = "application/json" }
-end
+setup, done, delay = c.setup, c.done, c.delay
+local tokens, auth
+function init(args) tokens, auth = c.init_tokens() end
 function request()
-  return wrk.format("POST", "/v1/detokenize", headers, '{"token":"' .. tokens[math.random(#tokens)] .. '"}')
+  return wrk.format("POST", "/v1/detokenize", { ["Authorization"] = auth, ["Content-Type"] = "application/json" },
+    '{"token":"' .. tokens[math.random(#tokens)] .. '"}')
 end

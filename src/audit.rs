@@ -173,7 +173,7 @@ impl crate::store::SealBatch for Sealing<'_> {
     }
 
     fn seal(&mut self, event: &AuditEvent) -> Result<Vec<AuditAppend>, StoreError> {
-        let corrupt = |_| StoreError::Corrupt;
+        let corrupt = |_| StoreError::Backend("audit record could not be encoded".into());
         self.before_last = self.at;
         let mut out = Vec::with_capacity(1);
         if self.key.is_none() && !self.at.2 {

@@ -72,7 +72,8 @@ impl From<AuditError> for VaultError {
     fn from(e: AuditError) -> Self {
         match e {
             AuditError::Store(e) => VaultError::Store(e),
-            AuditError::Corrupt => VaultError::Store(StoreError::Corrupt),
+            // Not the record's integrity: the trail could not be written (500).
+            AuditError::Corrupt => VaultError::Store(StoreError::Backend("audit trail unwritable".into())),
         }
     }
 }
@@ -337,7 +338,7 @@ impl Vault {
             .map_err(|_| VaultError::Task)?;
             tokens = slot;
             let prepared = prepared?;
-            let (record, meta, _sealing) = match prepared {
+            let (record, meta, sealing) = match prepared {
                 Prepared::Existing(meta) => break self.existing(meta, &event).await?,
                 Prepared::New { record, meta, sealing } => (record, meta, sealing),
             };
@@ -347,6 +348,8 @@ impl Vault {
                     record: *record,
                     mode: caller.mode(),
                 },
+                // Counted until the store has applied it, even if this request is dropped.
+                held: Some(Box::new(sealing)),
             };
             // Durable before we answer: a 201 and its audit record survive a crash right after it.
             match self.store.apply(unit, self.seal.clone()).await? {
@@ -389,6 +392,7 @@ impl Vault {
         let unit = Unit {
             change: Change::Nothing,
             audit: event,
+            held: None,
         };
         self.store.apply(unit, self.seal.clone()).await?;
         Ok(())
@@ -536,6 +540,7 @@ impl Vault {
                 tenant,
                 token: token.clone(),
             },
+            held: None,
         };
         if self.store.apply(unit, self.seal.clone()).await? != Applied::Deleted(true) {
             return Err(self.missing());

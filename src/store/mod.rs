@@ -123,12 +123,24 @@ pub struct AuditAppend {
 
 /// What one request changes in the store: the data change and the audit record
 /// that records it, applied atomically (both or neither) and durable together.
-#[derive(Debug, Clone)]
 pub struct Unit {
     pub change: Change,
     /// The audit record to store if the change is made (an insert that finds the
     /// token taken or the card known, or a delete that finds nothing, stores none).
     pub audit: AuditEvent,
+    /// Kept until the backend has applied the unit, then dropped (even if its
+    /// caller has gone meanwhile): e.g. the count of records sealed under a KEK
+    /// version that a retire must wait for.
+    pub held: Option<Box<dyn Send>>,
+}
+
+impl std::fmt::Debug for Unit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Unit")
+            .field("change", &self.change)
+            .field("audit", &self.audit)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The data change of a [`Unit`].
@@ -682,10 +694,17 @@ pub(crate) mod conformance {
                 mode: InsertMode::Dedupe,
             },
             audit: event(what),
+            held: None,
         };
         let before = store.audit_last().unwrap().map_or(0, |(s, _)| s);
+        // What a unit holds is released once it is applied, not before.
+        let held = Arc::new(());
+        let created = Unit {
+            held: Some(Box::new(held.clone())),
+            ..insert(&f, "created")
+        };
         let (one, two, three, four) = tokio::join!(
-            store.apply(insert(&f, "created"), seal.clone()),
+            store.apply(created, seal.clone()),
             store.apply(
                 insert(&record("t6", "4111110000011112", 7), "token taken"),
                 seal.clone()
@@ -695,11 +714,17 @@ pub(crate) mod conformance {
                 Unit {
                     change: Change::Nothing,
                     audit: event("read"),
+                    held: None,
                 },
                 seal.clone()
             ),
         );
         assert_eq!(one.unwrap(), Applied::Inserted(InsertOutcome::Inserted));
+        assert_eq!(
+            Arc::strong_count(&held),
+            1,
+            "the unit's hold is dropped after it is applied"
+        );
         assert_eq!(two.unwrap(), Applied::Inserted(InsertOutcome::TokenTaken));
         assert_eq!(
             three.unwrap(),
@@ -712,6 +737,7 @@ pub(crate) mod conformance {
                 token: f.token.clone(),
             },
             audit: event(&format!("deleted by {tenant}")),
+            held: None,
         };
         assert_eq!(
             store.apply(delete("t2"), seal.clone()).await.unwrap(),
