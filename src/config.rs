@@ -315,6 +315,86 @@ pub struct Settings {
     /// and versions wrapping nothing live are destroyed, so a deleted card cannot be
     /// opened from the data directory after at most two epochs (None: off).
     pub deletion_epoch: Option<std::time::Duration>,
+    /// Where the data lives: sled in the data directory (default) or PostgreSQL.
+    pub store: StoreSettings,
+}
+
+/// `[store]`: the storage backend.
+#[derive(Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreSettings {
+    /// `sled:PATH` (default: `<data_dir>/sled`) or `postgres://…` / `postgresql://…`.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// PostgreSQL: a file holding the password (production: required instead of a password in the URL).
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// PostgreSQL: PEM CA certificate(s) that sign the server's certificate (default: the system's roots).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// PostgreSQL: connections in each replica's read pool (default 16).
+    #[serde(default)]
+    pub pool_size: Option<usize>,
+    /// PostgreSQL: statement, connect and pool-wait limit, e.g. "5s" (the default).
+    #[serde(default)]
+    pub statement_timeout: Option<String>,
+}
+
+impl std::fmt::Debug for StoreSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL may carry a password: only its scheme is shown.
+        let scheme = self.url.as_deref().map(|u| u.split(':').next().unwrap_or(""));
+        f.debug_struct("StoreSettings")
+            .field("scheme", &scheme)
+            .field("password_file", &self.password_file)
+            .field("ca_file", &self.ca_file)
+            .field("pool_size", &self.pool_size)
+            .field("statement_timeout", &self.statement_timeout)
+            .finish()
+    }
+}
+
+impl StoreSettings {
+    /// The backend these settings name, for a vault whose data directory is `data_dir`.
+    pub fn location(&self, data_dir: &Path) -> Result<crate::store::StoreLocation, ConfigError> {
+        let url = match self.url.as_deref() {
+            None | Some("") => return Ok(crate::store::StoreLocation::Sled(data_dir.join("sled"))),
+            Some(u) => u,
+        };
+        if let Some(path) = url.strip_prefix("sled:") {
+            if path.is_empty() {
+                return Err(ConfigError::Invalid("store url: sled:PATH needs a path".into()));
+            }
+            return Ok(crate::store::StoreLocation::Sled(PathBuf::from(path)));
+        }
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return Err(ConfigError::Invalid(
+                "store url must be sled:PATH, postgres://… or postgresql://…".into(),
+            ));
+        }
+        let mut pg = crate::store::PgOptions::new(url);
+        pg.password_file = self.password_file.clone();
+        pg.ca_file = self.ca_file.clone();
+        if let Some(n) = self.pool_size {
+            if n == 0 || n > 1000 {
+                return Err(ConfigError::Invalid("store.pool_size must be 1..=1000".into()));
+            }
+            pg.pool_size = n;
+        }
+        pg.statement_timeout = parse_duration(
+            "store.statement_timeout",
+            self.statement_timeout.clone(),
+            pg.statement_timeout,
+        )?;
+        if pg.statement_timeout < std::time::Duration::from_millis(100) {
+            return Err(ConfigError::Invalid(
+                "store.statement_timeout must be at least 100ms".into(),
+            ));
+        }
+        pg.check()
+            .map_err(|e| ConfigError::Invalid(format!("store url: {e}")))?;
+        Ok(crate::store::StoreLocation::Postgres(pg))
+    }
 }
 
 /// Default CVV lifetime in memory.
@@ -377,6 +457,8 @@ struct ProductionFile {
     /// e.g. "7d" (the default), or "off".
     #[serde(default)]
     deletion_epoch: Option<String>,
+    #[serde(default)]
+    store: StoreSettings,
 }
 
 /// `[enumeration_guard]`: distinct cards per BIN + last four per client and tenant.
@@ -476,6 +558,11 @@ const ENV_KEYS: &[&str] = &[
     "psp.base_url",
     "psp.api_key_file",
     "psp.merchant_account",
+    "store.url",
+    "store.password_file",
+    "store.ca_file",
+    "store.pool_size",
+    "store.statement_timeout",
 ];
 
 impl Settings {
@@ -530,6 +617,7 @@ impl Settings {
                 }
             },
             config_file: Some(file.to_owned()),
+            store: parsed.store,
             kek_wrap_limit: parsed.kek_wrap_limit.unwrap_or(DEFAULT_KEK_WRAP_LIMIT).max(1),
             deletion_epoch: match parsed.deletion_epoch.as_deref() {
                 Some("off") => None,
@@ -604,6 +692,12 @@ impl Settings {
         }
         if self.mode == Mode::Production && self.keystore.dev_root_key_file.is_some() {
             return bad("a root key file is for dev mode only");
+        }
+        if let crate::store::StoreLocation::Postgres(pg) = self.store.location(&self.data_dir)?
+            && self.mode == Mode::Production
+        {
+            pg.production_check()
+                .map_err(|e| ConfigError::Invalid(format!("store: {e}")))?;
         }
         match (&self.tls, self.mode) {
             (None, Mode::Production) => {

@@ -237,6 +237,7 @@ pub fn settings_for(data_dir: &Path, listen: std::net::SocketAddr) -> (Settings,
         config_file: None,
         kek_wrap_limit: crate::config::DEFAULT_KEK_WRAP_LIMIT,
         deletion_epoch: None,
+        store: Default::default(),
     };
     (settings, paths)
 }

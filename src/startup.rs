@@ -17,7 +17,7 @@ use crate::keys::keystore::{Keystore, KeystoreError, RootKey};
 use crate::keys::manager::KeyManager;
 use crate::metrics::Metrics;
 use crate::service::{Vault, VaultError};
-use crate::store::{SledStore, StoreError};
+use crate::store::StoreError;
 
 /// Why the server could not start. Messages name files and causes, never secrets.
 #[derive(Debug, thiserror::Error)]
@@ -368,7 +368,12 @@ impl Application {
             return Err(StartupError::DevDataDir(settings.data_dir.clone()));
         }
         private_dir(&settings.data_dir)?;
-        let store: Arc<dyn crate::store::Store> = Arc::new(SledStore::open(&settings.data_dir.join("sled"))?);
+        let location = settings
+            .store
+            .location(&settings.data_dir)
+            .map_err(|e| StartupError::Store(StoreError::Backend(e.to_string())))?;
+        let store = location.open()?;
+        tracing::info!(store = %location.describe(), "store opened");
         let keys = Arc::new(open_keys(&settings.keystore)?);
         keys.set_generation_guard(generation_guard(&settings.keystore, store.clone()))?;
         if keys.is_sealed() {

@@ -25,7 +25,6 @@ use crate::keys::manager::KeyManager;
 use crate::keys::provider::{KeyProvider, SoftwareRoot};
 use crate::keys::shares;
 use crate::service::Vault;
-use crate::store::SledStore;
 
 /// How to reach the vault.
 #[derive(Args, Clone)]
@@ -48,6 +47,9 @@ pub struct Conn {
     /// Production config (with --offline, for the keystore location and provider).
     #[arg(long, value_name = "FILE", global = true)]
     config: Option<PathBuf>,
+    /// With --offline: the store, as for `serve --store` [default: the config's, or sled in the data directory].
+    #[arg(long, env = "TOKENVAULT_STORE", value_name = "URL", global = true)]
+    store: Option<String>,
     /// CA certificate (PEM) that signed the vault's TLS certificate, if not a public one.
     #[arg(long, env = "TOKENVAULT_CA_FILE", value_name = "FILE", global = true)]
     ca_file: Option<PathBuf>,
@@ -386,11 +388,12 @@ fn open_offline(conn: &Conn) -> Result<Backend, Failure> {
         .data_dir
         .clone()
         .ok_or_else(|| usage("--offline needs --data-dir"))?;
-    let keystore_settings = if let Some(cfg) = &conn.config {
-        Settings::production(cfg).map_err(|e| usage(e.to_string()))?.keystore
+    let (keystore_settings, mut store_settings) = if let Some(cfg) = &conn.config {
+        let s = Settings::production(cfg).map_err(|e| usage(e.to_string()))?;
+        (s.keystore, s.store)
     } else if crate::dev::is_dev_dir(&data_dir) {
         let (settings, _) = crate::dev::settings_for(&data_dir, "127.0.0.1:0".parse().map_err(Failure::from)?);
-        settings.keystore
+        (settings.keystore, settings.store)
     } else {
         return Err(usage(
             "not a dev data directory: pass --config FILE for a production keystore",
@@ -418,16 +421,19 @@ fn open_offline(conn: &Conn) -> Result<Backend, Failure> {
     } else {
         crate::startup::open_keys(&keystore_settings).map_err(Failure::from)?
     };
-    let store = SledStore::open(&data_dir.join("sled")).map_err(|e| {
+    if let Some(url) = &conn.store {
+        store_settings.url = Some(url.clone());
+    }
+    let location = store_settings.location(&data_dir).map_err(|e| usage(e.to_string()))?;
+    let store = location.open().map_err(|e| {
         Failure(
             1,
             format!(
-                "cannot open {} ({e}); is the vault still running? stop it or drop --offline",
-                data_dir.display()
+                "cannot open the store ({}: {e}); is the vault still running? stop it or drop --offline",
+                location.describe()
             ),
         )
     })?;
-    let store: Arc<dyn crate::store::Store> = Arc::new(store);
     keys.set_generation_guard(crate::startup::generation_guard(&keystore_settings, store.clone()))
         .map_err(Failure::from)?;
     if let Some(damage) = crate::store::Store::damage(&*store) {

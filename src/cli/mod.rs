@@ -69,6 +69,9 @@ struct ServeArgs {
     /// Data directory [dev default: ./data].
     #[arg(long, env = "TOKENVAULT_DATA_DIR", value_name = "DIR")]
     data_dir: Option<PathBuf>,
+    /// Store: sled:PATH [default: <data-dir>/sled] or postgres://… (overrides [store] url).
+    #[arg(long, env = "TOKENVAULT_STORE", value_name = "URL")]
+    store: Option<String>,
     /// Dev mode: the PSP base URL (e.g. the mock PSP, http://127.0.0.1:8081); its host is allow-listed.
     #[arg(long, env = "TOKENVAULT_PSP_URL", value_name = "URL")]
     psp_url: Option<String>,
@@ -312,6 +315,15 @@ fn serve(args: ServeArgs) -> ExitCode {
         }
     };
     let settings = settings.and_then(|mut s| {
+        if let Some(url) = &args.store {
+            s.store.url = Some(url.clone());
+            if let crate::store::StoreLocation::Postgres(pg) = s.store.location(&s.data_dir)?
+                && s.mode == crate::config::Mode::Production
+            {
+                pg.production_check()
+                    .map_err(|e| ConfigError::Invalid(format!("--store: {e}")))?;
+            }
+        }
         if let Some(p) = args.cryptoperiod.clone() {
             s.keystore.cryptoperiod = Some(p);
         }

@@ -3,6 +3,7 @@
 //! tokens, public metadata and sealed envelopes.
 
 mod anchor;
+mod postgres;
 mod sled_store;
 
 use std::future::Future;
@@ -14,6 +15,7 @@ use time::OffsetDateTime;
 use tokio::sync::oneshot;
 
 pub use anchor::KeyedMark;
+pub use postgres::{PgOptions, PgStore};
 pub use sled_store::{Salvage, SledStore};
 
 use crate::audit::AuditEvent;
@@ -21,6 +23,33 @@ use crate::domain::card::Brand;
 use crate::domain::tenant::TenantId;
 use crate::domain::token::{Token, TokenFormat};
 use crate::keys::SealedCard;
+
+/// Where a vault keeps its data.
+#[derive(Debug, Clone)]
+pub enum StoreLocation {
+    /// The embedded sled database in this directory (one process owns it).
+    Sled(std::path::PathBuf),
+    /// A PostgreSQL database shared by any number of vault replicas.
+    Postgres(PgOptions),
+}
+
+impl StoreLocation {
+    /// Opens the backend (PostgreSQL: connects and migrates the schema).
+    pub fn open(&self) -> Result<Arc<dyn Store>, StoreError> {
+        Ok(match self {
+            StoreLocation::Sled(dir) => Arc::new(SledStore::open(dir)?),
+            StoreLocation::Postgres(pg) => Arc::new(PgStore::open(pg)?),
+        })
+    }
+
+    /// For banners and logs: the backend and where, never a password.
+    pub fn describe(&self) -> String {
+        match self {
+            StoreLocation::Sled(dir) => format!("sled {}", dir.display()),
+            StoreLocation::Postgres(pg) => format!("postgres {}", pg.describe()),
+        }
+    }
+}
 
 /// One tokenized card as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -778,7 +778,7 @@ struct RecordV1 {
     network_tx_id: Option<String>,
 }
 
-fn encode(r: &StoredRecord) -> Result<Vec<u8>, StoreError> {
+pub(super) fn encode(r: &StoredRecord) -> Result<Vec<u8>, StoreError> {
     let v = RecordV1 {
         tenant: r.tenant.as_str().to_owned(),
         format: r.format.to_u8(),
@@ -797,7 +797,7 @@ fn encode(r: &StoredRecord) -> Result<Vec<u8>, StoreError> {
     Ok(out)
 }
 
-fn decode(token: &Token, bytes: &[u8]) -> Result<StoredRecord, StoreError> {
+pub(super) fn decode(token: &Token, bytes: &[u8]) -> Result<StoredRecord, StoreError> {
     let (&version, body) = bytes.split_first().ok_or(StoreError::Corrupt)?;
     if version != RECORD_V1 {
         return Err(StoreError::Corrupt);

@@ -17,6 +17,49 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_tokenvault");
 /// The PSP simulator, a separate binary (never part of the vault's production binary).
 pub const MOCK_PSP_BIN: &str = env!("CARGO_BIN_EXE_tokenvault-mock-psp");
 
+/// Which backend the suite's vaults use: `TOKENVAULT_TEST_STORE=postgres` gives every
+/// vault started in a fresh data directory its own fresh PostgreSQL database (on
+/// `TOKENVAULT_TEST_PG`, default the machine's server), kept with that directory
+/// across restarts and CLI runs; otherwise sled in the data directory.
+pub fn on_postgres() -> bool {
+    std::env::var("TOKENVAULT_TEST_STORE").is_ok_and(|s| s == "postgres")
+}
+
+static STORES: Mutex<Vec<(PathBuf, String)>> = Mutex::new(Vec::new());
+
+/// The store URL bound to a data directory (PostgreSQL runs only).
+pub fn store_of(dir: &Path) -> Option<String> {
+    STORES
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|(d, _)| d == dir)
+        .map(|(_, u)| u.clone())
+}
+
+/// A fresh PostgreSQL database for `dir`, bound to it for later starts.
+pub fn bind_fresh_database(dir: &Path) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let admin =
+        std::env::var("TOKENVAULT_TEST_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    let name = format!("tv_api_{}_{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed));
+    for sql in [
+        format!("DROP DATABASE IF EXISTS {name}"),
+        format!("CREATE DATABASE {name}"),
+    ] {
+        let out = Command::new("psql")
+            .args([admin.as_str(), "-q", "-v", "ON_ERROR_STOP=1", "-c", &sql])
+            .output()
+            .expect("psql");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let base = admin.rsplit_once('/').map_or(admin.as_str(), |(b, _)| b);
+    let url = format!("{base}/{name}?sslmode=disable");
+    STORES.lock().unwrap().push((dir.to_owned(), url.clone()));
+    url
+}
+
 /// PANs used across the suite; none may ever appear in a log.
 pub const TEST_PANS: &[&str] = &[
     "4111111111111111",
@@ -79,6 +122,9 @@ impl TestApp {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("data");
         let dir_arg = dir.to_str().unwrap().to_owned();
+        if on_postgres() {
+            bind_fresh_database(&dir);
+        }
         let mut args = vec!["serve", "--listen", "127.0.0.1:0", "--data-dir", &dir_arg];
         args.extend_from_slice(extra);
         let mut app = TestApp::start(&args, dir);
@@ -109,7 +155,12 @@ impl TestApp {
 
     /// Like [`TestApp::start`], with extra environment variables.
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)], data_dir: PathBuf) -> TestApp {
-        let mut child = Command::new(BIN)
+        let mut child = Command::new(BIN);
+        child.env_remove("TOKENVAULT_STORE");
+        if let Some(url) = store_of(&data_dir) {
+            child.env("TOKENVAULT_STORE", url);
+        }
+        let mut child = child
             .args(args)
             .env_remove("TOKENVAULT_LISTEN")
             .env_remove("TOKENVAULT_DATA_DIR")
@@ -385,7 +436,18 @@ impl Drop for TestApp {
 
 /// Runs the CLI; returns (exit code, stdout, stderr).
 pub fn run_cli(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
-    let out = Command::new(BIN)
+    let mut cmd = Command::new(BIN);
+    cmd.env_remove("TOKENVAULT_STORE");
+    // An offline command on a data directory whose vault keeps its data in PostgreSQL.
+    if let Some(url) = args
+        .iter()
+        .position(|a| *a == "--data-dir")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|d| store_of(Path::new(d)))
+    {
+        cmd.env("TOKENVAULT_STORE", url);
+    }
+    let out = cmd
         .args(args)
         .env_remove("TOKENVAULT_URL")
         .env_remove("TOKENVAULT_TOKEN_FILE")

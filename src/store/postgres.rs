@@ -1,0 +1,1262 @@
+//! The PostgreSQL backend: several stateless vault replicas over one database.
+//!
+//! Tables (schema `tv_*`, created by the embedded migrations below): `tv_tokens`
+//! (token → tenant, KEK version, the record encoded exactly as sled stores it),
+//! `tv_fingerprints` (tenant + HMAC → token, unique per tenant), `tv_charges`,
+//! `tv_idempotency`, `tv_audit` (sequence → audit record) and `tv_meta`
+//! (keystore generation, wrap budgets, the audit checkpoint and keyed mark).
+//!
+//! Durability comes from the database (`synchronous_commit`, its WAL and its
+//! standbys): a unit is acknowledged after the transaction that holds it
+//! committed. One committer thread takes every unit waiting and applies them in
+//! one transaction (group commit): concurrent requests share one durable wait.
+//! Reads run on a small pool on the store's own runtime, never on an actix worker.
+//!
+//! Token order is byte order (`COLLATE "C"`), as in sled, so the rewrap cursor
+//! means the same on both backends. The SQL avoids advisory locks and
+//! LISTEN/NOTIFY: the migration lock is a row lock (`SELECT … FOR UPDATE`).
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio::sync::{mpsc, oneshot};
+use tokio_postgres::{Client, GenericClient};
+use tokio_postgres_rustls::MakeRustlsConnect;
+
+use super::anchor::{KeyedMark, Mark};
+use super::sled_store::{decode, encode};
+use super::{
+    Applied, Applying, AuditAppend, AuditSeal, Change, ChargeRecord, Commit, IdempotencyRecord, InsertMode,
+    InsertOutcome, Store, StoreError, StoredRecord, Unit,
+};
+use crate::domain::tenant::TenantId;
+use crate::domain::token::Token;
+use crate::keys::SealedCard;
+
+/// The schema versions this build knows, in order; each runs in the migration's
+/// transaction. A database at a higher version is refused (a newer vault migrated it).
+const MIGRATIONS: &[&str] = &[
+    // 1: tokens, index, charges, idempotency, audit trail, metadata.
+    r#"
+    CREATE TABLE tv_tokens (
+        token TEXT COLLATE "C" PRIMARY KEY,
+        tenant TEXT NOT NULL,
+        key_version BIGINT NOT NULL,
+        record BYTEA NOT NULL
+    );
+    CREATE INDEX tv_tokens_by_version ON tv_tokens (key_version, token);
+    CREATE TABLE tv_fingerprints (
+        tenant TEXT NOT NULL,
+        fingerprint BYTEA NOT NULL,
+        token TEXT COLLATE "C" NOT NULL,
+        PRIMARY KEY (tenant, fingerprint)
+    );
+    CREATE TABLE tv_charges (
+        id TEXT PRIMARY KEY,
+        tenant TEXT NOT NULL,
+        record BYTEA NOT NULL
+    );
+    CREATE TABLE tv_idempotency (
+        key BYTEA PRIMARY KEY,
+        record BYTEA NOT NULL
+    );
+    CREATE TABLE tv_audit (
+        seq BIGINT PRIMARY KEY,
+        record BYTEA NOT NULL
+    );
+    CREATE TABLE tv_meta (
+        name TEXT PRIMARY KEY,
+        value BYTEA NOT NULL
+    );
+    "#,
+];
+
+/// The schema version this build writes.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+const KEYSTORE_GENERATION: &str = "keystore_generation";
+const CHECKPOINT: &str = "audit_checkpoint";
+const KEYED_MARK: &str = "audit_keyed_mark";
+/// Units applied in one transaction at most.
+const MAX_BATCH: usize = 256;
+
+/// How to reach the database.
+#[derive(Clone)]
+pub struct PgOptions {
+    /// `postgres://…` / `postgresql://…` (several hosts and `target_session_attrs` allowed).
+    pub url: String,
+    /// The password, read from a file (never from the URL in production).
+    pub password_file: Option<PathBuf>,
+    /// PEM CA certificates that sign the server's certificate (default: the system's roots).
+    pub ca_file: Option<PathBuf>,
+    /// Connections in the read pool.
+    pub pool_size: usize,
+    /// Each statement's limit (`statement_timeout`), also the pool's wait and connect limit.
+    pub statement_timeout: Duration,
+}
+
+impl std::fmt::Debug for PgOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL may carry a password: never printed.
+        f.debug_struct("PgOptions")
+            .field("password_file", &self.password_file)
+            .field("ca_file", &self.ca_file)
+            .field("pool_size", &self.pool_size)
+            .field("statement_timeout", &self.statement_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PgOptions {
+    pub fn new(url: &str) -> PgOptions {
+        PgOptions {
+            url: url.to_owned(),
+            password_file: None,
+            ca_file: None,
+            pool_size: 16,
+            statement_timeout: Duration::from_secs(5),
+        }
+    }
+
+    /// Hosts and database, for banners (never the password).
+    pub fn describe(&self) -> String {
+        let Ok(config) = self.url.parse::<tokio_postgres::Config>() else {
+            return "(unparsable URL)".into();
+        };
+        let hosts: Vec<String> = config
+            .get_hosts()
+            .iter()
+            .enumerate()
+            .map(|(i, h)| {
+                let port = config
+                    .get_ports()
+                    .get(i)
+                    .or(config.get_ports().first())
+                    .copied()
+                    .unwrap_or(5432);
+                match h {
+                    tokio_postgres::config::Host::Tcp(n) => format!("{n}:{port}"),
+                    tokio_postgres::config::Host::Unix(p) => format!("{}:{port}", p.display()),
+                }
+            })
+            .collect();
+        format!("{}/{}", hosts.join(","), config.get_dbname().unwrap_or(""))
+    }
+
+    /// Whether the URL parses (the message never quotes it: it may hold a password).
+    pub fn check(&self) -> Result<(), String> {
+        self.url
+            .parse::<tokio_postgres::Config>()
+            .map(|_| ())
+            .map_err(|_| "the PostgreSQL URL does not parse".to_owned())
+    }
+
+    /// What production demands: the password from a file, not the URL, and TLS
+    /// (`sslmode=require`) to any host that is not this machine.
+    pub fn production_check(&self) -> Result<(), String> {
+        let config: tokio_postgres::Config = self
+            .url
+            .parse()
+            .map_err(|_| "the PostgreSQL URL does not parse".to_owned())?;
+        if config.get_password().is_some() {
+            return Err("put the database password in store.password_file, not in the URL".into());
+        }
+        if !all_local(&config) && config.get_ssl_mode() != tokio_postgres::config::SslMode::Require {
+            return Err("a remote database needs TLS: add sslmode=require to the URL".into());
+        }
+        Ok(())
+    }
+
+    /// The driver's configuration: URL, password file, timeouts.
+    fn config(&self) -> Result<tokio_postgres::Config, StoreError> {
+        let mut config: tokio_postgres::Config = self
+            .url
+            .parse()
+            .map_err(|_| StoreError::Backend("the PostgreSQL URL does not parse".into()))?;
+        if let Some(file) = &self.password_file {
+            let text = zeroize::Zeroizing::new(std::fs::read_to_string(file).map_err(|e| {
+                StoreError::Backend(format!(
+                    "cannot read the database password file {}: {e}",
+                    file.display()
+                ))
+            })?);
+            config.password(text.trim_end_matches(['\r', '\n']));
+        }
+        if config.get_user().is_none() {
+            // As libpq: the operating-system user.
+            config.user(std::env::var("USER").unwrap_or_else(|_| "postgres".into()));
+        }
+        // TLS on this machine's loopback protects nothing: unless the URL asks for
+        // it, only remote hosts get it (and production demands `sslmode=require` for them).
+        if config.get_ssl_mode() == tokio_postgres::config::SslMode::Prefer && all_local(&config) {
+            config.ssl_mode(tokio_postgres::config::SslMode::Disable);
+        }
+        if config.get_application_name().is_none() {
+            config.application_name("tokenvault");
+        }
+        let ms = self.statement_timeout.as_millis();
+        config.options(format!(
+            "-c statement_timeout={ms} -c idle_in_transaction_session_timeout={ms}"
+        ));
+        config.connect_timeout(self.statement_timeout);
+        config.keepalives(true);
+        config.keepalives_idle(Duration::from_secs(30));
+        Ok(config)
+    }
+
+    /// TLS through rustls on ring, verifying the server's certificate and name.
+    fn tls(&self) -> Result<MakeRustlsConnect, StoreError> {
+        let mut roots = rustls::RootCertStore::empty();
+        match &self.ca_file {
+            Some(file) => {
+                use rustls_pki_types::pem::PemObject;
+                let certs = rustls_pki_types::CertificateDer::pem_file_iter(file)
+                    .map_err(|e| StoreError::Backend(format!("cannot read {}: {e}", file.display())))?;
+                for cert in certs {
+                    let cert = cert.map_err(|e| StoreError::Backend(format!("{}: {e}", file.display())))?;
+                    roots
+                        .add(cert)
+                        .map_err(|e| StoreError::Backend(format!("{}: {e}", file.display())))?;
+                }
+            }
+            None => {
+                for cert in rustls_native_certs::load_native_certs().certs {
+                    let _ = roots.add(cert);
+                }
+            }
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| StoreError::Backend(format!("TLS: {e}")))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(MakeRustlsConnect::new(config))
+    }
+}
+
+/// Whether every host is this machine (loopback or a Unix socket).
+fn all_local(config: &tokio_postgres::Config) -> bool {
+    config.get_hosts().iter().all(|h| match h {
+        tokio_postgres::config::Host::Tcp(name) => {
+            name == "localhost" || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+        }
+        tokio_postgres::config::Host::Unix(_) => true,
+    }) && config.get_hostaddrs().iter().all(|a| a.is_loopback())
+}
+
+enum Job {
+    Apply {
+        unit: Box<Unit>,
+        seal: Arc<dyn AuditSeal>,
+        reply: oneshot::Sender<Result<Applied, StoreError>>,
+    },
+}
+
+/// The store's own runtime, shut down without waiting when dropped (a store may
+/// be dropped, or fail to open, on an async thread, where waiting is not allowed).
+struct OwnedRuntime(Option<tokio::runtime::Runtime>);
+
+impl Drop for OwnedRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// PostgreSQL-backed [`Store`].
+pub struct PgStore {
+    runtime: OwnedRuntime,
+    pool: Pool,
+    committer: Option<mpsc::UnboundedSender<Job>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    keyed_at_open: Option<KeyedMark>,
+}
+
+/// A database error as a store error: its SQLSTATE and message, never its
+/// detail (which can quote a row's values).
+fn db(e: tokio_postgres::Error) -> StoreError {
+    match e.as_db_error() {
+        Some(d) => StoreError::Backend(format!("PostgreSQL {}: {}", d.code().code(), d.message())),
+        None => StoreError::Backend(format!("PostgreSQL: {}", short(&e))),
+    }
+}
+
+/// The driver's error without its source chain's row data (connection errors only).
+fn short(e: &tokio_postgres::Error) -> String {
+    let mut s = e.to_string();
+    if let Some(src) = std::error::Error::source(e) {
+        s.push_str(": ");
+        s.push_str(&src.to_string());
+    }
+    s
+}
+
+/// Whether the database rolled the transaction back on its own (SQLSTATE class
+/// 40: serialization failure, deadlock): safe to run again.
+fn rolled_back(e: &StoreError) -> bool {
+    matches!(e, StoreError::Backend(m) if m.starts_with("PostgreSQL 40"))
+}
+
+fn pool_error(e: deadpool_postgres::PoolError) -> StoreError {
+    match e {
+        deadpool_postgres::PoolError::Backend(e) => db(e),
+        other => StoreError::Backend(format!("PostgreSQL pool: {other}")),
+    }
+}
+
+impl PgStore {
+    /// Connects, applies the embedded migrations (under a row lock, so replicas
+    /// starting together migrate once) and starts the committer.
+    pub fn open(options: &PgOptions) -> Result<PgStore, StoreError> {
+        let config = options.config()?;
+        let tls = options.tls()?;
+        let runtime = OwnedRuntime(Some(
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .thread_name("pg-store")
+                .enable_all()
+                .build()
+                .map_err(|e| StoreError::Backend(format!("cannot start the store runtime: {e}")))?,
+        ));
+        let Some(rt) = &runtime.0 else {
+            return Err(StoreError::Backend("the store runtime is gone".into()));
+        };
+        let manager = Manager::from_config(
+            config.clone(),
+            tls.clone(),
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(options.pool_size.max(1))
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .wait_timeout(Some(options.statement_timeout))
+            .create_timeout(Some(options.statement_timeout))
+            .recycle_timeout(Some(options.statement_timeout))
+            .build()
+            .map_err(|e| StoreError::Backend(format!("PostgreSQL pool: {e}")))?;
+        let keyed_at_open = {
+            let pool = pool.clone();
+            block(rt, async move {
+                let mut client = pool.get().await.map_err(pool_error)?;
+                migrate(&mut client).await?;
+                keyed_mark(&**client).await
+            })?
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        let thread = std::thread::Builder::new()
+            .name("pg-commit".into())
+            .spawn(move || committer(config, tls, rx))
+            .map_err(|e| StoreError::Backend(format!("cannot start the commit thread: {e}")))?;
+        Ok(PgStore {
+            runtime,
+            pool,
+            committer: Some(tx),
+            thread: Some(thread),
+            keyed_at_open,
+        })
+    }
+
+    /// Runs `f` with a pooled connection on the store's runtime and waits for it
+    /// (store methods are blocking; callers run them off the async executor).
+    fn run<T, F, Fut>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(deadpool_postgres::Object) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T, StoreError>> + Send + 'static,
+    {
+        let Some(runtime) = &self.runtime.0 else {
+            return Err(StoreError::Backend("the store is closed".into()));
+        };
+        let pool = self.pool.clone();
+        block(runtime, async move {
+            let client = pool.get().await.map_err(pool_error)?;
+            f(client).await
+        })
+    }
+}
+
+/// The driver's client inside a pooled connection (its own transactions take `&mut`).
+fn raw(o: &mut deadpool_postgres::Object) -> &mut Client {
+    o
+}
+
+/// Spawns `fut` on `runtime` and blocks this (non-async) thread until it is done.
+fn block<T: Send + 'static>(
+    runtime: &tokio::runtime::Runtime,
+    fut: impl Future<Output = Result<T, StoreError>> + Send + 'static,
+) -> Result<T, StoreError> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    runtime.spawn(async move {
+        let _ = tx.send(fut.await);
+    });
+    rx.recv()
+        .unwrap_or_else(|_| Err(StoreError::Backend("the store runtime stopped".into())))
+}
+
+/// Brings the schema to [`SCHEMA_VERSION`]: the version row is locked for the
+/// whole migration, so concurrent starts wait for the first and then find it done.
+async fn migrate(client: &mut deadpool_postgres::Object) -> Result<(), StoreError> {
+    // Two replicas creating the table at the same instant: one may fail on the
+    // catalog's unique index; the second attempt finds the table.
+    for attempt in 0..3 {
+        let created = client
+            .batch_execute(
+                "CREATE TABLE IF NOT EXISTS tv_schema (id INTEGER PRIMARY KEY, version BIGINT NOT NULL);
+                 INSERT INTO tv_schema (id, version) VALUES (1, 0) ON CONFLICT (id) DO NOTHING;",
+            )
+            .await;
+        match created {
+            Ok(()) => break,
+            Err(e) if attempt < 2 => {
+                tracing::debug!(error = %db(e), "schema table race; retrying");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => return Err(db(e)),
+        }
+    }
+    let tx = raw(client).transaction().await.map_err(db)?;
+    let row = tx
+        .query_one("SELECT version FROM tv_schema WHERE id = 1 FOR UPDATE", &[])
+        .await
+        .map_err(db)?;
+    let version: i64 = row.get(0);
+    if version > SCHEMA_VERSION {
+        return Err(StoreError::Backend(format!(
+            "the database schema is version {version}, newer than this vault knows ({SCHEMA_VERSION}): \
+             a newer tokenvault migrated it; run that version"
+        )));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        tx.batch_execute(sql).await.map_err(db)?;
+        tracing::info!(version = i + 1, "PostgreSQL schema migrated");
+    }
+    if version < SCHEMA_VERSION {
+        tx.execute("UPDATE tv_schema SET version = $1 WHERE id = 1", &[&SCHEMA_VERSION])
+            .await
+            .map_err(db)?;
+    }
+    tx.commit().await.map_err(db)
+}
+
+async fn keyed_mark(client: &impl GenericClient) -> Result<Option<KeyedMark>, StoreError> {
+    let row = client
+        .query_opt("SELECT value FROM tv_meta WHERE name = $1", &[&KEYED_MARK])
+        .await
+        .map_err(db)?;
+    let Some(row) = row else { return Ok(None) };
+    let v: Vec<u8> = row.get(0);
+    if v.len() != 72 {
+        return Err(StoreError::Corrupt);
+    }
+    let mut digest = [0; 32];
+    let mut mac = [0; 32];
+    digest.copy_from_slice(&v[8..40]);
+    mac.copy_from_slice(&v[40..72]);
+    Ok(Some(KeyedMark {
+        seq: u64::from_be_bytes(v[..8].try_into().map_err(|_| StoreError::Corrupt)?),
+        digest,
+        mac,
+    }))
+}
+
+fn mark_bytes(a: &AuditAppend, mac: [u8; 32]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(72);
+    v.extend_from_slice(&a.seq.to_be_bytes());
+    v.extend_from_slice(&Mark::of(a.seq, &a.record).digest);
+    v.extend_from_slice(&mac);
+    v
+}
+
+fn seq_i64(seq: u64) -> Result<i64, StoreError> {
+    i64::try_from(seq).map_err(|_| StoreError::Corrupt)
+}
+
+/// Writes audit records (and the keyed mark of the last MACed one) in `client`'s transaction.
+async fn write_audit(client: &impl GenericClient, records: &[AuditAppend]) -> Result<(), StoreError> {
+    if records.is_empty() {
+        return Ok(());
+    }
+    let seqs: Vec<i64> = records.iter().map(|a| seq_i64(a.seq)).collect::<Result<_, _>>()?;
+    let bodies: Vec<&[u8]> = records.iter().map(|a| a.record.as_slice()).collect();
+    client
+        .execute(
+            "INSERT INTO tv_audit (seq, record) SELECT * FROM UNNEST($1::BIGINT[], $2::BYTEA[])",
+            &[&seqs, &bodies],
+        )
+        .await
+        .map_err(db)?;
+    if let Some(k) = records.iter().filter(|a| a.keyed_mac.is_some()).max_by_key(|a| a.seq) {
+        let mac = k.keyed_mac.unwrap_or_default();
+        put_meta(client, KEYED_MARK, &mark_bytes(k, mac)).await?;
+    }
+    Ok(())
+}
+
+async fn put_meta(client: &impl GenericClient, name: &str, value: &[u8]) -> Result<(), StoreError> {
+    client
+        .execute(
+            "INSERT INTO tv_meta (name, value) VALUES ($1, $2) ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value",
+            &[&name, &value],
+        )
+        .await
+        .map_err(db)?;
+    Ok(())
+}
+
+async fn get_meta(client: &impl GenericClient, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+    Ok(client
+        .query_opt("SELECT value FROM tv_meta WHERE name = $1", &[&name])
+        .await
+        .map_err(db)?
+        .map(|r| r.get(0)))
+}
+
+fn u64_of(v: Option<Vec<u8>>) -> Result<u64, StoreError> {
+    match v {
+        None => Ok(0),
+        Some(b) => Ok(u64::from_be_bytes(
+            b.as_slice().try_into().map_err(|_| StoreError::Corrupt)?,
+        )),
+    }
+}
+
+fn token_of(s: &str) -> Result<Token, StoreError> {
+    Token::parse(s).ok_or(StoreError::Corrupt)
+}
+
+/// Applies one unit's change in the batch's transaction; `None` when it changes
+/// nothing (then it stores no audit record).
+async fn change(client: &impl GenericClient, change: &Change) -> Result<(Applied, bool), StoreError> {
+    match change {
+        Change::Insert { record, mode } => {
+            let tenant = record.tenant.as_str();
+            let fp = &record.fingerprint[..];
+            let known = client
+                .query_opt(
+                    "SELECT token FROM tv_fingerprints WHERE tenant = $1 AND fingerprint = $2",
+                    &[&tenant, &fp],
+                )
+                .await
+                .map_err(db)?
+                .map(|r| token_of(r.get(0)))
+                .transpose()?;
+            if *mode == InsertMode::Dedupe
+                && let Some(existing) = known
+            {
+                return Ok((Applied::Inserted(InsertOutcome::FingerprintExists(existing)), false));
+            }
+            let value = encode(record)?;
+            let inserted = client
+                .execute(
+                    "INSERT INTO tv_tokens (token, tenant, key_version, record) VALUES ($1, $2, $3, $4) \
+                     ON CONFLICT (token) DO NOTHING",
+                    &[
+                        &record.token.as_str(),
+                        &tenant,
+                        &i64::from(record.sealed.key_version),
+                        &value,
+                    ],
+                )
+                .await
+                .map_err(db)?;
+            if inserted == 0 {
+                return Ok((Applied::Inserted(InsertOutcome::TokenTaken), false));
+            }
+            if known.is_none() {
+                // Another replica may have stored this card meanwhile: the unique
+                // key decides, and a deduplicating insert yields to the first.
+                let indexed = client
+                    .execute(
+                        "INSERT INTO tv_fingerprints (tenant, fingerprint, token) VALUES ($1, $2, $3) \
+                         ON CONFLICT (tenant, fingerprint) DO NOTHING",
+                        &[&tenant, &fp, &record.token.as_str()],
+                    )
+                    .await
+                    .map_err(db)?;
+                if indexed == 0 && *mode == InsertMode::Dedupe {
+                    client
+                        .execute("DELETE FROM tv_tokens WHERE token = $1", &[&record.token.as_str()])
+                        .await
+                        .map_err(db)?;
+                    let row = client
+                        .query_one(
+                            "SELECT token FROM tv_fingerprints WHERE tenant = $1 AND fingerprint = $2",
+                            &[&tenant, &fp],
+                        )
+                        .await
+                        .map_err(db)?;
+                    return Ok((
+                        Applied::Inserted(InsertOutcome::FingerprintExists(token_of(row.get(0))?)),
+                        false,
+                    ));
+                }
+            }
+            Ok((Applied::Inserted(InsertOutcome::Inserted), true))
+        }
+        Change::Delete { tenant, token } => {
+            let row = client
+                .query_opt(
+                    "DELETE FROM tv_tokens WHERE token = $1 AND tenant = $2 RETURNING record",
+                    &[&token.as_str(), &tenant.as_str()],
+                )
+                .await
+                .map_err(db)?;
+            let Some(row) = row else {
+                return Ok((Applied::Deleted(false), false));
+            };
+            let record = decode(token, row.get(0))?;
+            client
+                .execute(
+                    "DELETE FROM tv_fingerprints WHERE tenant = $1 AND fingerprint = $2 AND token = $3",
+                    &[&tenant.as_str(), &&record.fingerprint[..], &token.as_str()],
+                )
+                .await
+                .map_err(db)?;
+            Ok((Applied::Deleted(true), true))
+        }
+        Change::Nothing => Ok((Applied::Audited, true)),
+    }
+}
+
+/// Applies a batch of units sharing one audit trail in one transaction. The
+/// trail's head stays locked until the transaction committed: a failed commit
+/// seals nothing (every unit of the batch hears the error).
+async fn apply_batch(client: &mut Client, units: &[&Unit], seal: &dyn AuditSeal) -> Result<Vec<Applied>, StoreError> {
+    let mut sealer = seal.begin();
+    let tx = client.transaction().await.map_err(db)?;
+    let mut out = Vec::with_capacity(units.len());
+    let mut records = Vec::with_capacity(units.len());
+    for unit in units {
+        let (applied, made) = change(&tx, &unit.change).await?;
+        if made {
+            records.append(&mut sealer.seal(&unit.audit)?);
+        }
+        out.push(applied);
+    }
+    write_audit(&tx, &records).await?;
+    tx.commit().await.map_err(db)?;
+    sealer.commit();
+    Ok(out)
+}
+
+/// The commit thread: its own connection on its own single-threaded runtime
+/// (the audit trail's head lock is held across the transaction's awaits).
+fn committer(config: tokio_postgres::Config, tls: MakeRustlsConnect, mut rx: mpsc::UnboundedReceiver<Job>) {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the PostgreSQL commit runtime");
+            return;
+        }
+    };
+    runtime.block_on(async move {
+        let mut client: Option<Client> = None;
+        while let Some(first) = rx.recv().await {
+            let mut applies = vec![first];
+            while applies.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(job) => applies.push(job),
+                    Err(_) => break,
+                }
+            }
+            let applies: Vec<_> = applies
+                .into_iter()
+                .map(|Job::Apply { unit, seal, reply }| (unit, seal, reply))
+                .collect();
+            if client.as_ref().is_none_or(|c| c.is_closed()) {
+                client = match config.connect(tls.clone()).await {
+                    Ok((c, connection)) => {
+                        tokio::spawn(async move {
+                            if let Err(e) = connection.await {
+                                tracing::warn!(error = %db(e), "PostgreSQL commit connection closed");
+                            }
+                        });
+                        Some(c)
+                    }
+                    Err(e) => {
+                        let e = db(e);
+                        for (_, _, reply) in applies {
+                            let _ = reply.send(Err(e.clone()));
+                        }
+                        continue;
+                    }
+                };
+            }
+            let Some(c) = client.as_mut() else { continue };
+            // Units sharing an audit trail are applied as one transaction.
+            let mut outcomes: Vec<Result<Applied, StoreError>> = Vec::with_capacity(applies.len());
+            let mut start = 0;
+            while start < applies.len() {
+                let seal = applies[start].1.clone();
+                let end = applies[start..]
+                    .iter()
+                    .position(|(_, s, _)| !Arc::ptr_eq(s, &seal))
+                    .map_or(applies.len(), |n| start + n);
+                let units: Vec<&Unit> = applies[start..end].iter().map(|(u, _, _)| &**u).collect();
+                let mut result = apply_batch(c, &units, &*seal).await;
+                // A deadlock or serialization failure (another replica's batch
+                // touched the same cards in another order) rolled everything back
+                // and sealed nothing: the batch is simply run again.
+                for _ in 0..3 {
+                    match &result {
+                        Err(e) if rolled_back(e) => result = apply_batch(c, &units, &*seal).await,
+                        _ => break,
+                    }
+                }
+                match result {
+                    Ok(done) => outcomes.extend(done.into_iter().map(Ok)),
+                    Err(e) => {
+                        tracing::warn!(error = %e, units = units.len(), "PostgreSQL batch failed");
+                        outcomes.extend((start..end).map(|_| Err(e.clone())));
+                    }
+                }
+                start = end;
+            }
+            for ((unit, _, reply), outcome) in applies.into_iter().zip(outcomes) {
+                drop(unit); // its hold is released once applied
+                let _ = reply.send(outcome);
+            }
+        }
+    });
+}
+
+impl Drop for PgStore {
+    fn drop(&mut self) {
+        self.committer.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+async fn insert_one(
+    client: &mut deadpool_postgres::Object,
+    record: StoredRecord,
+    mode: InsertMode,
+    audit: Option<AuditAppend>,
+) -> Result<InsertOutcome, StoreError> {
+    let tx = raw(client).transaction().await.map_err(db)?;
+    let (applied, made) = change(&tx, &Change::Insert { record, mode }).await?;
+    if made && let Some(a) = audit {
+        write_audit(&tx, &[a]).await?;
+    }
+    tx.commit().await.map_err(db)?;
+    match applied {
+        Applied::Inserted(o) => Ok(o),
+        _ => Err(StoreError::Backend("unexpected outcome".into())),
+    }
+}
+
+impl Store for PgStore {
+    fn insert(
+        &self,
+        record: &StoredRecord,
+        mode: InsertMode,
+        audit: Option<&AuditAppend>,
+    ) -> Result<InsertOutcome, StoreError> {
+        let (record, audit) = (record.clone(), audit.cloned());
+        self.run(move |mut c| async move { insert_one(&mut c, record, mode, audit).await })
+    }
+
+    fn get(&self, tenant: &TenantId, token: &Token) -> Result<Option<StoredRecord>, StoreError> {
+        let (tenant, token) = (tenant.clone(), token.clone());
+        self.run(move |c| async move {
+            let row = c
+                .query_opt(
+                    "SELECT record FROM tv_tokens WHERE token = $1 AND tenant = $2",
+                    &[&token.as_str(), &tenant.as_str()],
+                )
+                .await
+                .map_err(db)?;
+            match row {
+                None => Ok(None),
+                Some(r) => {
+                    let record = decode(&token, r.get(0))?;
+                    Ok((record.tenant == tenant).then_some(record))
+                }
+            }
+        })
+    }
+
+    fn find_fingerprint(&self, tenant: &TenantId, fingerprint: &[u8; 32]) -> Result<Option<Token>, StoreError> {
+        let (tenant, fp) = (tenant.clone(), *fingerprint);
+        self.run(move |c| async move {
+            c.query_opt(
+                "SELECT token FROM tv_fingerprints WHERE tenant = $1 AND fingerprint = $2",
+                &[&tenant.as_str(), &&fp[..]],
+            )
+            .await
+            .map_err(db)?
+            .map(|r| token_of(r.get(0)))
+            .transpose()
+        })
+    }
+
+    fn delete(&self, tenant: &TenantId, token: &Token, audit: Option<&AuditAppend>) -> Result<bool, StoreError> {
+        let (tenant, token, audit) = (tenant.clone(), token.clone(), audit.cloned());
+        self.run(move |mut c| async move {
+            let tx = raw(&mut c).transaction().await.map_err(db)?;
+            let (applied, made) = change(&tx, &Change::Delete { tenant, token }).await?;
+            if made && let Some(a) = audit {
+                write_audit(&tx, &[a]).await?;
+            }
+            tx.commit().await.map_err(db)?;
+            Ok(applied == Applied::Deleted(true))
+        })
+    }
+
+    fn count(&self) -> Result<u64, StoreError> {
+        self.run(|c| async move {
+            let n: i64 = c
+                .query_one("SELECT count(*) FROM tv_tokens", &[])
+                .await
+                .map_err(db)?
+                .get(0);
+            Ok(n as u64)
+        })
+    }
+
+    fn count_by_version(&self) -> Result<std::collections::BTreeMap<u32, u64>, StoreError> {
+        self.run(|c| async move {
+            let rows = c
+                .query("SELECT key_version, count(*) FROM tv_tokens GROUP BY key_version", &[])
+                .await
+                .map_err(db)?;
+            rows.into_iter()
+                .map(|r| {
+                    let v: i64 = r.get(0);
+                    let n: i64 = r.get(1);
+                    Ok((u32::try_from(v).map_err(|_| StoreError::Corrupt)?, n as u64))
+                })
+                .collect()
+        })
+    }
+
+    fn records_under_version(
+        &self,
+        version: u32,
+        after: Option<&Token>,
+        limit: usize,
+    ) -> Result<Vec<StoredRecord>, StoreError> {
+        let after = after.map(|t| t.as_str().to_owned()).unwrap_or_default();
+        self.run(move |c| async move {
+            let rows = c
+                .query(
+                    "SELECT token, record FROM tv_tokens WHERE key_version = $1 AND token > $2 \
+                     ORDER BY token LIMIT $3",
+                    &[&i64::from(version), &after, &(limit as i64)],
+                )
+                .await
+                .map_err(db)?;
+            rows.iter().map(|r| decode(&token_of(r.get(0))?, r.get(1))).collect()
+        })
+    }
+
+    fn replace_sealed(&self, moves: &[(StoredRecord, SealedCard)]) -> Result<u64, StoreError> {
+        let mut prepared = Vec::with_capacity(moves.len());
+        for (current, sealed) in moves {
+            let expected = encode(current)?;
+            let next = encode(&StoredRecord {
+                sealed: sealed.clone(),
+                ..current.clone()
+            })?;
+            prepared.push((
+                current.token.as_str().to_owned(),
+                i64::from(sealed.key_version),
+                expected,
+                next,
+            ));
+        }
+        self.run(move |mut c| async move {
+            let tx = raw(&mut c).transaction().await.map_err(db)?;
+            let stmt = tx
+                .prepare("UPDATE tv_tokens SET record = $4, key_version = $2 WHERE token = $1 AND record = $3")
+                .await
+                .map_err(db)?;
+            // Pipelined: every update is sent before the first answer is awaited.
+            type Param<'a> = &'a (dyn tokio_postgres::types::ToSql + Sync);
+            let params: Vec<[Param<'_>; 4]> = prepared
+                .iter()
+                .map(|(token, version, expected, next)| [token as Param<'_>, version, expected, next])
+                .collect();
+            let updates = params.iter().map(|p| tx.execute(&stmt, p));
+            let counts = futures_util::future::try_join_all(updates).await.map_err(db)?;
+            tx.commit().await.map_err(db)?;
+            Ok(counts.into_iter().sum())
+        })
+    }
+
+    fn set_network_tx_id(&self, tenant: &TenantId, token: &Token, id: &str) -> Result<bool, StoreError> {
+        loop {
+            let Some(current) = self.get(tenant, token)? else {
+                return Ok(false);
+            };
+            if current.network_tx_id.is_some() {
+                return Ok(false);
+            }
+            let expected = encode(&current)?;
+            let next = encode(&StoredRecord {
+                network_tx_id: Some(id.to_owned()),
+                ..current
+            })?;
+            let key = token.as_str().to_owned();
+            let n = self.run(move |c| async move {
+                c.execute(
+                    "UPDATE tv_tokens SET record = $3 WHERE token = $1 AND record = $2",
+                    &[&key, &expected, &next],
+                )
+                .await
+                .map_err(db)
+            })?;
+            if n == 1 {
+                return Ok(true);
+            }
+            // Changed meanwhile (a rewrap): read again.
+        }
+    }
+
+    fn put_charge(
+        &self,
+        charge: &ChargeRecord,
+        idempotency_key: &[u8; 32],
+        idem: &IdempotencyRecord,
+    ) -> Result<(), StoreError> {
+        let c = postcard::to_stdvec(charge).map_err(|_| StoreError::Corrupt)?;
+        let i = postcard::to_stdvec(idem).map_err(|_| StoreError::Corrupt)?;
+        let (id, tenant, key) = (charge.id.clone(), charge.tenant.clone(), *idempotency_key);
+        self.run(move |mut client| async move {
+            let tx = raw(&mut client).transaction().await.map_err(db)?;
+            tx.execute(
+                "INSERT INTO tv_charges (id, tenant, record) VALUES ($1, $2, $3) \
+                 ON CONFLICT (id) DO UPDATE SET tenant = EXCLUDED.tenant, record = EXCLUDED.record",
+                &[&id, &tenant, &c],
+            )
+            .await
+            .map_err(db)?;
+            tx.execute(
+                "INSERT INTO tv_idempotency (key, record) VALUES ($1, $2) \
+                 ON CONFLICT (key) DO UPDATE SET record = EXCLUDED.record",
+                &[&&key[..], &i],
+            )
+            .await
+            .map_err(db)?;
+            tx.commit().await.map_err(db)
+        })
+    }
+
+    fn update_charge(&self, charge: &ChargeRecord) -> Result<(), StoreError> {
+        let c = postcard::to_stdvec(charge).map_err(|_| StoreError::Corrupt)?;
+        let (id, tenant) = (charge.id.clone(), charge.tenant.clone());
+        self.run(move |client| async move {
+            client
+                .execute(
+                    "INSERT INTO tv_charges (id, tenant, record) VALUES ($1, $2, $3) \
+                     ON CONFLICT (id) DO UPDATE SET tenant = EXCLUDED.tenant, record = EXCLUDED.record",
+                    &[&id, &tenant, &c],
+                )
+                .await
+                .map_err(db)?;
+            Ok(())
+        })
+    }
+
+    fn get_charge(&self, tenant: &TenantId, id: &str) -> Result<Option<ChargeRecord>, StoreError> {
+        let (tenant, id) = (tenant.clone(), id.to_owned());
+        self.run(move |c| async move {
+            let row = c
+                .query_opt(
+                    "SELECT record FROM tv_charges WHERE id = $1 AND tenant = $2",
+                    &[&id, &tenant.as_str()],
+                )
+                .await
+                .map_err(db)?;
+            match row {
+                None => Ok(None),
+                Some(r) => {
+                    let charge: ChargeRecord = postcard::from_bytes(r.get(0)).map_err(|_| StoreError::Corrupt)?;
+                    Ok((charge.tenant == tenant.as_str()).then_some(charge))
+                }
+            }
+        })
+    }
+
+    fn get_idempotency(&self, idempotency_key: &[u8; 32]) -> Result<Option<IdempotencyRecord>, StoreError> {
+        let key = *idempotency_key;
+        self.run(move |c| async move {
+            match c
+                .query_opt("SELECT record FROM tv_idempotency WHERE key = $1", &[&&key[..]])
+                .await
+                .map_err(db)?
+            {
+                None => Ok(None),
+                Some(r) => postcard::from_bytes(r.get(0))
+                    .map(Some)
+                    .map_err(|_| StoreError::Corrupt),
+            }
+        })
+    }
+
+    fn audit_append(&self, seq: u64, record: &[u8], keyed_mac: Option<[u8; 32]>) -> Result<(), StoreError> {
+        let a = AuditAppend {
+            seq,
+            record: record.to_vec(),
+            keyed_mac,
+            hash: [0; 32],
+        };
+        self.run(move |mut c| async move {
+            let tx = raw(&mut c).transaction().await.map_err(db)?;
+            write_audit(&tx, &[a]).await?;
+            tx.commit().await.map_err(db)
+        })
+    }
+
+    fn audit_keyed_mark(&self) -> Option<KeyedMark> {
+        self.keyed_at_open
+    }
+
+    fn audit_last(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+        self.run(|c| async move {
+            let row = c
+                .query_opt("SELECT seq, record FROM tv_audit ORDER BY seq DESC LIMIT 1", &[])
+                .await
+                .map_err(db)?;
+            Ok(row.map(|r| (r.get::<_, i64>(0) as u64, r.get(1))))
+        })
+    }
+
+    fn audit_scan(&self, from: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let from = i64::try_from(from).unwrap_or(i64::MAX);
+        self.run(move |c| async move {
+            let rows = c
+                .query(
+                    "SELECT seq, record FROM tv_audit WHERE seq >= $1 ORDER BY seq LIMIT $2",
+                    &[&from, &(limit as i64)],
+                )
+                .await
+                .map_err(db)?;
+            Ok(rows
+                .into_iter()
+                .map(|r| (r.get::<_, i64>(0) as u64, r.get(1)))
+                .collect())
+        })
+    }
+
+    fn keystore_generation(&self) -> Result<u64, StoreError> {
+        self.run(|c| async move { u64_of(get_meta(&**c, KEYSTORE_GENERATION).await?) })
+    }
+
+    fn set_keystore_generation(&self, generation: u64) -> Result<(), StoreError> {
+        self.run(move |c| async move { put_meta(&**c, KEYSTORE_GENERATION, &generation.to_be_bytes()).await })
+    }
+
+    fn kek_wraps(&self, version: u32) -> Result<u64, StoreError> {
+        self.run(move |c| async move { u64_of(get_meta(&**c, &format!("kek_wraps/{version}")).await?) })
+    }
+
+    fn set_kek_wraps(&self, version: u32, reserved: u64) -> Result<(), StoreError> {
+        self.run(move |c| async move { put_meta(&**c, &format!("kek_wraps/{version}"), &reserved.to_be_bytes()).await })
+    }
+
+    fn audit_checkpoint(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        self.run(|c| async move { get_meta(&**c, CHECKPOINT).await })
+    }
+
+    fn audit_prune(&self, through: u64, checkpoint: &[u8]) -> Result<u64, StoreError> {
+        let checkpoint = checkpoint.to_vec();
+        let through = seq_i64(through)?;
+        self.run(move |mut c| async move {
+            // One transaction: the checkpoint and the removal land together.
+            let tx = raw(&mut c).transaction().await.map_err(db)?;
+            put_meta(&tx, CHECKPOINT, &checkpoint).await?;
+            let n = tx
+                .execute("DELETE FROM tv_audit WHERE seq <= $1", &[&through])
+                .await
+                .map_err(db)?;
+            tx.commit().await.map_err(db)?;
+            Ok(n)
+        })
+    }
+
+    fn apply(&self, unit: Unit, seal: Arc<dyn AuditSeal>) -> Applying {
+        let (reply, rx) = oneshot::channel();
+        let sent = self.committer.as_ref().is_some_and(|c| {
+            c.send(Job::Apply {
+                unit: Box::new(unit),
+                seal,
+                reply,
+            })
+            .is_ok()
+        });
+        if sent {
+            Applying::waiting(rx)
+        } else {
+            Applying::failed(StoreError::Backend("commit thread unavailable".into()))
+        }
+    }
+
+    fn commit(&self) -> Commit {
+        // Every write is its own committed transaction (or a unit's batch) before it
+        // returns: whatever was written before this call is already durable.
+        let (tx, rx) = oneshot::channel();
+        let _ = tx.send(Ok(()));
+        Commit::waiting(rx)
+    }
+
+    fn check(&self) -> Result<(), StoreError> {
+        self.run(|c| async move {
+            let v: i64 = c
+                .query_one("SELECT version FROM tv_schema WHERE id = 1", &[])
+                .await
+                .map_err(db)?
+                .get(0);
+            if v == SCHEMA_VERSION {
+                Ok(())
+            } else {
+                Err(StoreError::Backend(format!(
+                    "schema version {v}, expected {SCHEMA_VERSION}"
+                )))
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A fresh, empty database on the machine's PostgreSQL for one test
+    /// (`TOKENVAULT_TEST_PG`, default `postgres://postgres@127.0.0.1:5432/postgres`).
+    /// Outside CI a test skips when the server is unreachable; in CI it fails.
+    pub fn fresh_database(name: &str) -> Option<String> {
+        let admin = std::env::var("TOKENVAULT_TEST_PG")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+        let db = format!("tv_test_{name}_{}", std::process::id());
+        let made = std::thread::scope(|s| {
+            s.spawn(|| {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| e.to_string())?;
+                rt.block_on(async {
+                    let (client, conn) = tokio_postgres::connect(&admin, tokio_postgres::NoTls).await?;
+                    tokio::spawn(conn);
+                    client.batch_execute(&format!("DROP DATABASE IF EXISTS {db}")).await?;
+                    client.batch_execute(&format!("CREATE DATABASE {db}")).await?;
+                    Ok::<_, tokio_postgres::Error>(())
+                })
+                .map_err(|e| e.to_string())
+            })
+            .join()
+        });
+        match made {
+            Ok(Ok(())) => {}
+            other => {
+                assert!(
+                    std::env::var_os("CI").is_none(),
+                    "PostgreSQL unreachable in CI ({admin}): {other:?}"
+                );
+                eprintln!("skipped: PostgreSQL unreachable at {admin}");
+                return None;
+            }
+        }
+        let mut url: tokio_postgres::Config = admin.parse().ok()?;
+        url.dbname(&db);
+        let host = match url.get_hosts().first() {
+            Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+            _ => "127.0.0.1".into(),
+        };
+        let port = url.get_ports().first().copied().unwrap_or(5432);
+        let user = url.get_user().unwrap_or("postgres").to_owned();
+        Some(format!("postgres://{user}@{host}:{port}/{db}?sslmode=disable"))
+    }
+
+    #[tokio::test]
+    async fn postgres_passes_conformance() {
+        let Some(url) = fresh_database("conformance") else {
+            return;
+        };
+        let store = PgStore::open(&PgOptions::new(&url)).unwrap();
+        crate::store::conformance::run(&store).await;
+    }
+
+    #[tokio::test]
+    async fn migrations_run_once_and_a_newer_schema_is_refused() {
+        let Some(url) = fresh_database("migrate") else { return };
+        // Replicas starting together: all open, the schema is migrated once.
+        let opened: Vec<_> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..3)
+                .map(|_| s.spawn(|| PgStore::open(&PgOptions::new(&url)).map(|_| ())))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for o in opened {
+            o.unwrap();
+        }
+        let store = PgStore::open(&PgOptions::new(&url)).unwrap();
+        store.check().unwrap();
+        store
+            .run(|c| async move {
+                c.execute("UPDATE tv_schema SET version = version + 1 WHERE id = 1", &[])
+                    .await
+                    .map_err(db)
+            })
+            .unwrap();
+        assert!(
+            store.check().is_err(),
+            "a schema this build does not know is not healthy"
+        );
+        drop(store);
+        let refused = PgStore::open(&PgOptions::new(&url)).err().unwrap();
+        assert!(refused.to_string().contains("newer than this vault knows"), "{refused}");
+    }
+
+    #[test]
+    fn concurrent_inserts_of_one_card_through_two_stores_keep_one_token() {
+        let Some(url) = fresh_database("dedupe") else { return };
+        let (a, b) = (
+            PgStore::open(&PgOptions::new(&url)).unwrap(),
+            PgStore::open(&PgOptions::new(&url)).unwrap(),
+        );
+        let tenant = TenantId::parse("t1").unwrap();
+        for i in 0..40u32 {
+            let card = |n: u32| {
+                // A token must fail the Luhn check: the first last digit that does.
+                let token = (0..10)
+                    .map(|d| format!("41111100{:04}111{d}", 2 * i + n))
+                    .find(|t| Token::parse(t).is_some())
+                    .unwrap();
+                let mut r = crate::store::conformance::record("t1", &token, 0);
+                r.fingerprint = [i as u8; 32];
+                r
+            };
+            let barrier = std::sync::Barrier::new(2);
+            let (ca, cb) = (card(0), card(1));
+            let outcomes: Vec<InsertOutcome> = std::thread::scope(|s| {
+                let x = s.spawn(|| {
+                    barrier.wait();
+                    a.insert(&ca, InsertMode::Dedupe, None).unwrap()
+                });
+                let y = s.spawn(|| {
+                    barrier.wait();
+                    b.insert(&cb, InsertMode::Dedupe, None).unwrap()
+                });
+                vec![x.join().unwrap(), y.join().unwrap()]
+            });
+            let winner = a.find_fingerprint(&tenant, &[i as u8; 32]).unwrap().unwrap();
+            let inserted = outcomes.iter().filter(|o| **o == InsertOutcome::Inserted).count();
+            assert_eq!(inserted, 1, "exactly one store inserts card {i}: {outcomes:?}");
+            assert!(
+                outcomes.contains(&InsertOutcome::FingerprintExists(winner.clone())),
+                "the other is told the winner's token: {outcomes:?}"
+            );
+        }
+        assert_eq!(a.count().unwrap(), 40, "one record per card, no orphan");
+    }
+}
