@@ -195,6 +195,26 @@ impl crate::store::SealBatch for Sealing<'_> {
     fn commit(mut self: Box<Self>) {
         *self.head = self.at;
     }
+
+    fn follow(&mut self, seq: u64, record: &[u8]) -> Result<(), StoreError> {
+        let head = head_of(seq, record).map_err(|_| StoreError::Corrupt)?;
+        self.start = head;
+        self.at = head;
+        self.before_last = head;
+        Ok(())
+    }
+}
+
+/// (sequence, chain hash, inside a sealed period) of a stored record.
+fn head_of(seq: u64, bytes: &[u8]) -> Result<(u64, [u8; 32], bool), AuditError> {
+    let rec: AuditRecord = serde_json::from_slice(bytes).map_err(|_| AuditError::Corrupt)?;
+    let hash: [u8; 32] = hex::decode(&rec.hash)
+        .ok()
+        .and_then(|h| h.try_into().ok())
+        .ok_or(AuditError::Corrupt)?;
+    // An un-MACed head continues the sealed period it belongs to (the head check
+    // at start, or at unseal, decides whether that is genuine).
+    Ok((seq, hash, rec.mac.is_none()))
 }
 
 fn sealed_period_marker() -> AuditEvent {
@@ -245,16 +265,7 @@ impl AuditLog {
     pub fn open(store: Arc<dyn Store>, keys: Arc<KeyManager>) -> Result<AuditLog, AuditError> {
         let head = match store.audit_last()? {
             None => (0, [0u8; 32], false),
-            Some((seq, bytes)) => {
-                let rec: AuditRecord = serde_json::from_slice(&bytes).map_err(|_| AuditError::Corrupt)?;
-                let hash: [u8; 32] = hex::decode(&rec.hash)
-                    .ok()
-                    .and_then(|h| h.try_into().ok())
-                    .ok_or(AuditError::Corrupt)?;
-                // An un-MACed head continues the sealed period it belongs to (the
-                // head check below, or at unseal, decides whether that is genuine).
-                (seq, hash, rec.mac.is_none())
-            }
+            Some((seq, bytes)) => head_of(seq, &bytes)?,
         };
         Ok(AuditLog {
             store,
@@ -268,17 +279,7 @@ impl AuditLog {
     /// Sealed like a unit's record; a record that cannot be written does not move
     /// the head.
     pub fn append(&self, event: AuditEvent) -> Result<(), AuditError> {
-        use crate::store::AuditSeal;
-        let mut batch = self.begin();
-        let records = batch.seal(&event)?;
-        let written = records
-            .iter()
-            .try_for_each(|r| self.store.audit_append(r.seq, &r.record, r.keyed_mac));
-        if written.is_err() {
-            batch.unseal_last();
-        }
-        batch.commit();
-        Ok(written?)
+        Ok(self.store.audit_event(&event, Arc::new(self.clone()))?)
     }
 
     /// Checks the trail's head against the anchor's keyed mark: its MAC verifies

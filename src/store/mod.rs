@@ -219,6 +219,9 @@ pub trait SealBatch {
     fn unseal_last(&mut self);
     /// The write is stored: what was sealed becomes the trail's head.
     fn commit(self: Box<Self>);
+    /// The trail in the store ends at this record (another writer — a vault replica
+    /// over the same database — appended it): seal after it from now on.
+    fn follow(&mut self, seq: u64, record: &[u8]) -> Result<(), StoreError>;
 }
 
 /// Resolves to a unit's outcome once it is applied and durable.
@@ -382,6 +385,20 @@ pub trait Store: Send + Sync + 'static {
     /// `keyed_mac`, for a MACed record, is the audit layer's MAC over the record's
     /// sequence and digest: the store anchors it as the keyed mark.
     fn audit_append(&self, seq: u64, record: &[u8], keyed_mac: Option<[u8; 32]>) -> Result<(), StoreError>;
+    /// Appends one audit event on its own (no data change), sealed by `seal` in the
+    /// store's order; durable with the next [`Store::commit`] (PostgreSQL: on return).
+    fn audit_event(&self, event: &AuditEvent, seal: Arc<dyn AuditSeal>) -> Result<(), StoreError> {
+        let mut batch = seal.begin();
+        let records = batch.seal(event)?;
+        let written = records
+            .iter()
+            .try_for_each(|r| self.audit_append(r.seq, &r.record, r.keyed_mac));
+        if written.is_err() {
+            batch.unseal_last();
+        }
+        batch.commit();
+        written
+    }
     /// The keyed mark the store was anchored with when it opened (the last MACed
     /// audit record then), if any.
     fn audit_keyed_mark(&self) -> Option<KeyedMark> {
@@ -498,6 +515,12 @@ pub(crate) mod conformance {
 
         fn commit(mut self: Box<Self>) {
             *self.head = self.at;
+        }
+
+        fn follow(&mut self, seq: u64, _record: &[u8]) -> Result<(), StoreError> {
+            self.start = seq;
+            self.at = seq;
+            Ok(())
         }
     }
 

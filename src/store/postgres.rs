@@ -72,6 +72,10 @@ const MIGRATIONS: &[&str] = &[
         value BYTEA NOT NULL
     );
     "#,
+    // 2: the audit chain's lock row: writers (vault replicas) append one at a time.
+    r#"
+    INSERT INTO tv_meta (name, value) VALUES ('audit_lock', '\x') ON CONFLICT (name) DO NOTHING;
+    "#,
 ];
 
 /// The schema version this build writes.
@@ -248,12 +252,26 @@ fn all_local(config: &tokio_postgres::Config) -> bool {
     }) && config.get_hostaddrs().iter().all(|a| a.is_loopback())
 }
 
-enum Job {
-    Apply {
-        unit: Box<Unit>,
-        seal: Arc<dyn AuditSeal>,
-        reply: oneshot::Sender<Result<Applied, StoreError>>,
-    },
+/// Where a unit's answer goes: an async waiter, or a blocking caller (an audit
+/// event appended on its own, possibly from a thread that must not await).
+enum Reply {
+    Async(oneshot::Sender<Result<Applied, StoreError>>),
+    Blocking(std::sync::mpsc::SyncSender<Result<Applied, StoreError>>),
+}
+
+impl Reply {
+    fn send(self, r: Result<Applied, StoreError>) {
+        match self {
+            Reply::Async(tx) => drop(tx.send(r)),
+            Reply::Blocking(tx) => drop(tx.send(r)),
+        }
+    }
+}
+
+struct Job {
+    unit: Box<Unit>,
+    seal: Arc<dyn AuditSeal>,
+    reply: Reply,
 }
 
 /// The store's own runtime, shut down without waiting when dropped (a store may
@@ -625,25 +643,54 @@ async fn change(client: &impl GenericClient, change: &Change) -> Result<(Applied
     }
 }
 
-/// Applies a batch of units sharing one audit trail in one transaction. The
-/// trail's head stays locked until the transaction committed: a failed commit
+/// Applies a batch of units sharing one audit trail in one transaction: first
+/// every change, then, holding the chain's lock row, the audit records of the
+/// units that changed something, sealed after whatever record the trail ends
+/// with (another replica may have appended since). The lock is held until
+/// `COMMIT`: the trail stays one chain with several writers. A failed commit
 /// seals nothing (every unit of the batch hears the error).
 async fn apply_batch(client: &mut Client, units: &[&Unit], seal: &dyn AuditSeal) -> Result<Vec<Applied>, StoreError> {
     let mut sealer = seal.begin();
     let tx = client.transaction().await.map_err(db)?;
     let mut out = Vec::with_capacity(units.len());
-    let mut records = Vec::with_capacity(units.len());
+    let mut made = Vec::with_capacity(units.len());
     for unit in units {
-        let (applied, made) = change(&tx, &unit.change).await?;
-        if made {
-            records.append(&mut sealer.seal(&unit.audit)?);
-        }
+        let (applied, changed) = change(&tx, &unit.change).await?;
         out.push(applied);
+        made.push(changed);
     }
-    write_audit(&tx, &records).await?;
+    let mut records = Vec::with_capacity(units.len());
+    if made.iter().any(|m| *m) {
+        follow_trail(&tx, &mut *sealer).await?;
+        for (unit, changed) in units.iter().zip(&made) {
+            if *changed {
+                records.append(&mut sealer.seal(&unit.audit)?);
+            }
+        }
+        write_audit(&tx, &records).await?;
+    }
     tx.commit().await.map_err(db)?;
     sealer.commit();
     Ok(out)
+}
+
+/// Takes the audit chain's lock (until the transaction ends) and moves the
+/// sealer to the trail's last record.
+async fn follow_trail(client: &impl GenericClient, sealer: &mut dyn crate::store::SealBatch) -> Result<(), StoreError> {
+    client
+        .query_one("SELECT 1 FROM tv_meta WHERE name = 'audit_lock' FOR UPDATE", &[])
+        .await
+        .map_err(db)?;
+    let last = client
+        .query_opt("SELECT seq, record FROM tv_audit ORDER BY seq DESC LIMIT 1", &[])
+        .await
+        .map_err(db)?;
+    if let Some(row) = last {
+        let seq: i64 = row.get(0);
+        let record: &[u8] = row.get(1);
+        sealer.follow(seq as u64, record)?;
+    }
+    Ok(())
 }
 
 /// The commit thread: its own connection on its own single-threaded runtime
@@ -668,7 +715,7 @@ fn committer(config: tokio_postgres::Config, tls: MakeRustlsConnect, mut rx: mps
             }
             let applies: Vec<_> = applies
                 .into_iter()
-                .map(|Job::Apply { unit, seal, reply }| (unit, seal, reply))
+                .map(|Job { unit, seal, reply }| (unit, seal, reply))
                 .collect();
             if client.as_ref().is_none_or(|c| c.is_closed()) {
                 client = match config.connect(tls.clone()).await {
@@ -683,7 +730,7 @@ fn committer(config: tokio_postgres::Config, tls: MakeRustlsConnect, mut rx: mps
                     Err(e) => {
                         let e = db(e);
                         for (_, _, reply) in applies {
-                            let _ = reply.send(Err(e.clone()));
+                            reply.send(Err(e.clone()));
                         }
                         continue;
                     }
@@ -721,7 +768,7 @@ fn committer(config: tokio_postgres::Config, tls: MakeRustlsConnect, mut rx: mps
             }
             for ((unit, _, reply), outcome) in applies.into_iter().zip(outcomes) {
                 drop(unit); // its hold is released once applied
-                let _ = reply.send(outcome);
+                reply.send(outcome);
             }
         }
     });
@@ -1017,6 +1064,30 @@ impl Store for PgStore {
         })
     }
 
+    fn audit_event(&self, event: &crate::audit::AuditEvent, seal: Arc<dyn AuditSeal>) -> Result<(), StoreError> {
+        // Through the commit thread like a unit, so it chains after every replica's records.
+        let (reply, rx) = std::sync::mpsc::sync_channel(1);
+        let unit = Unit {
+            change: Change::Nothing,
+            audit: event.clone(),
+            held: None,
+        };
+        let sent = self.committer.as_ref().is_some_and(|c| {
+            c.send(Job {
+                unit: Box::new(unit),
+                seal,
+                reply: Reply::Blocking(reply),
+            })
+            .is_ok()
+        });
+        if !sent {
+            return Err(StoreError::Backend("commit thread unavailable".into()));
+        }
+        rx.recv()
+            .unwrap_or_else(|_| Err(StoreError::Backend("commit thread stopped".into())))
+            .map(|_| ())
+    }
+
     fn audit_keyed_mark(&self) -> Option<KeyedMark> {
         self.keyed_at_open
     }
@@ -1087,10 +1158,10 @@ impl Store for PgStore {
     fn apply(&self, unit: Unit, seal: Arc<dyn AuditSeal>) -> Applying {
         let (reply, rx) = oneshot::channel();
         let sent = self.committer.as_ref().is_some_and(|c| {
-            c.send(Job::Apply {
+            c.send(Job {
                 unit: Box::new(unit),
                 seal,
-                reply,
+                reply: Reply::Async(reply),
             })
             .is_ok()
         });

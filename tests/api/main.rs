@@ -17,5 +17,6 @@ mod keys;
 mod limits;
 mod openapi;
 mod readme;
+mod replicas;
 mod tls;
 mod tokens;

@@ -1,0 +1,233 @@
+//! Several vault replicas over one PostgreSQL database (issue #10): dev replicas
+//! started with the same data directory (dev root key, dev JWT issuer) and the
+//! same `--store`. Outside CI these skip when PostgreSQL is unreachable; in CI
+//! they must run.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::helpers::*;
+
+/// Whether the machine's PostgreSQL answers (a failure in CI).
+fn postgres_reachable() -> bool {
+    let admin =
+        std::env::var("TOKENVAULT_TEST_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    let ok = std::process::Command::new("psql")
+        .args([admin.as_str(), "-qAtc", "SELECT 1"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "PostgreSQL unreachable in CI ({admin})"
+        );
+        eprintln!("skipped: PostgreSQL unreachable at {admin}");
+    }
+    ok
+}
+
+/// `n` dev replicas over one fresh database, sharing one data directory.
+fn replicas(n: usize) -> (Vec<TestApp>, tempfile::TempDir) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    bind_fresh_database(&dir);
+    let d = dir.to_str().unwrap().to_owned();
+    // The first creates the dev keys; the others find them.
+    let apps = (0..n)
+        .map(|_| TestApp::start(&["serve", "--listen", "127.0.0.1:0", "--data-dir", &d], dir.clone()))
+        .collect();
+    (apps, tmp)
+}
+
+/// Verifies the whole trail through the CLI (online, against `app`); returns its output.
+fn audit_verify(app: &TestApp) -> String {
+    let tf = app.token_file("officer", "default");
+    let (code, out, err) = run_cli(
+        &[
+            "audit",
+            "--url",
+            &app.base,
+            "--token-file",
+            tf.to_str().unwrap(),
+            "verify",
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "audit verify failed: {out}{err}");
+    out
+}
+
+/// The same cards tokenized concurrently through three replicas by a deduplicating
+/// client: one token per card, one `201` per card, and one audit chain.
+#[tokio::test]
+async fn same_card_through_every_replica_gives_one_token() {
+    if !postgres_reachable() {
+        return;
+    }
+    let (apps, _tmp) = replicas(3);
+    let pans: Vec<String> = (0..6).map(|i| pan_for(700_000 + i)).collect();
+    let mut futs = Vec::new();
+    for pan in &pans {
+        for app in &apps {
+            for _ in 0..3 {
+                futs.push(async move { (pan.clone(), app.tokenize_by("importer", "default", pan, None).await) });
+            }
+        }
+    }
+    let results = futures_util::future::join_all(futs).await;
+    let mut per_card: BTreeMap<String, (BTreeSet<String>, usize)> = BTreeMap::new();
+    for (pan, (status, body)) in &results {
+        assert!(*status == 201 || *status == 200, "{status} {body}");
+        let e = per_card.entry(pan.clone()).or_default();
+        e.0.insert(body["token"].as_str().unwrap().to_owned());
+        e.1 += usize::from(*status == 201);
+    }
+    for (i, (_, (tokens, created))) in per_card.iter().enumerate() {
+        assert_eq!(tokens.len(), 1, "card {i}: one token across the replicas: {tokens:?}");
+        assert_eq!(*created, 1, "card {i}: stored once");
+    }
+    // Every replica opens every token.
+    for (tokens, _) in per_card.values() {
+        let token = tokens.iter().next().unwrap();
+        for app in &apps {
+            assert_eq!(app.detokenize("default", token).await.status(), 200);
+        }
+    }
+    let out = audit_verify(&apps[2]);
+    println!(
+        "replicas: {} requests over 3 replicas, {} cards, {out}",
+        results.len(),
+        pans.len()
+    );
+}
+
+/// Mixed load through two replicas, one SIGKILLed midway: the other keeps
+/// serving, every acknowledged token opens (on the survivor and on a restarted
+/// replica), every acknowledged delete stays deleted, and the audit trail written
+/// by both is one chain that verifies.
+#[tokio::test]
+async fn replica_sigkilled_under_load_loses_nothing_and_the_trail_verifies() {
+    if !postgres_reachable() {
+        return;
+    }
+    let (mut apps, _tmp) = replicas(2);
+    let acked: Arc<std::sync::Mutex<Vec<(String, String)>>> = Default::default();
+    let deleted: Arc<std::sync::Mutex<Vec<String>>> = Default::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    let (jwt_edge, jwt_psp, jwt_crm) = (
+        apps[0].jwt("edge", "default"),
+        apps[0].jwt("psp", "default"),
+        apps[0].jwt("crm", "default"),
+    );
+    let bases: Vec<String> = apps.iter().map(|a| a.base.clone()).collect();
+    for w in 0..8 {
+        // A load balancer's view: a worker whose replica stops answering moves to the other.
+        let bases = bases.clone();
+        let mut base = bases[w % 2].clone();
+        let (acked, deleted, stop) = (acked.clone(), deleted.clone(), stop.clone());
+        let (jwt_edge, jwt_psp, jwt_crm) = (jwt_edge.clone(), jwt_psp.clone(), jwt_crm.clone());
+        workers.push(tokio::spawn(async move {
+            let client = reqwest::Client::builder()
+                .no_proxy()
+                .timeout(Duration::from_secs(10))
+                .build()
+                .unwrap();
+            let (mut sent, mut errors) = (0u64, 0u64);
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                i += 1;
+                let pan = pan_for(800_000 + w as u64 * 100_000 + i);
+                sent += 1;
+                let res = client
+                    .post(format!("{base}/v1/tokens"))
+                    .bearer_auth(&jwt_edge)
+                    .json(&json!({"pan": pan, "exp_month": 12, "exp_year": 2031}))
+                    .send()
+                    .await;
+                let Ok(res) = res else {
+                    errors += 1;
+                    base = bases.iter().find(|b| **b != base).unwrap().clone();
+                    continue;
+                };
+                if res.status() != 201 {
+                    errors += 1;
+                    continue;
+                }
+                let token = res.json::<Value>().await.unwrap()["token"].as_str().unwrap().to_owned();
+                // Every fifth card is deleted again; the rest are read back.
+                if i % 5 == 0 {
+                    let del = client
+                        .delete(format!("{base}/v1/tokens/{token}"))
+                        .bearer_auth(&jwt_crm)
+                        .send()
+                        .await;
+                    if del.is_ok_and(|r| r.status() == 204) {
+                        deleted.lock().unwrap().push(token);
+                    } else {
+                        // Unacknowledged: either way is right; not checked.
+                    }
+                    continue;
+                }
+                let _ = client
+                    .post(format!("{base}/v1/detokenize"))
+                    .bearer_auth(&jwt_psp)
+                    .json(&json!({ "token": token }))
+                    .send()
+                    .await;
+                acked.lock().unwrap().push((token, pan));
+            }
+            (sent, errors)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    apps[1].kill();
+    let killed_at = acked.lock().unwrap().len();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let (mut sent, mut errors) = (0, 0);
+    for w in workers {
+        let (s, e) = w.await.unwrap();
+        sent += s;
+        errors += e;
+    }
+    let acked = acked.lock().unwrap().clone();
+    let deleted = deleted.lock().unwrap().clone();
+    assert!(
+        acked.len() > killed_at + 20,
+        "the survivor kept serving: {} acknowledged, {killed_at} at the kill",
+        acked.len()
+    );
+    // A replacement replica joins over the same database.
+    let dir = apps[0].data_dir.clone();
+    apps[1] = TestApp::restart_on(&dir);
+    let mut lost = 0;
+    for (i, (token, pan)) in acked.iter().enumerate() {
+        let app = &apps[i % 2];
+        let res = app.detokenize("default", token).await;
+        if res.status() != 200 {
+            lost += 1;
+            continue;
+        }
+        assert_eq!(res.json::<Value>().await.unwrap()["pan"], pan.as_str());
+    }
+    assert_eq!(lost, 0, "acknowledged tokens lost");
+    for token in &deleted {
+        assert_eq!(apps[0].read("default", token).await.status(), 404, "a delete came back");
+    }
+    let out = audit_verify(&apps[1]);
+    println!(
+        "replicas: {sent} tokenize requests over 2 replicas (one SIGKILLed after {killed_at} acknowledged), \
+         {} acknowledged and read back, {} deletes kept, {errors} failed as the replica died (the workers then moved to the survivor), lost 0; {out}",
+        acked.len(),
+        deleted.len()
+    );
+    for app in &apps {
+        app.assert_logs_clean();
+    }
+}
