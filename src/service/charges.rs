@@ -123,21 +123,7 @@ impl Vault {
         .await
         .map_err(|_| VaultError::Task)??;
         if let Some((prior, charge)) = prior {
-            if prior.request_hash != request_hash {
-                return Err(VaultError::IdempotencyMismatch);
-            }
-            if charge.status != STATUS_PENDING {
-                return Ok(ChargeOutcome {
-                    charge,
-                    replayed: true,
-                    psp_errors: Vec::new(),
-                    psp_seconds: None,
-                });
-            }
-            // Reserved, outcome unknown (the PSP did not answer, or this vault
-            // stopped mid-call): resend with the reservation's own PSP key. The PSP
-            // replays what it did the first time, or processes it once now.
-            return self.drive(psp, tenant, charge, None).await;
+            return self.resume(psp, tenant, request_hash, prior, charge).await;
         }
 
         // Reserve durably *before* the PSP sees anything: a crash from here on
@@ -190,14 +176,56 @@ impl Vault {
         };
         let this = self.clone();
         let reserved = charge.clone();
-        tokio::task::spawn_blocking(move || this.store.put_charge(&reserved, &scope, &idem))
-            .await
-            .map_err(|_| VaultError::Task)??;
+        let t = tenant.clone();
+        let taken = tokio::task::spawn_blocking(move || -> Result<_, VaultError> {
+            match this.store.reserve_charge(&reserved, &scope, &idem, now - window + 1)? {
+                None => Ok(None),
+                Some(prior) => {
+                    let charge = this
+                        .store
+                        .get_charge(&t, &prior.charge_id)?
+                        .ok_or(VaultError::Integrity)?;
+                    Ok(Some((prior, charge)))
+                }
+            }
+        })
+        .await
+        .map_err(|_| VaultError::Task)??;
+        if let Some((prior, charge)) = taken {
+            // Another replica reserved this key a moment ago: its charge, not a second one.
+            return self.resume(psp, tenant, request_hash, prior, charge).await;
+        }
         self.store.commit().await?;
         // The CVV is used by this charge and destroyed, whatever happens next; it is
         // only ever sent on a customer-initiated charge.
         let cvv = self.cvv.take(&input.token);
         self.drive(psp, tenant, charge, cvv).await
+    }
+
+    /// The answer for a key already reserved: a replay, a refusal for another
+    /// body, or (outcome unknown: the PSP did not answer, a vault stopped mid-call,
+    /// or another replica is calling right now) the reservation sent again under
+    /// its own PSP idempotency key, so the PSP replays or processes it once.
+    async fn resume(
+        &self,
+        psp: &dyn crate::psp::Psp,
+        tenant: &TenantId,
+        request_hash: [u8; 32],
+        prior: IdempotencyRecord,
+        charge: ChargeRecord,
+    ) -> Result<ChargeOutcome, VaultError> {
+        if prior.request_hash != request_hash {
+            return Err(VaultError::IdempotencyMismatch);
+        }
+        if charge.status != STATUS_PENDING {
+            return Ok(ChargeOutcome {
+                charge,
+                replayed: true,
+                psp_errors: Vec::new(),
+                psp_seconds: None,
+            });
+        }
+        self.drive(psp, tenant, charge, None).await
     }
 
     /// Sends a reserved charge to the PSP under its stable PSP idempotency key and

@@ -368,13 +368,18 @@ pub trait Store: Send + Sync + 'static {
     fn replace_sealed(&self, moves: &[(StoredRecord, SealedCard)]) -> Result<u64, StoreError>;
     /// Sets a record's card-on-file network transaction id if it has none yet.
     fn set_network_tx_id(&self, tenant: &TenantId, token: &Token, id: &str) -> Result<bool, StoreError>;
-    /// Stores a charge and the idempotency entry that names it, atomically.
-    fn put_charge(
+    /// Reserves an idempotency key for a charge: stores the charge and the entry
+    /// that names it, atomically, unless the key already holds an entry created at
+    /// or after `live_since` (then nothing is written and that entry is returned:
+    /// another request, on any replica, reserved it first). An older entry is
+    /// replaced (its window is over).
+    fn reserve_charge(
         &self,
         charge: &ChargeRecord,
         idempotency_key: &[u8; 32],
         idem: &IdempotencyRecord,
-    ) -> Result<(), StoreError>;
+        live_since: i64,
+    ) -> Result<Option<IdempotencyRecord>, StoreError>;
     /// Replaces a stored charge (its outcome, after the PSP answered).
     fn update_charge(&self, charge: &ChargeRecord) -> Result<(), StoreError>;
     /// A charge of `tenant` by id.
@@ -836,8 +841,30 @@ pub(crate) mod conformance {
             charge_id: "ch_1".into(),
             created_at: 1,
         };
-        store.put_charge(&charge, &[9; 32], &idem).unwrap();
+        assert_eq!(store.reserve_charge(&charge, &[9; 32], &idem, 0).unwrap(), None);
         store.commit().await.unwrap();
+        // The key is taken: a second reservation stores nothing and learns the first.
+        let rival = ChargeRecord {
+            id: "ch_2".into(),
+            ..charge.clone()
+        };
+        let rival_idem = IdempotencyRecord {
+            charge_id: "ch_2".into(),
+            ..idem.clone()
+        };
+        assert_eq!(
+            store.reserve_charge(&rival, &[9; 32], &rival_idem, 0).unwrap(),
+            Some(idem.clone())
+        );
+        assert_eq!(store.get_charge(&d.tenant, "ch_2").unwrap(), None);
+        // An entry older than the window is replaced.
+        let later = IdempotencyRecord {
+            created_at: 5,
+            ..rival_idem.clone()
+        };
+        assert_eq!(store.reserve_charge(&rival, &[7; 32], &idem, 0).unwrap(), None);
+        assert_eq!(store.reserve_charge(&rival, &[7; 32], &later, 2).unwrap(), None);
+        assert_eq!(store.get_idempotency(&[7; 32]).unwrap(), Some(later));
         assert_eq!(store.get_charge(&d.tenant, "ch_1").unwrap(), Some(charge));
         assert_eq!(store.get_charge(&t2, "ch_1").unwrap(), None);
         assert_eq!(store.get_idempotency(&[9; 32]).unwrap(), Some(idem));

@@ -76,6 +76,10 @@ const MIGRATIONS: &[&str] = &[
     r#"
     INSERT INTO tv_meta (name, value) VALUES ('audit_lock', '\x') ON CONFLICT (name) DO NOTHING;
     "#,
+    // 3: an idempotency entry's creation time, for the window check in SQL.
+    r#"
+    ALTER TABLE tv_idempotency ADD COLUMN created_at BIGINT NOT NULL DEFAULT 0;
+    "#,
 ];
 
 /// The schema version this build writes.
@@ -969,32 +973,50 @@ impl Store for PgStore {
         }
     }
 
-    fn put_charge(
+    fn reserve_charge(
         &self,
         charge: &ChargeRecord,
         idempotency_key: &[u8; 32],
         idem: &IdempotencyRecord,
-    ) -> Result<(), StoreError> {
+        live_since: i64,
+    ) -> Result<Option<IdempotencyRecord>, StoreError> {
         let c = postcard::to_stdvec(charge).map_err(|_| StoreError::Corrupt)?;
         let i = postcard::to_stdvec(idem).map_err(|_| StoreError::Corrupt)?;
-        let (id, tenant, key) = (charge.id.clone(), charge.tenant.clone(), *idempotency_key);
+        let (id, tenant, key, created) = (
+            charge.id.clone(),
+            charge.tenant.clone(),
+            *idempotency_key,
+            idem.created_at,
+        );
         self.run(move |mut client| async move {
             let tx = raw(&mut client).transaction().await.map_err(db)?;
+            // The key's row decides between replicas: a concurrent reservation waits
+            // for this one to commit, then finds it live and takes nothing.
+            let reserved = tx
+                .query_opt(
+                    "INSERT INTO tv_idempotency (key, record, created_at) VALUES ($1, $2, $3) \
+                     ON CONFLICT (key) DO UPDATE SET record = EXCLUDED.record, created_at = EXCLUDED.created_at \
+                     WHERE tv_idempotency.created_at < $4 RETURNING key",
+                    &[&&key[..], &i, &created, &live_since],
+                )
+                .await
+                .map_err(db)?;
+            if reserved.is_none() {
+                let row = tx
+                    .query_one("SELECT record FROM tv_idempotency WHERE key = $1", &[&&key[..]])
+                    .await
+                    .map_err(db)?;
+                let prior: IdempotencyRecord = postcard::from_bytes(row.get(0)).map_err(|_| StoreError::Corrupt)?;
+                return Ok(Some(prior));
+            }
             tx.execute(
-                "INSERT INTO tv_charges (id, tenant, record) VALUES ($1, $2, $3) \
-                 ON CONFLICT (id) DO UPDATE SET tenant = EXCLUDED.tenant, record = EXCLUDED.record",
+                "INSERT INTO tv_charges (id, tenant, record) VALUES ($1, $2, $3)",
                 &[&id, &tenant, &c],
             )
             .await
             .map_err(db)?;
-            tx.execute(
-                "INSERT INTO tv_idempotency (key, record) VALUES ($1, $2) \
-                 ON CONFLICT (key) DO UPDATE SET record = EXCLUDED.record",
-                &[&&key[..], &i],
-            )
-            .await
-            .map_err(db)?;
-            tx.commit().await.map_err(db)
+            tx.commit().await.map_err(db)?;
+            Ok(None)
         })
     }
 

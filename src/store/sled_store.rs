@@ -993,18 +993,26 @@ impl Store for SledStore {
         }
     }
 
-    fn put_charge(
+    fn reserve_charge(
         &self,
         charge: &ChargeRecord,
         idempotency_key: &[u8; 32],
         idem: &IdempotencyRecord,
-    ) -> Result<(), StoreError> {
+        live_since: i64,
+    ) -> Result<Option<IdempotencyRecord>, StoreError> {
         let c = postcard::to_stdvec(charge).map_err(|_| StoreError::Corrupt)?;
         let i = postcard::to_stdvec(idem).map_err(|_| StoreError::Corrupt)?;
         let result = (&self.charges, &self.idempotency).transaction(|(charges, idempotency)| {
+            if let Some(bytes) = idempotency.get(&idempotency_key[..])? {
+                let prior: IdempotencyRecord = postcard::from_bytes(&bytes)
+                    .map_err(|_| ConflictableTransactionError::Abort(StoreError::Corrupt))?;
+                if prior.created_at >= live_since {
+                    return Ok(Some(prior));
+                }
+            }
             charges.insert(charge.id.as_bytes(), c.as_slice())?;
             idempotency.insert(&idempotency_key[..], i.as_slice())?;
-            Ok::<(), ConflictableTransactionError<StoreError>>(())
+            Ok::<_, ConflictableTransactionError<StoreError>>(None)
         });
         result.map_err(|e| match e {
             TransactionError::Abort(e) => e,

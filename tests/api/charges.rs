@@ -81,7 +81,7 @@ pub async fn charge(app: &TestApp, role: &str, tenant: &str, key: Option<&str>, 
     req.send().await.unwrap()
 }
 
-fn charge_body(token: &str, value: u64, interaction: &str, recurring: Option<(&str, &str)>) -> Value {
+pub fn charge_body(token: &str, value: u64, interaction: &str, recurring: Option<(&str, &str)>) -> Value {
     let mut b = json!({"token": token, "amount": {"value": value, "currency": "EUR"}, "reference": format!("order-{value}"),
                        "shopper_interaction": interaction});
     if let Some((model, sequence)) = recurring {
@@ -90,7 +90,7 @@ fn charge_body(token: &str, value: u64, interaction: &str, recurring: Option<(&s
     b
 }
 
-async fn tokenize_with_cvv(app: &TestApp, pan: &str, cvv: &str) -> Value {
+pub async fn tokenize_with_cvv(app: &TestApp, pan: &str, cvv: &str) -> Value {
     let res = app
         .tokenize_as(
             &app.jwt("edge", "default"),

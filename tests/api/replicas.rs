@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
+use crate::charges::{MockPsp, charge, charge_body, tokenize_with_cvv};
 use crate::helpers::*;
 
 /// Whether the machine's PostgreSQL answers (a failure in CI).
@@ -32,14 +33,19 @@ fn postgres_reachable() -> bool {
 
 /// `n` dev replicas over one fresh database, sharing one data directory.
 fn replicas(n: usize) -> (Vec<TestApp>, tempfile::TempDir) {
+    replicas_with(n, &[])
+}
+
+/// Like [`replicas`], with extra `serve` flags.
+fn replicas_with(n: usize, extra: &[&str]) -> (Vec<TestApp>, tempfile::TempDir) {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("data");
     bind_fresh_database(&dir);
     let d = dir.to_str().unwrap().to_owned();
+    let mut args = vec!["serve", "--listen", "127.0.0.1:0", "--data-dir", &d];
+    args.extend_from_slice(extra);
     // The first creates the dev keys; the others find them.
-    let apps = (0..n)
-        .map(|_| TestApp::start(&["serve", "--listen", "127.0.0.1:0", "--data-dir", &d], dir.clone()))
-        .collect();
+    let apps = (0..n).map(|_| TestApp::start(&args, dir.clone())).collect();
     (apps, tmp)
 }
 
@@ -229,4 +235,105 @@ async fn replica_sigkilled_under_load_loses_nothing_and_the_trail_verifies() {
     for app in &apps {
         app.assert_logs_clean();
     }
+}
+
+/// The same `Idempotency-Key` sent to two replicas at once: one PSP authorisation
+/// per key, and every answer names the same charge.
+#[tokio::test]
+async fn one_idempotency_key_on_two_replicas_authorises_once() {
+    if !postgres_reachable() {
+        return;
+    }
+    let psp = MockPsp::spawn();
+    let (apps, _tmp) = replicas_with(2, &["--psp-url", &psp.base]);
+    let tok = tokenize_with_cvv(&apps[0], "5555555555554444", "737").await;
+    let token = tok["token"].as_str().unwrap().to_owned();
+    let keys = 10;
+    for k in 0..keys {
+        let body = charge_body(&token, 1000 + k, "moto", None);
+        let key = format!("order-replicas-{k}");
+        let sends = apps
+            .iter()
+            .cycle()
+            .take(6)
+            .map(|app| charge(app, "psp", "default", Some(&key), &body));
+        let answers = futures_util::future::join_all(sends).await;
+        let mut ids = BTreeSet::new();
+        for res in answers {
+            assert_eq!(res.status(), 201);
+            let v: Value = res.json().await.unwrap();
+            assert_eq!(v["status"], "authorised", "{v}");
+            ids.insert(v["id"].as_str().unwrap().to_owned());
+        }
+        assert_eq!(ids.len(), 1, "key {k}: one charge across the replicas: {ids:?}");
+    }
+    let seen = psp.received().await;
+    let originals = seen.iter().filter(|r| r["replay"] == false).count();
+    assert_eq!(originals, keys as usize, "one PSP authorisation per key: {seen:#?}");
+    let cvvs = seen
+        .iter()
+        .filter(|r| r["request"]["paymentMethod"].get("cvc").is_some())
+        .count();
+    assert_eq!(cvvs, 1, "the CVV went once, with the first charge");
+    println!(
+        "replicas: {} concurrent charge requests over 2 replicas, {keys} keys, {originals} PSP authorisations, \
+         {} PSP replays",
+        keys * 6,
+        seen.len() - originals
+    );
+    apps[0].watch("5555555555554444");
+}
+
+/// A replica SIGKILLed while the PSP authorises; the caller retries the same key
+/// on another replica: still one authorisation (the reservation, durable before
+/// the PSP call, carries the PSP idempotency key every replica resends).
+#[tokio::test]
+async fn replica_killed_mid_charge_then_retry_on_another_charges_once() {
+    if !postgres_reachable() {
+        return;
+    }
+    let psp = MockPsp::spawn();
+    let (mut apps, _tmp) = replicas_with(2, &["--psp-url", &psp.base, "--psp-timeout", "20s"]);
+    let tok = tokenize_with_cvv(&apps[0], "5555555555554444", "737").await;
+    let token = tok["token"].as_str().unwrap().to_owned();
+    // Amount ending 504: the mock stores its authorisation, then answers only after 30 s.
+    let body = charge_body(&token, 8504, "moto", None);
+    let (client, url, jwt, sent) = (
+        apps[0].client.clone(),
+        apps[0].url("/v1/charges"),
+        apps[0].jwt("psp", "default"),
+        body.clone(),
+    );
+    let in_flight = tokio::spawn(async move {
+        client
+            .post(url)
+            .bearer_auth(jwt)
+            .header("Idempotency-Key", "order-8504")
+            .json(&sent)
+            .send()
+            .await
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while psp.received().await.is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the PSP never saw the charge");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    apps[0].kill();
+    assert!(in_flight.await.unwrap().is_err(), "the caller never got an answer");
+    let res = charge(&apps[1], "psp", "default", Some("order-8504"), &body).await;
+    assert_eq!(res.status(), 201);
+    let outcome: Value = res.json().await.unwrap();
+    assert_eq!(outcome["status"], "authorised", "{outcome}");
+    let seen = psp.received().await;
+    assert_eq!(seen.iter().filter(|r| r["replay"] == false).count(), 1, "{seen:?}");
+    assert_eq!(
+        seen.len(),
+        2,
+        "the original and the other replica's replayed resend: {seen:?}"
+    );
+    assert_eq!(
+        seen[1]["idempotency_key"],
+        format!("tv-{}", outcome["id"].as_str().unwrap())
+    );
+    apps[1].watch("5555555555554444");
 }
