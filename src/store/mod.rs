@@ -858,13 +858,19 @@ pub(crate) mod conformance {
         );
         assert_eq!(store.get_charge(&d.tenant, "ch_2").unwrap(), None);
         // An entry older than the window is replaced.
-        let later = IdempotencyRecord {
-            created_at: 5,
-            ..rival_idem.clone()
+        let third = ChargeRecord {
+            id: "ch_3".into(),
+            ..charge.clone()
         };
-        assert_eq!(store.reserve_charge(&rival, &[7; 32], &idem, 0).unwrap(), None);
-        assert_eq!(store.reserve_charge(&rival, &[7; 32], &later, 2).unwrap(), None);
+        let later = IdempotencyRecord {
+            charge_id: "ch_3".into(),
+            created_at: 5,
+            ..idem.clone()
+        };
+        assert_eq!(store.reserve_charge(&rival, &[7; 32], &rival_idem, 0).unwrap(), None);
+        assert_eq!(store.reserve_charge(&third, &[7; 32], &later, 2).unwrap(), None);
         assert_eq!(store.get_idempotency(&[7; 32]).unwrap(), Some(later));
+        assert_eq!(store.get_charge(&d.tenant, "ch_3").unwrap(), Some(third));
         assert_eq!(store.get_charge(&d.tenant, "ch_1").unwrap(), Some(charge));
         assert_eq!(store.get_charge(&t2, "ch_1").unwrap(), None);
         assert_eq!(store.get_idempotency(&[9; 32]).unwrap(), Some(idem));
