@@ -263,6 +263,33 @@ fn spawn_registry_reload(state: web::Data<AppState>, file: std::path::PathBuf) {
 }
 
 /// Rotates the KEK before its random-nonce budget runs out.
+/// Replicas over one database share the keystore: a rotation, retire or destroy
+/// made through one takes effect on the others within a second (a change made
+/// here also builds on the newest file first: `KeyManager::update`).
+fn spawn_keystore_refresh(vault: Vault) {
+    actix_web::rt::spawn(async move {
+        let mut tick = actix_web::rt::time::interval(KEYSTORE_REFRESH);
+        loop {
+            tick.tick().await;
+            let keys = vault.parts().1;
+            match tokio::task::spawn_blocking(move || keys.refresh()).await {
+                Ok(Ok(Some(generation))) => {
+                    tracing::info!(
+                        generation,
+                        "keystore changed by another replica: its keys are in force here now"
+                    );
+                }
+                Ok(Ok(None)) => {}
+                Ok(Err(e)) => tracing::error!(error = %e, "cannot take the shared keystore's new generation"),
+                Err(_) => tracing::error!("keystore refresh task failed"),
+            }
+        }
+    });
+}
+
+/// How often a replica looks for a keystore another replica changed.
+const KEYSTORE_REFRESH: Duration = Duration::from_millis(500);
+
 fn spawn_budget_rotation(vault: Vault) {
     actix_web::rt::spawn(async move {
         loop {
@@ -429,6 +456,9 @@ impl Application {
             spawn_auto_rotation(vault.clone(), period);
         }
         spawn_budget_rotation(vault.clone());
+        if matches!(location, crate::store::StoreLocation::Postgres(_)) {
+            spawn_keystore_refresh(vault.clone());
+        }
         let auth = Authenticator::new(&settings.auth, &settings.clients)?;
         let limiter = crate::limits::Limiter::new(
             &settings

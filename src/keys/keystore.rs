@@ -242,6 +242,19 @@ impl Keystore {
         Ok(ks)
     }
 
+    /// The generation the file claims, unauthenticated: only a hint that it changed
+    /// ([`Keystore::reopen`] authenticates it).
+    pub fn file_generation(&self) -> Result<u64, KeystoreError> {
+        Ok(read_file(&self.path)?.body.generation)
+    }
+
+    /// The keystore file as it is now (another process — a vault replica sharing
+    /// it, or `keys --offline` — may have changed it), authenticated with this
+    /// keystore's root of trust.
+    pub fn reopen(&self) -> Result<Keystore, KeystoreError> {
+        Keystore::open(&self.path, self.provider.clone())
+    }
+
     /// Unwraps every live KEK version into a keyring.
     pub fn keyring(&self) -> Result<Keyring, KeystoreError> {
         let integrity = || KeystoreError::Integrity(self.path.clone());

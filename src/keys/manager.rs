@@ -156,6 +156,16 @@ impl KeyManager {
     {
         let mut ring = self.ring.write().unwrap_or_else(|p| p.into_inner());
         let mut ks_guard = lock(&self.keystore);
+        // Another replica sharing the keystore may have changed it since: build on
+        // its generation, never over it.
+        if let Some(ks) = ks_guard.as_mut() {
+            let newer = ks.reopen()?;
+            if newer.generation() > ks.generation() {
+                self.check_generation(newer.generation())?;
+                *ring = Some(Arc::new(newer.keyring()?));
+                *ks = newer;
+            }
+        }
         let (Some(current), Some(ks)) = (ring.as_ref(), ks_guard.as_mut()) else {
             return Err(Sealed.into());
         };
@@ -165,6 +175,39 @@ impl KeyManager {
         *ring = Some(Arc::new(ks.keyring()?));
         *lock(&self.info) = ks.provider_info().clone();
         Ok(out)
+    }
+
+    /// Takes a newer keystore generation written by another process sharing the
+    /// keystore (a vault replica): the rollback guard checks it, then its keyring
+    /// takes effect for every later request. Returns the generation taken, if any.
+    /// While sealed there is nothing to refresh (unseal reads the file).
+    pub fn refresh(&self) -> Result<Option<u64>, KeystoreError> {
+        let (current, claimed) = match lock(&self.keystore).as_ref() {
+            Some(ks) => (ks.generation(), ks.file_generation()?),
+            None => return Ok(None),
+        };
+        // Cheap check first (no unwrap through the root of trust unless it changed).
+        if claimed <= current {
+            return Ok(None);
+        }
+        let Some(newer) = lock(&self.keystore).as_ref().map(Keystore::reopen).transpose()? else {
+            return Ok(None);
+        };
+        if newer.generation() <= current {
+            return Ok(None);
+        }
+        self.check_generation(newer.generation())?;
+        let ring = Arc::new(newer.keyring()?);
+        let mut ring_guard = self.ring.write().unwrap_or_else(|p| p.into_inner());
+        let mut ks_guard = lock(&self.keystore);
+        if ks_guard.as_ref().is_none_or(|ks| ks.generation() >= newer.generation()) {
+            return Ok(None);
+        }
+        let generation = newer.generation();
+        *lock(&self.info) = newer.provider_info().clone();
+        *ks_guard = Some(newer);
+        *ring_guard = Some(ring);
+        Ok(Some(generation))
     }
 
     /// Accepts one custodian share; unseals once the threshold is reached and the

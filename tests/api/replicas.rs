@@ -337,3 +337,76 @@ async fn replica_killed_mid_charge_then_retry_on_another_charges_once() {
     );
     apps[1].watch("5555555555554444");
 }
+
+/// The active KEK version a replica reports (through its admin API).
+fn status_of(app: &TestApp) -> Value {
+    let (code, out, err) = app.keys_cli("officer", &["status", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    serde_json::from_str(&out).unwrap()
+}
+
+/// How long until `app` reports `pred` (at most 5 s).
+fn until(app: &TestApp, pred: impl Fn(&Value) -> bool) -> Duration {
+    let start = std::time::Instant::now();
+    loop {
+        if pred(&status_of(app)) {
+            return start.elapsed();
+        }
+        assert!(start.elapsed() < Duration::from_secs(5), "never: {}", status_of(app));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A rotation, an online rewrap and a retire made through one replica hold on the
+/// other within 2 s; the other then wraps new cards under the new version only,
+/// and both agree on the key status.
+#[tokio::test]
+async fn key_changes_through_one_replica_hold_on_the_other_within_two_seconds() {
+    if !postgres_reachable() {
+        return;
+    }
+    let (apps, _tmp) = replicas(2);
+    let before = seed(&apps[1], "default", 900_000, 20).await;
+    assert_eq!(apps[0].keys_cli("officer", &["rotate"]).0, 0);
+    let took = until(&apps[1], |s| s["active"] == 2);
+    assert!(took < Duration::from_secs(2), "rotation seen after {took:?}");
+    // New cards through the other replica: under v2 only.
+    let after = seed(&apps[1], "default", 910_000, 10).await;
+    let s = status_of(&apps[0]);
+    let records = |s: &Value, v: u64| {
+        s["versions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["version"] == v)
+            .map_or(0, |x| x["records"].as_u64().unwrap())
+    };
+    assert_eq!((records(&s, 1), records(&s, 2)), (20, 10), "{s}");
+    // Rewrap through the first replica while the second serves; both agree after.
+    let (code, out, err) = apps[0].keys_cli("officer", &["rewrap"]);
+    assert_eq!(code, 0, "{out}{err}");
+    for app in &apps {
+        let s = status_of(app);
+        assert_eq!((records(&s, 1), records(&s, 2)), (0, 30), "{s}");
+    }
+    assert_eq!(apps[0].keys_cli("officer", &["retire", "1"]).0, 0);
+    let took_retire = until(&apps[1], |s| {
+        s["versions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|x| x["version"] == 1 && x["state"] == "retired")
+    });
+    assert!(
+        took_retire < Duration::from_secs(2),
+        "retire seen after {took_retire:?}"
+    );
+    // Every card opens on both replicas.
+    for (i, (token, pan)) in before.iter().chain(&after).enumerate() {
+        let res = apps[i % 2].detokenize("default", token).await;
+        assert_eq!(res.status(), 200);
+        assert_eq!(res.json::<Value>().await.unwrap()["pan"], pan.as_str());
+    }
+    audit_verify(&apps[1]);
+    println!("replicas: rotation seen by the other replica after {took:?}, retire after {took_retire:?}");
+}
