@@ -82,9 +82,16 @@ impl AppState {
 
     /// Appends an audit record durably; if that fails the request fails (closed).
     pub async fn audit(&self, event: crate::audit::AuditEvent) -> Result<(), ApiError> {
-        self.audit.record(event).await.map_err(|e| {
-            tracing::error!(error = %e, "audit trail write failed");
-            ApiError::Internal
+        self.audit.record(event).await.map_err(|e| match e {
+            // The store is down (a database restarting or failing over): retry later.
+            crate::audit::AuditError::Store(e @ crate::store::StoreError::Unavailable(_)) => {
+                tracing::warn!(error = %e, "audit trail unavailable");
+                ApiError::StoreUnavailable
+            }
+            e => {
+                tracing::error!(error = %e, "audit trail write failed");
+                ApiError::Internal
+            }
         })
     }
 }

@@ -51,6 +51,8 @@ pub enum ApiError {
     RecordLost,
     #[error("store damaged")]
     StoreDamaged,
+    #[error("store unavailable")]
+    StoreUnavailable,
     #[error("not ready")]
     NotReady,
     #[error("sealed")]
@@ -132,6 +134,7 @@ impl ApiError {
             ApiError::KeyUnavailable => "key-unavailable",
             ApiError::Integrity | ApiError::RecordLost => "integrity-failure",
             ApiError::StoreDamaged => "store-damaged",
+            ApiError::StoreUnavailable => "store-unavailable",
             ApiError::NotReady => "not-ready",
             ApiError::Sealed => "sealed",
             ApiError::IdempotencyKeyRequired => "idempotency-key-required",
@@ -165,6 +168,7 @@ impl ApiError {
             ApiError::Integrity => "The stored record failed its integrity check",
             ApiError::RecordLost => "The store lost records, and this token may be one of them",
             ApiError::StoreDamaged => "The store is damaged: new cards and charges are refused until it is restored",
+            ApiError::StoreUnavailable => "The store cannot be reached right now: retry shortly",
             ApiError::NotReady => "The vault is not ready",
             ApiError::Sealed => "The vault is sealed: custodians must unseal it",
             ApiError::IdempotencyKeyRequired => "An Idempotency-Key header is required",
@@ -238,6 +242,10 @@ impl From<crate::service::VaultError> for ApiError {
             VaultError::Integrity | VaultError::Store(crate::store::StoreError::Corrupt) => {
                 tracing::error!("record failed its integrity check");
                 ApiError::Integrity
+            }
+            VaultError::Store(e @ crate::store::StoreError::Unavailable(_)) => {
+                tracing::warn!(error = %e, "store unavailable");
+                ApiError::StoreUnavailable
             }
             VaultError::Store(e) => {
                 tracing::error!(error = %e, "store error");
@@ -320,7 +328,8 @@ impl ResponseError for ApiError {
             | ApiError::NotReady
             | ApiError::Sealed
             | ApiError::PspNotConfigured
-            | ApiError::StoreDamaged => StatusCode::SERVICE_UNAVAILABLE,
+            | ApiError::StoreDamaged
+            | ApiError::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::IdempotencyKeyRequired => StatusCode::BAD_REQUEST,
             ApiError::RateLimited(_) | ApiError::AnomalyThrottled(_) | ApiError::EnumerationSuspected(_) => {
                 StatusCode::TOO_MANY_REQUESTS
@@ -354,6 +363,9 @@ impl ResponseError for ApiError {
         {
             let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
             res.insert_header((header::RETRY_AFTER, secs.max(1).to_string()));
+        }
+        if let ApiError::StoreUnavailable = self {
+            res.insert_header((header::RETRY_AFTER, HeaderValue::from_static("1")));
         }
         if let ApiError::Auth(e) = self
             && !e.is_forbidden()

@@ -320,6 +320,10 @@ impl StoreDamage {
 pub enum StoreError {
     #[error("storage backend error: {0}")]
     Backend(String),
+    /// The backend cannot be reached right now (a database restarting or failing
+    /// over, a full pool): nothing was changed; the request may be retried.
+    #[error("storage backend unavailable: {0}")]
+    Unavailable(String),
     #[error("stored record is corrupt")]
     Corrupt,
 }

@@ -303,8 +303,25 @@ pub struct PgStore {
 /// detail (which can quote a row's values).
 fn db(e: tokio_postgres::Error) -> StoreError {
     match e.as_db_error() {
-        Some(d) => StoreError::Backend(format!("PostgreSQL {}: {}", d.code().code(), d.message())),
-        None => StoreError::Backend(format!("PostgreSQL: {}", short(&e))),
+        Some(d) => {
+            let code = d.code().code();
+            let text = format!("PostgreSQL {code}: {}", d.message());
+            // Connection exceptions, a server shutting down or starting, a standby
+            // that refuses writes (a failover under way), too many connections, a
+            // statement cut by its timeout: the database is unavailable, not wrong.
+            if code.starts_with("08")
+                || code.starts_with("57P")
+                || code == "25006"
+                || code == "53300"
+                || code == "57014"
+            {
+                StoreError::Unavailable(text)
+            } else {
+                StoreError::Backend(text)
+            }
+        }
+        // No answer from the server at all (connection refused, reset, closed).
+        None => StoreError::Unavailable(format!("PostgreSQL: {}", short(&e))),
     }
 }
 
@@ -327,7 +344,8 @@ fn rolled_back(e: &StoreError) -> bool {
 fn pool_error(e: deadpool_postgres::PoolError) -> StoreError {
     match e {
         deadpool_postgres::PoolError::Backend(e) => db(e),
-        other => StoreError::Backend(format!("PostgreSQL pool: {other}")),
+        // Timed out waiting for, creating or recycling a connection.
+        other => StoreError::Unavailable(format!("PostgreSQL pool: {other}")),
     }
 }
 
