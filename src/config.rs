@@ -317,6 +317,9 @@ pub struct Settings {
     pub deletion_epoch: Option<std::time::Duration>,
     /// Where the data lives: sled in the data directory (default) or PostgreSQL.
     pub store: StoreSettings,
+    /// A memory-only Redis (`redis://…`) that holds CVVs for every replica (None:
+    /// each process's own memory, fine for one vault).
+    pub cvv_redis: Option<String>,
 }
 
 /// `[store]`: the storage backend.
@@ -459,6 +462,8 @@ struct ProductionFile {
     deletion_epoch: Option<String>,
     #[serde(default)]
     store: StoreSettings,
+    #[serde(default)]
+    cvv_redis: Option<String>,
 }
 
 /// `[enumeration_guard]`: distinct cards per BIN + last four per client and tenant.
@@ -558,6 +563,7 @@ const ENV_KEYS: &[&str] = &[
     "psp.base_url",
     "psp.api_key_file",
     "psp.merchant_account",
+    "cvv_redis",
     "store.url",
     "store.password_file",
     "store.ca_file",
@@ -618,6 +624,7 @@ impl Settings {
             },
             config_file: Some(file.to_owned()),
             store: parsed.store,
+            cvv_redis: parsed.cvv_redis,
             kek_wrap_limit: parsed.kek_wrap_limit.unwrap_or(DEFAULT_KEK_WRAP_LIMIT).max(1),
             deletion_epoch: match parsed.deletion_epoch.as_deref() {
                 Some("off") => None,

@@ -238,6 +238,7 @@ pub fn settings_for(data_dir: &Path, listen: std::net::SocketAddr) -> (Settings,
         kek_wrap_limit: crate::config::DEFAULT_KEK_WRAP_LIMIT,
         deletion_epoch: None,
         store: Default::default(),
+        cvv_redis: None,
     };
     (settings, paths)
 }

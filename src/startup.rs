@@ -420,7 +420,14 @@ impl Application {
             psp,
             enumeration: settings.enumeration_guard,
             kek_wrap_limit: settings.kek_wrap_limit,
+            cvv_redis: settings.cvv_redis.clone(),
         };
+        if matches!(location, crate::store::StoreLocation::Postgres(_)) && settings.cvv_redis.is_none() {
+            tracing::warn!(
+                "CVVs are held in this replica's memory: a charge that lands on another replica goes without one \
+                 (set cvv_redis to share them)"
+            );
+        }
         let audit = crate::audit::AuditLog::open(store.clone(), keys.clone())
             .map_err(|e| StartupError::Audit(e.to_string()))?;
         // The trail's head must verify against the anchor's keyed mark before the

@@ -72,6 +72,9 @@ struct ServeArgs {
     /// Store: sled:PATH [default: <data-dir>/sled] or postgres://… (overrides [store] url).
     #[arg(long, env = "TOKENVAULT_STORE", value_name = "URL")]
     store: Option<String>,
+    /// A memory-only Redis (redis://…) holding CVVs for every replica [default: this process's memory].
+    #[arg(long, env = "TOKENVAULT_CVV_REDIS", value_name = "URL")]
+    cvv_redis: Option<String>,
     /// Dev mode: the PSP base URL (e.g. the mock PSP, http://127.0.0.1:8081); its host is allow-listed.
     #[arg(long, env = "TOKENVAULT_PSP_URL", value_name = "URL")]
     psp_url: Option<String>,
@@ -315,6 +318,9 @@ fn serve(args: ServeArgs) -> ExitCode {
         }
     };
     let settings = settings.and_then(|mut s| {
+        if let Some(url) = &args.cvv_redis {
+            s.cvv_redis = Some(url.clone());
+        }
         if let Some(url) = &args.store {
             s.store.url = Some(url.clone());
             if let crate::store::StoreLocation::Postgres(pg) = s.store.location(&s.data_dir)?

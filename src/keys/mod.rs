@@ -55,6 +55,7 @@ pub fn open_pkcs11(
 }
 
 const AUDIT_MAC_INFO: &[u8] = b"tokenvault/v1/purpose/audit-mac";
+const CVV_HOLD_INFO: &[u8] = b"tokenvault/v1/purpose/cvv-hold";
 const DEK_WRAP_INFO: &[u8] = b"tokenvault/v1/purpose/dek-wrap";
 const FINGERPRINT_INFO: &str = "tokenvault/v1/purpose/fingerprint/tenant=";
 const AAD_DEK: &str = "tokenvault/v1/aad/dek";
@@ -229,6 +230,13 @@ impl Keyring {
     /// audit records stay verifiable across KEK rotation and destruction.
     pub fn audit_key(&self) -> Key256 {
         self.index_key.derive(AUDIT_MAC_INFO)
+    }
+
+    /// The key that seals CVVs held for the next charge outside this process (in a
+    /// memory-only Redis shared by replicas): an HKDF purpose key of the index key,
+    /// so every replica has it and it outlives KEK rotation.
+    pub fn cvv_hold_key(&self) -> Key256 {
+        self.index_key.derive(CVV_HOLD_INFO)
     }
 
     /// A round trip through the active key: readiness means keys are usable.

@@ -198,7 +198,7 @@ impl Vault {
         self.store.commit().await?;
         // The CVV is used by this charge and destroyed, whatever happens next; it is
         // only ever sent on a customer-initiated charge.
-        let cvv = self.cvv.take(&input.token);
+        let cvv = self.cvv.take(&input.token).await?;
         self.drive(psp, tenant, charge, cvv).await
     }
 
@@ -350,8 +350,8 @@ impl Vault {
     }
 
     /// Whether a live CVV is held for `token`.
-    pub fn cvv_held(&self, token: &Token) -> bool {
-        self.cvv.holds(token)
+    pub async fn cvv_held(&self, token: &Token) -> bool {
+        self.cvv.holds(token).await
     }
 
     /// Drops expired CVVs (called periodically).

@@ -163,7 +163,7 @@ pub struct Vault {
     keys: Arc<KeyManager>,
     stored: Arc<AtomicI64>,
     admin: Arc<keyadmin::AdminState>,
-    cvv: Arc<cvv::CvvCache>,
+    cvv: Arc<cvv::CvvHold>,
     psp: Option<Arc<dyn crate::psp::Psp>>,
     inflight: Arc<charges::Inflight>,
     idempotency_window: std::time::Duration,
@@ -182,6 +182,8 @@ pub struct VaultOptions {
     pub enumeration: Option<crate::limits::EnumerationParams>,
     /// Wraps per KEK version before it is rotated (random-nonce budget).
     pub kek_wrap_limit: u64,
+    /// A memory-only Redis that holds CVVs for every replica (None: this process's memory).
+    pub cvv_redis: Option<String>,
 }
 
 impl Default for VaultOptions {
@@ -193,6 +195,7 @@ impl Default for VaultOptions {
             psp: None,
             enumeration: Some(crate::limits::EnumerationParams::default()),
             kek_wrap_limit: budget::DEFAULT_LIMIT,
+            cvv_redis: None,
         }
     }
 }
@@ -207,6 +210,10 @@ impl Vault {
         options: VaultOptions,
     ) -> Result<Vault, VaultError> {
         let n = store.count()?;
+        let cvv = match &options.cvv_redis {
+            None => cvv::CvvHold::Local(cvv::CvvCache::new(options.cvv_ttl)),
+            Some(url) => cvv::CvvHold::Redis(cvv::RedisCvv::connect(url, keys.clone(), options.cvv_ttl)?),
+        };
         let budget = Arc::new(budget::WrapBudget::new(store.clone(), options.kek_wrap_limit));
         Ok(Vault {
             budget,
@@ -216,7 +223,7 @@ impl Vault {
             keys,
             stored: Arc::new(AtomicI64::new(n as i64)),
             admin: Arc::new(keyadmin::AdminState::new(options.cryptoperiod)),
-            cvv: Arc::new(cvv::CvvCache::new(options.cvv_ttl)),
+            cvv: Arc::new(cvv),
             psp: options.psp,
             inflight: Arc::new(std::sync::Mutex::new(std::collections::HashMap::new())),
             idempotency_window: options.idempotency_window,
@@ -374,10 +381,13 @@ impl Vault {
         let meta = match &mut outcome {
             Tokenized::Created(m) | Tokenized::Existing(m) => m,
         };
-        if let Some(cvv) = &cvv {
-            self.cvv.put(&meta.token, cvv);
+        if let Some(cvv) = &cvv
+            && let Err(e) = self.cvv.put(&meta.token, cvv).await
+        {
+            // The card is stored; only its CVV could not be held (the answer says so).
+            tracing::warn!(error = %e, "cannot hold the CVV for the next charge");
         }
-        meta.cvv_held = self.cvv.holds(&meta.token);
+        meta.cvv_held = self.cvv.holds(&meta.token).await;
         Ok(outcome)
     }
 
@@ -485,7 +495,7 @@ impl Vault {
             .map_err(|_| VaultError::Task)??
             .ok_or_else(|| self.missing())?;
         self.audited(outcome_event(&event, "ok", &meta.token)).await?;
-        meta.cvv_held = self.cvv.holds(&meta.token);
+        meta.cvv_held = self.cvv.holds(&meta.token).await;
         Ok(meta)
     }
 
@@ -546,7 +556,9 @@ impl Vault {
             return Err(self.missing());
         }
         // A deleted card takes its waiting CVV with it.
-        drop(self.cvv.take(&token));
+        if let Err(e) = self.cvv.take(&token).await {
+            tracing::warn!(error = %e, "cannot drop the deleted card's waiting CVV (its TTL will)");
+        }
         self.stored.fetch_sub(1, Ordering::Relaxed);
         Ok(())
     }

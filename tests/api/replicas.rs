@@ -430,6 +430,8 @@ struct Cluster {
     dir: std::path::PathBuf,
     bin: std::path::PathBuf,
     port: u16,
+    /// Extra server settings (`-c name=value`), e.g. for a standby.
+    extra: String,
 }
 
 impl Cluster {
@@ -475,7 +477,12 @@ impl Cluster {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap().port()
         };
-        let c = Cluster { dir, bin, port };
+        let c = Cluster {
+            dir,
+            bin,
+            port,
+            extra: String::new(),
+        };
         run(&[
             c.bin.join("initdb").to_str().unwrap(),
             "-D",
@@ -497,9 +504,10 @@ impl Cluster {
         let data = self.data();
         let log = self.dir.join("log");
         let opts = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1",
+            "-p {} -k {} -c listen_addresses=127.0.0.1 {}",
             self.port,
-            self.dir.display()
+            self.dir.display(),
+            self.extra
         );
         let out = std::process::Command::new("runuser")
             .args(["-u", "postgres", "--", self.bin.join("pg_ctl").to_str().unwrap()])
@@ -529,6 +537,69 @@ impl Cluster {
     /// Stops the server the hard way (no shutdown checkpoint: a crash).
     fn crash(&self) {
         self.ctl(&["stop", "-m", "immediate"]);
+    }
+
+    fn as_postgres(&self, args: &[&str]) -> std::process::Output {
+        std::process::Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    fn sql(&self, sql: &str) -> String {
+        let out = std::process::Command::new("psql")
+            .args([self.url().as_str(), "-qAtc", sql])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{sql}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// A hot standby of this cluster, streaming from it (`pg_basebackup -R`), started.
+    fn standby(&self) -> Cluster {
+        let dir = std::env::temp_dir().join(format!("tv-pg-standby-{}-{}", std::process::id(), now()));
+        std::fs::create_dir_all(&dir).unwrap();
+        assert!(
+            std::process::Command::new("chown")
+                .args(["postgres", dir.to_str().unwrap()])
+                .status()
+                .unwrap()
+                .success()
+        );
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let s = Cluster {
+            dir,
+            bin: self.bin.clone(),
+            port,
+            // Once promoted it must not wait for a standby of its own.
+            extra: "-c synchronous_standby_names=".into(),
+        };
+        let out = self.as_postgres(&[
+            self.bin.join("pg_basebackup").to_str().unwrap(),
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &self.port.to_string(),
+            "-U",
+            "postgres",
+            "-D",
+            s.data().to_str().unwrap(),
+            "-R",
+            "-X",
+            "stream",
+        ]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        s.start();
+        s
+    }
+
+    fn promote(&self) {
+        self.ctl(&["promote"]);
     }
 
     fn url(&self) -> String {
@@ -601,5 +672,290 @@ async fn database_crash_answers_503_then_the_vault_recovers_by_itself() {
     println!(
         "database crash: {unavailable} tokenize and {unavailable} detokenize requests answered 503 while it was down \
          (slowest {slowest:?}); serving again {recovered:?} after the crash, without a restart; 20/20 earlier tokens open"
+    );
+}
+
+/// Keys in one Redis logical database (the test's own).
+fn redis_keys(db: u8) -> Vec<String> {
+    let client = redis::Client::open(format!("redis://127.0.0.1:6379/{db}")).unwrap();
+    let mut conn = client.get_connection().unwrap();
+    redis::cmd("KEYS").arg("*").query(&mut conn).unwrap()
+}
+
+fn redis_reachable(db: u8) -> bool {
+    let ok = redis::Client::open(format!("redis://127.0.0.1:6379/{db}"))
+        .and_then(|c| c.get_connection_with_timeout(Duration::from_secs(2)))
+        .and_then(|mut c| redis::cmd("FLUSHDB").query::<()>(&mut c))
+        .is_ok();
+    if !ok {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "Redis unreachable in CI (127.0.0.1:6379)"
+        );
+        eprintln!("skipped: Redis unreachable at 127.0.0.1:6379");
+    }
+    ok
+}
+
+/// A CVV given to one replica is used by the first charge on the other, exactly
+/// once; the next charge sends none; Redis held it only sealed, under a name that
+/// is not the token, with its TTL, and holds nothing of it afterwards.
+#[tokio::test]
+async fn cvv_given_to_one_replica_is_sent_once_by_the_other_and_then_gone() {
+    const DB: u8 = 7;
+    if !postgres_reachable() || !redis_reachable(DB) {
+        return;
+    }
+    let psp = MockPsp::spawn();
+    let redis_url = format!("redis://127.0.0.1:6379/{DB}");
+    let (apps, _tmp) = replicas_with(
+        2,
+        &["--psp-url", &psp.base, "--cvv-redis", &redis_url, "--cvv-ttl", "10m"],
+    );
+    let tok = tokenize_with_cvv(&apps[0], "4012888888881881", "418").await;
+    assert_eq!(tok["cvv_held"], true, "{tok}");
+    let token = tok["token"].as_str().unwrap().to_owned();
+    // In Redis: one key, not the token; the value sealed; a TTL of at most 10 minutes.
+    let keys = redis_keys(DB);
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    assert!(!keys[0].contains(&token) && keys[0].starts_with("tv:cvv:"), "{keys:?}");
+    let client = redis::Client::open(redis_url.as_str()).unwrap();
+    let mut conn = client.get_connection().unwrap();
+    let value: Vec<u8> = redis::cmd("GET").arg(&keys[0]).query(&mut conn).unwrap();
+    assert!(!value.windows(3).any(|w| w == b"418"), "the CVV is sealed in Redis");
+    let ttl: i64 = redis::cmd("PTTL").arg(&keys[0]).query(&mut conn).unwrap();
+    assert!(ttl > 0 && ttl <= 600_000, "TTL {ttl} ms");
+    // The other replica sees it held, and its first charge sends it.
+    let res = charge(
+        &apps[1],
+        "psp",
+        "default",
+        Some("cvv-replica-1"),
+        &charge_body(&token, 2100, "moto", None),
+    )
+    .await;
+    assert_eq!(res.status(), 201);
+    let first: Value = res.json().await.unwrap();
+    assert_eq!(first["cvv_sent"], true, "{first}");
+    assert!(redis_keys(DB).is_empty(), "taken once, nothing left in Redis");
+    let res = charge(
+        &apps[0],
+        "psp",
+        "default",
+        Some("cvv-replica-2"),
+        &charge_body(&token, 2200, "moto", None),
+    )
+    .await;
+    assert_eq!(res.status(), 201);
+    let second: Value = res.json().await.unwrap();
+    assert_eq!(second["cvv_sent"], false, "{second}");
+    let seen = psp.received().await;
+    let with_cvv: Vec<_> = seen
+        .iter()
+        .filter(|r| r["request"]["paymentMethod"].get("cvc").is_some())
+        .collect();
+    assert_eq!(with_cvv.len(), 1, "the CVV reached the PSP exactly once: {seen:?}");
+    assert_eq!(with_cvv[0]["request"]["paymentMethod"]["cvc"], "418");
+    assert!(redis_keys(DB).is_empty());
+    for app in &apps {
+        app.watch("4012888888881881");
+        assert!(!app.logs().contains("\"418\""), "the CVV never reaches a log");
+    }
+}
+
+/// A Redis that snapshots to disk is refused: CVVs must stay in memory only.
+#[tokio::test]
+async fn a_redis_that_persists_is_refused_for_cvvs() {
+    if !postgres_reachable() {
+        return;
+    }
+    let Ok(server) = std::process::Command::new("redis-server").arg("--version").output() else {
+        assert!(std::env::var_os("CI").is_none(), "CI needs redis-server");
+        return;
+    };
+    assert!(server.status.success());
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut redis = std::process::Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "60 1",
+            "--appendonly",
+            "no",
+        ])
+        .args(["--dir", dir.path().to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(std::time::Instant::now() < deadline, "redis-server did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    bind_fresh_database(&data);
+    let url = format!("redis://127.0.0.1:{port}");
+    let out = std::process::Command::new(BIN)
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--cvv-redis",
+            &url,
+        ])
+        .env("TOKENVAULT_STORE", store_of(&data).unwrap())
+        .output()
+        .unwrap();
+    let _ = redis.kill();
+    let _ = redis.wait();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("persists to disk"), "{err}");
+}
+
+/// Database failover, for real: a primary and a synchronous hot standby built
+/// here, vault replicas on a multi-host URL (`target_session_attrs=read-write`),
+/// a mixed load; the primary is SIGKILLed (an immediate stop) and the standby
+/// promoted. During the gap the vaults answer 503 (never a wrong answer, never
+/// past their timeout), they recover by themselves, and every write acknowledged
+/// before, during and after is there; the audit trail verifies.
+#[tokio::test]
+async fn failover_to_a_synchronous_standby_loses_no_acknowledged_write() {
+    let Some(primary) = Cluster::create() else { return };
+    let standby = primary.standby();
+    primary.sql("ALTER SYSTEM SET synchronous_standby_names = '*'");
+    primary.sql("SELECT pg_reload_conf()");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while primary.sql("SELECT count(*) FROM pg_stat_replication WHERE sync_state = 'sync'") != "1" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the standby never became synchronous"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let url = format!(
+        "postgres://postgres@127.0.0.1:{},127.0.0.1:{}/postgres?sslmode=disable&target_session_attrs=read-write",
+        primary.port, standby.port
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let d = dir.to_str().unwrap().to_owned();
+    let args = ["serve", "--listen", "127.0.0.1:0", "--data-dir", &d, "--store", &url];
+    let apps = [TestApp::start(&args, dir.clone()), TestApp::start(&args, dir.clone())];
+    let jwt = apps[0].jwt("edge", "default");
+    let acked: Arc<std::sync::Mutex<Vec<(String, String, u8)>>> = Default::default();
+    let statuses: Arc<std::sync::Mutex<BTreeMap<u16, u64>>> = Default::default();
+    // (first 503, last 503) and the slowest answer.
+    type Gap = (Option<std::time::Instant>, Option<std::time::Instant>, Duration);
+    let gap: Arc<std::sync::Mutex<Gap>> = Arc::new(std::sync::Mutex::new((None, None, Duration::ZERO)));
+    let phase = Arc::new(std::sync::atomic::AtomicU8::new(0)); // 0 before, 1 during, 2 after
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for w in 0..6u64 {
+        let base = apps[(w % 2) as usize].base.clone();
+        let (jwt, acked, statuses, gap, phase, stop) = (
+            jwt.clone(),
+            acked.clone(),
+            statuses.clone(),
+            gap.clone(),
+            phase.clone(),
+            stop.clone(),
+        );
+        workers.push(tokio::spawn(async move {
+            let client = reqwest::Client::builder()
+                .no_proxy()
+                .timeout(Duration::from_secs(15))
+                .build()
+                .unwrap();
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                i += 1;
+                let pan = pan_for(1_000_000 + w * 100_000 + i);
+                let p = phase.load(Ordering::Relaxed);
+                let t = std::time::Instant::now();
+                let res = client
+                    .post(format!("{base}/v1/tokens"))
+                    .bearer_auth(&jwt)
+                    .json(&json!({"pan": pan, "exp_month": 12, "exp_year": 2031}))
+                    .send()
+                    .await
+                    .expect("the vault answers (never a dropped connection)");
+                let status = res.status().as_u16();
+                {
+                    let mut g = gap.lock().unwrap();
+                    g.2 = g.2.max(t.elapsed());
+                    if status == 503 {
+                        let now = std::time::Instant::now();
+                        g.0.get_or_insert(now);
+                        g.1 = Some(now);
+                    }
+                }
+                *statuses.lock().unwrap().entry(status).or_default() += 1;
+                if status == 201 {
+                    let token = res.json::<Value>().await.unwrap()["token"].as_str().unwrap().to_owned();
+                    acked.lock().unwrap().push((token, pan, p));
+                } else {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    phase.store(1, Ordering::Relaxed);
+    primary.crash();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    standby.promote();
+    phase.store(2, Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.await.unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    let statuses = statuses.lock().unwrap().clone();
+    let (first, last, slowest) = *gap.lock().unwrap();
+    let others: u64 = statuses
+        .iter()
+        .filter(|(s, _)| **s != 201 && **s != 503)
+        .map(|(_, n)| n)
+        .sum();
+    assert_eq!(others, 0, "only 201 and 503 answers: {statuses:?}");
+    assert!(slowest < Duration::from_secs(11), "an answer took {slowest:?}");
+    let after = acked.iter().filter(|(_, _, p)| *p == 2).count();
+    assert!(after > 0, "the vaults serve again after the failover: {statuses:?}");
+    // Every acknowledged write is on the promoted standby.
+    let mut lost = 0;
+    for (i, (token, pan, _)) in acked.iter().enumerate() {
+        let res = apps[i % 2].detokenize("default", token).await;
+        if res.status() != 200 {
+            lost += 1;
+            continue;
+        }
+        assert_eq!(res.json::<Value>().await.unwrap()["pan"], pan.as_str());
+    }
+    assert_eq!(lost, 0, "acknowledged writes lost");
+    let out = audit_verify(&apps[1]);
+    let window = match (first, last) {
+        (Some(a), Some(b)) => b - a,
+        _ => Duration::ZERO,
+    };
+    println!(
+        "failover: {} requests {statuses:?}; acknowledged {} ({} before, {} during, {after} after the kill), lost 0; \
+         longest 503 window {window:?}, slowest answer {slowest:?}; {out}",
+        statuses.values().sum::<u64>(),
+        acked.len(),
+        acked.iter().filter(|(_, _, p)| *p == 0).count(),
+        acked.iter().filter(|(_, _, p)| *p == 1).count(),
     );
 }
