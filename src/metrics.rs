@@ -20,6 +20,8 @@ pub struct Metrics {
     pub unseal: IntCounterVec,
     pub sealed: IntGauge,
     pub store_damaged: IntGauge,
+    pub store_unavailable: prometheus::IntCounter,
+    pub store_reconnects: prometheus::IntCounter,
     pub charges: IntCounterVec,
     pub psp_duration: prometheus::Histogram,
     pub psp_errors: IntCounterVec,
@@ -98,6 +100,22 @@ impl Metrics {
         registry
             .register(Box::new(store_damaged.clone()))
             .expect("unique gauge");
+        let store_unavailable = prometheus::IntCounter::new(
+            "store_unavailable_total",
+            "Store calls answered \"unavailable\" (the database restarting, failing over, or out of connections)",
+        )
+        .expect("valid counter");
+        registry
+            .register(Box::new(store_unavailable.clone()))
+            .expect("unique counter");
+        let store_reconnects = prometheus::IntCounter::new(
+            "store_reconnects_total",
+            "Reconnections of the store's writer after its database connection was lost (restarts, failovers)",
+        )
+        .expect("valid counter");
+        registry
+            .register(Box::new(store_reconnects.clone()))
+            .expect("unique counter");
         let http_duration = HistogramVec::new(
             HistogramOpts::new("http_request_duration_seconds", "HTTP request latency by route pattern").buckets(vec![
                 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
@@ -144,6 +162,8 @@ impl Metrics {
             unseal,
             sealed,
             store_damaged,
+            store_unavailable,
+            store_reconnects,
             charges,
             psp_duration,
             psp_errors,

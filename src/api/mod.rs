@@ -370,6 +370,12 @@ async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
 
 async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     state.metrics.tokens_stored.set(state.vault.tokens_stored());
+    let a = state.vault.store_availability();
+    let m = &state.metrics;
+    m.store_unavailable
+        .inc_by(a.unavailable.saturating_sub(m.store_unavailable.get()));
+    m.store_reconnects
+        .inc_by(a.reconnects.saturating_sub(m.store_reconnects.get()));
     state.metrics.sealed.set(i64::from(state.vault.keys().is_sealed()));
     if let Ok((counts, limit)) = state.vault.wrap_counts().await {
         state

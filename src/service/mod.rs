@@ -231,6 +231,11 @@ impl Vault {
         })
     }
 
+    /// The store's availability counters (for metrics).
+    pub fn store_availability(&self) -> crate::store::Availability {
+        self.store.availability()
+    }
+
     /// Damage the store found at open, if any. While there is, a token that is not
     /// found may have been lost (fail closed, never 404), and nothing new is issued:
     /// a fresh token could reuse a lost one that callers still hold, and lost

@@ -24,6 +24,13 @@ use crate::domain::tenant::TenantId;
 use crate::domain::token::{Token, TokenFormat};
 use crate::keys::SealedCard;
 
+/// See [`Store::availability`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Availability {
+    pub unavailable: u64,
+    pub reconnects: u64,
+}
+
 /// Where a vault keeps its data.
 #[derive(Debug, Clone)]
 pub enum StoreLocation {
@@ -444,6 +451,12 @@ pub trait Store: Send + Sync + 'static {
     fn commit(&self) -> Commit;
     /// Cheap liveness check of the backend, for readiness probes.
     fn check(&self) -> Result<(), StoreError>;
+    /// Counters for metrics: calls answered "unavailable", and reconnections of
+    /// the backend's writer after its connection was lost (a database restart or
+    /// failover). Zero for an embedded backend.
+    fn availability(&self) -> Availability {
+        Availability::default()
+    }
     /// Damage found at open: writes acknowledged earlier may be missing.
     fn damage(&self) -> Option<StoreDamage> {
         None

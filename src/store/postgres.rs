@@ -29,8 +29,8 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 use super::anchor::{KeyedMark, Mark};
 use super::sled_store::{decode, encode};
 use super::{
-    Applied, Applying, AuditAppend, AuditSeal, Change, ChargeRecord, Commit, IdempotencyRecord, InsertMode,
-    InsertOutcome, Store, StoreError, StoredRecord, Unit,
+    Applied, Applying, AuditAppend, AuditSeal, Availability, Change, ChargeRecord, Commit, IdempotencyRecord,
+    InsertMode, InsertOutcome, Store, StoreError, StoredRecord, Unit,
 };
 use crate::domain::tenant::TenantId;
 use crate::domain::token::Token;
@@ -297,6 +297,22 @@ pub struct PgStore {
     committer: Option<mpsc::UnboundedSender<Job>>,
     thread: Option<std::thread::JoinHandle<()>>,
     keyed_at_open: Option<KeyedMark>,
+    counters: Arc<Counters>,
+}
+
+/// See [`Store::availability`].
+#[derive(Default)]
+struct Counters {
+    unavailable: std::sync::atomic::AtomicU64,
+    reconnects: std::sync::atomic::AtomicU64,
+}
+
+impl Counters {
+    fn note<T>(&self, r: &Result<T, StoreError>) {
+        if let Err(StoreError::Unavailable(_)) = r {
+            self.unavailable.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
 }
 
 /// A database error as a store error: its SQLSTATE and message, never its
@@ -390,9 +406,11 @@ impl PgStore {
             })?
         };
         let (tx, rx) = mpsc::unbounded_channel();
+        let counters = Arc::new(Counters::default());
+        let c = counters.clone();
         let thread = std::thread::Builder::new()
             .name("pg-commit".into())
-            .spawn(move || committer(config, tls, rx))
+            .spawn(move || committer(config, tls, rx, c))
             .map_err(|e| StoreError::Backend(format!("cannot start the commit thread: {e}")))?;
         Ok(PgStore {
             runtime,
@@ -400,6 +418,7 @@ impl PgStore {
             committer: Some(tx),
             thread: Some(thread),
             keyed_at_open,
+            counters,
         })
     }
 
@@ -415,10 +434,12 @@ impl PgStore {
             return Err(StoreError::Backend("the store is closed".into()));
         };
         let pool = self.pool.clone();
-        block(runtime, async move {
+        let r = block(runtime, async move {
             let client = pool.get().await.map_err(pool_error)?;
             f(client).await
-        })
+        });
+        self.counters.note(&r);
+        r
     }
 }
 
@@ -717,7 +738,12 @@ async fn follow_trail(client: &impl GenericClient, sealer: &mut dyn crate::store
 
 /// The commit thread: its own connection on its own single-threaded runtime
 /// (the audit trail's head lock is held across the transaction's awaits).
-fn committer(config: tokio_postgres::Config, tls: MakeRustlsConnect, mut rx: mpsc::UnboundedReceiver<Job>) {
+fn committer(
+    config: tokio_postgres::Config,
+    tls: MakeRustlsConnect,
+    mut rx: mpsc::UnboundedReceiver<Job>,
+    counters: Arc<Counters>,
+) {
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
@@ -727,6 +753,7 @@ fn committer(config: tokio_postgres::Config, tls: MakeRustlsConnect, mut rx: mps
     };
     runtime.block_on(async move {
         let mut client: Option<Client> = None;
+        let mut connected_before = false;
         while let Some(first) = rx.recv().await {
             let mut applies = vec![first];
             while applies.len() < MAX_BATCH {
@@ -742,6 +769,11 @@ fn committer(config: tokio_postgres::Config, tls: MakeRustlsConnect, mut rx: mps
             if client.as_ref().is_none_or(|c| c.is_closed()) {
                 client = match config.connect(tls.clone()).await {
                     Ok((c, connection)) => {
+                        if connected_before {
+                            counters.reconnects.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            tracing::warn!("PostgreSQL commit connection re-established");
+                        }
+                        connected_before = true;
                         tokio::spawn(async move {
                             if let Err(e) = connection.await {
                                 tracing::warn!(error = %db(e), "PostgreSQL commit connection closed");
@@ -751,6 +783,7 @@ fn committer(config: tokio_postgres::Config, tls: MakeRustlsConnect, mut rx: mps
                     }
                     Err(e) => {
                         let e = db(e);
+                        counters.note::<()>(&Err(e.clone()));
                         for (_, _, reply) in applies {
                             reply.send(Err(e.clone()));
                         }
@@ -782,6 +815,7 @@ fn committer(config: tokio_postgres::Config, tls: MakeRustlsConnect, mut rx: mps
                 match result {
                     Ok(done) => outcomes.extend(done.into_iter().map(Ok)),
                     Err(e) => {
+                        counters.note::<()>(&Err(e.clone()));
                         tracing::warn!(error = %e, units = units.len(), "PostgreSQL batch failed");
                         outcomes.extend((start..end).map(|_| Err(e.clone())));
                     }
@@ -1218,6 +1252,14 @@ impl Store for PgStore {
         let (tx, rx) = oneshot::channel();
         let _ = tx.send(Ok(()));
         Commit::waiting(rx)
+    }
+
+    fn availability(&self) -> Availability {
+        use std::sync::atomic::Ordering::Relaxed;
+        Availability {
+            unavailable: self.counters.unavailable.load(Relaxed),
+            reconnects: self.counters.reconnects.load(Relaxed),
+        }
     }
 
     fn check(&self) -> Result<(), StoreError> {
