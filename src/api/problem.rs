@@ -98,6 +98,7 @@ pub const PROBLEM_CODES: &[&str] = &[
     "key-unavailable",
     "integrity-failure",
     "store-damaged",
+    "store-unavailable",
     "not-ready",
     "sealed",
     "idempotency-key-required",

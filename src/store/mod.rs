@@ -3,6 +3,7 @@
 //! tokens, public metadata and sealed envelopes.
 
 mod anchor;
+pub mod copy;
 mod postgres;
 mod sled_store;
 

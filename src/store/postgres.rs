@@ -448,6 +448,108 @@ fn raw(o: &mut deadpool_postgres::Object) -> &mut Client {
     o
 }
 
+/// Imports for `tokenvault store copy` (a stopped sled vault into this database).
+/// Each is idempotent, so a copy killed midway is simply run again.
+impl PgStore {
+    /// Stores a record as it is (and its fingerprint entry if `indexed`); `false` if
+    /// the token was already there with exactly these bytes; an error if it holds
+    /// something else (the target is not a copy of this source).
+    pub fn import_record(&self, record: &StoredRecord, indexed: bool) -> Result<bool, StoreError> {
+        let value = encode(record)?;
+        let (token, tenant, fp, version) = (
+            record.token.as_str().to_owned(),
+            record.tenant.as_str().to_owned(),
+            record.fingerprint,
+            i64::from(record.sealed.key_version),
+        );
+        self.run(move |mut c| async move {
+            let tx = raw(&mut c).transaction().await.map_err(db)?;
+            let n = tx
+                .execute(
+                    "INSERT INTO tv_tokens (token, tenant, key_version, record) VALUES ($1, $2, $3, $4) \
+                     ON CONFLICT (token) DO NOTHING",
+                    &[&token, &tenant, &version, &value],
+                )
+                .await
+                .map_err(db)?;
+            if n == 0 {
+                let row = tx
+                    .query_one("SELECT record FROM tv_tokens WHERE token = $1", &[&token])
+                    .await
+                    .map_err(db)?;
+                let there: &[u8] = row.get(0);
+                if there != value.as_slice() {
+                    return Err(StoreError::Backend(
+                        "the target holds another record under a token of the source".into(),
+                    ));
+                }
+            }
+            if indexed {
+                tx.execute(
+                    "INSERT INTO tv_fingerprints (tenant, fingerprint, token) VALUES ($1, $2, $3) \
+                     ON CONFLICT (tenant, fingerprint) DO NOTHING",
+                    &[&tenant, &&fp[..], &token],
+                )
+                .await
+                .map_err(db)?;
+            }
+            tx.commit().await.map_err(db)?;
+            Ok(n == 1)
+        })
+    }
+
+    /// Stores an idempotency entry as it is.
+    pub fn import_idempotency(&self, key: &[u8; 32], idem: &IdempotencyRecord) -> Result<(), StoreError> {
+        let i = postcard::to_stdvec(idem).map_err(|_| StoreError::Corrupt)?;
+        let (key, created) = (*key, idem.created_at);
+        self.run(move |c| async move {
+            c.execute(
+                "INSERT INTO tv_idempotency (key, record, created_at) VALUES ($1, $2, $3) \
+                 ON CONFLICT (key) DO UPDATE SET record = EXCLUDED.record, created_at = EXCLUDED.created_at",
+                &[&&key[..], &i, &created],
+            )
+            .await
+            .map_err(db)?;
+            Ok(())
+        })
+    }
+
+    /// Stores audit records as they are (same sequence numbers and bytes: the
+    /// chain verifies on the copy), skipping those already there.
+    pub fn import_audit(&self, records: &[(u64, Vec<u8>)]) -> Result<(), StoreError> {
+        let seqs: Vec<i64> = records.iter().map(|(s, _)| seq_i64(*s)).collect::<Result<_, _>>()?;
+        let bodies: Vec<Vec<u8>> = records.iter().map(|(_, r)| r.clone()).collect();
+        self.run(move |c| async move {
+            c.execute(
+                "INSERT INTO tv_audit (seq, record) SELECT * FROM UNNEST($1::BIGINT[], $2::BYTEA[]) \
+                 ON CONFLICT (seq) DO NOTHING",
+                &[&seqs, &bodies],
+            )
+            .await
+            .map_err(db)?;
+            Ok(())
+        })
+    }
+
+    /// Sets the trail's keyed mark (the source's: the last MACed record) and the
+    /// retention checkpoint, if any.
+    pub fn import_marks(&self, keyed: Option<KeyedMark>, checkpoint: Option<Vec<u8>>) -> Result<(), StoreError> {
+        self.run(move |c| async move {
+            if let Some(k) = keyed {
+                let mut v = Vec::with_capacity(72);
+                v.extend_from_slice(&k.seq.to_be_bytes());
+                v.extend_from_slice(&k.digest);
+                v.extend_from_slice(&k.mac);
+                put_meta(&**c, KEYED_MARK, &v).await?;
+            }
+            if let Some(cp) = checkpoint {
+                put_meta(&**c, CHECKPOINT, &cp).await?;
+            }
+            Ok(())
+        })
+    }
+}
+
 /// Spawns `fut` on `runtime` and blocks this (non-async) thread until it is done.
 fn block<T: Send + 'static>(
     runtime: &tokio::runtime::Runtime,

@@ -221,6 +221,41 @@ impl SledStore {
     /// current head (recording where it was moved back from, for the next start to
     /// audit). The vault must be stopped (sled locks its files). Returns the old
     /// and new anchored sequence numbers, or `None` when the store is not damaged.
+    /// Up to `limit` charges with ids after `after`, in id order (for `store copy`).
+    pub fn charges_after(&self, after: Option<&str>, limit: usize) -> Result<Vec<ChargeRecord>, StoreError> {
+        let start = after.map_or_else(Vec::new, |a| {
+            let mut k = a.as_bytes().to_vec();
+            k.push(0);
+            k
+        });
+        let mut out = Vec::new();
+        for item in self.charges.range(start..).take(limit) {
+            let (_, v) = item.map_err(backend)?;
+            out.push(postcard::from_bytes(&v).map_err(|_| StoreError::Corrupt)?);
+        }
+        Ok(out)
+    }
+
+    /// Up to `limit` idempotency entries with keys after `after`, in key order (for `store copy`).
+    pub fn idempotency_after(
+        &self,
+        after: Option<&[u8; 32]>,
+        limit: usize,
+    ) -> Result<Vec<([u8; 32], IdempotencyRecord)>, StoreError> {
+        let start = after.map_or_else(Vec::new, |a| {
+            let mut k = a.to_vec();
+            k.push(0);
+            k
+        });
+        let mut out = Vec::new();
+        for item in self.idempotency.range(start..).take(limit) {
+            let (k, v) = item.map_err(backend)?;
+            let key: [u8; 32] = k.as_ref().try_into().map_err(|_| StoreError::Corrupt)?;
+            out.push((key, postcard::from_bytes(&v).map_err(|_| StoreError::Corrupt)?));
+        }
+        Ok(out)
+    }
+
     pub fn reanchor(dir: &Path) -> Result<Option<(Option<u64>, u64)>, StoreError> {
         let store = SledStore::open(dir)?;
         if store.damage.is_none() {

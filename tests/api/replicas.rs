@@ -964,3 +964,118 @@ async fn failover_to_a_synchronous_standby_loses_no_acknowledged_write() {
         acked.iter().filter(|(_, _, p)| *p == 1).count(),
     );
 }
+
+/// `store copy`: a stopped sled vault (two KEK versions, deletions, charges, its
+/// audit trail) into PostgreSQL, killed midway and run again; the vault then
+/// starts on the copy: every token opens, deleted ones stay gone, charges are
+/// there and the audit trail verifies.
+#[tokio::test]
+async fn store_copy_moves_a_sled_vault_to_postgres_resumably() {
+    if !postgres_reachable() {
+        return;
+    }
+    let psp = MockPsp::spawn();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let d = dir.to_str().unwrap().to_owned();
+    let mut app = TestApp::start(
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            &d,
+            "--psp-url",
+            &psp.base,
+        ],
+        dir.clone(),
+    );
+    let mut cards = seed(&app, "default", 1_200_000, 1500).await;
+    assert_eq!(app.keys_cli("officer", &["rotate"]).0, 0);
+    cards.extend(seed(&app, "default", 1_300_000, 300).await);
+    let deleted: Vec<String> = cards.drain(..20).map(|(t, _)| t).collect();
+    for t in &deleted {
+        assert_eq!(app.delete("default", t).await.status(), 204);
+    }
+    let mut charges = Vec::new();
+    for (i, (token, _)) in cards.iter().take(3).enumerate() {
+        let body = charge_body(token, 3000 + i as u64, "moto", None);
+        let res = charge(&app, "psp", "default", Some(&format!("copy-{i}")), &body).await;
+        assert_eq!(res.status(), 201);
+        charges.push(res.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned());
+    }
+    app.kill();
+    drop(app);
+
+    let url = bind_fresh_database(&dir);
+    let copy_args = [
+        "store",
+        "copy",
+        "--from",
+        &format!("sled:{d}/sled"),
+        "--to",
+        &url,
+        "--data-dir",
+        &d,
+    ];
+    // Killed midway (if it is not done by then), then run again to the end.
+    let mut first = std::process::Command::new(BIN)
+        .args(copy_args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(400));
+    let _ = first.kill();
+    let _ = first.wait();
+    let partial: u64 = std::process::Command::new("psql")
+        .args([
+            url.split('?').next().unwrap(),
+            "-qAtc",
+            "SELECT count(*) FROM tv_tokens",
+        ])
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(0);
+    let (code, out, err) = run_cli(&copy_args, &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    let total = cards.len() as u64;
+    assert!(out.contains(&format!("copied and verified: {total} records")), "{out}");
+    assert!(
+        out.contains(&format!("{} new in this run, {total} opened", total - partial)),
+        "{out}"
+    );
+    // Once more: nothing new, still verified.
+    let (code, again, _) = run_cli(&copy_args, &[]);
+    assert_eq!(code, 0);
+    assert!(again.contains("(0 new in this run"), "{again}");
+
+    // The vault on the copy (the data directory is bound to the database now).
+    let app = TestApp::restart_on(&dir);
+    assert!(app.logs().contains("store=postgres"), "runs on PostgreSQL");
+    for (token, pan) in &cards {
+        let res = app.detokenize("default", token).await;
+        assert_eq!(res.status(), 200);
+        assert_eq!(res.json::<Value>().await.unwrap()["pan"], pan.as_str());
+    }
+    for t in &deleted {
+        assert_eq!(app.read("default", t).await.status(), 404);
+    }
+    for id in &charges {
+        let res = app
+            .client
+            .get(app.url(&format!("/v1/charges/{id}")))
+            .bearer_auth(app.jwt("psp", "default"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        assert_eq!(res.json::<Value>().await.unwrap()["status"], "authorised");
+    }
+    let verified = audit_verify(&app);
+    println!(
+        "store copy: {total} records (killed after {partial}, then resumed), {} charges; {out} {verified}",
+        charges.len()
+    );
+}
