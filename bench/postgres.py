@@ -132,6 +132,11 @@ def main():
     R.VAULT = os.path.join(args.bin_dir, "tokenvault")
     R.MOCK_PSP = os.path.join(args.bin_dir, "tokenvault-mock-psp")
     R.BARE = os.path.join(args.bin_dir, "examples", "bare")
+    for binary in (R.VAULT, R.MOCK_PSP, R.BARE):
+        if not os.path.exists(binary):
+            raise SystemExit(f"missing {binary}: run `cargo build --release --bins --example bare` first")
+    if not shutil.which("wrk"):
+        raise SystemExit("wrk not found: apt-get install wrk")
     tmp = tempfile.mkdtemp(prefix="tokenvault-pgbench-")
     bare_port, psp_port = R.free_port(), R.free_port()
     bare = R.Server([R.BARE, f"127.0.0.1:{bare_port}"], f"http://127.0.0.1:{bare_port}/")

@@ -641,23 +641,77 @@ fn seq_i64(seq: u64) -> Result<i64, StoreError> {
     i64::try_from(seq).map_err(|_| StoreError::Corrupt)
 }
 
+/// The statements of the write path, prepared once per connection (the commit
+/// thread's lives long: the server parses and plans each of them once, not once
+/// per unit).
+struct Sql {
+    fp_get: tokio_postgres::Statement,
+    token_ins: tokio_postgres::Statement,
+    fp_ins: tokio_postgres::Statement,
+    token_del: tokio_postgres::Statement,
+    token_del_of: tokio_postgres::Statement,
+    fp_del: tokio_postgres::Statement,
+    audit_lock: tokio_postgres::Statement,
+    audit_last: tokio_postgres::Statement,
+    audit_ins: tokio_postgres::Statement,
+    meta_put: tokio_postgres::Statement,
+}
+
+impl Sql {
+    async fn prepare(c: &impl GenericClient) -> Result<Sql, StoreError> {
+        let p = |q: &'static str| async move { c.prepare(q).await.map_err(db) };
+        let (fp_get, token_ins, fp_ins, token_del, token_del_of) = tokio::try_join!(
+            p("SELECT token FROM tv_fingerprints WHERE tenant = $1 AND fingerprint = $2"),
+            p(
+                "INSERT INTO tv_tokens (token, tenant, key_version, record) VALUES ($1, $2, $3, $4) \
+               ON CONFLICT (token) DO NOTHING"
+            ),
+            p(
+                "INSERT INTO tv_fingerprints (tenant, fingerprint, token) VALUES ($1, $2, $3) \
+               ON CONFLICT (tenant, fingerprint) DO NOTHING"
+            ),
+            p("DELETE FROM tv_tokens WHERE token = $1"),
+            p("DELETE FROM tv_tokens WHERE token = $1 AND tenant = $2 RETURNING record"),
+        )?;
+        let (fp_del, audit_lock, audit_last, audit_ins, meta_put) = tokio::try_join!(
+            p("DELETE FROM tv_fingerprints WHERE tenant = $1 AND fingerprint = $2 AND token = $3"),
+            p("SELECT 1 FROM tv_meta WHERE name = 'audit_lock' FOR UPDATE"),
+            p("SELECT seq, record FROM tv_audit ORDER BY seq DESC LIMIT 1"),
+            p("INSERT INTO tv_audit (seq, record) SELECT * FROM UNNEST($1::BIGINT[], $2::BYTEA[])"),
+            p(
+                "INSERT INTO tv_meta (name, value) VALUES ($1, $2) ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value"
+            ),
+        )?;
+        Ok(Sql {
+            fp_get,
+            token_ins,
+            fp_ins,
+            token_del,
+            token_del_of,
+            fp_del,
+            audit_lock,
+            audit_last,
+            audit_ins,
+            meta_put,
+        })
+    }
+}
+
 /// Writes audit records (and the keyed mark of the last MACed one) in `client`'s transaction.
-async fn write_audit(client: &impl GenericClient, records: &[AuditAppend]) -> Result<(), StoreError> {
+async fn write_audit(client: &impl GenericClient, sql: &Sql, records: &[AuditAppend]) -> Result<(), StoreError> {
     if records.is_empty() {
         return Ok(());
     }
     let seqs: Vec<i64> = records.iter().map(|a| seq_i64(a.seq)).collect::<Result<_, _>>()?;
     let bodies: Vec<&[u8]> = records.iter().map(|a| a.record.as_slice()).collect();
-    client
-        .execute(
-            "INSERT INTO tv_audit (seq, record) SELECT * FROM UNNEST($1::BIGINT[], $2::BYTEA[])",
-            &[&seqs, &bodies],
-        )
-        .await
-        .map_err(db)?;
+    client.execute(&sql.audit_ins, &[&seqs, &bodies]).await.map_err(db)?;
     if let Some(k) = records.iter().filter(|a| a.keyed_mac.is_some()).max_by_key(|a| a.seq) {
         let mac = k.keyed_mac.unwrap_or_default();
-        put_meta(client, KEYED_MARK, &mark_bytes(k, mac)).await?;
+        let value = mark_bytes(k, mac);
+        client
+            .execute(&sql.meta_put, &[&KEYED_MARK, &value])
+            .await
+            .map_err(db)?;
     }
     Ok(())
 }
@@ -696,16 +750,13 @@ fn token_of(s: &str) -> Result<Token, StoreError> {
 
 /// Applies one unit's change in the batch's transaction; `None` when it changes
 /// nothing (then it stores no audit record).
-async fn change(client: &impl GenericClient, change: &Change) -> Result<(Applied, bool), StoreError> {
+async fn change(client: &impl GenericClient, sql: &Sql, change: &Change) -> Result<(Applied, bool), StoreError> {
     match change {
         Change::Insert { record, mode } => {
             let tenant = record.tenant.as_str();
             let fp = &record.fingerprint[..];
             let known = client
-                .query_opt(
-                    "SELECT token FROM tv_fingerprints WHERE tenant = $1 AND fingerprint = $2",
-                    &[&tenant, &fp],
-                )
+                .query_opt(&sql.fp_get, &[&tenant, &fp])
                 .await
                 .map_err(db)?
                 .map(|r| token_of(r.get(0)))
@@ -718,8 +769,7 @@ async fn change(client: &impl GenericClient, change: &Change) -> Result<(Applied
             let value = encode(record)?;
             let inserted = client
                 .execute(
-                    "INSERT INTO tv_tokens (token, tenant, key_version, record) VALUES ($1, $2, $3, $4) \
-                     ON CONFLICT (token) DO NOTHING",
+                    &sql.token_ins,
                     &[
                         &record.token.as_str(),
                         &tenant,
@@ -736,25 +786,15 @@ async fn change(client: &impl GenericClient, change: &Change) -> Result<(Applied
                 // Another replica may have stored this card meanwhile: the unique
                 // key decides, and a deduplicating insert yields to the first.
                 let indexed = client
-                    .execute(
-                        "INSERT INTO tv_fingerprints (tenant, fingerprint, token) VALUES ($1, $2, $3) \
-                         ON CONFLICT (tenant, fingerprint) DO NOTHING",
-                        &[&tenant, &fp, &record.token.as_str()],
-                    )
+                    .execute(&sql.fp_ins, &[&tenant, &fp, &record.token.as_str()])
                     .await
                     .map_err(db)?;
                 if indexed == 0 && *mode == InsertMode::Dedupe {
                     client
-                        .execute("DELETE FROM tv_tokens WHERE token = $1", &[&record.token.as_str()])
+                        .execute(&sql.token_del, &[&record.token.as_str()])
                         .await
                         .map_err(db)?;
-                    let row = client
-                        .query_one(
-                            "SELECT token FROM tv_fingerprints WHERE tenant = $1 AND fingerprint = $2",
-                            &[&tenant, &fp],
-                        )
-                        .await
-                        .map_err(db)?;
+                    let row = client.query_one(&sql.fp_get, &[&tenant, &fp]).await.map_err(db)?;
                     return Ok((
                         Applied::Inserted(InsertOutcome::FingerprintExists(token_of(row.get(0))?)),
                         false,
@@ -765,10 +805,7 @@ async fn change(client: &impl GenericClient, change: &Change) -> Result<(Applied
         }
         Change::Delete { tenant, token } => {
             let row = client
-                .query_opt(
-                    "DELETE FROM tv_tokens WHERE token = $1 AND tenant = $2 RETURNING record",
-                    &[&token.as_str(), &tenant.as_str()],
-                )
+                .query_opt(&sql.token_del_of, &[&token.as_str(), &tenant.as_str()])
                 .await
                 .map_err(db)?;
             let Some(row) = row else {
@@ -777,7 +814,7 @@ async fn change(client: &impl GenericClient, change: &Change) -> Result<(Applied
             let record = decode(token, row.get(0))?;
             client
                 .execute(
-                    "DELETE FROM tv_fingerprints WHERE tenant = $1 AND fingerprint = $2 AND token = $3",
+                    &sql.fp_del,
                     &[&tenant.as_str(), &&record.fingerprint[..], &token.as_str()],
                 )
                 .await
@@ -794,25 +831,35 @@ async fn change(client: &impl GenericClient, change: &Change) -> Result<(Applied
 /// with (another replica may have appended since). The lock is held until
 /// `COMMIT`: the trail stays one chain with several writers. A failed commit
 /// seals nothing (every unit of the batch hears the error).
-async fn apply_batch(client: &mut Client, units: &[&Unit], seal: &dyn AuditSeal) -> Result<Vec<Applied>, StoreError> {
+async fn apply_batch(
+    client: &mut Client,
+    sql: &Sql,
+    units: &[&Unit],
+    seal: &dyn AuditSeal,
+) -> Result<Vec<Applied>, StoreError> {
     let mut sealer = seal.begin();
     let tx = client.transaction().await.map_err(db)?;
+    // Pipelined: every unit's statements go out without waiting for the others'
+    // answers (one connection executes them in the order sent). Each statement is
+    // atomic and each unit's logic settles conflicts by the database's unique keys,
+    // so two units of one batch on the same card still give one token.
+    let results = futures_util::future::join_all(units.iter().map(|unit| change(&tx, sql, &unit.change))).await;
     let mut out = Vec::with_capacity(units.len());
     let mut made = Vec::with_capacity(units.len());
-    for unit in units {
-        let (applied, changed) = change(&tx, &unit.change).await?;
+    for r in results {
+        let (applied, changed) = r?;
         out.push(applied);
         made.push(changed);
     }
     let mut records = Vec::with_capacity(units.len());
     if made.iter().any(|m| *m) {
-        follow_trail(&tx, &mut *sealer).await?;
+        follow_trail(&tx, sql, &mut *sealer).await?;
         for (unit, changed) in units.iter().zip(&made) {
             if *changed {
                 records.append(&mut sealer.seal(&unit.audit)?);
             }
         }
-        write_audit(&tx, &records).await?;
+        write_audit(&tx, sql, &records).await?;
     }
     tx.commit().await.map_err(db)?;
     sealer.commit();
@@ -821,15 +868,13 @@ async fn apply_batch(client: &mut Client, units: &[&Unit], seal: &dyn AuditSeal)
 
 /// Takes the audit chain's lock (until the transaction ends) and moves the
 /// sealer to the trail's last record.
-async fn follow_trail(client: &impl GenericClient, sealer: &mut dyn crate::store::SealBatch) -> Result<(), StoreError> {
-    client
-        .query_one("SELECT 1 FROM tv_meta WHERE name = 'audit_lock' FOR UPDATE", &[])
-        .await
-        .map_err(db)?;
-    let last = client
-        .query_opt("SELECT seq, record FROM tv_audit ORDER BY seq DESC LIMIT 1", &[])
-        .await
-        .map_err(db)?;
+async fn follow_trail(
+    client: &impl GenericClient,
+    sql: &Sql,
+    sealer: &mut dyn crate::store::SealBatch,
+) -> Result<(), StoreError> {
+    client.query_one(&sql.audit_lock, &[]).await.map_err(db)?;
+    let last = client.query_opt(&sql.audit_last, &[]).await.map_err(db)?;
     if let Some(row) = last {
         let seq: i64 = row.get(0);
         let record: &[u8] = row.get(1);
@@ -855,6 +900,7 @@ fn committer(
     };
     runtime.block_on(async move {
         let mut client: Option<Client> = None;
+        let mut prepared: Option<Sql> = None;
         let mut connected_before = false;
         while let Some(first) = rx.recv().await {
             let mut applies = vec![first];
@@ -869,6 +915,7 @@ fn committer(
                 .map(|Job { unit, seal, reply }| (unit, seal, reply))
                 .collect();
             if client.as_ref().is_none_or(|c| c.is_closed()) {
+                prepared = None;
                 client = match config.connect(tls.clone()).await {
                     Ok((c, connection)) => {
                         if connected_before {
@@ -894,6 +941,19 @@ fn committer(
                 };
             }
             let Some(c) = client.as_mut() else { continue };
+            if prepared.is_none() {
+                match Sql::prepare(&*c).await {
+                    Ok(p) => prepared = Some(p),
+                    Err(e) => {
+                        counters.note::<()>(&Err(e.clone()));
+                        for (_, _, reply) in applies {
+                            reply.send(Err(e.clone()));
+                        }
+                        continue;
+                    }
+                }
+            }
+            let Some(sql) = prepared.as_ref() else { continue };
             // Units sharing an audit trail are applied as one transaction.
             let mut outcomes: Vec<Result<Applied, StoreError>> = Vec::with_capacity(applies.len());
             let mut start = 0;
@@ -904,13 +964,13 @@ fn committer(
                     .position(|(_, s, _)| !Arc::ptr_eq(s, &seal))
                     .map_or(applies.len(), |n| start + n);
                 let units: Vec<&Unit> = applies[start..end].iter().map(|(u, _, _)| &**u).collect();
-                let mut result = apply_batch(c, &units, &*seal).await;
+                let mut result = apply_batch(c, sql, &units, &*seal).await;
                 // A deadlock or serialization failure (another replica's batch
                 // touched the same cards in another order) rolled everything back
                 // and sealed nothing: the batch is simply run again.
                 for _ in 0..3 {
                     match &result {
-                        Err(e) if rolled_back(e) => result = apply_batch(c, &units, &*seal).await,
+                        Err(e) if rolled_back(e) => result = apply_batch(c, sql, &units, &*seal).await,
                         _ => break,
                     }
                 }
@@ -948,9 +1008,10 @@ async fn insert_one(
     audit: Option<AuditAppend>,
 ) -> Result<InsertOutcome, StoreError> {
     let tx = raw(client).transaction().await.map_err(db)?;
-    let (applied, made) = change(&tx, &Change::Insert { record, mode }).await?;
+    let sql = Sql::prepare(&tx).await?;
+    let (applied, made) = change(&tx, &sql, &Change::Insert { record, mode }).await?;
     if made && let Some(a) = audit {
-        write_audit(&tx, &[a]).await?;
+        write_audit(&tx, &sql, &[a]).await?;
     }
     tx.commit().await.map_err(db)?;
     match applied {
@@ -973,11 +1034,13 @@ impl Store for PgStore {
     fn get(&self, tenant: &TenantId, token: &Token) -> Result<Option<StoredRecord>, StoreError> {
         let (tenant, token) = (tenant.clone(), token.clone());
         self.run(move |c| async move {
+            // Prepared once per pooled connection (the hot read path).
+            let stmt = c
+                .prepare_cached("SELECT record FROM tv_tokens WHERE token = $1 AND tenant = $2")
+                .await
+                .map_err(db)?;
             let row = c
-                .query_opt(
-                    "SELECT record FROM tv_tokens WHERE token = $1 AND tenant = $2",
-                    &[&token.as_str(), &tenant.as_str()],
-                )
+                .query_opt(&stmt, &[&token.as_str(), &tenant.as_str()])
                 .await
                 .map_err(db)?;
             match row {
@@ -993,14 +1056,15 @@ impl Store for PgStore {
     fn find_fingerprint(&self, tenant: &TenantId, fingerprint: &[u8; 32]) -> Result<Option<Token>, StoreError> {
         let (tenant, fp) = (tenant.clone(), *fingerprint);
         self.run(move |c| async move {
-            c.query_opt(
-                "SELECT token FROM tv_fingerprints WHERE tenant = $1 AND fingerprint = $2",
-                &[&tenant.as_str(), &&fp[..]],
-            )
-            .await
-            .map_err(db)?
-            .map(|r| token_of(r.get(0)))
-            .transpose()
+            let stmt = c
+                .prepare_cached("SELECT token FROM tv_fingerprints WHERE tenant = $1 AND fingerprint = $2")
+                .await
+                .map_err(db)?;
+            c.query_opt(&stmt, &[&tenant.as_str(), &&fp[..]])
+                .await
+                .map_err(db)?
+                .map(|r| token_of(r.get(0)))
+                .transpose()
         })
     }
 
@@ -1008,9 +1072,10 @@ impl Store for PgStore {
         let (tenant, token, audit) = (tenant.clone(), token.clone(), audit.cloned());
         self.run(move |mut c| async move {
             let tx = raw(&mut c).transaction().await.map_err(db)?;
-            let (applied, made) = change(&tx, &Change::Delete { tenant, token }).await?;
+            let sql = Sql::prepare(&tx).await?;
+            let (applied, made) = change(&tx, &sql, &Change::Delete { tenant, token }).await?;
             if made && let Some(a) = audit {
-                write_audit(&tx, &[a]).await?;
+                write_audit(&tx, &sql, &[a]).await?;
             }
             tx.commit().await.map_err(db)?;
             Ok(applied == Applied::Deleted(true))
@@ -1235,7 +1300,8 @@ impl Store for PgStore {
         };
         self.run(move |mut c| async move {
             let tx = raw(&mut c).transaction().await.map_err(db)?;
-            write_audit(&tx, &[a]).await?;
+            let sql = Sql::prepare(&tx).await?;
+            write_audit(&tx, &sql, &[a]).await?;
             tx.commit().await.map_err(db)
         })
     }
