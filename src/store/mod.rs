@@ -3,6 +3,7 @@
 //! tokens, public metadata and sealed envelopes.
 
 mod anchor;
+mod codec;
 pub mod copy;
 mod postgres;
 mod sled_store;
@@ -91,6 +92,32 @@ impl StoredRecord {
             &self.fingerprint,
             self.created_at,
         )
+    }
+}
+
+/// [`Store::set_network_tx_id`] for every backend: read the record, and if it has no
+/// id yet, compare-and-swap its encoded bytes for ones with `id` (`cas` answers
+/// whether the swap happened); a record changed meanwhile (a rewrap) is read again.
+fn set_once(
+    get: impl Fn() -> Result<Option<StoredRecord>, StoreError>,
+    cas: impl Fn(Vec<u8>, Vec<u8>) -> Result<bool, StoreError>,
+    id: &str,
+) -> Result<bool, StoreError> {
+    loop {
+        let Some(current) = get()? else {
+            return Ok(false);
+        };
+        if current.network_tx_id.is_some() {
+            return Ok(false);
+        }
+        let expected = codec::encode(&current)?;
+        let next = codec::encode(&StoredRecord {
+            network_tx_id: Some(id.to_owned()),
+            ..current
+        })?;
+        if cas(expected, next)? {
+            return Ok(true);
+        }
     }
 }
 

@@ -27,7 +27,7 @@ use tokio_postgres::{Client, GenericClient};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::anchor::{KeyedMark, Mark};
-use super::sled_store::{decode, encode};
+use super::codec::{decode, encode};
 use super::{
     Applied, Applying, AuditAppend, AuditSeal, Availability, Change, ChargeRecord, Commit, IdempotencyRecord,
     InsertMode, InsertOutcome, Store, StoreError, StoredRecord, Unit,
@@ -1164,32 +1164,22 @@ impl Store for PgStore {
     }
 
     fn set_network_tx_id(&self, tenant: &TenantId, token: &Token, id: &str) -> Result<bool, StoreError> {
-        loop {
-            let Some(current) = self.get(tenant, token)? else {
-                return Ok(false);
-            };
-            if current.network_tx_id.is_some() {
-                return Ok(false);
-            }
-            let expected = encode(&current)?;
-            let next = encode(&StoredRecord {
-                network_tx_id: Some(id.to_owned()),
-                ..current
-            })?;
-            let key = token.as_str().to_owned();
-            let n = self.run(move |c| async move {
-                c.execute(
-                    "UPDATE tv_tokens SET record = $3 WHERE token = $1 AND record = $2",
-                    &[&key, &expected, &next],
-                )
-                .await
-                .map_err(db)
-            })?;
-            if n == 1 {
-                return Ok(true);
-            }
-            // Changed meanwhile (a rewrap): read again.
-        }
+        super::set_once(
+            || self.get(tenant, token),
+            |expected, next| {
+                let key = token.as_str().to_owned();
+                let n = self.run(move |c| async move {
+                    c.execute(
+                        "UPDATE tv_tokens SET record = $3 WHERE token = $1 AND record = $2",
+                        &[&key, &expected, &next],
+                    )
+                    .await
+                    .map_err(db)
+                })?;
+                Ok(n == 1)
+            },
+            id,
+        )
     }
 
     fn reserve_charge(

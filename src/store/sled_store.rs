@@ -13,24 +13,21 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
-use serde::{Deserialize, Serialize};
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
-use time::OffsetDateTime;
 use tokio::sync::oneshot;
 
 use super::anchor::{AnchorFile, Found, KeyedMark, Mark};
+use super::codec::{decode, encode};
 use super::{
     Applied, Applying, AuditAppend, AuditSeal, Change, ChargeRecord, Commit, IdempotencyRecord, InsertMode,
     InsertOutcome, SealBatch, Store, StoreDamage, StoreError, StoredRecord, Unit,
 };
-use crate::domain::card::Brand;
 use crate::domain::tenant::TenantId;
-use crate::domain::token::{Token, TokenFormat};
+use crate::domain::token::Token;
 use crate::keys::SealedCard;
 
 const SCHEMA_KEY: &[u8] = b"schema";
 const SCHEMA_V1: &[u8] = b"1";
-const RECORD_V1: u8 = 1;
 const CHECKPOINT_KEY: &[u8] = b"audit_checkpoint";
 const KEYSTORE_GENERATION_KEY: &[u8] = b"keystore_generation";
 
@@ -798,64 +795,6 @@ fn fp_key(tenant: &TenantId, fp: &[u8; 32]) -> Vec<u8> {
     k
 }
 
-#[derive(Serialize, Deserialize)]
-struct RecordV1 {
-    tenant: String,
-    format: u8,
-    brand: u8,
-    bin: String,
-    last4: String,
-    fingerprint: [u8; 32],
-    created_at: i64,
-    key_version: u32,
-    wrapped_dek: Vec<u8>,
-    ciphertext: Vec<u8>,
-    network_tx_id: Option<String>,
-}
-
-pub(super) fn encode(r: &StoredRecord) -> Result<Vec<u8>, StoreError> {
-    let v = RecordV1 {
-        tenant: r.tenant.as_str().to_owned(),
-        format: r.format.to_u8(),
-        brand: r.brand.to_u8(),
-        bin: r.bin.clone(),
-        last4: r.last4.clone(),
-        fingerprint: r.fingerprint,
-        created_at: r.created_at.unix_timestamp(),
-        key_version: r.sealed.key_version,
-        wrapped_dek: r.sealed.wrapped_dek.clone(),
-        ciphertext: r.sealed.ciphertext.clone(),
-        network_tx_id: r.network_tx_id.clone(),
-    };
-    let mut out = vec![RECORD_V1];
-    out.extend(postcard::to_stdvec(&v).map_err(|_| StoreError::Corrupt)?);
-    Ok(out)
-}
-
-pub(super) fn decode(token: &Token, bytes: &[u8]) -> Result<StoredRecord, StoreError> {
-    let (&version, body) = bytes.split_first().ok_or(StoreError::Corrupt)?;
-    if version != RECORD_V1 {
-        return Err(StoreError::Corrupt);
-    }
-    let v: RecordV1 = postcard::from_bytes(body).map_err(|_| StoreError::Corrupt)?;
-    Ok(StoredRecord {
-        tenant: TenantId::parse(&v.tenant).ok_or(StoreError::Corrupt)?,
-        token: token.clone(),
-        format: TokenFormat::from_u8(v.format).ok_or(StoreError::Corrupt)?,
-        brand: Brand::from_u8(v.brand).ok_or(StoreError::Corrupt)?,
-        bin: v.bin,
-        last4: v.last4,
-        fingerprint: v.fingerprint,
-        created_at: OffsetDateTime::from_unix_timestamp(v.created_at).map_err(|_| StoreError::Corrupt)?,
-        sealed: SealedCard {
-            key_version: v.key_version,
-            wrapped_dek: v.wrapped_dek,
-            ciphertext: v.ciphertext,
-        },
-        network_tx_id: v.network_tx_id,
-    })
-}
-
 impl Store for SledStore {
     fn insert(
         &self,
@@ -1005,27 +944,17 @@ impl Store for SledStore {
     }
 
     fn set_network_tx_id(&self, tenant: &TenantId, token: &Token, id: &str) -> Result<bool, StoreError> {
-        loop {
-            let Some(current) = self.get(tenant, token)? else {
-                return Ok(false);
-            };
-            if current.network_tx_id.is_some() {
-                return Ok(false);
-            }
-            let expected = encode(&current)?;
-            let next = encode(&StoredRecord {
-                network_tx_id: Some(id.to_owned()),
-                ..current
-            })?;
-            match self
-                .tokens
-                .compare_and_swap(token.as_str().as_bytes(), Some(expected), Some(next))
-                .map_err(backend)?
-            {
-                Ok(()) => return Ok(true),
-                Err(_) => continue, // changed meanwhile (rewrap): re-read and try again
-            }
-        }
+        super::set_once(
+            || self.get(tenant, token),
+            |expected, next| {
+                Ok(self
+                    .tokens
+                    .compare_and_swap(token.as_str().as_bytes(), Some(expected), Some(next))
+                    .map_err(backend)?
+                    .is_ok())
+            },
+            id,
+        )
     }
 
     fn reserve_charge(
