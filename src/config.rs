@@ -319,7 +319,7 @@ pub struct Settings {
     pub store: StoreSettings,
     /// A memory-only Redis (`redis://…`) that holds CVVs for every replica (None:
     /// each process's own memory, fine for one vault).
-    pub cvv_redis: Option<String>,
+    pub cvv_redis: Option<secrecy::SecretString>,
 }
 
 /// `[store]`: the storage backend.
@@ -463,7 +463,7 @@ struct ProductionFile {
     #[serde(default)]
     store: StoreSettings,
     #[serde(default)]
-    cvv_redis: Option<String>,
+    cvv_redis: Option<secrecy::SecretString>,
 }
 
 /// `[enumeration_guard]`: distinct cards per BIN + last four per client and tenant.

@@ -439,7 +439,7 @@ fn serve(args: ServeArgs) -> ExitCode {
     };
     let settings = settings.and_then(|mut s| {
         if let Some(url) = &args.cvv_redis {
-            s.cvv_redis = Some(url.clone());
+            s.cvv_redis = Some(secrecy::SecretString::from(url.clone()));
         }
         if let Some(url) = &args.store {
             s.store.url = Some(url.clone());

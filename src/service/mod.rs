@@ -183,7 +183,8 @@ pub struct VaultOptions {
     /// Wraps per KEK version before it is rotated (random-nonce budget).
     pub kek_wrap_limit: u64,
     /// A memory-only Redis that holds CVVs for every replica (None: this process's memory).
-    pub cvv_redis: Option<String>,
+    /// (A URL may carry a password: kept secret, never in `Debug`.)
+    pub cvv_redis: Option<secrecy::SecretString>,
 }
 
 impl Default for VaultOptions {
@@ -212,7 +213,14 @@ impl Vault {
         let n = store.count()?;
         let cvv = match &options.cvv_redis {
             None => cvv::CvvHold::Local(cvv::CvvCache::new(options.cvv_ttl)),
-            Some(url) => cvv::CvvHold::Redis(cvv::RedisCvv::connect(url, keys.clone(), options.cvv_ttl)?),
+            Some(url) => {
+                use secrecy::ExposeSecret;
+                cvv::CvvHold::Redis(cvv::RedisCvv::connect(
+                    url.expose_secret(),
+                    keys.clone(),
+                    options.cvv_ttl,
+                )?)
+            }
         };
         let budget = Arc::new(budget::WrapBudget::new(store.clone(), options.kek_wrap_limit));
         Ok(Vault {
