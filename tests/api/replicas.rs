@@ -424,6 +424,19 @@ async fn key_changes_through_one_replica_hold_on_the_other_within_two_seconds() 
     println!("replicas: rotation seen by the other replica after {took:?}, retire after {took_retire:?}");
 }
 
+/// A directory no other test of this run uses (tests run in parallel: a clock in
+/// seconds is not enough, two clusters made in the same second collided).
+fn unique_dir(prefix: &str) -> std::path::PathBuf {
+    use std::sync::atomic::AtomicU32;
+    static N: AtomicU32 = AtomicU32::new(0);
+    std::env::temp_dir().join(format!(
+        "{prefix}-{}-{}-{}",
+        std::process::id(),
+        now(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ))
+}
+
 /// A PostgreSQL cluster of the test's own (Debian's binaries, run as `postgres`),
 /// on a free port, that the test can stop and start.
 struct Cluster {
@@ -454,7 +467,7 @@ impl Cluster {
             eprintln!("skipped: no PostgreSQL binaries (or not root) to build a cluster");
             return None;
         };
-        let dir = std::env::temp_dir().join(format!("tv-pg-{}-{}", std::process::id(), now()));
+        let dir = unique_dir("tv-pg");
         std::fs::create_dir_all(&dir).unwrap();
         let run = |args: &[&str]| {
             let out = std::process::Command::new("runuser")
@@ -558,7 +571,7 @@ impl Cluster {
 
     /// A hot standby of this cluster, streaming from it (`pg_basebackup -R`), started.
     fn standby(&self) -> Cluster {
-        let dir = std::env::temp_dir().join(format!("tv-pg-standby-{}-{}", std::process::id(), now()));
+        let dir = unique_dir("tv-pg-standby");
         std::fs::create_dir_all(&dir).unwrap();
         assert!(
             std::process::Command::new("chown")
