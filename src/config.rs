@@ -216,6 +216,9 @@ pub struct Pkcs11Settings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KeystoreSettings {
+    /// The keystore file beside a sled store. Unused (and may be left out) with a
+    /// PostgreSQL store, which keeps the keystore in the database.
+    #[serde(default)]
     pub path: PathBuf,
     pub provider: ProviderKind,
     #[serde(default)]
@@ -320,6 +323,26 @@ pub struct Settings {
     /// A memory-only Redis (`redis://…`) that holds CVVs for every replica (None:
     /// each process's own memory, fine for one vault).
     pub cvv_redis: Option<secrecy::SecretString>,
+    /// A file holding that URL (read at start; exclusive with `cvv_redis`).
+    pub cvv_redis_file: Option<PathBuf>,
+}
+
+impl Settings {
+    /// The CVV Redis URL: inline, or read from `cvv_redis_file`.
+    pub fn cvv_redis_url(&self) -> Result<Option<secrecy::SecretString>, ConfigError> {
+        match (&self.cvv_redis, &self.cvv_redis_file) {
+            (Some(_), Some(_)) => Err(ConfigError::Invalid(
+                "cvv_redis and cvv_redis_file are exclusive: set one".into(),
+            )),
+            (url, None) => Ok(url.clone()),
+            (None, Some(file)) => {
+                let text = zeroize::Zeroizing::new(std::fs::read_to_string(file).map_err(|e| {
+                    ConfigError::Invalid(format!("cannot read cvv_redis_file {}: {e}", file.display()))
+                })?);
+                Ok(Some(secrecy::SecretString::from(text.trim().to_owned())))
+            }
+        }
+    }
 }
 
 /// `[store]`: the storage backend.
@@ -464,6 +487,10 @@ struct ProductionFile {
     store: StoreSettings,
     #[serde(default)]
     cvv_redis: Option<secrecy::SecretString>,
+    /// A file holding the Redis URL (it may carry a password): how a deployment
+    /// mounts it from a secret. Exclusive with `cvv_redis`.
+    #[serde(default)]
+    cvv_redis_file: Option<PathBuf>,
 }
 
 /// `[enumeration_guard]`: distinct cards per BIN + last four per client and tenant.
@@ -564,6 +591,7 @@ const ENV_KEYS: &[&str] = &[
     "psp.api_key_file",
     "psp.merchant_account",
     "cvv_redis",
+    "cvv_redis_file",
     "store.url",
     "store.password_file",
     "store.ca_file",
@@ -625,6 +653,7 @@ impl Settings {
             config_file: Some(file.to_owned()),
             store: parsed.store,
             cvv_redis: parsed.cvv_redis,
+            cvv_redis_file: parsed.cvv_redis_file,
             kek_wrap_limit: parsed.kek_wrap_limit.unwrap_or(DEFAULT_KEK_WRAP_LIMIT).max(1),
             deletion_epoch: match parsed.deletion_epoch.as_deref() {
                 Some("off") => None,
@@ -660,6 +689,14 @@ impl Settings {
         }
         if self.auth.keys.is_empty() {
             return bad("auth.keys must list at least one JWT verification key");
+        }
+        let on_sled = !self
+            .store
+            .url
+            .as_deref()
+            .is_some_and(|u| u.starts_with("postgres://") || u.starts_with("postgresql://"));
+        if on_sled && self.keystore.path.as_os_str().is_empty() {
+            return bad("keystore.path must be set with a sled store (PostgreSQL keeps the keystore in the database)");
         }
         let mut kids = BTreeSet::new();
         for k in &self.auth.keys {

@@ -239,6 +239,7 @@ pub fn settings_for(data_dir: &Path, listen: std::net::SocketAddr) -> (Settings,
         deletion_epoch: None,
         store: Default::default(),
         cvv_redis: None,
+        cvv_redis_file: None,
     };
     (settings, paths)
 }

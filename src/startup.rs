@@ -13,7 +13,7 @@ use crate::api::{self, AppState};
 use crate::auth::{AuthConfigError, Authenticator};
 use crate::config::{KeystoreSettings, ProviderKind};
 use crate::config::{Mode, Settings};
-use crate::keys::keystore::{Keystore, KeystoreError, RootKey};
+use crate::keys::keystore::{Keystore, KeystoreAt, KeystoreError, RootKey};
 use crate::keys::manager::KeyManager;
 use crate::metrics::Metrics;
 use crate::service::{Vault, VaultError};
@@ -38,6 +38,8 @@ pub enum StartupError {
     Tls(String),
     #[error("audit trail: {0}")]
     Audit(String),
+    #[error("config: {0}")]
+    Config(String),
     #[error("PSP connector: {0}")]
     Psp(String),
     #[error("cannot prepare data directory {path}: {source}")]
@@ -47,28 +49,66 @@ pub enum StartupError {
     },
 }
 
-/// Opens the keys as configured: dev root file (auto-unsealed), custodian shares
-/// (starts sealed) or an HSM key (PKCS#11).
-pub fn open_keys(ks: &KeystoreSettings) -> Result<KeyManager, StartupError> {
+/// Where this configuration's keystore lives: in the store when the store keeps
+/// one (PostgreSQL: every replica shares it, `tv_keystore`), else the configured
+/// file beside a sled store.
+pub fn keystore_at(ks: &KeystoreSettings, store: &Arc<dyn crate::store::Store>) -> KeystoreAt {
+    if store.holds_keystore() {
+        KeystoreAt::Shared(Arc::new(crate::store::StoreKeystore(store.clone())))
+    } else {
+        KeystoreAt::File(ks.path.clone())
+    }
+}
+
+/// Dev mode over a shared database: the data directory's dev keystore seeds the
+/// database's the first time. Replicas started with the same data directory import
+/// the same file; the first import wins and the others find it there. (Production
+/// keystores reach the database by `tokenvault keys init` or `tokenvault store copy`.)
+fn seed_dev_keystore(ks: &KeystoreSettings, at: &KeystoreAt) -> Result<(), KeystoreError> {
+    if ks.dev_root_key_file.is_none() || matches!(at, KeystoreAt::File(_)) || at.exists()? {
+        return Ok(());
+    }
+    let bytes = KeystoreAt::File(ks.path.clone()).read_bytes()?;
+    match at.write_new(&bytes) {
+        Ok(()) => {
+            tracing::info!(from = %ks.path.display(), to = %at, "dev keystore placed in the database");
+            Ok(())
+        }
+        Err(_) if at.exists()? => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Opens the keys as configured, from `at` ([`keystore_at`]): dev root file
+/// (auto-unsealed), custodian shares (starts sealed) or an HSM key (PKCS#11).
+pub fn open_keys(ks: &KeystoreSettings, at: KeystoreAt) -> Result<KeyManager, StartupError> {
+    seed_dev_keystore(ks, &at)?;
     if let Some(file) = &ks.dev_root_key_file {
         let root = RootKey::load(file)?;
-        let keystore = Keystore::open(&ks.path, crate::dev::dev_provider(&root))?;
-        return Ok(KeyManager::unsealed(&ks.path, keystore)?);
+        let keystore = Keystore::open(&at, crate::dev::dev_provider(&root))?;
+        return Ok(KeyManager::unsealed(keystore)?);
     }
-    if !ks.path.exists() {
+    if !at.exists()? {
+        let hint = match &at {
+            KeystoreAt::Shared(_) if ks.path.exists() => format!(
+                "; the keystore file {} is not used with a PostgreSQL store: `tokenvault store copy` moves a sled \
+                 vault (keystore included) into the database",
+                ks.path.display()
+            ),
+            _ => String::new(),
+        };
         return Err(StartupError::Keystore(KeystoreError::Refused(format!(
-            "no keystore at {}; create one with `tokenvault keys init`",
-            ks.path.display()
+            "no keystore in {at}; create one with `tokenvault keys init`{hint}"
         ))));
     }
     match ks.provider {
         ProviderKind::Sealed => {
-            if Keystore::peek(&ks.path)?.shamir.is_none() {
+            if Keystore::peek(&at)?.shamir.is_none() {
                 return Err(StartupError::Keystore(KeystoreError::Refused(
                     "the keystore is not protected by custodian shares (provider mismatch)".into(),
                 )));
             }
-            Ok(KeyManager::sealed(&ks.path)?)
+            Ok(KeyManager::sealed(at)?)
         }
         ProviderKind::Pkcs11 => {
             let Some(hsm) = &ks.pkcs11 else {
@@ -76,10 +116,10 @@ pub fn open_keys(ks: &KeystoreSettings) -> Result<KeyManager, StartupError> {
                     "missing [keystore.pkcs11]".into(),
                 )));
             };
-            let info = Keystore::peek(&ks.path)?;
+            let info = Keystore::peek(&at)?;
             let provider = crate::keys::open_pkcs11(hsm, &info.root_id, false).map_err(KeystoreError::from)?;
-            let keystore = Keystore::open(&ks.path, provider)?;
-            Ok(KeyManager::unsealed(&ks.path, keystore)?)
+            let keystore = Keystore::open(&at, provider)?;
+            Ok(KeyManager::unsealed(keystore)?)
         }
     }
 }
@@ -262,10 +302,10 @@ fn spawn_registry_reload(state: web::Data<AppState>, file: std::path::PathBuf) {
     });
 }
 
-/// Rotates the KEK before its random-nonce budget runs out.
-/// Replicas over one database share the keystore: a rotation, retire or destroy
-/// made through one takes effect on the others within a second (a change made
-/// here also builds on the newest file first: `KeyManager::update`).
+/// Replicas over one database share the keystore (`tv_keystore`): a rotation,
+/// retire or destroy made through one takes effect on the others within a second
+/// (polling its generation: no LISTEN/NOTIFY). A change made here builds on the
+/// newest keystore first and saves by compare-and-set (`KeyManager::update`).
 fn spawn_keystore_refresh(vault: Vault) {
     actix_web::rt::spawn(async move {
         let mut tick = actix_web::rt::time::interval(KEYSTORE_REFRESH);
@@ -290,6 +330,7 @@ fn spawn_keystore_refresh(vault: Vault) {
 /// How often a replica looks for a keystore another replica changed.
 const KEYSTORE_REFRESH: Duration = Duration::from_millis(500);
 
+/// Rotates the KEK before its random-nonce budget runs out.
 fn spawn_budget_rotation(vault: Vault) {
     actix_web::rt::spawn(async move {
         loop {
@@ -401,7 +442,8 @@ impl Application {
             .map_err(|e| StartupError::Store(StoreError::Backend(e.to_string())))?;
         let store = location.open()?;
         tracing::info!(store = %location.describe(), "store opened");
-        let keys = Arc::new(open_keys(&settings.keystore)?);
+        let keystore_at = keystore_at(&settings.keystore, &store);
+        let keys = Arc::new(open_keys(&settings.keystore, keystore_at)?);
         keys.set_generation_guard(generation_guard(&settings.keystore, store.clone()))?;
         if keys.is_sealed() {
             tracing::warn!("the vault is SEALED: data endpoints answer 503 until custodians run `tokenvault unseal`");
@@ -413,6 +455,9 @@ impl Application {
             ),
             None => None,
         };
+        let cvv_redis = settings
+            .cvv_redis_url()
+            .map_err(|e| StartupError::Config(e.to_string()))?;
         let options = crate::service::VaultOptions {
             cryptoperiod,
             cvv_ttl: settings.cvv_ttl,
@@ -420,9 +465,9 @@ impl Application {
             psp,
             enumeration: settings.enumeration_guard,
             kek_wrap_limit: settings.kek_wrap_limit,
-            cvv_redis: settings.cvv_redis.clone(),
+            cvv_redis: cvv_redis.clone(),
         };
-        if matches!(location, crate::store::StoreLocation::Postgres(_)) && settings.cvv_redis.is_none() {
+        if matches!(location, crate::store::StoreLocation::Postgres(_)) && cvv_redis.is_none() {
             tracing::warn!(
                 "CVVs are held in this replica's memory: a charge that lands on another replica goes without one \
                  (set cvv_redis to share them)"

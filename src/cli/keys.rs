@@ -20,7 +20,7 @@ use zeroize::Zeroizing;
 
 use crate::config::Settings;
 use crate::crypto::Key256;
-use crate::keys::keystore::{Keystore, Shamir};
+use crate::keys::keystore::{Keystore, KeystoreAt, Shamir};
 use crate::keys::manager::KeyManager;
 use crate::keys::provider::{KeyProvider, SoftwareRoot};
 use crate::keys::shares;
@@ -399,10 +399,24 @@ fn open_offline(conn: &Conn) -> Result<Backend, Failure> {
             "not a dev data directory: pass --config FILE for a production keystore",
         ));
     };
+    if let Some(url) = &conn.store {
+        store_settings.url = Some(url.clone());
+    }
+    let location = store_settings.location(&data_dir).map_err(|e| usage(e.to_string()))?;
+    let store = location.open().map_err(|e| {
+        Failure(
+            1,
+            format!(
+                "cannot open the store ({}: {e}); is the vault still running? stop it or drop --offline",
+                location.describe()
+            ),
+        )
+    })?;
+    let keystore_at = crate::startup::keystore_at(&keystore_settings, &store);
     let keys = if keystore_settings.dev_root_key_file.is_none()
         && keystore_settings.provider == crate::config::ProviderKind::Sealed
     {
-        let manager = KeyManager::sealed(&keystore_settings.path).map_err(Failure::from)?;
+        let manager = KeyManager::sealed(keystore_at).map_err(Failure::from)?;
         for file in &conn.share_files {
             let text =
                 Zeroizing::new(std::fs::read_to_string(file).map_err(|e| usage(format!("{}: {e}", file.display())))?);
@@ -419,21 +433,8 @@ fn open_offline(conn: &Conn) -> Result<Backend, Failure> {
         }
         manager
     } else {
-        crate::startup::open_keys(&keystore_settings).map_err(Failure::from)?
+        crate::startup::open_keys(&keystore_settings, keystore_at).map_err(Failure::from)?
     };
-    if let Some(url) = &conn.store {
-        store_settings.url = Some(url.clone());
-    }
-    let location = store_settings.location(&data_dir).map_err(|e| usage(e.to_string()))?;
-    let store = location.open().map_err(|e| {
-        Failure(
-            1,
-            format!(
-                "cannot open the store ({}: {e}); is the vault still running? stop it or drop --offline",
-                location.describe()
-            ),
-        )
-    })?;
     keys.set_generation_guard(crate::startup::generation_guard(&keystore_settings, store.clone()))
         .map_err(Failure::from)?;
     if let Some(damage) = crate::store::Store::damage(&*store) {
@@ -662,15 +663,32 @@ fn init(conn: &Conn, args: InitArgs) -> Result<u8, Failure> {
         .map(|c| Settings::production(c))
         .transpose()
         .map_err(|e| usage(e.to_string()))?;
-    let path = args
-        .keystore
-        .clone()
-        .or_else(|| settings.as_ref().map(|s| s.keystore.path.clone()))
-        .ok_or_else(|| usage("--keystore PATH or --config FILE is needed"))?;
-    if path.exists() {
+    // A PostgreSQL store keeps the keystore (every replica shares it): the
+    // ceremony writes it into the database; beside sled it is a file.
+    let at = match (&args.keystore, &settings) {
+        (Some(path), _) => KeystoreAt::File(path.clone()),
+        (None, Some(s)) => {
+            let mut store_settings = s.store.clone();
+            if let Some(url) = &conn.store {
+                store_settings.url = Some(url.clone());
+            }
+            let data_dir = conn.data_dir.clone().unwrap_or_else(|| s.data_dir.clone());
+            let location = store_settings.location(&data_dir).map_err(|e| usage(e.to_string()))?;
+            match location {
+                crate::store::StoreLocation::Postgres(_) => {
+                    let store = location
+                        .open()
+                        .map_err(|e| Failure(1, format!("cannot open the store ({}): {e}", location.describe())))?;
+                    crate::startup::keystore_at(&s.keystore, &store)
+                }
+                crate::store::StoreLocation::Sled(_) => KeystoreAt::File(s.keystore.path.clone()),
+            }
+        }
+        (None, None) => return Err(usage("--keystore PATH or --config FILE is needed")),
+    };
+    if at.exists().map_err(Failure::from)? {
         return Err(usage(format!(
-            "{} exists; a key ceremony never overwrites a keystore",
-            path.display()
+            "{at} already holds a keystore; a key ceremony never overwrites a keystore"
         )));
     }
     match args.provider.as_str() {
@@ -684,7 +702,7 @@ fn init(conn: &Conn, args: InitArgs) -> Result<u8, Failure> {
                 threshold: args.threshold,
                 shares: args.shares,
             };
-            Keystore::create(&path, provider, Some(shamir), &args.officer).map_err(Failure::from)?;
+            Keystore::create(&at, provider, Some(shamir), &args.officer).map_err(Failure::from)?;
             match &args.share_dir {
                 Some(dir) => {
                     for (i, share) in shares.iter().enumerate() {
@@ -705,10 +723,8 @@ fn init(conn: &Conn, args: InitArgs) -> Result<u8, Failure> {
                 }
             }
             println!(
-                "keystore {} created; {} of {} shares unseal it",
-                path.display(),
-                args.threshold,
-                args.shares
+                "keystore created in {at}; {} of {} shares unseal it",
+                args.threshold, args.shares
             );
             Ok(0)
         }
@@ -718,10 +734,9 @@ fn init(conn: &Conn, args: InitArgs) -> Result<u8, Failure> {
                 .and_then(|s| s.keystore.pkcs11.clone())
                 .ok_or_else(|| usage("pkcs11 init needs --config FILE with a [keystore.pkcs11] section"))?;
             let provider = crate::keys::open_pkcs11(&hsm, &args.key_label, true).map_err(Failure::from)?;
-            Keystore::create(&path, provider, None, &args.officer).map_err(Failure::from)?;
+            Keystore::create(&at, provider, None, &args.officer).map_err(Failure::from)?;
             println!(
-                "keystore {} created; root key {} is a non-extractable key in the HSM",
-                path.display(),
+                "keystore created in {at}; root key {} is a non-extractable key in the HSM",
                 args.key_label
             );
             Ok(0)

@@ -151,6 +151,18 @@ enum StoreCommand {
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
+    /// Create or migrate a PostgreSQL store's schema now (vaults also do it at start,
+    /// under the same row lock), e.g. with a more privileged database role than the
+    /// replicas use. Exit 0: at this build's schema version; 2: refused (a newer
+    /// schema, or the database cannot be reached).
+    Migrate {
+        /// The database, `postgres://…`.
+        #[arg(long, env = "TOKENVAULT_STORE", value_name = "URL")]
+        store: String,
+        /// Production config: `[store]` password and CA files.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
     /// Accept the loss in a damaged store: move its anchor back to what the store
     /// holds now, so the vault issues new tokens again. Prefer restoring the data
     /// directory from backup; the next start writes a `store.reanchor` audit event.
@@ -217,8 +229,11 @@ pub fn run() -> ExitCode {
 
 /// `tokenvault store copy`.
 fn copy_store(from: &str, to: &str, data_dir: Option<&std::path::Path>, config: Option<&std::path::Path>) -> ExitCode {
-    use crate::store::copy::{Progress, copy};
-    use crate::store::{PgStore, SledStore, StoreLocation};
+    use std::sync::Arc;
+
+    use crate::keys::keystore::KeystoreAt;
+    use crate::store::copy::{Progress, copy, copy_keystore};
+    use crate::store::{PgStore, SledStore, Store, StoreKeystore, StoreLocation};
     let Some(src_dir) = from.strip_prefix("sled:") else {
         eprintln!("error: --from must be sled:DIR");
         return ExitCode::from(2);
@@ -264,13 +279,29 @@ fn copy_store(from: &str, to: &str, data_dir: Option<&std::path::Path>, config: 
         }
     };
     let dst = match PgStore::open(&pg) {
-        Ok(s) => s,
+        Ok(s) => Arc::new(s),
         Err(e) => {
             eprintln!("error: cannot open the target ({}): {e}", pg.describe());
             return ExitCode::from(2);
         }
     };
-    let keys = keystore.and_then(|ks| crate::startup::open_keys(&ks).ok());
+    match &keystore {
+        Some(ks) => {
+            let target = KeystoreAt::Shared(Arc::new(StoreKeystore(dst.clone() as Arc<dyn Store>)));
+            match copy_keystore(&KeystoreAt::File(ks.path.clone()), &target) {
+                Ok(true) => eprintln!("keystore {} placed in {target}", ks.path.display()),
+                Ok(false) => eprintln!("keystore already in {target} (an earlier run)"),
+                Err(e) => {
+                    eprintln!("error: keystore: {e}");
+                    return ExitCode::from(1);
+                }
+            }
+        }
+        None => eprintln!(
+            "note: no keystore given (--data-dir or --config): the target gets none, and a vault over it needs one"
+        ),
+    }
+    let keys = keystore.and_then(|ks| crate::startup::open_keys(&ks, KeystoreAt::File(ks.path.clone())).ok());
     let ring = keys.as_ref().and_then(|k| k.ring());
     if ring.is_none() {
         eprintln!("note: no unsealed keys given: records are copied byte for byte without opening them");
@@ -311,6 +342,44 @@ fn copy_store(from: &str, to: &str, data_dir: Option<&std::path::Path>, config: 
     }
 }
 
+/// `tokenvault store migrate`.
+fn migrate_store(url: &str, config: Option<&std::path::Path>) -> ExitCode {
+    use crate::store::{PgStore, StoreLocation};
+    let mut store_settings = match config.map(Settings::production).transpose() {
+        Ok(s) => s.map(|s| s.store).unwrap_or_default(),
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    store_settings.url = Some(url.to_owned());
+    let pg = match store_settings.location(std::path::Path::new(".")) {
+        Ok(StoreLocation::Postgres(pg)) => pg,
+        Ok(_) => {
+            eprintln!("error: --store must be postgres://… or postgresql://… (sled needs no migration)");
+            return ExitCode::from(2);
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match PgStore::open(&pg) {
+        Ok(_) => {
+            println!(
+                "{}: schema at version {} (this build's)",
+                pg.describe(),
+                crate::store::SCHEMA_VERSION
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {}: {e}", pg.describe());
+            ExitCode::from(2)
+        }
+    }
+}
+
 fn store(command: StoreCommand) -> ExitCode {
     use crate::store::{Salvage, SledStore, Store};
     let opened = |dir: &std::path::Path| {
@@ -329,6 +398,7 @@ fn store(command: StoreCommand) -> ExitCode {
             data_dir,
             config,
         } => copy_store(&from, &to, data_dir.as_deref(), config.as_deref()),
+        StoreCommand::Migrate { store, config } => migrate_store(&store, config.as_deref()),
         StoreCommand::Check { data_dir } => match opened(&data_dir) {
             Err(code) => code,
             Ok(store) => match store.damage() {

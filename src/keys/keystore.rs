@@ -1,8 +1,14 @@
 //! The keystore file: every KEK version, the index key and the keystore's own MAC
 //! key, each wrapped by the [`KeyProvider`] (the root of trust), plus the key
-//! lifecycle history. An HMAC over the whole body (under the MAC key, which only
-//! the root can unwrap) makes a keystore edited on disk — a key substituted, a
-//! version relabelled, a state changed, an event removed — fail at load.
+//! lifecycle history and the destroy requests awaiting a second officer. An HMAC
+//! over the whole body (under the MAC key, which only the root can unwrap) makes a
+//! keystore edited on disk or in the database — a key substituted, a version
+//! relabelled, a state changed, an event removed, a request forged — fail at load.
+//!
+//! It lives in a file ([`KeystoreAt::File`]: one vault over sled) or in the shared
+//! database ([`KeystoreAt::Shared`]: every PostgreSQL replica sees one keystore;
+//! each save is a compare-and-set on its generation, so two replicas changing keys
+//! at once cannot overwrite each other).
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -30,18 +36,173 @@ const AAD_MAC: &str = "tokenvault/v1/aad/keystore-mac-key";
 pub enum KeystoreError {
     #[error("keystore I/O error at {path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
-    #[error("keystore at {0} is malformed")]
-    Malformed(PathBuf),
-    #[error("keystore at {0} failed its integrity check (edited on disk, or a different root key)")]
-    Integrity(PathBuf),
+    #[error("keystore in {0} is malformed")]
+    Malformed(String),
+    #[error("keystore in {0} failed its integrity check (edited, or a different root key)")]
+    Integrity(String),
     #[error("root key file {0} must hold exactly 32 bytes, base64-encoded")]
     RootKey(PathBuf),
-    #[error("keystore at {0} has no usable active KEK version")]
-    NoActiveKey(PathBuf),
+    #[error("keystore in {0} has no usable active KEK version")]
+    NoActiveKey(String),
+    #[error("no keystore in {0}; create one with `tokenvault keys init`")]
+    Missing(String),
+    #[error("cannot reach the keystore in {at}: {reason}")]
+    Shared { at: String, reason: String },
+    /// Another process (a vault replica, `keys --offline`) saved the keystore
+    /// between this one's read and its save: nothing was changed here.
+    #[error("the keystore was changed by another vault replica at the same moment; nothing was changed: retry")]
+    Conflict,
     #[error("{0}")]
     Refused(String),
     #[error(transparent)]
     Provider(#[from] ProviderError),
+}
+
+/// Where the keystore is kept.
+#[derive(Clone)]
+pub enum KeystoreAt {
+    /// A file written atomically (one vault over sled).
+    File(PathBuf),
+    /// A row of the shared database (vault replicas over PostgreSQL).
+    Shared(Arc<dyn SharedKeystore>),
+}
+
+/// A keystore kept in a shared database: one serialized keystore and its
+/// generation, replaced only by compare-and-set.
+pub trait SharedKeystore: Send + Sync {
+    /// Where it is, for messages (never a password).
+    fn describe(&self) -> String;
+    /// The stored keystore, if there is one.
+    fn load(&self) -> Result<Option<Vec<u8>>, String>;
+    /// The stored generation only (cheap: replicas poll it).
+    fn generation(&self) -> Result<Option<u64>, String>;
+    /// Stores `bytes` as `generation` if the stored generation is `expected`
+    /// (`None`: no keystore yet). `false`: it was not, and nothing changed.
+    fn save(&self, expected: Option<u64>, generation: u64, bytes: &[u8]) -> Result<bool, String>;
+}
+
+impl std::fmt::Display for KeystoreAt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KeystoreAt::File(p) => write!(f, "{}", p.display()),
+            KeystoreAt::Shared(s) => f.write_str(&s.describe()),
+        }
+    }
+}
+
+impl std::fmt::Debug for KeystoreAt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "KeystoreAt({self})")
+    }
+}
+
+impl From<&Path> for KeystoreAt {
+    fn from(p: &Path) -> KeystoreAt {
+        KeystoreAt::File(p.to_owned())
+    }
+}
+
+impl From<&PathBuf> for KeystoreAt {
+    fn from(p: &PathBuf) -> KeystoreAt {
+        KeystoreAt::File(p.clone())
+    }
+}
+
+impl From<&KeystoreAt> for KeystoreAt {
+    fn from(at: &KeystoreAt) -> KeystoreAt {
+        at.clone()
+    }
+}
+
+impl KeystoreAt {
+    fn shared_error(&self, reason: String) -> KeystoreError {
+        KeystoreError::Shared {
+            at: self.to_string(),
+            reason,
+        }
+    }
+
+    /// Whether a keystore exists here.
+    pub fn exists(&self) -> Result<bool, KeystoreError> {
+        match self {
+            KeystoreAt::File(p) => Ok(p.exists()),
+            KeystoreAt::Shared(s) => Ok(s.generation().map_err(|e| self.shared_error(e))?.is_some()),
+        }
+    }
+
+    /// The stored keystore as bytes (`tokenvault store copy` moves them as they are).
+    pub fn read_bytes(&self) -> Result<Vec<u8>, KeystoreError> {
+        match self {
+            KeystoreAt::File(path) => fs::read(path).map_err(|source| KeystoreError::Io {
+                path: path.clone(),
+                source,
+            }),
+            KeystoreAt::Shared(s) => s
+                .load()
+                .map_err(|e| self.shared_error(e))?
+                .ok_or_else(|| KeystoreError::Missing(self.to_string())),
+        }
+    }
+
+    fn read(&self) -> Result<KeystoreFile, KeystoreError> {
+        let bytes = self.read_bytes()?;
+        serde_json::from_slice(&bytes).map_err(|_| KeystoreError::Malformed(self.to_string()))
+    }
+
+    /// The generation stored here, unauthenticated: only a hint that it changed.
+    fn generation_hint(&self) -> Result<u64, KeystoreError> {
+        match self {
+            KeystoreAt::File(_) => Ok(self.read()?.body.generation),
+            KeystoreAt::Shared(s) => s
+                .generation()
+                .map_err(|e| self.shared_error(e))?
+                .ok_or_else(|| KeystoreError::Missing(self.to_string())),
+        }
+    }
+
+    /// Stores a keystore where there is none (never overwrites). Taking bytes as
+    /// they are (not re-serialized) keeps their MAC valid: used by `store copy`.
+    pub fn write_new(&self, bytes: &[u8]) -> Result<(), KeystoreError> {
+        match self {
+            KeystoreAt::File(p) => write_private(p, bytes),
+            KeystoreAt::Shared(s) => {
+                let generation = serde_json::from_slice::<KeystoreFile>(bytes)
+                    .map_err(|_| KeystoreError::Malformed(self.to_string()))?
+                    .body
+                    .generation;
+                if s.save(None, generation, bytes).map_err(|e| self.shared_error(e))? {
+                    Ok(())
+                } else {
+                    Err(KeystoreError::Refused(format!(
+                        "{self} already holds a keystore; a key ceremony never overwrites a keystore"
+                    )))
+                }
+            }
+        }
+    }
+
+    /// Replaces generation `expected` with `bytes` (generation `expected + 1`).
+    fn replace(&self, expected: u64, bytes: &[u8]) -> Result<(), KeystoreError> {
+        match self {
+            KeystoreAt::File(p) => {
+                // Best effort between processes sharing a file (the database form
+                // is an atomic compare-and-set).
+                if self.generation_hint()? != expected {
+                    return Err(KeystoreError::Conflict);
+                }
+                replace_private(p, bytes)
+            }
+            KeystoreAt::Shared(s) => {
+                if s.save(Some(expected), expected + 1, bytes)
+                    .map_err(|e| self.shared_error(e))?
+                {
+                    Ok(())
+                } else {
+                    Err(KeystoreError::Conflict)
+                }
+            }
+        }
+    }
 }
 
 /// A root key read from a file: dev mode only (production roots come from
@@ -136,6 +297,22 @@ struct Body {
     index_key: String,
     keks: Vec<KekEntry>,
     events: Vec<KeyEvent>,
+    /// Destroy requests awaiting a second officer. Kept in the keystore (so under
+    /// its MAC, and shared by every replica): a request cannot be forged by
+    /// editing the file or the database row, and an approval may reach another
+    /// replica than the request. Absent when empty (older keystores verify).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pending: Vec<DestroyRequest>,
+}
+
+/// A destroy request awaiting its second officer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DestroyRequest {
+    pub version: u32,
+    pub requested_by: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -155,7 +332,7 @@ struct KekEntry {
 
 /// An opened, authenticated keystore that can be changed and saved.
 pub struct Keystore {
-    path: PathBuf,
+    at: KeystoreAt,
     body: Body,
     provider: Arc<dyn KeyProvider>,
     mac_key: Key256,
@@ -168,7 +345,7 @@ fn kek_aad(version: u32) -> Vec<u8> {
 impl Keystore {
     /// Creates a keystore with KEK v1 active and fresh index and MAC keys.
     pub fn create(
-        path: &Path,
+        at: impl Into<KeystoreAt>,
         provider: Arc<dyn KeyProvider>,
         shamir: Option<Shamir>,
         officer: &str,
@@ -198,29 +375,31 @@ impl Keystore {
                 version: Some(1),
                 officers: vec![officer.into()],
             }],
+            pending: Vec::new(),
         };
         let ks = Keystore {
-            path: path.to_owned(),
+            at: at.into(),
             body,
             provider,
             mac_key,
         };
         let bytes = ks.serialize()?;
-        write_private(path, &bytes)?;
-        Keystore::open(path, ks.provider)
+        ks.at.write_new(&bytes)?;
+        Keystore::open(&ks.at, ks.provider)
     }
 
     /// Reads the provider section without authenticating anything (to know how to
     /// unseal). Everything else is only trusted after [`Keystore::open`].
-    pub fn peek(path: &Path) -> Result<ProviderInfo, KeystoreError> {
-        Ok(read_file(path)?.body.provider)
+    pub fn peek(at: impl Into<KeystoreAt>) -> Result<ProviderInfo, KeystoreError> {
+        Ok(at.into().read()?.body.provider)
     }
 
     /// Loads and authenticates a keystore with the given root of trust.
-    pub fn open(path: &Path, provider: Arc<dyn KeyProvider>) -> Result<Keystore, KeystoreError> {
-        let file = read_file(path)?;
-        let integrity = || KeystoreError::Integrity(path.to_owned());
-        let malformed = || KeystoreError::Malformed(path.to_owned());
+    pub fn open(at: impl Into<KeystoreAt>, provider: Arc<dyn KeyProvider>) -> Result<Keystore, KeystoreError> {
+        let at = at.into();
+        let file = at.read()?;
+        let integrity = || KeystoreError::Integrity(at.to_string());
+        let malformed = || KeystoreError::Malformed(at.to_string());
         let wrapped_mac = B64.decode(&file.body.mac_key).map_err(|_| malformed())?;
         let mac_key = provider.unwrap(&aad(AAD_MAC, &[]), &wrapped_mac).map_err(|e| match e {
             ProviderError::Unwrap => integrity(),
@@ -233,7 +412,7 @@ impl Keystore {
             return Err(malformed());
         }
         let ks = Keystore {
-            path: path.to_owned(),
+            at,
             body: file.body,
             provider,
             mac_key,
@@ -242,26 +421,31 @@ impl Keystore {
         Ok(ks)
     }
 
-    /// The generation the file claims, unauthenticated: only a hint that it changed
+    /// The generation stored now, unauthenticated: only a hint that it changed
     /// ([`Keystore::reopen`] authenticates it).
-    pub fn file_generation(&self) -> Result<u64, KeystoreError> {
-        Ok(read_file(&self.path)?.body.generation)
+    pub fn stored_generation(&self) -> Result<u64, KeystoreError> {
+        self.at.generation_hint()
     }
 
-    /// The keystore file as it is now (another process — a vault replica sharing
-    /// it, or `keys --offline` — may have changed it), authenticated with this
-    /// keystore's root of trust.
+    /// Where this keystore is kept.
+    pub fn location(&self) -> &KeystoreAt {
+        &self.at
+    }
+
+    /// The keystore as it is stored now (another process — a vault replica
+    /// sharing it, or `keys --offline` — may have changed it), authenticated with
+    /// this keystore's root of trust.
     pub fn reopen(&self) -> Result<Keystore, KeystoreError> {
-        Keystore::open(&self.path, self.provider.clone())
+        Keystore::open(&self.at, self.provider.clone())
     }
 
     /// Unwraps every live KEK version into a keyring.
     pub fn keyring(&self) -> Result<Keyring, KeystoreError> {
-        let integrity = || KeystoreError::Integrity(self.path.clone());
+        let integrity = || KeystoreError::Integrity(self.at.to_string());
         let unwrap = |b64: &str, aad_bytes: &[u8]| -> Result<Key256, KeystoreError> {
             let sealed = B64
                 .decode(b64)
-                .map_err(|_| KeystoreError::Malformed(self.path.clone()))?;
+                .map_err(|_| KeystoreError::Malformed(self.at.to_string()))?;
             self.provider.unwrap(aad_bytes, &sealed).map_err(|e| match e {
                 ProviderError::Unwrap => integrity(),
                 other => KeystoreError::Provider(other),
@@ -280,7 +464,7 @@ impl Keystore {
                 dek_wrap,
             };
             if keks.insert(entry.version, kek).is_some() {
-                return Err(KeystoreError::Malformed(self.path.clone()));
+                return Err(KeystoreError::Malformed(self.at.to_string()));
             }
         }
         let active_ok = keks
@@ -288,7 +472,7 @@ impl Keystore {
             .is_some_and(|k| k.state == KeyState::Active && k.dek_wrap.is_some());
         let one_active = keks.values().filter(|k| k.state == KeyState::Active).count() == 1;
         if !active_ok || !one_active {
-            return Err(KeystoreError::NoActiveKey(self.path.clone()));
+            return Err(KeystoreError::NoActiveKey(self.at.to_string()));
         }
         Ok(Keyring {
             keks,
@@ -308,6 +492,36 @@ impl Keystore {
 
     pub fn events(&self) -> &[KeyEvent] {
         &self.body.events
+    }
+
+    /// The destroy requests made within `window` of `now` (older ones lapsed).
+    pub fn destroy_requests(&self, now: OffsetDateTime, window: time::Duration) -> Vec<DestroyRequest> {
+        self.body
+            .pending
+            .iter()
+            .filter(|r| now - r.at < window)
+            .cloned()
+            .collect()
+    }
+
+    /// Records `officer`'s request to destroy `version` (lapsed requests are
+    /// dropped on the way). Saved before it returns.
+    pub fn request_destroy(
+        &mut self,
+        version: u32,
+        officer: &str,
+        now: OffsetDateTime,
+        window: time::Duration,
+    ) -> Result<(), KeystoreError> {
+        let mut next = self.clone_body();
+        next.pending.retain(|r| now - r.at < window && r.version != version);
+        next.pending.push(DestroyRequest {
+            version,
+            requested_by: officer.into(),
+            at: now,
+        });
+        push_event(&mut next, "destroy-request", Some(version), &[officer]);
+        self.commit(next)
     }
 
     /// Creates a new KEK version and makes it active; the previous active version
@@ -355,6 +569,7 @@ impl Keystore {
         }
         entry.state = KeyState::Destroyed;
         entry.wrapped = None;
+        next.pending.retain(|r| r.version != version);
         push_event(&mut next, "destroy", Some(version), officers);
         // A fresh MAC key with every destruction: the file is re-authenticated under
         // a key no earlier copy was MACed with. (What refuses an earlier copy is the
@@ -372,11 +587,11 @@ impl Keystore {
     /// Re-wraps every key under a new root of trust (root-key rotation).
     pub fn change_provider(&mut self, new: Arc<dyn KeyProvider>, officers: &[&str]) -> Result<(), KeystoreError> {
         let mut next = self.clone_body();
-        let integrity = || KeystoreError::Integrity(self.path.clone());
+        let integrity = || KeystoreError::Integrity(self.at.to_string());
         let rewrap = |b64: &mut String, aad_bytes: &[u8]| -> Result<(), KeystoreError> {
             let sealed = B64
                 .decode(&*b64)
-                .map_err(|_| KeystoreError::Malformed(self.path.clone()))?;
+                .map_err(|_| KeystoreError::Malformed(self.at.to_string()))?;
             let key = self.provider.unwrap(aad_bytes, &sealed).map_err(|_| integrity())?;
             *b64 = B64.encode(new.wrap(aad_bytes, &key)?);
             Ok(())
@@ -406,11 +621,13 @@ impl Keystore {
         self.body.clone()
     }
 
-    /// Saves `next` atomically (one generation later), then adopts it.
+    /// Saves `next` atomically (one generation later, only over the generation
+    /// this keystore was read at), then adopts it.
     fn commit(&mut self, mut next: Body) -> Result<(), KeystoreError> {
-        next.generation = self.body.generation + 1;
+        let expected = self.body.generation;
+        next.generation = expected + 1;
         let old = std::mem::replace(&mut self.body, next);
-        let saved = self.serialize().and_then(|bytes| replace_private(&self.path, &bytes));
+        let saved = self.serialize().and_then(|bytes| self.at.replace(expected, &bytes));
         if let Err(e) = saved {
             self.body = old;
             return Err(e);
@@ -419,7 +636,7 @@ impl Keystore {
     }
 
     fn serialize(&self) -> Result<Vec<u8>, KeystoreError> {
-        let malformed = || KeystoreError::Malformed(self.path.clone());
+        let malformed = || KeystoreError::Malformed(self.at.to_string());
         let body_bytes = serde_json::to_vec(&self.body).map_err(|_| malformed())?;
         let file = KeystoreFile {
             body: self.body.clone(),
@@ -447,14 +664,6 @@ fn push_event(body: &mut Body, action: &str, version: Option<u32>, officers: &[&
         version,
         officers: officers.iter().map(|s| s.to_string()).collect(),
     });
-}
-
-fn read_file(path: &Path) -> Result<KeystoreFile, KeystoreError> {
-    let bytes = fs::read(path).map_err(|source| KeystoreError::Io {
-        path: path.to_owned(),
-        source,
-    })?;
-    serde_json::from_slice(&bytes).map_err(|_| KeystoreError::Malformed(path.to_owned()))
 }
 
 /// Writes a new file only its owner can read, atomically, refusing to overwrite.

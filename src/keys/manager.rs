@@ -3,11 +3,10 @@
 //! keyring; key changes take the write lock, so a change (e.g. retiring a version
 //! once no record uses it) cannot race with a record being sealed under it.
 
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 
 use super::Keyring;
-use super::keystore::{KeyEvent, Keystore, KeystoreError, ProviderInfo};
+use super::keystore::{DestroyRequest, KeyEvent, Keystore, KeystoreAt, KeystoreError, ProviderInfo};
 use super::provider::{KeyProvider, SoftwareRoot};
 use super::shares::{self, Share};
 
@@ -56,7 +55,7 @@ pub type UnsealCheck = Arc<dyn Fn(&Keyring) -> Result<(), String> + Send + Sync>
 pub struct KeyManager {
     guard: Mutex<Option<Arc<dyn GenerationGuard>>>,
     unseal_check: Mutex<Option<UnsealCheck>>,
-    path: PathBuf,
+    at: KeystoreAt,
     info: Mutex<ProviderInfo>,
     ring: RwLock<Option<Arc<Keyring>>>,
     keystore: Mutex<Option<Keystore>>,
@@ -69,12 +68,12 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl KeyManager {
     /// An unsealed manager over an opened keystore.
-    pub fn unsealed(path: &Path, keystore: Keystore) -> Result<KeyManager, KeystoreError> {
+    pub fn unsealed(keystore: Keystore) -> Result<KeyManager, KeystoreError> {
         let ring = Arc::new(keystore.keyring()?);
         Ok(KeyManager {
             guard: Mutex::new(None),
             unseal_check: Mutex::new(None),
-            path: path.to_owned(),
+            at: keystore.location().clone(),
             info: Mutex::new(keystore.provider_info().clone()),
             ring: RwLock::new(Some(ring)),
             keystore: Mutex::new(Some(keystore)),
@@ -83,12 +82,12 @@ impl KeyManager {
     }
 
     /// A sealed manager: nothing can be decrypted until enough shares arrive.
-    pub fn sealed(path: &Path) -> Result<KeyManager, KeystoreError> {
-        let info = Keystore::peek(path)?;
+    pub fn sealed(at: KeystoreAt) -> Result<KeyManager, KeystoreError> {
+        let info = Keystore::peek(&at)?;
         Ok(KeyManager {
             guard: Mutex::new(None),
             unseal_check: Mutex::new(None),
-            path: path.to_owned(),
+            at,
             info: Mutex::new(info),
             ring: RwLock::new(None),
             keystore: Mutex::new(None),
@@ -143,6 +142,14 @@ impl KeyManager {
             .unwrap_or_default()
     }
 
+    /// Destroy requests awaiting a second officer (from the keystore in force).
+    pub fn destroy_requests(&self, window: time::Duration) -> Vec<DestroyRequest> {
+        lock(&self.keystore)
+            .as_ref()
+            .map(|k| k.destroy_requests(time::OffsetDateTime::now_utc(), window))
+            .unwrap_or_default()
+    }
+
     /// Runs a keystore change under the keyring's write lock: `check` sees the
     /// current keyring first (and may refuse), then `change` edits and saves the
     /// keystore, then the new keyring takes effect for every later request.
@@ -183,7 +190,7 @@ impl KeyManager {
     /// While sealed there is nothing to refresh (unseal reads the file).
     pub fn refresh(&self) -> Result<Option<u64>, KeystoreError> {
         let (current, claimed) = match lock(&self.keystore).as_ref() {
-            Some(ks) => (ks.generation(), ks.file_generation()?),
+            Some(ks) => (ks.generation(), ks.stored_generation()?),
             None => return Ok(None),
         };
         // Cheap check first (no unwrap through the root of trust unless it changed).
@@ -235,7 +242,7 @@ impl KeyManager {
         let attempt = shares::combine(&pending, shamir.threshold)
             .ok()
             .map(|root| Arc::new(SoftwareRoot::new(&root, info.root_id.clone())) as Arc<dyn KeyProvider>)
-            .and_then(|provider| Keystore::open(&self.path, provider).ok());
+            .and_then(|provider| Keystore::open(&self.at, provider).ok());
         pending.clear();
         let Some(keystore) = attempt else {
             return Err(UnsealError::WrongShares);

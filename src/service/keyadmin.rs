@@ -2,9 +2,7 @@
 //! dual control (PCI DSS 3.6/3.7). Every change goes through the key manager's
 //! write lock, so it cannot race with a record being sealed.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::Serialize;
 use time::OffsetDateTime;
@@ -16,7 +14,7 @@ use crate::keys::keystore::{KeyEvent, KeystoreError, Shamir};
 use crate::keys::manager::UnsealProgress;
 
 /// How long a destroy request waits for its second officer.
-const APPROVAL_WINDOW: Duration = Duration::from_secs(3600);
+const APPROVAL_WINDOW: time::Duration = time::Duration::hours(1);
 
 /// Records a rewrap reads per step of its cursor.
 pub const REWRAP_CHUNK: usize = 512;
@@ -34,15 +32,11 @@ pub struct EpochStep {
 
 pub(super) struct AdminState {
     cryptoperiod: Option<Duration>,
-    pending_destroy: Mutex<HashMap<u32, (String, Instant)>>,
 }
 
 impl AdminState {
     pub(super) fn new(cryptoperiod: Option<Duration>) -> AdminState {
-        AdminState {
-            cryptoperiod,
-            pending_destroy: Mutex::new(HashMap::new()),
-        }
+        AdminState { cryptoperiod }
     }
 }
 
@@ -141,11 +135,12 @@ impl Vault {
             })
             .collect();
         let pending_destroy = self
-            .pending()
-            .iter()
-            .map(|(v, (who, _))| PendingDestroy {
-                version: *v,
-                requested_by: who.clone(),
+            .keys
+            .destroy_requests(APPROVAL_WINDOW)
+            .into_iter()
+            .map(|r| PendingDestroy {
+                version: r.version,
+                requested_by: r.requested_by,
             })
             .collect();
         Ok(KeyStatus {
@@ -284,32 +279,39 @@ impl Vault {
             }
         }
         self.require_unused(version)?;
-        let mut pending = self.pending();
-        pending.retain(|_, (_, at)| at.elapsed() < APPROVAL_WINDOW);
-        match pending.get(&version).cloned() {
-            None => {
-                pending.insert(version, (officer.to_owned(), Instant::now()));
-                Ok(DestroyOutcome::PendingApproval {
-                    version,
-                    requested_by: officer.to_owned(),
-                })
-            }
-            Some((requester, _)) if requester == officer => Err(VaultError::KeyRefused(format!(
-                "dual control: v{version}'s destruction was requested by {officer}; a different officer must approve"
-            ))),
-            Some((requester, _)) => {
-                self.keys.update(
-                    |_| self.require_unused(version),
-                    |ks| ks.destroy(version, &[&requester, officer]),
-                )?;
-                pending.remove(&version);
-                Ok(DestroyOutcome::Destroyed {
-                    version,
-                    requested_by: requester,
-                    approved_by: officer.to_owned(),
-                })
-            }
-        }
+        // The request lives in the keystore (shared by every replica, under its
+        // MAC): the approval may come through another replica than the request.
+        self.keys.update(
+            |_| self.require_unused(version),
+            |ks| {
+                let now = OffsetDateTime::now_utc();
+                let request = ks
+                    .destroy_requests(now, APPROVAL_WINDOW)
+                    .into_iter()
+                    .find(|r| r.version == version);
+                match request {
+                    None => {
+                        ks.request_destroy(version, officer, now, APPROVAL_WINDOW)?;
+                        Ok(DestroyOutcome::PendingApproval {
+                            version,
+                            requested_by: officer.to_owned(),
+                        })
+                    }
+                    Some(r) if r.requested_by == officer => Err(KeystoreError::Refused(format!(
+                        "dual control: v{version}'s destruction was requested by {officer}; a different officer \
+                         must approve"
+                    ))),
+                    Some(r) => {
+                        ks.destroy(version, &[&r.requested_by, officer])?;
+                        Ok(DestroyOutcome::Destroyed {
+                            version,
+                            requested_by: r.requested_by,
+                            approved_by: officer.to_owned(),
+                        })
+                    }
+                }
+            },
+        )
     }
 
     /// One step of the deletion epoch (a bound on how long a deleted card stays
@@ -404,10 +406,6 @@ impl Vault {
             )));
         }
         Ok(())
-    }
-
-    fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<u32, (String, Instant)>> {
-        self.admin.pending_destroy.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 

@@ -4,11 +4,31 @@
 //! fingerprint entries that name them, charges, idempotency entries, the audit
 //! trail with its sequence numbers, keyed mark and retention checkpoint, the
 //! keystore generation and the wrap budgets), so the audit chain verifies on the
-//! copy and every envelope opens under the same keys. Every import is idempotent:
-//! a copy killed midway is run again and carries on.
+//! copy and every envelope opens under the same keys. The keystore file moves into
+//! the database first ([`copy_keystore`]), byte for byte (its MAC still verifies).
+//! Every import is idempotent: a copy killed midway is run again and carries on.
 
 use super::{ChargeRecord, PgStore, SledStore, Store, StoreError};
 use crate::keys::Keyring;
+use crate::keys::keystore::{KeystoreAt, KeystoreError};
+
+/// Places the source's keystore in the target (first, before any record: a target
+/// that holds another vault's keystore is refused before anything is written).
+/// `Ok(true)`: copied now; `Ok(false)`: the same keystore was there already.
+pub fn copy_keystore(src: &KeystoreAt, dst: &KeystoreAt) -> Result<bool, KeystoreError> {
+    let bytes = src.read_bytes()?;
+    if dst.exists()? {
+        if dst.read_bytes()? == bytes {
+            return Ok(false);
+        }
+        return Err(KeystoreError::Refused(format!(
+            "{dst} already holds a different keystore (another vault's, or one changed since an earlier \
+             copy): refusing to mix two vaults"
+        )));
+    }
+    dst.write_new(&bytes)?;
+    Ok(true)
+}
 
 /// What a copy did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]

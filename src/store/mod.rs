@@ -17,7 +17,7 @@ use time::OffsetDateTime;
 use tokio::sync::oneshot;
 
 pub use anchor::KeyedMark;
-pub use postgres::{PgOptions, PgStore};
+pub use postgres::{PgOptions, PgStore, SCHEMA_VERSION};
 pub use sled_store::{Salvage, SledStore};
 
 use crate::audit::AuditEvent;
@@ -479,6 +479,24 @@ pub trait Store: Send + Sync + 'static {
     fn commit(&self) -> Commit;
     /// Cheap liveness check of the backend, for readiness probes.
     fn check(&self) -> Result<(), StoreError>;
+    /// Whether the keystore lives in this store (a database every vault replica
+    /// shares) rather than in a file beside it (sled: one vault).
+    fn holds_keystore(&self) -> bool {
+        false
+    }
+    /// The keystore kept in this store, if there is one.
+    fn keystore_load(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(None)
+    }
+    /// The generation of the keystore kept in this store (cheap: replicas poll it).
+    fn keystore_stored_generation(&self) -> Result<Option<u64>, StoreError> {
+        Ok(None)
+    }
+    /// Stores the keystore as `generation` if the stored generation is `expected`
+    /// (`None`: none stored yet), atomically; `false` if it was not.
+    fn keystore_save(&self, _expected: Option<u64>, _generation: u64, _bytes: &[u8]) -> Result<bool, StoreError> {
+        Err(StoreError::Backend("this store keeps no keystore".into()))
+    }
     /// Counters for metrics: calls answered "unavailable", and reconnections of
     /// the backend's writer after its connection was lost (a database restart or
     /// failover). Zero for an embedded backend.
@@ -493,6 +511,29 @@ pub trait Store: Send + Sync + 'static {
     /// last start: the anchored sequence number it was moved back from.
     fn reanchored_from(&self) -> Option<u64> {
         None
+    }
+}
+
+/// The keystore kept in a store that holds one ([`Store::holds_keystore`]).
+pub struct StoreKeystore(pub Arc<dyn Store>);
+
+impl crate::keys::keystore::SharedKeystore for StoreKeystore {
+    fn describe(&self) -> String {
+        "the database (table tv_keystore)".into()
+    }
+
+    fn load(&self) -> Result<Option<Vec<u8>>, String> {
+        self.0.keystore_load().map_err(|e| e.to_string())
+    }
+
+    fn generation(&self) -> Result<Option<u64>, String> {
+        self.0.keystore_stored_generation().map_err(|e| e.to_string())
+    }
+
+    fn save(&self, expected: Option<u64>, generation: u64, bytes: &[u8]) -> Result<bool, String> {
+        self.0
+            .keystore_save(expected, generation, bytes)
+            .map_err(|e| e.to_string())
     }
 }
 

@@ -80,6 +80,15 @@ const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE tv_idempotency ADD COLUMN created_at BIGINT NOT NULL DEFAULT 0;
     "#,
+    // 4: the keystore, shared by every replica (one row; saves compare-and-set
+    // on its generation).
+    r#"
+    CREATE TABLE tv_keystore (
+        id SMALLINT PRIMARY KEY CHECK (id = 1),
+        generation BIGINT NOT NULL,
+        body BYTEA NOT NULL
+    );
+    "#,
 ];
 
 /// The schema version this build writes.
@@ -1321,7 +1330,16 @@ impl Store for PgStore {
     }
 
     fn audit_keyed_mark(&self) -> Option<KeyedMark> {
-        self.keyed_at_open
+        // The mark as it is now, not as it was at open: other replicas move it
+        // with every batch they commit (a replica unsealed after another one wrote
+        // MACed records must check the head against that replica's mark).
+        match self.run(|c| async move { keyed_mark(&**c).await }) {
+            Ok(mark) => mark,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the audit keyed mark now: using the one read at open");
+                self.keyed_at_open
+            }
+        }
     }
 
     fn audit_last(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
@@ -1357,6 +1375,55 @@ impl Store for PgStore {
 
     fn set_keystore_generation(&self, generation: u64) -> Result<(), StoreError> {
         self.run(move |c| async move { put_meta(&**c, KEYSTORE_GENERATION, &generation.to_be_bytes()).await })
+    }
+
+    fn holds_keystore(&self) -> bool {
+        true
+    }
+
+    fn keystore_load(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        self.run(|c| async move {
+            let row = c
+                .query_opt("SELECT body FROM tv_keystore WHERE id = 1", &[])
+                .await
+                .map_err(db)?;
+            Ok(row.map(|r| r.get(0)))
+        })
+    }
+
+    fn keystore_stored_generation(&self) -> Result<Option<u64>, StoreError> {
+        self.run(|c| async move {
+            let row = c
+                .query_opt("SELECT generation FROM tv_keystore WHERE id = 1", &[])
+                .await
+                .map_err(db)?;
+            Ok(row.map(|r| r.get::<_, i64>(0) as u64))
+        })
+    }
+
+    fn keystore_save(&self, expected: Option<u64>, generation: u64, bytes: &[u8]) -> Result<bool, StoreError> {
+        let bytes = bytes.to_vec();
+        let generation = seq_i64(generation)?;
+        let expected = expected.map(seq_i64).transpose()?;
+        self.run(move |c| async move {
+            let n = match expected {
+                None => c
+                    .execute(
+                        "INSERT INTO tv_keystore (id, generation, body) VALUES (1, $1, $2) ON CONFLICT (id) DO NOTHING",
+                        &[&generation, &bytes],
+                    )
+                    .await
+                    .map_err(db)?,
+                Some(expected) => c
+                    .execute(
+                        "UPDATE tv_keystore SET generation = $2, body = $3 WHERE id = 1 AND generation = $1",
+                        &[&expected, &generation, &bytes],
+                    )
+                    .await
+                    .map_err(db)?,
+            };
+            Ok(n == 1)
+        })
     }
 
     fn kek_wraps(&self, version: u32) -> Result<u64, StoreError> {
@@ -1526,6 +1593,56 @@ pub(crate) mod tests {
         drop(store);
         let refused = PgStore::open(&PgOptions::new(&url)).err().unwrap();
         assert!(refused.to_string().contains("newer than this vault knows"), "{refused}");
+    }
+
+    /// The shared keystore: created once, replaced only over the generation it was
+    /// read at (two replicas saving at once: one wins, the other is told), and
+    /// keys changed through one store open through another.
+    #[test]
+    fn the_keystore_in_the_database_is_compare_and_set() {
+        use crate::keys::keystore::{Keystore, KeystoreAt, KeystoreError};
+        use crate::keys::provider::{KeyProvider, SoftwareRoot};
+        let Some(url) = fresh_database("keystore") else { return };
+        let shared = |s: PgStore| {
+            let store: Arc<dyn Store> = Arc::new(s);
+            KeystoreAt::Shared(Arc::new(crate::store::StoreKeystore(store)))
+        };
+        let a = shared(PgStore::open(&PgOptions::new(&url)).unwrap());
+        let b = shared(PgStore::open(&PgOptions::new(&url)).unwrap());
+        let root = || {
+            Arc::new(SoftwareRoot::new(
+                &crate::crypto::Key256::from_slice(&[7; 32]).unwrap(),
+                "t",
+            )) as Arc<dyn KeyProvider>
+        };
+        assert!(!a.exists().unwrap());
+        assert!(matches!(Keystore::open(&a, root()), Err(KeystoreError::Missing(_))));
+        let mut ka = Keystore::create(&a, root(), None, "officer-a").unwrap();
+        assert!(
+            Keystore::create(&b, root(), None, "officer-b").is_err(),
+            "a second ceremony never overwrites the keystore"
+        );
+        let mut kb = Keystore::open(&b, root()).unwrap();
+        assert_eq!(ka.rotate(&["officer-a"]).unwrap(), 2);
+        // b read generation 1; its save would overwrite a's rotation: refused.
+        assert!(matches!(kb.rotate(&["officer-b"]), Err(KeystoreError::Conflict)));
+        assert_eq!(kb.stored_generation().unwrap(), 2);
+        let kb = kb.reopen().unwrap();
+        assert_eq!(kb.keyring().unwrap().active_version(), 2);
+        // The row is authenticated: an edit in the database fails at open.
+        let store = PgStore::open(&PgOptions::new(&url)).unwrap();
+        store
+            .run(|c| async move {
+                c.execute(
+                    "UPDATE tv_keystore SET body = \
+                     convert_to(replace(convert_from(body, 'UTF8'), 'officer-a', 'officer-x'), 'UTF8')",
+                    &[],
+                )
+                .await
+                .map_err(db)
+            })
+            .unwrap();
+        assert!(matches!(Keystore::open(&b, root()), Err(KeystoreError::Integrity(_))));
     }
 
     #[test]

@@ -142,8 +142,9 @@ async fn full_key_cycle_under_continuous_traffic() {
         .iter()
         .map(|e| e["action"].as_str().unwrap())
         .collect();
-    assert_eq!(actions, ["init", "rotate", "retire", "destroy"]);
-    let destroy = &status["events"][3];
+    assert_eq!(actions, ["init", "rotate", "retire", "destroy-request", "destroy"]);
+    assert_eq!(status["events"][3]["officers"], json!(["dev-officer"]));
+    let destroy = &status["events"][4];
     assert_eq!(destroy["officers"], json!(["dev-officer", "dev-officer-2"]));
     // Human status output.
     let (_, human, _) = app.keys_cli("officer", &["status"]);

@@ -414,6 +414,46 @@ async fn key_changes_through_one_replica_hold_on_the_other_within_two_seconds() 
         took_retire < Duration::from_secs(2),
         "retire seen after {took_retire:?}"
     );
+    // Dual control across replicas: one officer asks through the first replica, a
+    // second officer approves through the other (the request is in the shared
+    // keystore, under its MAC); the same officer cannot approve on either.
+    let (code, out, err) = apps[0].keys_cli("officer", &["destroy", "v1"]);
+    assert_eq!(code, 10, "pending approval: {out}{err}");
+    until(&apps[1], |s| {
+        s["pending_destroy"].as_array().is_some_and(|p| p.len() == 1)
+    });
+    let (code, _, err) = apps[1].keys_cli("officer", &["destroy", "v1"]);
+    assert_eq!(code, 1, "the requester approved their own request");
+    assert!(err.contains("different officer"), "{err}");
+    let (code, out, err) = apps[1].keys_cli("officer2", &["destroy", "v1"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("requested by dev-officer, approved by dev-officer-2"),
+        "{out}"
+    );
+    let took_destroy = until(&apps[0], |s| {
+        s["versions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|x| x["version"] == 1 && x["state"] == "destroyed")
+    });
+    assert!(
+        took_destroy < Duration::from_secs(2),
+        "destroy seen after {took_destroy:?}"
+    );
+    let destroy = status_of(&apps[0])["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .rfind(|e| e["action"] == "destroy")
+        .cloned()
+        .unwrap();
+    assert_eq!(destroy["officers"], json!(["dev-officer", "dev-officer-2"]));
+    // The keystore replicas use is the database's: the data directory's dev seed
+    // was never changed (it still has v1 active).
+    let seed_file = std::fs::read_to_string(apps[0].data_dir.join("keys/keystore.json")).unwrap();
+    assert!(!seed_file.contains("destroyed"), "the file keystore was written to");
     // Every card opens on both replicas.
     for (i, (token, pan)) in before.iter().chain(&after).enumerate() {
         let res = apps[i % 2].detokenize("default", token).await;
@@ -421,7 +461,10 @@ async fn key_changes_through_one_replica_hold_on_the_other_within_two_seconds() 
         assert_eq!(res.json::<Value>().await.unwrap()["pan"], pan.as_str());
     }
     audit_verify(&apps[1]);
-    println!("replicas: rotation seen by the other replica after {took:?}, retire after {took_retire:?}");
+    println!(
+        "replicas: rotation seen by the other replica after {took:?}, retire after {took_retire:?}, \
+         destroy (requested on one, approved on the other) after {took_destroy:?}"
+    );
 }
 
 /// A directory no other test of this run uses (tests run in parallel: a clock in
@@ -1060,9 +1103,22 @@ async fn store_copy_moves_a_sled_vault_to_postgres_resumably() {
         "{out}"
     );
     // Once more: nothing new, still verified.
-    let (code, again, _) = run_cli(&copy_args, &[]);
+    let (code, again, err) = run_cli(&copy_args, &[]);
     assert_eq!(code, 0);
     assert!(again.contains("(0 new in this run"), "{again}");
+    assert!(err.contains("keystore already in"), "{err}");
+    // The keystore came along, byte for byte (rotated: v2 active), before any vault
+    // ran on the database.
+    let in_db = std::process::Command::new("psql")
+        .args([
+            url.split('?').next().unwrap(),
+            "-qAtc",
+            "SELECT convert_from(body, 'UTF8') FROM tv_keystore",
+        ])
+        .output()
+        .unwrap();
+    let file = std::fs::read_to_string(dir.join("keys/keystore.json")).unwrap();
+    assert_eq!(String::from_utf8_lossy(&in_db.stdout).trim(), file.trim());
 
     // The vault on the copy (the data directory is bound to the database now).
     let app = TestApp::restart_on(&dir);
@@ -1090,5 +1146,154 @@ async fn store_copy_moves_a_sled_vault_to_postgres_resumably() {
     println!(
         "store copy: {total} records (killed after {partial}, then resumed), {} charges; {out} {verified}",
         charges.len()
+    );
+}
+
+/// `tokenvault store migrate` creates the schema ahead of a rollout (the vaults
+/// find it done), and refuses a database whose schema is newer than the binary.
+#[tokio::test]
+async fn store_migrate_prepares_the_schema_and_refuses_a_newer_one() {
+    if !postgres_reachable() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let url = bind_fresh_database(&tmp.path().join("unused"));
+    let (code, out, err) = run_cli(&["store", "migrate", "--store", &url], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("schema at version"), "{out}");
+    let psql = |sql: &str| {
+        let o = std::process::Command::new("psql")
+            .args([url.split('?').next().unwrap(), "-qAtc", sql])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).trim().to_owned()
+    };
+    let version: u64 = psql("SELECT version FROM tv_schema").parse().unwrap();
+    assert!(out.contains(&format!("version {version} ")), "{out}");
+    assert_eq!(
+        psql("SELECT count(*) FROM tv_keystore"),
+        "0",
+        "no keystore yet: keys init makes it"
+    );
+    // Again: nothing to do, same answer.
+    assert_eq!(run_cli(&["store", "migrate", "--store", &url], &[]).0, 0);
+    psql("UPDATE tv_schema SET version = version + 1");
+    let (code, _, err) = run_cli(&["store", "migrate", "--store", &url], &[]);
+    assert_eq!(code, 2);
+    assert!(err.contains("newer than this vault knows"), "{err}");
+    // A sled URL needs no migration: a usage error, not a silent success.
+    let (code, _, err) = run_cli(&["store", "migrate", "--store", "sled:/tmp/x"], &[]);
+    assert_eq!(code, 2);
+    assert!(err.contains("postgres://"), "{err}");
+}
+
+/// Production replicas over one database, as the chart's postgres mode runs them:
+/// the key ceremony (`keys --config init`) writes the keystore into the database
+/// (the config names no keystore file), each replica starts sealed and is unsealed
+/// by two custodians, and both then serve one vault; the CVV Redis URL comes from
+/// a file (`cvv_redis_file`).
+#[tokio::test]
+async fn production_replicas_keep_the_keystore_in_the_database() {
+    if !postgres_reachable() || !redis_reachable(4) {
+        return;
+    }
+    let dev = TestApp::spawn().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let url = bind_fresh_database(&dir.join("r0"));
+    let layout = crate::cli::prod_layout(&dev, dir);
+    let file_keystore = dir.join("keystore.json");
+    std::fs::remove_file(&file_keystore).unwrap();
+    std::fs::write(dir.join("redis-url"), "redis://127.0.0.1:6379/4\n").unwrap();
+    let config = layout
+        .replace(&format!("path = \"{}\"\n", file_keystore.display()), "")
+        .replace(
+            "allow_root = true",
+            &format!("allow_root = true\ncvv_redis_file = \"{}/redis-url\"", dir.display()),
+        )
+        .replace("[keystore]", &format!("[store]\nurl = \"{url}\"\n\n[keystore]"));
+    assert!(!config.contains("keystore.json"), "{config}");
+    let cfg = dir.join("pg.toml");
+    std::fs::write(&cfg, &config).unwrap();
+    let shares = dir.join("pg-shares");
+    let (code, out, err) = run_cli(
+        &[
+            "keys",
+            "--config",
+            cfg.to_str().unwrap(),
+            "init",
+            "--shares",
+            "3",
+            "--threshold",
+            "2",
+            "--share-dir",
+            shares.to_str().unwrap(),
+            "--officer",
+            "ceremony-officer",
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("keystore created in the database"), "{out}");
+    assert!(!file_keystore.exists(), "no keystore file was written");
+    // A second ceremony never overwrites it.
+    let again = run_cli(
+        &[
+            "keys",
+            "--config",
+            cfg.to_str().unwrap(),
+            "init",
+            "--share-dir",
+            shares.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(again.0, 2, "{}", again.2);
+    assert!(again.2.contains("already holds a keystore"), "{}", again.2);
+
+    let apps: Vec<TestApp> = (0..2)
+        .map(|i| {
+            let data = dir.join(format!("r{i}"));
+            let d = data.to_str().unwrap().to_owned();
+            TestApp::start(&["serve", "--config", cfg.to_str().unwrap(), "--data-dir", &d], data)
+        })
+        .collect();
+    for app in &apps {
+        assert!(app.logs().contains("SEALED"), "a production replica starts sealed");
+        for share in [1, 2] {
+            let share = shares.join(format!("share-{share}.txt"));
+            let (code, _, err) = crate::cli::unseal_with(app, &dev, dir, &share);
+            assert_eq!(code, 0, "{err}");
+        }
+    }
+    // One vault: a card tokenized through one replica, its metadata read by the CRM
+    // through the other.
+    let edge = dev.jwt("edge", "acme");
+    let body = json!({"pan": "4111111111111111", "exp_month": 12, "exp_year": 2031});
+    apps[0].watch("4111111111111111");
+    apps[1].watch("4111111111111111");
+    let res = apps[0]
+        .client
+        .post(apps[0].url("/v1/tokens"))
+        .bearer_auth(&edge)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
+    let token = res.json::<Value>().await.unwrap()["token"].as_str().unwrap().to_owned();
+    let res = apps[1]
+        .client
+        .get(apps[1].url(&format!("/v1/tokens/{token}")))
+        .bearer_auth(dev.jwt("crm", "acme"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.json::<Value>().await.unwrap()["last4"], "1111");
+    assert!(
+        !apps[0].logs().contains("CVVs are held in this replica's memory"),
+        "cvv_redis_file was read: CVVs are shared"
     );
 }
