@@ -29,6 +29,10 @@ rate_limits = {{ $c.rateLimits | toString | toJson }}
 {{- if include "tokenvault.set" $c.anomalyGuard }}
 anomaly_guard = {{ $c.anomalyGuard | toString | toJson }}
 {{- end }}
+{{- if include "tokenvault.postgres" . }}
+# Replicas share CVVs in a memory-only Redis; its URL is a mounted secret file.
+cvv_redis_file = {{ printf "%s/url" (include "tokenvault.paths.redisDir" .) | toJson }}
+{{- end }}
 {{- if not $c.clients }}
 clients = []  # the vault refuses to start until config.clients lists at least one client
 {{- end }}
@@ -70,7 +74,11 @@ global_admin = true
 {{- end }}
 
 [keystore]
+{{- if include "tokenvault.postgres" . }}
+# No path: with a PostgreSQL store the keystore is in the database (every replica shares it).
+{{- else }}
 path = {{ include "tokenvault.paths.keystore" . | toJson }}
+{{- end }}
 provider = {{ $c.keystore.provider | toJson }}
 {{- if include "tokenvault.set" $c.keystore.cryptoperiod }}
 cryptoperiod = {{ $c.keystore.cryptoperiod | toString | toJson }}
@@ -105,6 +113,27 @@ connect_timeout_ms = {{ int $c.psp.connectTimeoutMs }}
 {{- end }}
 {{- if include "tokenvault.set" $c.psp.timeoutMs }}
 timeout_ms = {{ int $c.psp.timeoutMs }}
+{{- end }}
+{{- end }}
+{{- if include "tokenvault.pgFiles" . }}
+{{- $pg := .Values.store.postgres }}
+
+[store]
+{{- if include "tokenvault.postgres" . }}
+url = {{ include "tokenvault.pgUrl" . | toJson | replace "\\u0026" "&" }}
+{{- else }}
+# sled stays the store (no url). Named for `tokenvault store copy --config` in the
+# maintenance pod: the target's password and CA files.
+{{- end }}
+password_file = {{ printf "%s/password" (include "tokenvault.paths.dbDir" .) | toJson }}
+{{- if $pg.caSecret.name }}
+ca_file = {{ printf "%s/ca.crt" (include "tokenvault.paths.dbCADir" .) | toJson }}
+{{- end }}
+{{- if include "tokenvault.set" $pg.poolSize }}
+pool_size = {{ int $pg.poolSize }}
+{{- end }}
+{{- if include "tokenvault.set" $pg.statementTimeout }}
+statement_timeout = {{ $pg.statementTimeout | toString | toJson }}
 {{- end }}
 {{- end }}
 {{- end }}

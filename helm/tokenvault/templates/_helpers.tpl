@@ -54,6 +54,50 @@ app.kubernetes.io/component: vault
 {{- end }}
 {{- end }}
 
+{{/* Store backend: "true" with store.backend=postgres. */}}
+{{- define "tokenvault.postgres" -}}
+{{- if eq .Values.store.backend "postgres" }}true{{- end }}
+{{- end }}
+
+{{/* The replica count: replicaCount, or when null 1 (sled) / 2 (postgres). */}}
+{{- define "tokenvault.replicas" -}}
+{{- if include "tokenvault.set" .Values.replicaCount }}{{ int .Values.replicaCount }}
+{{- else if include "tokenvault.postgres" . }}2
+{{- else }}1
+{{- end }}
+{{- end }}
+
+{{/*
+sled mode in maintenance with store.postgres named: the maintenance pod gets the database
+password (and CA) and the config their file keys, for `tokenvault store copy`. The store
+itself stays sled (the config names no store url).
+*/}}
+{{- define "tokenvault.pgMigration" -}}
+{{- if and (not (include "tokenvault.postgres" .)) .Values.maintenance.enabled .Values.store.postgres.passwordSecret.name }}true{{- end }}
+{{- end }}
+
+{{/* Whether the pods mount the database's password (and CA) files. */}}
+{{- define "tokenvault.pgFiles" -}}
+{{- if or (include "tokenvault.postgres" .) (include "tokenvault.pgMigration" .) }}true{{- end }}
+{{- end }}
+
+{{/*
+The PostgreSQL URL: hosts (a port added where missing), database, user, sslmode and
+target_session_attrs. Never a password: that is `[store] password_file`.
+*/}}
+{{- define "tokenvault.pgUrl" -}}
+{{- $pg := .Values.store.postgres }}
+{{- $hosts := list }}
+{{- range $pg.hosts }}
+{{- if regexMatch ":[0-9]+$" (regexReplaceAll "^\\[[^\\]]*\\]" . "") }}
+{{- $hosts = append $hosts . }}
+{{- else }}
+{{- $hosts = append $hosts (printf "%s:%d" . (int $pg.port)) }}
+{{- end }}
+{{- end }}
+{{- printf "postgres://%s@%s/%s?sslmode=%s&target_session_attrs=%s" $pg.user (join "," $hosts) $pg.database $pg.sslmode $pg.targetSessionAttrs }}
+{{- end }}
+
 {{- define "tokenvault.claimName" -}}
 {{- default (printf "%s-data" (include "tokenvault.fullname" .)) .Values.persistence.existingClaim }}
 {{- end }}
@@ -85,6 +129,9 @@ private (0700), which it could not do on the volume's root, owned by root.
 {{- define "tokenvault.paths.clientCADir" -}}/etc/tokenvault/client-ca{{- end }}
 {{- define "tokenvault.paths.pspDir" -}}/run/secrets/tokenvault/psp{{- end }}
 {{- define "tokenvault.paths.hsmDir" -}}/run/secrets/tokenvault/hsm{{- end }}
+{{- define "tokenvault.paths.dbDir" -}}/run/secrets/tokenvault/db{{- end }}
+{{- define "tokenvault.paths.dbCADir" -}}/etc/tokenvault/db-ca{{- end }}
+{{- define "tokenvault.paths.redisDir" -}}/run/secrets/tokenvault/redis{{- end }}
 
 {{/* Whether the vault itself terminates TLS. */}}
 {{- define "tokenvault.nativeTls" -}}
@@ -130,8 +177,51 @@ The vault validates its config again at start; these catch mistakes at install t
 {{- define "tokenvault.validate" -}}
 {{- $v := .Values }}
 {{- $c := $v.config }}
-{{- if ne (int $v.replicaCount) 1 }}
-{{- fail (printf "replicaCount must be 1 (got %v): tokenvault keeps its data in sled, an embedded single-writer store owned by one process; a second replica would have its own, different store. To stop the vault for offline work use maintenance.enabled=true." $v.replicaCount) }}
+{{- $replicas := int (include "tokenvault.replicas" .) }}
+{{- if not (has $v.store.backend (list "sled" "postgres")) }}
+{{- fail (printf "store.backend must be sled or postgres (got %q)" $v.store.backend) }}
+{{- end }}
+{{- if include "tokenvault.postgres" . }}
+{{- if lt $replicas 2 }}
+{{- fail (printf "replicaCount must be at least 2 with store.backend=postgres (got %d): the replicas share the database, and one replica would be a single point of failure. For a single vault use store.backend=sled; to stop the vault use maintenance.enabled=true." $replicas) }}
+{{- end }}
+{{- include "tokenvault.validatePostgres" . }}
+{{- if not $v.store.redis.urlSecret.name }}
+{{- fail "store.backend=postgres needs store.redis.urlSecret.name (an existing Secret holding the URL of a memory-only Redis): replicas share CVVs there, or a charge landing on another replica than its tokenize call would find no CVV" }}
+{{- end }}
+{{- if $v.autoscaling.enabled }}
+{{- if eq $c.keystore.provider "sealed" }}
+{{- fail "autoscaling.enabled needs config.keystore.provider=pkcs11 (HSM auto-unseal): with the sealed provider every replica starts sealed and waits for its custodians, so replicas the HorizontalPodAutoscaler adds would never become ready. Use a fixed replicaCount with the sealed provider." }}
+{{- end }}
+{{- $min := int (include "tokenvault.hpaMinReplicas" .) }}
+{{- if lt $min 2 }}
+{{- fail (printf "autoscaling.minReplicas must be at least 2 (got %d)" $min) }}
+{{- end }}
+{{- if lt (int $v.autoscaling.maxReplicas) $min }}
+{{- fail (printf "autoscaling.maxReplicas (%d) must be at least autoscaling.minReplicas (%d)" (int $v.autoscaling.maxReplicas) $min) }}
+{{- end }}
+{{- end }}
+{{- if $v.networkPolicy.enabled }}
+{{- if not $v.networkPolicy.egress.database.to }}
+{{- fail "networkPolicy.egress.database.to is empty: with store.backend=postgres the NetworkPolicy must let the vault reach its database (list its ipBlock CIDRs or pod/namespace selectors)" }}
+{{- end }}
+{{- if not $v.networkPolicy.egress.redis.to }}
+{{- fail "networkPolicy.egress.redis.to is empty: with store.backend=postgres the NetworkPolicy must let the vault reach the CVV Redis (list its ipBlock CIDRs or pod/namespace selectors)" }}
+{{- end }}
+{{- end }}
+{{- else }}
+{{- if ne $replicas 1 }}
+{{- fail (printf "replicaCount must be 1 (got %v): tokenvault keeps its data in sled, an embedded single-writer store owned by one process; a second replica would have its own, different store. For several replicas use store.backend=postgres; to stop the vault for offline work use maintenance.enabled=true." $v.replicaCount) }}
+{{- end }}
+{{- if $v.autoscaling.enabled }}
+{{- fail "autoscaling.enabled needs store.backend=postgres: with sled the vault runs exactly one replica" }}
+{{- end }}
+{{- if include "tokenvault.pgMigration" . }}
+{{- include "tokenvault.validatePostgres" . }}
+{{- if and $v.networkPolicy.enabled (not $v.networkPolicy.egress.database.to) }}
+{{- fail "networkPolicy.egress.database.to is empty: the maintenance pod could not reach the database named by store.postgres (for tokenvault store copy); list its ipBlock CIDRs or pod/namespace selectors" }}
+{{- end }}
+{{- end }}
 {{- end }}
 {{- if or (eq (int $v.securityContext.runAsUser) 0) (eq (int $v.securityContext.runAsGroup) 0) (eq (int $v.securityContext.fsGroup) 0) }}
 {{- fail "securityContext.runAsUser, runAsGroup and fsGroup must not be 0: the vault runs as an unprivileged user" }}
@@ -215,6 +305,42 @@ The vault validates its config again at start; these catch mistakes at install t
 {{- end }}
 {{- end }}
 {{- end }}
+{{- range $role := list "database" "redis" }}
+{{- range $i, $p := (get $v.networkPolicy.egress $role).to }}
+{{- if not (or $p.ipBlock (and $p.podSelector (or $p.podSelector.matchLabels $p.podSelector.matchExpressions)) (and $p.namespaceSelector (or $p.namespaceSelector.matchLabels $p.namespaceSelector.matchExpressions))) }}
+{{- fail (printf "networkPolicy.egress.%s.to[%d] would match every pod it can: give it a non-empty podSelector or namespaceSelector (or an ipBlock)" $role $i) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* store.postgres: what the URL needs, and what the vault's production check demands. */}}
+{{- define "tokenvault.validatePostgres" -}}
+{{- $pg := .Values.store.postgres }}
+{{- if or (not $pg.hosts) (not $pg.database) (not $pg.user) (not $pg.passwordSecret.name) }}
+{{- fail "store.postgres needs hosts, database, user and passwordSecret.name (an existing Secret holding the database password; it is mounted as a file, never put in the URL)" }}
+{{- end }}
+{{- if not (has $pg.sslmode (list "require" "disable")) }}
+{{- fail (printf "store.postgres.sslmode must be require or disable (got %q)" $pg.sslmode) }}
+{{- end }}
+{{- if not (has $pg.targetSessionAttrs (list "read-write" "any")) }}
+{{- fail (printf "store.postgres.targetSessionAttrs must be read-write or any (got %q)" $pg.targetSessionAttrs) }}
+{{- end }}
+{{- range $i, $h := $pg.hosts }}
+{{- if not (regexMatch "^([A-Za-z0-9._-]+|\\[[0-9A-Fa-f:.]+\\])(:[0-9]{1,5})?$" $h) }}
+{{- fail (printf "store.postgres.hosts[%d] %q: a host name or IP address, optionally with :port (IPv6 in brackets)" $i $h) }}
+{{- end }}
+{{- if and (eq $pg.sslmode "disable") (not (regexMatch "^(localhost|127\\.[0-9.]+|\\[::1\\])(:[0-9]+)?$" $h)) }}
+{{- fail (printf "store.postgres.sslmode=disable with the remote host %q: the vault refuses a remote database without TLS (sslmode=require)" $h) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* The HPA's minimum: autoscaling.minReplicas, or the replica count. */}}
+{{- define "tokenvault.hpaMinReplicas" -}}
+{{- if include "tokenvault.set" .Values.autoscaling.minReplicas }}{{ int .Values.autoscaling.minReplicas }}
+{{- else }}{{ include "tokenvault.replicas" . }}
 {{- end }}
 {{- end }}
 
@@ -283,6 +409,21 @@ capabilities:
   mountPath: {{ include "tokenvault.paths.hsmDir" . }}
   readOnly: true
 {{- end }}
+{{- if include "tokenvault.pgFiles" . }}
+- name: db-password
+  mountPath: {{ include "tokenvault.paths.dbDir" . }}
+  readOnly: true
+{{- if .Values.store.postgres.caSecret.name }}
+- name: db-ca
+  mountPath: {{ include "tokenvault.paths.dbCADir" . }}
+  readOnly: true
+{{- end }}
+{{- end }}
+{{- if include "tokenvault.postgres" . }}
+- name: redis-url
+  mountPath: {{ include "tokenvault.paths.redisDir" . }}
+  readOnly: true
+{{- end }}
 {{- with .Values.extraVolumeMounts }}
 {{ toYaml . }}
 {{- end }}
@@ -297,9 +438,16 @@ capabilities:
     items:
       - key: tokenvault.toml
         path: tokenvault.toml
+{{- if include "tokenvault.postgres" . }}
+# postgres mode: the database holds everything; the data directory keeps nothing durable.
+- name: data
+  emptyDir:
+    sizeLimit: 64Mi
+{{- else }}
 - name: data
   persistentVolumeClaim:
     claimName: {{ include "tokenvault.claimName" . }}
+{{- end }}
 - name: tmp
   emptyDir:
     sizeLimit: 16Mi
@@ -354,6 +502,33 @@ capabilities:
       - key: {{ .Values.config.keystore.pkcs11.pinSecret.key }}
         path: pin
 {{- end }}
+{{- if include "tokenvault.pgFiles" . }}
+- name: db-password
+  secret:
+    secretName: {{ .Values.store.postgres.passwordSecret.name }}
+    defaultMode: 0440
+    items:
+      - key: {{ .Values.store.postgres.passwordSecret.key }}
+        path: password
+{{- if .Values.store.postgres.caSecret.name }}
+- name: db-ca
+  secret:
+    secretName: {{ .Values.store.postgres.caSecret.name }}
+    defaultMode: 0440
+    items:
+      - key: {{ .Values.store.postgres.caSecret.key }}
+        path: ca.crt
+{{- end }}
+{{- end }}
+{{- if include "tokenvault.postgres" . }}
+- name: redis-url
+  secret:
+    secretName: {{ .Values.store.redis.urlSecret.name }}
+    defaultMode: 0440
+    items:
+      - key: {{ .Values.store.redis.urlSecret.key }}
+        path: url
+{{- end }}
 {{- with .Values.extraVolumes }}
 {{ toYaml . }}
 {{- end }}
@@ -386,5 +561,122 @@ tolerations:
 {{- with .Values.affinity }}
 affinity:
   {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/*
+The vault pod (template of the StatefulSet in sled mode, of the Deployment in postgres mode).
+*/}}
+{{- define "tokenvault.vaultPod" -}}
+{{- $probe := include "tokenvault.probeKind" . -}}
+metadata:
+  # No chart or app version here: a chart upgrade that changes nothing in the pod must
+  # not restart (and so reseal) the vault.
+  labels:
+    {{- include "tokenvault.vaultSelectorLabels" . | nindent 4 }}
+    app.kubernetes.io/part-of: tokenvault
+    {{- with .Values.podLabels }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  annotations:
+    # A config change restarts the vault (it reads its config once, at start).
+    checksum/config: {{ include "tokenvault.configToml" . | sha256sum }}
+    {{- with .Values.podAnnotations }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+spec:
+  serviceAccountName: {{ include "tokenvault.serviceAccountName" . }}
+  automountServiceAccountToken: false
+  # No TOKENVAULT_* service-link variables: the vault reads TOKENVAULT_* overrides.
+  enableServiceLinks: false
+  terminationGracePeriodSeconds: {{ int .Values.terminationGracePeriodSeconds }}
+  securityContext:
+    {{- include "tokenvault.podSecurityContext" . | nindent 4 }}
+  {{- with include "tokenvault.podScheduling" . | trim }}{{ . | nindent 2 }}{{- end }}
+  {{- with include "tokenvault.topologySpread" . | trim }}{{ . | nindent 2 }}{{- end }}
+  containers:
+    - name: tokenvault
+      image: {{ include "tokenvault.imageRef" (dict "image" .Values.image "root" .) | quote }}
+      imagePullPolicy: {{ .Values.image.pullPolicy }}
+      command:
+        {{- toYaml .Values.image.command | nindent 8 }}
+      args: ["serve", "--config", {{ include "tokenvault.paths.configFile" . | quote }}]
+      env:
+        {{- include "tokenvault.env" . | nindent 8 }}
+      ports:
+        # The one listener: API, /healthz, /readyz and /metrics.
+        - name: api
+          containerPort: {{ int .Values.service.targetPort }}
+          protocol: TCP
+      {{- if eq $probe "tcp" }}
+      # Mutual TLS is required for every connection, and kubelet presents no client
+      # certificate: the probes can only check that the port accepts connections.
+      startupProbe:
+        tcpSocket:
+          port: api
+        {{- toYaml .Values.probes.startup | nindent 8 }}
+      livenessProbe:
+        tcpSocket:
+          port: api
+        {{- toYaml .Values.probes.liveness | nindent 8 }}
+      readinessProbe:
+        tcpSocket:
+          port: api
+        {{- toYaml .Values.probes.readiness | nindent 8 }}
+      {{- else }}
+      startupProbe:
+        httpGet:
+          path: /healthz
+          port: api
+          scheme: {{ $probe }}
+        {{- toYaml .Values.probes.startup | nindent 8 }}
+      # /healthz answers 200 while the process serves, sealed or not: a sealed vault is
+      # alive and must not be restarted (a restart would discard the shares received).
+      livenessProbe:
+        httpGet:
+          path: /healthz
+          port: api
+          scheme: {{ $probe }}
+        {{- toYaml .Values.probes.liveness | nindent 8 }}
+      # /readyz answers 503 while the vault is sealed or its store or keys are unusable
+      # (PostgreSQL: while the database is unreachable).
+      readinessProbe:
+        httpGet:
+          path: /readyz
+          port: api
+          scheme: {{ $probe }}
+        {{- toYaml .Values.probes.readiness | nindent 8 }}
+      {{- end }}
+      resources:
+        {{- toYaml .Values.resources | nindent 8 }}
+      securityContext:
+        {{- include "tokenvault.containerSecurityContext" . | nindent 8 }}
+      volumeMounts:
+        {{- include "tokenvault.volumeMounts" . | nindent 8 }}
+  volumes:
+    {{- include "tokenvault.volumes" . | nindent 4 }}
+{{- end }}
+
+{{/*
+postgres mode: spread the replicas over nodes and zones (the sled pod is alone).
+*/}}
+{{- define "tokenvault.topologySpread" -}}
+{{- $ts := .Values.topologySpread }}
+{{- if and (include "tokenvault.postgres" .) $ts.enabled }}
+topologySpreadConstraints:
+  - maxSkew: {{ int $ts.maxSkew }}
+    topologyKey: kubernetes.io/hostname
+    whenUnsatisfiable: {{ $ts.nodes }}
+    labelSelector:
+      matchLabels:
+        {{- include "tokenvault.vaultSelectorLabels" . | nindent 8 }}
+  {{- if $ts.zones }}
+  - maxSkew: {{ int $ts.maxSkew }}
+    topologyKey: topology.kubernetes.io/zone
+    whenUnsatisfiable: {{ $ts.zones }}
+    labelSelector:
+      matchLabels:
+        {{- include "tokenvault.vaultSelectorLabels" . | nindent 8 }}
+  {{- end }}
 {{- end }}
 {{- end }}
