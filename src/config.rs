@@ -50,10 +50,23 @@ pub enum Scope {
     /// Read (verify, export) the audit trail: the SIEM's grant, apart from key custody.
     #[serde(rename = "audit:read")]
     AuditRead,
+    /// Capture a manual authorisation (all or part).
+    #[serde(rename = "charges:capture")]
+    ChargesCapture,
+    /// Refund a captured charge. A separate grant: refunds are an insider's
+    /// favourite fraud, so a production registry must give it explicitly.
+    #[serde(rename = "charges:refund")]
+    ChargesRefund,
+    /// Cancel (void) an authorisation that is not captured.
+    #[serde(rename = "charges:cancel")]
+    ChargesCancel,
+    /// Record a reissued card's new expiry (and name) under its token.
+    #[serde(rename = "tokens:update")]
+    TokensUpdate,
 }
 
 impl Scope {
-    pub const ALL: [Scope; 9] = [
+    pub const ALL: [Scope; 13] = [
         Scope::TokensCreate,
         Scope::TokensRead,
         Scope::TokensDelete,
@@ -63,6 +76,10 @@ impl Scope {
         Scope::ChargesRead,
         Scope::TokensDedupe,
         Scope::AuditRead,
+        Scope::ChargesCapture,
+        Scope::ChargesRefund,
+        Scope::ChargesCancel,
+        Scope::TokensUpdate,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -76,6 +93,10 @@ impl Scope {
             Scope::ChargesRead => "charges:read",
             Scope::TokensDedupe => "tokens:dedupe",
             Scope::AuditRead => "audit:read",
+            Scope::ChargesCapture => "charges:capture",
+            Scope::ChargesRefund => "charges:refund",
+            Scope::ChargesCancel => "charges:cancel",
+            Scope::TokensUpdate => "tokens:update",
         }
     }
 

@@ -29,11 +29,12 @@ pub const DEV_KID: &str = "dev-ed25519-1";
 /// The dev roles and what each may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Role {
-    /// The masking/IVR edge: tokens:create.
+    /// The masking/IVR edge: tokens:create, tokens:update (a reissued card's new expiry).
     Edge,
     /// CRM and order systems: tokens:read, tokens:delete.
     Crm,
-    /// The PSP connector: tokens:detokenize, charges:create, charges:read.
+    /// The PSP connector: tokens:detokenize, charges:create, charges:read, charges:capture,
+    /// charges:refund, charges:cancel.
     Psp,
     /// A security officer: keys:admin.
     Officer,
@@ -70,9 +71,16 @@ impl Role {
 
     pub fn scopes(self) -> &'static [Scope] {
         match self {
-            Role::Edge => &[Scope::TokensCreate],
+            Role::Edge => &[Scope::TokensCreate, Scope::TokensUpdate],
             Role::Crm => &[Scope::TokensRead, Scope::TokensDelete],
-            Role::Psp => &[Scope::TokensDetokenize, Scope::ChargesCreate, Scope::ChargesRead],
+            Role::Psp => &[
+                Scope::TokensDetokenize,
+                Scope::ChargesCreate,
+                Scope::ChargesRead,
+                Scope::ChargesCapture,
+                Scope::ChargesRefund,
+                Scope::ChargesCancel,
+            ],
             Role::Officer | Role::Officer2 => &[Scope::KeysAdmin, Scope::AuditRead],
             Role::Importer => &[Scope::TokensCreate, Scope::TokensDedupe],
             Role::Siem => &[Scope::AuditRead],

@@ -23,7 +23,9 @@ pub struct Metrics {
     pub store_unavailable: prometheus::IntCounter,
     pub store_reconnects: prometheus::IntCounter,
     pub charges: IntCounterVec,
-    pub psp_duration: prometheus::Histogram,
+    pub psp_duration: prometheus::HistogramVec,
+    pub modifications: IntCounterVec,
+    pub refunded: IntCounterVec,
     pub psp_errors: IntCounterVec,
     pub rate_limited: IntCounterVec,
     pub anomalies: IntCounterVec,
@@ -70,14 +72,26 @@ impl Metrics {
             &["kind"],
         );
         let psp_errors = counter("psp_errors_total", "PSP calls without a verdict, by kind", &["kind"]);
-        let psp_duration = prometheus::Histogram::with_opts(
+        let psp_duration = prometheus::HistogramVec::new(
             HistogramOpts::new(
                 "psp_request_duration_seconds",
-                "PSP authorisation latency (including safe retries)",
+                "PSP call latency by operation (authorise, capture, refund, cancel), including safe retries",
             )
             .buckets(vec![0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]),
+            &["operation"],
         )
         .expect("valid histogram");
+        let modifications = counter(
+            "charge_modifications_total",
+            "Captures, refunds and cancels by operation and outcome (received, refused, error, pending, replayed, \
+             rejected)",
+            &["operation", "outcome"],
+        );
+        let refunded = counter(
+            "refunded_minor_units_total",
+            "Refunded amounts the PSP acknowledged, in minor units, by ISO 4217 currency",
+            &["currency"],
+        );
         registry
             .register(Box::new(psp_duration.clone()))
             .expect("unique histogram");
@@ -166,6 +180,8 @@ impl Metrics {
             store_reconnects,
             charges,
             psp_duration,
+            modifications,
+            refunded,
             psp_errors,
             rate_limited,
             anomalies,

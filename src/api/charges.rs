@@ -1,17 +1,19 @@
 //! Detokenize-and-charge (PSP connector only): `POST /v1/charges` with an
-//! `Idempotency-Key`, and `GET /v1/charges/{id}` for the stored outcome.
+//! `Idempotency-Key`, `GET /v1/charges/{id}` for the stored outcome, and the
+//! payment's life after it: `POST /v1/charges/{id}/captures`, `/refunds` and
+//! `/cancel`, each with an `Idempotency-Key` and a scope of its own.
 
 use actix_web::http::header;
 use actix_web::{HttpRequest, HttpResponse, web};
 use serde::{Deserialize, Serialize};
 
 use super::AppState;
-use super::extract::{ApiJson, Caller, ChargesCreate, ChargesRead};
+use super::extract::{ApiJson, Caller, ChargesCancel, ChargesCapture, ChargesCreate, ChargesRead, ChargesRefund};
 use super::problem::ApiError;
 use crate::domain::token::Token;
-use crate::psp::{Amount, Recurring, ShopperInteraction};
-use crate::service::ChargeInput;
-use crate::store::ChargeRecord;
+use crate::psp::{Amount, ModificationKind, Recurring, ShopperInteraction};
+use crate::service::{ChargeInput, ModificationInput};
+use crate::store::{ChargeRecord, Modification};
 
 /// Active ISO 4217 currency codes.
 const ISO_4217: &str = "AED AFN ALL AMD ANG AOA ARS AUD AWG AZN BAM BBD BDT BGN BHD BIF BMD BND BOB BRL BSD BTN BWP \
@@ -30,6 +32,34 @@ pub struct ChargeBody {
     shopper_interaction: ShopperInteraction,
     #[serde(default)]
     recurring: Option<Recurring>,
+    /// `automatic` (default: the PSP captures at once) or `manual`.
+    #[serde(default)]
+    capture: Option<CaptureMode>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum CaptureMode {
+    Automatic,
+    Manual,
+}
+
+/// `POST /v1/charges/{id}/captures`.
+#[derive(Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct CaptureBody {
+    #[serde(default)]
+    amount: Option<Amount>,
+}
+
+/// `POST /v1/charges/{id}/refunds`.
+#[derive(Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RefundBody {
+    #[serde(default)]
+    amount: Option<Amount>,
+    #[serde(default)]
+    reason: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -49,6 +79,62 @@ struct ChargeView<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     recurring: Option<serde_json::Value>,
     cvv_sent: bool,
+    capture: &'a str,
+    captured_amount: Amount,
+    refunded_amount: Amount,
+    /// Captures, refunds and cancels, oldest first.
+    history: Vec<ModificationView<'a>>,
+}
+
+#[derive(Serialize)]
+struct ModificationView<'a> {
+    id: &'a str,
+    #[serde(rename = "type")]
+    kind: &'a str,
+    status: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    amount: Option<Amount>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    psp_reference: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    failure_reason: Option<&'a str>,
+    created_at: String,
+    updated_at: String,
+}
+
+fn rfc3339(t: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(t)
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_default()
+}
+
+fn modification_view<'a>(c: &ChargeRecord, m: &'a Modification) -> ModificationView<'a> {
+    ModificationView {
+        id: &m.id,
+        kind: &m.kind,
+        status: &m.status,
+        amount: m.amount_value.map(|value| Amount {
+            value,
+            currency: c.currency.clone(),
+        }),
+        reason: m.reason.as_deref(),
+        psp_reference: m.psp_reference.as_deref(),
+        failure_reason: m.failure_reason.as_deref(),
+        created_at: rfc3339(m.created_at),
+        updated_at: rfc3339(m.updated_at),
+    }
+}
+
+/// The acknowledged sum of one kind of modification.
+fn received_sum(c: &ChargeRecord, kind: &str) -> u64 {
+    c.modifications
+        .iter()
+        .filter(|m| m.kind == kind && m.status == "received")
+        .filter_map(|m| m.amount_value)
+        .sum()
 }
 
 fn view(c: &ChargeRecord) -> ChargeView<'_> {
@@ -58,10 +144,7 @@ fn view(c: &ChargeRecord) -> ChargeView<'_> {
         psp_reference: c.psp_reference.as_deref(),
         refusal_reason: c.refusal_reason.as_deref(),
         network_transaction_id: c.network_transaction_id.as_deref(),
-        created_at: time::OffsetDateTime::from_unix_timestamp(c.created_at)
-            .ok()
-            .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
-            .unwrap_or_default(),
+        created_at: rfc3339(c.created_at),
         token: &c.token,
         amount: Amount {
             value: c.amount_value,
@@ -74,6 +157,20 @@ fn view(c: &ChargeRecord) -> ChargeView<'_> {
             .as_ref()
             .map(|(m, s)| serde_json::json!({"model": m, "sequence": s})),
         cvv_sent: c.cvv_sent,
+        capture: &c.capture,
+        captured_amount: Amount {
+            value: match (c.capture.as_str(), c.status.as_str()) {
+                ("manual", _) => received_sum(c, "capture"),
+                (_, "authorised" | "partially_refunded" | "refunded") => c.amount_value,
+                _ => 0,
+            },
+            currency: c.currency.clone(),
+        },
+        refunded_amount: Amount {
+            value: received_sum(c, "refund"),
+            currency: c.currency.clone(),
+        },
+        history: c.modifications.iter().map(|m| modification_view(c, m)).collect(),
     }
 }
 
@@ -86,19 +183,24 @@ fn idempotency_key(req: &HttpRequest) -> Result<String, ApiError> {
         .ok_or(ApiError::IdempotencyKeyRequired)
 }
 
-pub(super) fn parse(body: ChargeBody) -> Result<ChargeInput, ApiError> {
-    let token = Token::parse(&body.token).ok_or(ApiError::NotFound)?;
-    if body.amount.value == 0 || body.amount.value > 10_000_000_000 {
+fn check_amount(amount: &Amount) -> Result<(), ApiError> {
+    if amount.value == 0 || amount.value > 10_000_000_000 {
         return Err(ApiError::InvalidField(
             "amount.value must be 1 to 10000000000 minor units",
         ));
     }
-    let c = &body.amount.currency;
+    let c = &amount.currency;
     if c.len() != 3 || !ISO_4217.split_whitespace().any(|code| code == c) {
         return Err(ApiError::InvalidField(
             "amount.currency must be an ISO 4217 code such as EUR",
         ));
     }
+    Ok(())
+}
+
+pub(super) fn parse(body: ChargeBody) -> Result<ChargeInput, ApiError> {
+    let token = Token::parse(&body.token).ok_or(ApiError::NotFound)?;
+    check_amount(&body.amount)?;
     let r = &body.reference;
     if r.is_empty() || r.chars().count() > 80 || r.chars().any(char::is_control) {
         return Err(ApiError::InvalidField(
@@ -121,7 +223,211 @@ pub(super) fn parse(body: ChargeBody) -> Result<ChargeInput, ApiError> {
         reference: body.reference,
         interaction: body.shopper_interaction,
         recurring: body.recurring,
+        manual_capture: body.capture == Some(CaptureMode::Manual),
     })
+}
+
+/// Validates a modification body (amounts as for charges; a refund reason is
+/// bounded free text that must not carry a card number).
+pub(super) fn parse_modification(
+    kind: ModificationKind,
+    amount: Option<Amount>,
+    reason: Option<String>,
+) -> Result<ModificationInput, ApiError> {
+    if let Some(a) = &amount {
+        check_amount(a)?;
+    }
+    if let Some(r) = &reason
+        && (r.is_empty() || r.chars().count() > 200 || r.chars().any(char::is_control))
+    {
+        return Err(ApiError::InvalidField(
+            "reason must be 1 to 200 characters without control characters",
+        ));
+    }
+    if reason.as_deref().is_some_and(crate::domain::card::contains_pan) {
+        return Err(ApiError::InvalidField("reason must not contain a card number"));
+    }
+    Ok(ModificationInput { kind, amount, reason })
+}
+
+/// A refund body's validation (for the fuzz entry point).
+#[doc(hidden)]
+pub fn parse_refund_body(body: RefundBody) -> Result<ModificationInput, ApiError> {
+    parse_modification(ModificationKind::Refund, body.amount, body.reason)
+}
+
+/// Whether `id` can be a charge id (anything else is neither looked up nor audited as is).
+fn bogus_charge_id(id: &str) -> bool {
+    !id.starts_with("ch_")
+        || id.len() > 64
+        || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        || crate::domain::card::contains_pan(id)
+}
+
+#[derive(Serialize)]
+struct ModificationAnswer<'a> {
+    #[serde(flatten)]
+    modification: ModificationView<'a>,
+    charge: ChargeView<'a>,
+}
+
+/// The shared body of the three modification endpoints.
+async fn modify(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    principal: &crate::auth::Principal,
+    event: impl Fn(&'static str, String) -> crate::audit::AuditEvent,
+    id: String,
+    parsed: Result<ModificationInput, ApiError>,
+    kind: ModificationKind,
+) -> Result<HttpResponse, ApiError> {
+    let action = match kind {
+        ModificationKind::Capture => "charge.capture",
+        ModificationKind::Refund => "charge.refund",
+        ModificationKind::Cancel => "charge.cancel",
+    };
+    let bogus = bogus_charge_id(&id);
+    let prepared = if bogus {
+        Err(ApiError::NotFound)
+    } else {
+        idempotency_key(&req).and_then(|key| parsed.map(|input| (key, input)))
+    };
+    let result = match prepared {
+        Ok((key, input)) => state
+            .vault
+            .modify_charge(&principal.sub, principal.tenant.clone(), &id, &key, input)
+            .await
+            .map_err(ApiError::from),
+        Err(e) => Err(e),
+    };
+    let op = kind.as_str();
+    let outcome = match result {
+        Ok(o) => o,
+        Err(e) => {
+            state.metrics.modifications.with_label_values(&[op, "rejected"]).inc();
+            let mut ev = event(action, e.code().to_owned());
+            ev.detail = (!bogus).then(|| format!("charge {id}"));
+            state.audit(ev).await?;
+            return Err(e);
+        }
+    };
+    let m = &outcome.modification;
+    let c = &outcome.charge;
+    if outcome.replayed {
+        state.metrics.modifications.with_label_values(&[op, "replayed"]).inc();
+    } else {
+        state
+            .metrics
+            .modifications
+            .with_label_values(&[op, m.status.as_str()])
+            .inc();
+        if let Some(secs) = outcome.psp_seconds {
+            state.metrics.psp_duration.with_label_values(&[op]).observe(secs);
+        }
+        for e in &outcome.psp_errors {
+            state.metrics.psp_errors.with_label_values(&[e.kind()]).inc();
+        }
+        if kind == ModificationKind::Refund && m.status == "received" {
+            state
+                .metrics
+                .refunded
+                .with_label_values(&[c.currency.as_str()])
+                .inc_by(m.amount_value.unwrap_or(0));
+        }
+    }
+    let mut ev = event(
+        action,
+        if outcome.replayed {
+            "replayed".to_owned()
+        } else {
+            m.status.clone()
+        },
+    );
+    ev.detail = Some(match m.amount_value {
+        Some(v) => format!("charge {} {} {v} {}", c.id, m.id, c.currency),
+        None => format!("charge {} {}", c.id, m.id),
+    });
+    state.audit(ev).await?;
+    // 202: reserved and sent, outcome unknown; a retry with the same key reconciles.
+    let mut res = if m.status == crate::service::STATUS_PENDING {
+        HttpResponse::Accepted()
+    } else {
+        HttpResponse::Created()
+    };
+    res.insert_header((header::LOCATION, format!("/v1/charges/{}", c.id)));
+    if outcome.replayed {
+        res.insert_header(("Idempotent-Replayed", "true"));
+    }
+    Ok(res.json(ModificationAnswer {
+        modification: modification_view(c, m),
+        charge: view(c),
+    }))
+}
+
+/// POST /v1/charges/{id}/captures
+pub async fn capture(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    caller: Caller<ChargesCapture>,
+    path: web::Path<String>,
+    body: ApiJson<CaptureBody>,
+) -> Result<HttpResponse, ApiError> {
+    let parsed = parse_modification(ModificationKind::Capture, body.0.amount, None);
+    let event = |action, outcome| caller.event(action, outcome, None);
+    modify(
+        req,
+        state,
+        &caller.principal,
+        event,
+        path.into_inner(),
+        parsed,
+        ModificationKind::Capture,
+    )
+    .await
+}
+
+/// POST /v1/charges/{id}/refunds
+pub async fn refund(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    caller: Caller<ChargesRefund>,
+    path: web::Path<String>,
+    body: ApiJson<RefundBody>,
+) -> Result<HttpResponse, ApiError> {
+    let b = body.0;
+    let parsed = parse_modification(ModificationKind::Refund, b.amount, b.reason);
+    let event = |action, outcome| caller.event(action, outcome, None);
+    modify(
+        req,
+        state,
+        &caller.principal,
+        event,
+        path.into_inner(),
+        parsed,
+        ModificationKind::Refund,
+    )
+    .await
+}
+
+/// POST /v1/charges/{id}/cancel (no body: the whole authorisation is released)
+pub async fn cancel(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    caller: Caller<ChargesCancel>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let parsed = parse_modification(ModificationKind::Cancel, None, None);
+    let event = |action, outcome| caller.event(action, outcome, None);
+    modify(
+        req,
+        state,
+        &caller.principal,
+        event,
+        path.into_inner(),
+        parsed,
+        ModificationKind::Cancel,
+    )
+    .await
 }
 
 /// POST /v1/charges
@@ -158,7 +464,11 @@ pub async fn create(
     } else {
         state.metrics.charges.with_label_values(&[c.status.as_str()]).inc();
         if let Some(secs) = outcome.psp_seconds {
-            state.metrics.psp_duration.observe(secs);
+            state
+                .metrics
+                .psp_duration
+                .with_label_values(&["authorise"])
+                .observe(secs);
         }
         for e in &outcome.psp_errors {
             state.metrics.psp_errors.with_label_values(&[e.kind()]).inc();
@@ -198,10 +508,7 @@ pub async fn read(
     let id = path.into_inner();
     // An id that is not a charge id (or carries a card number) is neither looked up
     // nor written to the audit trail.
-    let bogus = !id.starts_with("ch_")
-        || id.len() > 64
-        || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-        || crate::domain::card::contains_pan(&id);
+    let bogus = bogus_charge_id(&id);
     let result = if bogus {
         Err(ApiError::NotFound)
     } else {

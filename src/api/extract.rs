@@ -38,10 +38,14 @@ macro_rules! scope_marker {
 scope_marker!(TokensCreate, Scope::TokensCreate, LimitClass::Tokenize);
 scope_marker!(TokensRead, Scope::TokensRead, LimitClass::Other);
 scope_marker!(TokensDelete, Scope::TokensDelete, LimitClass::Other);
+scope_marker!(TokensUpdate, Scope::TokensUpdate, LimitClass::Tokenize);
 scope_marker!(TokensDetokenize, Scope::TokensDetokenize, LimitClass::Detokenize);
 scope_marker!(KeysAdmin, Scope::KeysAdmin, LimitClass::Other);
 scope_marker!(ChargesCreate, Scope::ChargesCreate, LimitClass::Charges);
 scope_marker!(ChargesRead, Scope::ChargesRead, LimitClass::Other);
+scope_marker!(ChargesCapture, Scope::ChargesCapture, LimitClass::Charges);
+scope_marker!(ChargesRefund, Scope::ChargesRefund, LimitClass::Charges);
+scope_marker!(ChargesCancel, Scope::ChargesCancel, LimitClass::Charges);
 scope_marker!(AuditRead, Scope::AuditRead, LimitClass::Other);
 
 /// The authorized caller of an endpoint that requires scope `S`.

@@ -34,7 +34,13 @@ pub fn fuzz_request_bodies(data: &[u8]) {
     if let Ok(body) = serde_json::from_slice::<charges::ChargeBody>(data) {
         let _ = charges::parse(body);
     }
+    if let Ok(body) = serde_json::from_slice::<charges::RefundBody>(data) {
+        let _ = charges::parse_refund_body(body);
+    }
     let _ = serde_json::from_slice::<tokens::DetokenizeBody>(data);
+    if let Ok(body) = serde_json::from_slice::<tokens::CardUpdateBody>(data) {
+        let _ = tokens::parse_card_update(&body);
+    }
 }
 
 /// Shared state of every worker.
@@ -101,9 +107,13 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/tokens"),
     ("GET", "/v1/tokens/{token}"),
     ("DELETE", "/v1/tokens/{token}"),
+    ("PATCH", "/v1/tokens/{token}"),
     ("POST", "/v1/detokenize"),
     ("POST", "/v1/charges"),
     ("GET", "/v1/charges/{id}"),
+    ("POST", "/v1/charges/{id}/captures"),
+    ("POST", "/v1/charges/{id}/refunds"),
+    ("POST", "/v1/charges/{id}/cancel"),
     ("GET", "/healthz"),
     ("GET", "/readyz"),
     ("GET", "/metrics"),
@@ -168,6 +178,7 @@ fn configure_api(cfg: &mut web::ServiceConfig) {
         web::resource("/v1/tokens/{token}")
             .route(web::get().to(tokens::read))
             .route(web::delete().to(tokens::delete))
+            .route(web::patch().to(tokens::update))
             .default_service(web::to(method_not_allowed)),
     )
     .service(
@@ -178,6 +189,21 @@ fn configure_api(cfg: &mut web::ServiceConfig) {
     .service(
         web::resource("/v1/charges/{id}")
             .route(web::get().to(charges::read))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/v1/charges/{id}/captures")
+            .route(web::post().to(charges::capture))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/v1/charges/{id}/refunds")
+            .route(web::post().to(charges::refund))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/v1/charges/{id}/cancel")
+            .route(web::post().to(charges::cancel))
             .default_service(web::to(method_not_allowed)),
     )
     .service(

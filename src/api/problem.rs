@@ -61,6 +61,10 @@ pub enum ApiError {
     IdempotencyKeyRequired,
     #[error("idempotency key reused")]
     IdempotencyMismatch,
+    #[error("charge state conflict")]
+    ChargeState(String),
+    #[error("amount not allowed")]
+    AmountRefused(String),
     #[error("invalid cvv")]
     InvalidCvv,
     #[error("psp not configured")]
@@ -103,6 +107,8 @@ pub const PROBLEM_CODES: &[&str] = &[
     "sealed",
     "idempotency-key-required",
     "idempotency-key-reused",
+    "charge-state-conflict",
+    "amount-not-allowed",
     "invalid-cvv",
     "psp-not-configured",
     "rate-limited",
@@ -140,6 +146,8 @@ impl ApiError {
             ApiError::Sealed => "sealed",
             ApiError::IdempotencyKeyRequired => "idempotency-key-required",
             ApiError::IdempotencyMismatch => "idempotency-key-reused",
+            ApiError::ChargeState(_) => "charge-state-conflict",
+            ApiError::AmountRefused(_) => "amount-not-allowed",
             ApiError::InvalidCvv => "invalid-cvv",
             ApiError::PspNotConfigured => "psp-not-configured",
             ApiError::RateLimited(_) => "rate-limited",
@@ -174,6 +182,8 @@ impl ApiError {
             ApiError::Sealed => "The vault is sealed: custodians must unseal it",
             ApiError::IdempotencyKeyRequired => "An Idempotency-Key header is required",
             ApiError::IdempotencyMismatch => "This Idempotency-Key was already used with a different request",
+            ApiError::ChargeState(_) => "The charge's state does not allow this",
+            ApiError::AmountRefused(_) => "The amount does not fit this charge",
             ApiError::InvalidCvv => "The CVV is not valid",
             ApiError::PspNotConfigured => "No payment service provider is configured",
             ApiError::RateLimited(_) => "Too many requests from this client",
@@ -213,6 +223,8 @@ impl ApiError {
             ),
             // Key-operation refusals name versions and record counts: no secrets.
             ApiError::KeyRefused(why) => Some(why.clone()),
+            // States and amounts only.
+            ApiError::ChargeState(why) | ApiError::AmountRefused(why) => Some(why.clone()),
             _ => None,
         }
     }
@@ -230,6 +242,8 @@ impl From<crate::service::VaultError> for ApiError {
             VaultError::KeyRefused(why) => ApiError::KeyRefused(why),
             VaultError::PspNotConfigured => ApiError::PspNotConfigured,
             VaultError::IdempotencyMismatch => ApiError::IdempotencyMismatch,
+            VaultError::ChargeState(why) => ApiError::ChargeState(why),
+            VaultError::AmountRefused(why) => ApiError::AmountRefused(why),
             VaultError::RecordLost => {
                 tracing::error!("token not found in a damaged store: possibly lost");
                 ApiError::RecordLost
@@ -335,8 +349,10 @@ impl ResponseError for ApiError {
             ApiError::RateLimited(_) | ApiError::AnomalyThrottled(_) | ApiError::EnumerationSuspected(_) => {
                 StatusCode::TOO_MANY_REQUESTS
             }
-            ApiError::IdempotencyMismatch | ApiError::InvalidCvv => StatusCode::UNPROCESSABLE_ENTITY,
-            ApiError::KeyRefused(_) => StatusCode::CONFLICT,
+            ApiError::IdempotencyMismatch | ApiError::InvalidCvv | ApiError::AmountRefused(_) => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
+            ApiError::KeyRefused(_) | ApiError::ChargeState(_) => StatusCode::CONFLICT,
             ApiError::Unseal(_, status, _) => *status,
             ApiError::KeyDestroyed => StatusCode::GONE,
             ApiError::KeyUnavailable | ApiError::Integrity | ApiError::RecordLost | ApiError::Internal => {

@@ -1,4 +1,5 @@
-//! Token endpoints: tokenize (edge), metadata (CRM), detokenize (PSP), delete (CRM).
+//! Token endpoints: tokenize and card update (edge), metadata (CRM), detokenize
+//! (PSP), delete (CRM).
 
 use actix_web::http::StatusCode;
 use actix_web::http::header;
@@ -8,7 +9,9 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use super::AppState;
-use super::extract::{ApiJson, Caller, SecretJson, TokensCreate, TokensDelete, TokensDetokenize, TokensRead};
+use super::extract::{
+    ApiJson, Caller, SecretJson, TokensCreate, TokensDelete, TokensDetokenize, TokensRead, TokensUpdate,
+};
 use super::problem::ApiError;
 use crate::config::Scope;
 use crate::domain::card::{CardPayload, CardholderName, Expiry, Pan};
@@ -30,6 +33,18 @@ pub struct TokenizeBody {
     /// Held in memory only, for the next charge.
     #[serde(default)]
     cvv: Option<SecretString>,
+}
+
+/// `PATCH /v1/tokens/{token}`: a reissued card (same PAN).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CardUpdateBody {
+    #[serde(deserialize_with = "super::extract::integral")]
+    exp_month: i64,
+    #[serde(deserialize_with = "super::extract::integral")]
+    exp_year: i64,
+    #[serde(default)]
+    cardholder_name: Option<SecretString>,
 }
 
 #[derive(Deserialize)]
@@ -264,6 +279,57 @@ pub async fn detokenize(
     }
 }
 
+/// Validates a card update (expiry not in the past; the name as for tokenize).
+pub(super) fn parse_card_update(body: &CardUpdateBody) -> Result<(Expiry, Option<CardholderName>), ApiError> {
+    let now = OffsetDateTime::now_utc();
+    let expiry = Expiry::parse(body.exp_month, body.exp_year, (now.year(), u8::from(now.month())))
+        .map_err(ApiError::InvalidExpiry)?;
+    let name = body
+        .cardholder_name
+        .as_ref()
+        .map(|n| CardholderName::parse(n.expose_secret()))
+        .transpose()
+        .map_err(|_| {
+            ApiError::InvalidField("cardholder_name must be 1 to 128 characters without control characters")
+        })?;
+    Ok((expiry, name))
+}
+
+/// PATCH /v1/tokens/{token}
+pub async fn update(
+    state: web::Data<AppState>,
+    caller: Caller<TokensUpdate>,
+    path: web::Path<String>,
+    body: SecretJson<CardUpdateBody>,
+) -> Result<HttpResponse, ApiError> {
+    let shown = Token::parse(&path).map(|t| t.to_string());
+    let result = match (
+        Token::parse(&path).ok_or(ApiError::NotFound),
+        parse_card_update(&body.0),
+    ) {
+        (Ok(token), Ok((expiry, name))) => state
+            .vault
+            .update_card(
+                caller.principal.tenant.clone(),
+                token,
+                expiry,
+                name,
+                caller.event("token.update", "", None),
+            )
+            .await
+            .map_err(vault_error),
+        (Err(e), _) | (_, Err(e)) => Err(e),
+    };
+    match result {
+        // Audited (durably) by the vault after the update.
+        Ok(meta) => Ok(HttpResponse::Ok().json(TokenBody::new(&meta, caller.principal.may(Scope::TokensDedupe)))),
+        Err(e) => {
+            state.audit(caller.event("token.update", e.code(), shown)).await?;
+            Err(e)
+        }
+    }
+}
+
 /// DELETE /v1/tokens/{token}
 pub async fn delete(
     state: web::Data<AppState>,
@@ -325,7 +391,10 @@ fn error_outcome(e: &VaultError) -> &'static str {
         VaultError::RecordLost => "lost",
         VaultError::StoreDamaged => "store_damaged",
         VaultError::EnumerationSuspected { .. } => "enumeration",
-        VaultError::PspNotConfigured | VaultError::IdempotencyMismatch => "error",
+        VaultError::PspNotConfigured
+        | VaultError::IdempotencyMismatch
+        | VaultError::ChargeState(_)
+        | VaultError::AmountRefused(_) => "error",
         VaultError::Store(_) | VaultError::Task | VaultError::KeyRefused(_) | VaultError::Keystore(_) => "error",
     }
 }

@@ -76,6 +76,39 @@ pub struct PspRequest<'a> {
     pub network_tx_reference: Option<&'a str>,
     /// Sent as the PSP's idempotency key: a retry can never charge twice.
     pub idempotency_key: &'a str,
+    /// Authorise only: the funds are captured later by a capture call (or released
+    /// by a cancel). Otherwise the PSP captures at once.
+    pub manual_capture: bool,
+}
+
+/// A change to an authorised payment, made on its PSP reference (never the card).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModificationKind {
+    Capture,
+    Refund,
+    Cancel,
+}
+
+impl ModificationKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ModificationKind::Capture => "capture",
+            ModificationKind::Refund => "refund",
+            ModificationKind::Cancel => "cancel",
+        }
+    }
+}
+
+/// One modification to send.
+pub struct ModificationRequest<'a> {
+    pub kind: ModificationKind,
+    /// The PSP reference of the authorisation it changes.
+    pub payment_psp_reference: &'a str,
+    /// Captures and refunds: how much (a cancel releases the whole authorisation).
+    pub amount: Option<&'a Amount>,
+    pub reference: &'a str,
+    pub idempotency_key: &'a str,
 }
 
 /// The PSP's verdict.
@@ -85,6 +118,9 @@ pub enum PspStatus {
     Authorised,
     Refused,
     Error,
+    /// A modification acknowledged (Adyen's `received`): accepted for processing,
+    /// not yet confirmed by the PSP's notification.
+    Received,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -145,6 +181,10 @@ pub type PspFuture<'a> = Pin<Box<dyn Future<Output = PspCall> + Send + 'a>>;
 /// A payment service provider the vault forwards cards to.
 pub trait Psp: Send + Sync {
     fn authorise<'a>(&'a self, request: PspRequest<'a>) -> PspFuture<'a>;
+    /// A capture, refund or cancel. `Ok` with [`PspStatus::Received`] when the PSP
+    /// acknowledged it, [`PspStatus::Refused`] (with the PSP's reason) when it
+    /// refused it as a business rule (HTTP 422): nothing changed at the PSP.
+    fn modify<'a>(&'a self, request: ModificationRequest<'a>) -> PspFuture<'a>;
 }
 
 /// Checks that `base_url` is http(s) and its host is on the allow-list.

@@ -35,6 +35,8 @@ pub struct ChargeInput {
     pub reference: String,
     pub interaction: ShopperInteraction,
     pub recurring: Option<Recurring>,
+    /// The PSP captures at authorisation (`false`), or a capture call follows.
+    pub manual_capture: bool,
 }
 
 impl Serialize for Token {
@@ -168,6 +170,8 @@ impl Vault {
             network_transaction_id: nti,
             cvv_sent: false,
             created_at: now,
+            capture: if input.manual_capture { "manual" } else { "automatic" }.into(),
+            modifications: Vec::new(),
         };
         let idem = IdempotencyRecord {
             request_hash,
@@ -278,6 +282,7 @@ impl Vault {
                 recurring,
                 network_tx_reference: nti.as_deref(),
                 idempotency_key: &psp_key,
+                manual_capture: charge.capture == "manual",
             })
             .await;
         let psp_seconds = started.elapsed().as_secs_f64();
@@ -292,7 +297,8 @@ impl Vault {
                 let status = match o.status {
                     PspStatus::Authorised => "authorised",
                     PspStatus::Refused => "refused",
-                    PspStatus::Error => "error",
+                    // Not an answer an authorisation gets.
+                    PspStatus::Error | PspStatus::Received => "error",
                 };
                 (status, o.network_tx_reference)
             }
@@ -322,16 +328,37 @@ impl Vault {
         let this = self.clone();
         let stored = charge.clone();
         let t = tenant.clone();
-        tokio::task::spawn_blocking(move || -> Result<(), VaultError> {
+        let settled = tokio::task::spawn_blocking(move || -> Result<Option<ChargeRecord>, VaultError> {
             if let Some(id) = &set_nti {
                 this.store.set_network_tx_id(&t, &token, id)?;
             }
-            this.store.update_charge(&stored)?;
-            Ok(())
+            // Only over the pending reservation: another replica resending the same
+            // charge may have settled it first, and captures or refunds may already
+            // follow; those are never overwritten.
+            for _ in 0..16 {
+                let current = this.store.get_charge(&t, &stored.id)?.ok_or(VaultError::Integrity)?;
+                if current.status != STATUS_PENDING {
+                    return Ok(Some(current));
+                }
+                if this.store.swap_charge(&current, &stored)? {
+                    return Ok(None);
+                }
+            }
+            Err(VaultError::ChargeState(
+                "the charge changed too often meanwhile: retry".into(),
+            ))
         })
         .await
         .map_err(|_| VaultError::Task)??;
         self.store.commit().await?;
+        if let Some(current) = settled {
+            return Ok(ChargeOutcome {
+                charge: current,
+                replayed: true,
+                psp_errors: call.failed_attempts,
+                psp_seconds: Some(psp_seconds),
+            });
+        }
         Ok(ChargeOutcome {
             charge,
             replayed: false,

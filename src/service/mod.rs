@@ -8,6 +8,7 @@ mod budget;
 mod charges;
 mod cvv;
 mod keyadmin;
+mod modifications;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -52,6 +53,14 @@ pub enum VaultError {
     PspNotConfigured,
     #[error("the Idempotency-Key was already used with a different request")]
     IdempotencyMismatch,
+    /// The charge's state does not allow this modification (e.g. cancelling a
+    /// captured charge). The message names states and amounts only.
+    #[error("{0}")]
+    ChargeState(String),
+    /// The amount does not fit the charge (its currency, or more than can be
+    /// captured or refunded). The message names amounts only.
+    #[error("{0}")]
+    AmountRefused(String),
     #[error("token not found in a store that lost records: it may be one of them")]
     RecordLost,
     #[error("the store is damaged: new cards and charges are refused")]
@@ -149,6 +158,7 @@ pub struct Revealed {
 
 pub use charges::{ChargeInput, ChargeOutcome, STATUS_PENDING, psp_idempotency_key};
 pub use keyadmin::{DestroyOutcome, EPOCH_OFFICER, EpochStep, KeyStatus, RewrapProgress, VersionStatus};
+pub use modifications::{ModificationInput, ModificationOutcome, derived_status};
 
 /// The vault. Cheap to clone.
 #[derive(Clone)]
@@ -360,6 +370,12 @@ impl Vault {
             let prepared = prepared?;
             let (record, meta, sealing) = match prepared {
                 Prepared::Existing(meta) => break self.existing(meta, &event).await?,
+                Prepared::Updated(meta) => {
+                    self.store.commit().await?;
+                    self.audited(outcome_event(&event, "existing-updated", &meta.token))
+                        .await?;
+                    break Tokenized::Existing(meta);
+                }
                 Prepared::New { record, meta, sealing } => (record, meta, sealing),
             };
             let unit = Unit {
@@ -452,9 +468,24 @@ impl Vault {
         }
         if caller.dedupe
             && let Some(token) = self.store.find_fingerprint(tenant, &fingerprint)?
-            && let Some(existing) = self.metadata_with(ring, tenant, &token)?
+            && let Some(record) = self.store.get(tenant, &token)?
         {
-            return Ok(Prepared::Existing(existing));
+            let card = ring.open(tenant, &token, &record.metadata_binding(), &record.sealed)?;
+            let stored_expiry = (card.expiry.year(), card.expiry.month());
+            let given = (input.card.expiry.year(), input.card.expiry.month());
+            // A reissued card (a newer expiry) updates the token instead of silently
+            // keeping the old date; the name follows when one is given.
+            if given > stored_expiry {
+                let updated = CardPayload {
+                    pan: card.pan.clone(),
+                    expiry: input.card.expiry,
+                    name: input.card.name.clone().or_else(|| card.name.clone()),
+                };
+                if let Some(meta) = self.reseal(ring, &record, &updated)? {
+                    return Ok(Prepared::Updated(meta));
+                }
+            }
+            return Ok(Prepared::Existing(metadata(&record, &card)));
         }
         let created_at = now_seconds();
         let binding = crate::store::metadata_binding(
@@ -492,6 +523,68 @@ impl Vault {
             meta,
             sealing,
         })
+    }
+
+    /// Records a reissued card under the same token (same PAN, new expiry, and a
+    /// new cardholder name if given): the payload is sealed again under a fresh DEK
+    /// and the active KEK, and replaces the old envelope (compare-and-swap; the old
+    /// ciphertext is no longer in the record). `event` is appended durably after.
+    pub async fn update_card(
+        &self,
+        tenant: TenantId,
+        token: Token,
+        expiry: crate::domain::card::Expiry,
+        name: Option<crate::domain::card::CardholderName>,
+        event: AuditEvent,
+    ) -> Result<TokenMetadata, VaultError> {
+        let this = self.clone();
+        let meta = tokio::task::spawn_blocking(move || -> Result<TokenMetadata, VaultError> {
+            for _ in 0..8 {
+                let guard = this.keys.read();
+                let ring = guard.as_ref().ok_or(VaultError::Sealed)?;
+                let record = this.store.get(&tenant, &token)?.ok_or_else(|| this.missing())?;
+                let card = ring.open(&tenant, &token, &record.metadata_binding(), &record.sealed)?;
+                let updated = CardPayload {
+                    pan: card.pan.clone(),
+                    expiry,
+                    name: name.clone().or_else(|| card.name.clone()),
+                };
+                if let Some(meta) = this.reseal(ring, &record, &updated)? {
+                    return Ok(meta);
+                }
+                // Changed meanwhile (a rewrap, another update): read it again.
+            }
+            Err(VaultError::Store(crate::store::StoreError::Backend(
+                "the record kept changing during a card update".into(),
+            )))
+        })
+        .await
+        .map_err(|_| VaultError::Task)??;
+        self.store.commit().await?;
+        self.audited(outcome_event(&event, "ok", &meta.token)).await?;
+        Ok(meta)
+    }
+
+    /// Seals `card` again for `record`'s token under a fresh DEK and swaps it in
+    /// (`None`: the record changed meanwhile, nothing was written). Durable with
+    /// the next commit. The caller holds the keyring steady.
+    fn reseal(
+        &self,
+        ring: &crate::keys::Keyring,
+        record: &StoredRecord,
+        card: &CardPayload,
+    ) -> Result<Option<TokenMetadata>, VaultError> {
+        let sealed = ring.seal(&record.tenant, &record.token, &record.metadata_binding(), card);
+        self.budget.count(sealed.key_version, 1)?;
+        let _sealing = self.sealing.hold(sealed.key_version);
+        if self.store.replace_sealed(&[(record.clone(), sealed.clone())])? == 0 {
+            return Ok(None);
+        }
+        let stored = StoredRecord {
+            sealed,
+            ..record.clone()
+        };
+        Ok(Some(metadata(&stored, card)))
     }
 
     /// Metadata of a token (decrypts the payload for the expiry, then drops it).
@@ -580,6 +673,8 @@ impl Vault {
 /// What the blocking half of tokenize found or made.
 enum Prepared {
     Existing(TokenMetadata),
+    /// The tenant's existing token, its card updated to the newer expiry given.
+    Updated(TokenMetadata),
     New {
         record: Box<StoredRecord>,
         meta: TokenMetadata,

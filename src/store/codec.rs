@@ -6,7 +6,7 @@
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
-use super::{StoreError, StoredRecord};
+use super::{ChargeRecord, StoreError, StoredRecord};
 use crate::domain::card::Brand;
 use crate::domain::tenant::TenantId;
 use crate::domain::token::{Token, TokenFormat};
@@ -70,4 +70,120 @@ pub(super) fn decode(token: &Token, bytes: &[u8]) -> Result<StoredRecord, StoreE
         },
         network_tx_id: v.network_tx_id,
     })
+}
+
+/// A charge as written before captures, refunds and cancels existed (postcard is
+/// positional: those records end after `created_at`).
+#[derive(Deserialize)]
+struct ChargeV0 {
+    id: String,
+    tenant: String,
+    client: String,
+    token: String,
+    amount_value: u64,
+    currency: String,
+    reference: String,
+    shopper_interaction: String,
+    recurring: Option<(String, String)>,
+    status: String,
+    psp_reference: Option<String>,
+    refusal_reason: Option<String>,
+    network_transaction_id: Option<String>,
+    cvv_sent: bool,
+    created_at: i64,
+}
+
+/// Encodes a charge (every backend stores these bytes).
+pub(super) fn encode_charge(c: &ChargeRecord) -> Result<Vec<u8>, StoreError> {
+    postcard::to_stdvec(c).map_err(|_| StoreError::Corrupt)
+}
+
+/// Decodes a charge, including one written before modifications existed (it
+/// reads as an automatic-capture charge with none).
+pub(super) fn decode_charge(bytes: &[u8]) -> Result<ChargeRecord, StoreError> {
+    if let Ok(c) = postcard::from_bytes::<ChargeRecord>(bytes) {
+        return Ok(c);
+    }
+    let v: ChargeV0 = postcard::from_bytes(bytes).map_err(|_| StoreError::Corrupt)?;
+    Ok(ChargeRecord {
+        id: v.id,
+        tenant: v.tenant,
+        client: v.client,
+        token: v.token,
+        amount_value: v.amount_value,
+        currency: v.currency,
+        reference: v.reference,
+        shopper_interaction: v.shopper_interaction,
+        recurring: v.recurring,
+        status: v.status,
+        psp_reference: v.psp_reference,
+        refusal_reason: v.refusal_reason,
+        network_transaction_id: v.network_transaction_id,
+        cvv_sent: v.cvv_sent,
+        created_at: v.created_at,
+        capture: "automatic".into(),
+        modifications: Vec::new(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A charge stored by an older vault (no capture mode, no modifications)
+    /// still reads, as an automatic-capture charge.
+    #[test]
+    fn charges_written_before_modifications_still_decode() {
+        #[derive(serde::Serialize)]
+        struct Old<'a> {
+            id: &'a str,
+            tenant: &'a str,
+            client: &'a str,
+            token: &'a str,
+            amount_value: u64,
+            currency: &'a str,
+            reference: &'a str,
+            shopper_interaction: &'a str,
+            recurring: Option<(String, String)>,
+            status: &'a str,
+            psp_reference: Option<&'a str>,
+            refusal_reason: Option<&'a str>,
+            network_transaction_id: Option<&'a str>,
+            cvv_sent: bool,
+            created_at: i64,
+        }
+        let old = postcard::to_stdvec(&Old {
+            id: "ch_1",
+            tenant: "t",
+            client: "psp",
+            token: "4111110000001112",
+            amount_value: 1234,
+            currency: "EUR",
+            reference: "order-1",
+            shopper_interaction: "moto",
+            recurring: None,
+            status: "authorised",
+            psp_reference: Some("PSP1"),
+            refusal_reason: None,
+            network_transaction_id: None,
+            cvv_sent: true,
+            created_at: 7,
+        })
+        .unwrap();
+        let c = decode_charge(&old).unwrap();
+        assert_eq!(
+            (c.id.as_str(), c.amount_value, c.status.as_str()),
+            ("ch_1", 1234, "authorised")
+        );
+        assert_eq!(c.capture, "automatic");
+        assert!(c.modifications.is_empty());
+        // And a current one round-trips.
+        let mut now = c.clone();
+        now.capture = "manual".into();
+        assert_eq!(decode_charge(&encode_charge(&now).unwrap()).unwrap(), now);
+        assert!(
+            decode_charge(&old[..old.len() - 3]).is_err(),
+            "a truncated charge is corrupt"
+        );
+    }
 }

@@ -160,6 +160,37 @@ pub struct ChargeRecord {
     pub network_transaction_id: Option<String>,
     pub cvv_sent: bool,
     pub created_at: i64,
+    /// `automatic` (the PSP captures at authorisation) or `manual` (a capture
+    /// call follows, or a cancel releases the funds).
+    pub capture: String,
+    /// Captures, refunds and cancels, in the order they were made.
+    pub modifications: Vec<Modification>,
+}
+
+/// A capture, refund or cancel of a charge: reserved (`pending`) durably before
+/// the PSP sees it, then its outcome. Never card data.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Modification {
+    /// `mod_…`; the PSP idempotency key derives from it.
+    pub id: String,
+    /// `capture`, `refund` or `cancel`.
+    pub kind: String,
+    /// Minor units in the charge's currency (none for a cancel).
+    pub amount_value: Option<u64>,
+    /// A refund's reason, as given.
+    pub reason: Option<String>,
+    /// `pending` (outcome unknown), `received` (the PSP acknowledged it),
+    /// `refused` (the PSP refused it; nothing changed) or `error` (never sent).
+    pub status: String,
+    pub psp_reference: Option<String>,
+    pub failure_reason: Option<String>,
+    pub client: String,
+    pub created_at: i64,
+    pub updated_at: i64,
+    /// Digest of (client, tenant, charge, kind, Idempotency-Key).
+    pub scope: [u8; 32],
+    /// Digest of the request: the same key with another body is refused.
+    pub request_hash: [u8; 32],
 }
 
 /// What an Idempotency-Key resolved to.
@@ -421,6 +452,11 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Option<IdempotencyRecord>, StoreError>;
     /// Replaces a stored charge (its outcome, after the PSP answered).
     fn update_charge(&self, charge: &ChargeRecord) -> Result<(), StoreError>;
+    /// Replaces the stored charge with `new` only if it is still `old`
+    /// (compare-and-set: two requests, on any replicas, modifying one charge
+    /// cannot lose either's change). `false`: it changed meanwhile, nothing was
+    /// written. Durable once a later [`Store::commit`] resolves (PostgreSQL: at once).
+    fn swap_charge(&self, old: &ChargeRecord, new: &ChargeRecord) -> Result<bool, StoreError>;
     /// A charge of `tenant` by id.
     fn get_charge(&self, tenant: &TenantId, id: &str) -> Result<Option<ChargeRecord>, StoreError>;
     /// The idempotency entry for a (client, tenant, key) digest.
@@ -921,6 +957,8 @@ pub(crate) mod conformance {
             network_transaction_id: Some("NTI1".into()),
             cvv_sent: true,
             created_at: 1,
+            capture: "manual".into(),
+            modifications: Vec::new(),
         };
         let idem = IdempotencyRecord {
             request_hash: [5; 32],
@@ -980,7 +1018,40 @@ pub(crate) mod conformance {
         };
         store.update_charge(&done).unwrap();
         store.commit().await.unwrap();
-        assert_eq!(store.get_charge(&d.tenant, "ch_1").unwrap(), Some(done));
+        assert_eq!(store.get_charge(&d.tenant, "ch_1").unwrap(), Some(done.clone()));
         assert_eq!(store.get_idempotency(&[9; 32]).unwrap().unwrap().charge_id, "ch_1");
+        // Modifications: compare-and-set on the whole charge. A swap from a stale
+        // copy (someone else's change landed first) writes nothing.
+        let captured = ChargeRecord {
+            status: "captured".into(),
+            modifications: vec![Modification {
+                id: "mod_1".into(),
+                kind: "capture".into(),
+                amount_value: Some(600),
+                reason: None,
+                status: "pending".into(),
+                psp_reference: None,
+                failure_reason: None,
+                client: "psp".into(),
+                created_at: 2,
+                updated_at: 2,
+                scope: [3; 32],
+                request_hash: [4; 32],
+            }],
+            ..done.clone()
+        };
+        assert!(store.swap_charge(&done, &captured).unwrap());
+        store.commit().await.unwrap();
+        let stale = ChargeRecord {
+            status: "cancelled".into(),
+            ..done.clone()
+        };
+        assert!(!store.swap_charge(&done, &stale).unwrap(), "a stale copy is refused");
+        assert_eq!(store.get_charge(&d.tenant, "ch_1").unwrap(), Some(captured.clone()));
+        let missing = ChargeRecord {
+            id: "ch_missing".into(),
+            ..done
+        };
+        assert!(!store.swap_charge(&missing, &captured).unwrap());
     }
 }

@@ -1198,7 +1198,7 @@ impl Store for PgStore {
         idem: &IdempotencyRecord,
         live_since: i64,
     ) -> Result<Option<IdempotencyRecord>, StoreError> {
-        let c = postcard::to_stdvec(charge).map_err(|_| StoreError::Corrupt)?;
+        let c = super::codec::encode_charge(charge)?;
         let i = postcard::to_stdvec(idem).map_err(|_| StoreError::Corrupt)?;
         let (id, tenant, key, created) = (
             charge.id.clone(),
@@ -1238,8 +1238,31 @@ impl Store for PgStore {
         })
     }
 
+    fn swap_charge(&self, old: &ChargeRecord, new: &ChargeRecord) -> Result<bool, StoreError> {
+        let (old, c) = (old.clone(), super::codec::encode_charge(new)?);
+        self.run(move |mut client| async move {
+            let tx = raw(&mut client).transaction().await.map_err(db)?;
+            // The row lock serializes modifications of one charge across replicas.
+            let Some(row) = tx
+                .query_opt("SELECT record FROM tv_charges WHERE id = $1 FOR UPDATE", &[&old.id])
+                .await
+                .map_err(db)?
+            else {
+                return Ok(false);
+            };
+            if super::codec::decode_charge(row.get(0))? != old {
+                return Ok(false);
+            }
+            tx.execute("UPDATE tv_charges SET record = $2 WHERE id = $1", &[&old.id, &c])
+                .await
+                .map_err(db)?;
+            tx.commit().await.map_err(db)?;
+            Ok(true)
+        })
+    }
+
     fn update_charge(&self, charge: &ChargeRecord) -> Result<(), StoreError> {
-        let c = postcard::to_stdvec(charge).map_err(|_| StoreError::Corrupt)?;
+        let c = super::codec::encode_charge(charge)?;
         let (id, tenant) = (charge.id.clone(), charge.tenant.clone());
         self.run(move |client| async move {
             client
@@ -1267,7 +1290,7 @@ impl Store for PgStore {
             match row {
                 None => Ok(None),
                 Some(r) => {
-                    let charge: ChargeRecord = postcard::from_bytes(r.get(0)).map_err(|_| StoreError::Corrupt)?;
+                    let charge = super::codec::decode_charge(r.get(0))?;
                     Ok((charge.tenant == tenant.as_str()).then_some(charge))
                 }
             }

@@ -228,7 +228,7 @@ impl SledStore {
         let mut out = Vec::new();
         for item in self.charges.range(start..).take(limit) {
             let (_, v) = item.map_err(backend)?;
-            out.push(postcard::from_bytes(&v).map_err(|_| StoreError::Corrupt)?);
+            out.push(super::codec::decode_charge(&v)?);
         }
         Ok(out)
     }
@@ -964,7 +964,7 @@ impl Store for SledStore {
         idem: &IdempotencyRecord,
         live_since: i64,
     ) -> Result<Option<IdempotencyRecord>, StoreError> {
-        let c = postcard::to_stdvec(charge).map_err(|_| StoreError::Corrupt)?;
+        let c = super::codec::encode_charge(charge)?;
         let i = postcard::to_stdvec(idem).map_err(|_| StoreError::Corrupt)?;
         let result = (&self.charges, &self.idempotency).transaction(|(charges, idempotency)| {
             if let Some(bytes) = idempotency.get(&idempotency_key[..])? {
@@ -985,16 +985,33 @@ impl Store for SledStore {
     }
 
     fn update_charge(&self, charge: &ChargeRecord) -> Result<(), StoreError> {
-        let c = postcard::to_stdvec(charge).map_err(|_| StoreError::Corrupt)?;
+        let c = super::codec::encode_charge(charge)?;
         self.charges.insert(charge.id.as_bytes(), c).map_err(backend)?;
         Ok(())
+    }
+
+    fn swap_charge(&self, old: &ChargeRecord, new: &ChargeRecord) -> Result<bool, StoreError> {
+        let Some(current) = self.charges.get(old.id.as_bytes()).map_err(backend)? else {
+            return Ok(false);
+        };
+        // Compared decoded (an older encoding of the same charge is the same
+        // charge), then swapped against the exact bytes read.
+        if super::codec::decode_charge(&current)? != *old {
+            return Ok(false);
+        }
+        let c = super::codec::encode_charge(new)?;
+        Ok(self
+            .charges
+            .compare_and_swap(old.id.as_bytes(), Some(current), Some(c))
+            .map_err(backend)?
+            .is_ok())
     }
 
     fn get_charge(&self, tenant: &TenantId, id: &str) -> Result<Option<ChargeRecord>, StoreError> {
         let Some(bytes) = self.charges.get(id.as_bytes()).map_err(backend)? else {
             return Ok(None);
         };
-        let charge: ChargeRecord = postcard::from_bytes(&bytes).map_err(|_| StoreError::Corrupt)?;
+        let charge = super::codec::decode_charge(&bytes)?;
         Ok((charge.tenant == tenant.as_str()).then_some(charge))
     }
 

@@ -9,13 +9,17 @@ use crate::helpers::*;
 const ROLES: [&str; 5] = ["edge", "crm", "psp", "officer", "officer2"];
 
 /// The scope each endpoint requires, and the one role holding it.
-const ENDPOINTS: [(&str, &str, &str); 7] = [
+const ENDPOINTS: [(&str, &str, &str); 11] = [
     ("POST", "/v1/tokens", "edge"),
     ("GET", "/v1/tokens/{token}", "crm"),
     ("DELETE", "/v1/tokens/{token}", "crm"),
+    ("PATCH", "/v1/tokens/{token}", "edge"),
     ("POST", "/v1/detokenize", "psp"),
     ("POST", "/v1/charges", "psp"),
     ("GET", "/v1/charges/{id}", "psp"),
+    ("POST", "/v1/charges/{id}/captures", "psp"),
+    ("POST", "/v1/charges/{id}/refunds", "psp"),
+    ("POST", "/v1/charges/{id}/cancel", "psp"),
     ("GET", "/v1/admin/keys", "officer"),
 ];
 
@@ -25,11 +29,15 @@ async fn call(app: &TestApp, method: &str, path: &str, jwt: Option<&str>, token:
         "POST" if path == "/v1/charges" => app.client.post(url).header("Idempotency-Key", format!("k-{token}")).json(
             &json!({"token": token, "amount": {"value": 100, "currency": "EUR"}, "reference": "r", "shopper_interaction": "moto"}),
         ),
+        "POST" if path.starts_with("/v1/charges/") => {
+            app.client.post(url).header("Idempotency-Key", format!("k-{token}")).json(&json!({}))
+        }
         "POST" if path == "/v1/tokens" => app
             .client
             .post(url)
             .json(&json!({"pan": "4012888888881881", "exp_month": 6, "exp_year": 2032})),
         "POST" => app.client.post(url).json(&json!({"token": token})),
+        "PATCH" => app.client.patch(url).json(&json!({"exp_month": 9, "exp_year": 2033})),
         "GET" => app.client.get(url),
         "DELETE" => app.client.delete(url),
         _ => unreachable!(),
@@ -55,7 +63,7 @@ async fn every_role_on_every_endpoint() {
                     ("POST", "/v1/tokens") => [200, 201].contains(&res.status().as_u16()),
                     ("DELETE", _) => res.status() == 204,
                     // Authorized; no PSP is configured in this vault / no such charge.
-                    ("POST", "/v1/charges") => res.status() == 503,
+                    ("POST", p) if p.starts_with("/v1/charges") => res.status() == 503,
                     ("GET", "/v1/charges/{id}") => res.status() == 404,
                     _ => res.status() == 200,
                 };
@@ -70,14 +78,14 @@ async fn every_role_on_every_endpoint() {
             assert_problem(res, 401, "unauthenticated").await;
         }
     }
-    // 7 endpoints × 5 roles: 8 allowed (officer and officer2 share one), 27 refused by scope.
+    // 11 endpoints × 5 roles: 12 allowed (officer and officer2 share one), 43 refused by scope.
     assert_eq!(
         app.metric("tokenvault_auth_failures_total{reason=\"scope\"}").await,
-        27.0
+        43.0
     );
     assert_eq!(
         app.metric("tokenvault_auth_failures_total{reason=\"missing\"}").await,
-        35.0
+        55.0
     );
 }
 
@@ -190,6 +198,7 @@ async fn jwt_attacks_are_refused() {
             let req = match *method {
                 "GET" => app.client.get(&url),
                 "DELETE" => app.client.delete(&url),
+                "PATCH" => app.client.patch(&url).json(&json!({})),
                 _ => app.client.post(&url).header("Idempotency-Key", "k").json(&json!({})),
             };
             let res = req.bearer_auth(jwt).send().await.unwrap();

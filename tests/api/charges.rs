@@ -201,7 +201,11 @@ async fn cvv_once_then_card_on_file_with_network_transaction_id() {
         .unwrap();
     assert!(!metrics.contains(pan) && !has_digit_run(&metrics, "8642"));
     assert_eq!(app.metric("tokenvault_charges_total{status=\"authorised\"}").await, 2.0);
-    assert!(app.metric("tokenvault_psp_request_duration_seconds_count").await >= 2.0);
+    assert!(
+        app.metric("tokenvault_psp_request_duration_seconds_count{operation=\"authorise\"}")
+            .await
+            >= 2.0
+    );
     let mut files = Vec::new();
     collect(&app.data_dir, &mut files);
     for f in files {

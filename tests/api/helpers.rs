@@ -237,9 +237,12 @@ impl TestApp {
     /// Standard claims for a dev role.
     pub fn claims(&self, role: &str, tenant: &str) -> Value {
         let (sub, scope) = match role {
-            "edge" => ("dev-edge", "tokens:create"),
+            "edge" => ("dev-edge", "tokens:create tokens:update"),
             "crm" => ("dev-crm", "tokens:read tokens:delete"),
-            "psp" => ("dev-psp", "tokens:detokenize charges:create charges:read"),
+            "psp" => (
+                "dev-psp",
+                "tokens:detokenize charges:create charges:read charges:capture charges:refund charges:cancel",
+            ),
             "officer" => ("dev-officer", "keys:admin audit:read"),
             "officer2" => ("dev-officer-2", "keys:admin audit:read"),
             "importer" => ("dev-importer", "tokens:create tokens:dedupe"),

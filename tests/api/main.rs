@@ -16,6 +16,7 @@ mod hsm;
 mod keys;
 mod limits;
 mod openapi;
+mod payments;
 mod readme;
 mod replicas;
 mod tls;

@@ -46,11 +46,15 @@ fn routes_and_scopes_match_the_server() {
                 ("post", "/v1/tokens") => &["tokens:create"],
                 ("get", "/v1/tokens/{token}") => &["tokens:read"],
                 ("delete", "/v1/tokens/{token}") => &["tokens:delete"],
+                ("patch", "/v1/tokens/{token}") => &["tokens:update"],
                 ("post", "/v1/detokenize") => &["tokens:detokenize"],
                 ("get", "/v1/admin/audit/verify") | ("get", "/v1/admin/audit/export") => &["audit:read"],
                 (_, p) if p.starts_with("/v1/admin/") => &["keys:admin"],
                 ("post", "/v1/charges") => &["charges:create"],
                 ("get", "/v1/charges/{id}") => &["charges:read"],
+                ("post", "/v1/charges/{id}/captures") => &["charges:capture"],
+                ("post", "/v1/charges/{id}/refunds") => &["charges:refund"],
+                ("post", "/v1/charges/{id}/cancel") => &["charges:cancel"],
                 _ => &[],
             };
             assert_eq!(scopes, expected, "{method} {path}");

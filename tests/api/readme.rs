@@ -173,3 +173,43 @@ fn readme_production_config_is_accepted() {
             .any(|c| c.sub == "officer-alice" && c.global_admin)
     );
 }
+
+/// The README's capture-and-refund walk-through, run as written.
+#[tokio::test]
+async fn readme_payments_walkthrough_works_as_written() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let (app, psp) = crate::charges::vault_with_psp(&[]);
+    app.watch("4111111111111111");
+    let script = readme_block(&readme, "payments")
+        .replace("cargo run -q --release --", BIN)
+        .replace("http://127.0.0.1:8080", &app.base)
+        .replace("http://127.0.0.1:8081", &psp.base);
+    let out = Command::new("bash")
+        .arg("-euo")
+        .arg("pipefail")
+        .arg("-c")
+        .arg(&script)
+        .current_dir(app.data_dir.parent().unwrap())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<serde_json::Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(
+        (lines[0]["type"].as_str(), lines[0]["status"].as_str()),
+        (Some("capture"), Some("received"))
+    );
+    assert_eq!(
+        (lines[1]["type"].as_str(), lines[1]["status"].as_str()),
+        (Some("refund"), Some("received"))
+    );
+    let charge = &lines[2];
+    assert_eq!(charge["status"], "partially_refunded");
+    assert_eq!(charge["captured_amount"]["value"], 8000);
+    assert_eq!(charge["refunded_amount"]["value"], 2500);
+    assert_eq!(charge["history"].as_array().unwrap().len(), 2);
+}

@@ -1297,3 +1297,78 @@ async fn production_replicas_keep_the_keystore_in_the_database() {
         "cvv_redis_file was read: CVVs are shared"
     );
 }
+
+/// Refunds racing on two replicas over one charge: each is decided against what
+/// the others already reserved (compare-and-set on the charge row), so their sum
+/// never exceeds the capture, and each key reaches the PSP once.
+#[tokio::test]
+async fn concurrent_refunds_on_two_replicas_never_exceed_the_capture() {
+    if !postgres_reachable() {
+        return;
+    }
+    let psp = MockPsp::spawn();
+    let (apps, _tmp) = replicas_with(2, &["--psp-url", &psp.base]);
+    let (status, meta) = apps[0].tokenize("default", "4111111111111111", None).await;
+    assert_eq!(status, 201);
+    let body = charge_body(meta["token"].as_str().unwrap(), 10_000, "moto", None);
+    let res = charge(&apps[0], "psp", "default", Some("refund-race"), &body).await;
+    assert_eq!(res.status(), 201);
+    let id = res.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+    // 16 refunds of 15.00 (and each sent twice, once per replica) against 100.00.
+    let sends = (0..32).map(|i| {
+        let app = &apps[i % 2];
+        let key = format!("rma-{}", i / 2);
+        let url = app.url(&format!("/v1/charges/{id}/refunds"));
+        let jwt = app.jwt("psp", "default");
+        async move {
+            let res = app
+                .client
+                .post(url)
+                .bearer_auth(jwt)
+                .header("Idempotency-Key", key)
+                .json(&json!({"amount": {"value": 1500, "currency": "EUR"}}))
+                .send()
+                .await
+                .unwrap();
+            let status = res.status().as_u16();
+            (status, res.json::<Value>().await.unwrap())
+        }
+    });
+    let answers = futures_util::future::join_all(sends).await;
+    let accepted: BTreeSet<String> = answers
+        .iter()
+        .filter(|(s, _)| *s == 201)
+        .map(|(_, v)| v["id"].as_str().unwrap().to_owned())
+        .collect();
+    for (s, v) in &answers {
+        assert!(
+            *s == 201 || (*s == 422 && v["type"].as_str().unwrap().ends_with("amount-not-allowed")),
+            "{s} {v}"
+        );
+    }
+    assert_eq!(accepted.len(), 6, "6 × 15.00 fit in 100.00, a 7th does not");
+    let charge: Value = apps[1]
+        .client
+        .get(apps[1].url(&format!("/v1/charges/{id}")))
+        .bearer_auth(apps[1].jwt("psp", "default"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(charge["refunded_amount"]["value"], 9_000, "{charge}");
+    assert_eq!(charge["status"], "partially_refunded");
+    let refunds: Vec<Value> = psp
+        .received()
+        .await
+        .into_iter()
+        .filter(|r| r["operation"] == "refund" && r["replay"] == false)
+        .collect();
+    assert_eq!(refunds.len(), 6, "one PSP refund per accepted key");
+    println!(
+        "replicas: 32 refund requests (16 keys, each on both replicas) against one 100.00 capture: 6 accepted, \
+         refunded 90.00, {} PSP refunds",
+        refunds.len()
+    );
+}
