@@ -17,6 +17,7 @@ pub struct Metrics {
     pub tokens_stored: IntGauge,
     pub key_ops: IntCounterVec,
     pub rewrapped: prometheus::IntCounter,
+    pub expired: prometheus::IntCounter,
     pub unseal: IntCounterVec,
     pub sealed: IntGauge,
     pub store_damaged: IntGauge,
@@ -25,6 +26,7 @@ pub struct Metrics {
     pub charges: IntCounterVec,
     pub psp_duration: prometheus::HistogramVec,
     pub modifications: IntCounterVec,
+    pub refusals: IntCounterVec,
     pub refunded: IntCounterVec,
     pub psp_errors: IntCounterVec,
     pub rate_limited: IntCounterVec,
@@ -87,6 +89,11 @@ impl Metrics {
              rejected)",
             &["operation", "outcome"],
         );
+        let refusals = counter(
+            "charge_refusals_total",
+            "Charges the PSP refused, by reason (a fixed set of the PSP's refusal reasons; anything else is `other`)",
+            &["reason"],
+        );
         let refunded = counter(
             "refunded_minor_units_total",
             "Refunded amounts the PSP acknowledged, in minor units, by ISO 4217 currency",
@@ -104,6 +111,12 @@ impl Metrics {
         let rewrapped = prometheus::IntCounter::new("rewrapped_total", "DEKs rewrapped under the active KEK")
             .expect("valid counter");
         registry.register(Box::new(rewrapped.clone())).expect("unique counter");
+        let expired = prometheus::IntCounter::new(
+            "tokens_expired_total",
+            "Tokens deleted by the sweeper because their ttl/expires_at passed",
+        )
+        .expect("valid counter");
+        registry.register(Box::new(expired.clone())).expect("unique counter");
         let sealed = IntGauge::new("sealed", "1 while the vault is sealed").expect("valid gauge");
         registry.register(Box::new(sealed.clone())).expect("unique gauge");
         let store_damaged = IntGauge::new(
@@ -173,6 +186,7 @@ impl Metrics {
             tokens_stored,
             key_ops,
             rewrapped,
+            expired,
             unseal,
             sealed,
             store_damaged,
@@ -181,6 +195,7 @@ impl Metrics {
             charges,
             psp_duration,
             modifications,
+            refusals,
             refunded,
             psp_errors,
             rate_limited,

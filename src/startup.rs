@@ -196,6 +196,40 @@ pub fn generation_guard(
     Arc::new(AllGuards(guards))
 }
 
+/// Deletes tokens whose `ttl`/`expires_at` has passed (at start, then every
+/// second): each deletion is audited (`token.expire`) with it and counted, and a
+/// waiting CVV goes too. Reads already treat an expired token as absent; this
+/// removes the record, its fingerprint entry and its index entries. Every replica
+/// sweeps; a token deleted by one is skipped by the others.
+fn spawn_token_expiry(state: web::Data<AppState>) {
+    actix_web::rt::spawn(async move {
+        let mut tick = actix_web::rt::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            if state.vault.parts().1.is_sealed() {
+                continue;
+            }
+            loop {
+                match state.vault.sweep_expired(500).await {
+                    Ok(n) => {
+                        state.metrics.expired.inc_by(n as u64);
+                        if n > 0 {
+                            tracing::info!(count = n, "expired tokens deleted");
+                        }
+                        if n < 500 {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "expired-token sweep failed");
+                        break;
+                    }
+                }
+            }
+        }
+    });
+}
+
 /// Destroys CVVs whose TTL ran out, even if no charge ever came.
 fn spawn_cvv_sweeper(vault: Vault, ttl: Duration) {
     let every = (ttl / 4).clamp(Duration::from_millis(250), Duration::from_secs(30));
@@ -532,6 +566,7 @@ impl Application {
             max_body_bytes: settings.max_body_bytes,
         });
         spawn_failure_summaries(state.clone());
+        spawn_token_expiry(state.clone());
         if let Some(epoch) = settings.deletion_epoch {
             spawn_deletion_epoch(state.clone(), epoch);
         }

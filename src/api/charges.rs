@@ -128,6 +128,37 @@ fn modification_view<'a>(c: &ChargeRecord, m: &'a Modification) -> ModificationV
     }
 }
 
+/// A metric label for a PSP refusal reason: one of a fixed set (Adyen's common
+/// `refusalReason` values), never the PSP's free text, so the label space stays
+/// bounded whatever a PSP sends.
+pub(super) fn refusal_label(reason: Option<&str>) -> &'static str {
+    const KNOWN: &[(&str, &str)] = &[
+        ("insufficient funds", "insufficient_funds"),
+        ("not enough balance", "insufficient_funds"),
+        ("do not honor", "do_not_honor"),
+        ("card declined", "declined"),
+        ("declined non generic", "declined"),
+        ("refused", "declined"),
+        ("expired card", "expired_card"),
+        ("invalid card number", "invalid_card"),
+        ("cvc declined", "cvc_declined"),
+        ("blocked card", "blocked_card"),
+        ("restricted card", "restricted_card"),
+        ("withdrawal amount exceeded", "amount_limit"),
+        ("withdrawal count exceeded", "amount_limit"),
+        ("fraud", "fraud"),
+        ("issuer unavailable", "issuer_unavailable"),
+        ("acquirer error", "acquirer_error"),
+        ("3d not authenticated", "authentication"),
+    ];
+    let Some(r) = reason else { return "none" };
+    let r = r.trim().to_ascii_lowercase();
+    KNOWN
+        .iter()
+        .find(|(text, _)| r == *text || r.starts_with(&format!("{text} ")) || r.starts_with(&format!("{text}-")))
+        .map_or("other", |(_, label)| label)
+}
+
 /// The acknowledged sum of one kind of modification.
 fn received_sum(c: &ChargeRecord, kind: &str) -> u64 {
     c.modifications
@@ -463,6 +494,13 @@ pub async fn create(
         state.metrics.charges.with_label_values(&["replayed"]).inc();
     } else {
         state.metrics.charges.with_label_values(&[c.status.as_str()]).inc();
+        if c.status == "refused" {
+            state
+                .metrics
+                .refusals
+                .with_label_values(&[refusal_label(c.refusal_reason.as_deref())])
+                .inc();
+        }
         if let Some(secs) = outcome.psp_seconds {
             state
                 .metrics
@@ -522,4 +560,21 @@ pub async fn read(
     event.detail = (!bogus).then(|| format!("charge {id}"));
     state.audit(event).await?;
     Ok(HttpResponse::Ok().json(view(&result?)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::refusal_label;
+
+    #[test]
+    fn refusal_reasons_map_to_a_bounded_label_set() {
+        assert_eq!(refusal_label(Some("Insufficient funds")), "insufficient_funds");
+        assert_eq!(refusal_label(Some("Do not honor")), "do_not_honor");
+        assert_eq!(refusal_label(Some("Card declined")), "declined");
+        assert_eq!(refusal_label(Some("FRAUD-RESULT")), "fraud");
+        assert_eq!(refusal_label(None), "none");
+        // Free text, however creative, is one label.
+        assert_eq!(refusal_label(Some("call 4111111111111111 now")), "other");
+        assert_eq!(refusal_label(Some("insufficient fundsX")), "other");
+    }
 }

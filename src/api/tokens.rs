@@ -33,6 +33,45 @@ pub struct TokenizeBody {
     /// Held in memory only, for the next charge.
     #[serde(default)]
     cvv: Option<SecretString>,
+    /// The token lives this long (e.g. "15m" for one IVR call), then is gone.
+    #[serde(default)]
+    ttl: Option<String>,
+    /// Or until then (RFC 3339).
+    #[serde(default)]
+    expires_at: Option<String>,
+}
+
+/// The longest a token may be given to live by `ttl` or `expires_at` (a token
+/// without either lives until deleted).
+const MAX_TOKEN_TTL_SECS: i64 = 400 * 86_400;
+
+/// When a new token expires (unix seconds), from `ttl` or `expires_at`.
+fn parse_expiry_time(ttl: Option<&str>, at: Option<&str>, now: i64) -> Result<Option<i64>, ApiError> {
+    let bad = || {
+        ApiError::InvalidField(
+            "ttl must be a duration from 1s to 400d (such as 15m), or expires_at an RFC 3339 time in the next 400 days; \
+             not both",
+        )
+    };
+    let secs = match (ttl, at) {
+        (None, None) => return Ok(None),
+        (Some(_), Some(_)) => return Err(bad()),
+        (Some(t), None) => humantime::parse_duration(t)
+            .ok()
+            .and_then(|d| i64::try_from(d.as_secs()).ok())
+            .filter(|s| *s >= 1)
+            .ok_or_else(bad)?,
+        (None, Some(a)) => {
+            OffsetDateTime::parse(a, &time::format_description::well_known::Rfc3339)
+                .map_err(|_| bad())?
+                .unix_timestamp()
+                - now
+        }
+    };
+    if !(1..=MAX_TOKEN_TTL_SECS).contains(&secs) {
+        return Err(bad());
+    }
+    Ok(Some(now + secs))
 }
 
 /// `PATCH /v1/tokens/{token}`: a reissued card (same PAN).
@@ -69,6 +108,9 @@ struct TokenBody<'a> {
     #[serde(with = "time::serde::rfc3339")]
     created_at: OffsetDateTime,
     cvv_held: bool,
+    /// Only for a token given a `ttl` or `expires_at`.
+    #[serde(skip_serializing_if = "Option::is_none", with = "time::serde::rfc3339::option")]
+    expires_at: Option<OffsetDateTime>,
 }
 
 impl<'a> TokenBody<'a> {
@@ -84,6 +126,7 @@ impl<'a> TokenBody<'a> {
             fingerprint: show_fingerprint.then_some(m.fingerprint.as_str()),
             created_at: m.created_at,
             cvv_held: m.cvv_held,
+            expires_at: m.expires_at.and_then(|t| OffsetDateTime::from_unix_timestamp(t).ok()),
         }
     }
 }
@@ -151,26 +194,41 @@ pub async fn tokenize(
         .json(TokenBody::new(&meta, dedupe)))
 }
 
-pub(super) fn parse_tokenize(body: &TokenizeBody) -> Result<TokenizeInput, ApiError> {
-    let pan = Pan::parse(body.pan.expose_secret()).map_err(ApiError::InvalidPan)?;
+/// An expiry (not in the past) and an optional cardholder name, as tokenize and
+/// card updates take them.
+fn parse_expiry_and_name(
+    exp_month: i64,
+    exp_year: i64,
+    name: Option<&SecretString>,
+) -> Result<(Expiry, Option<CardholderName>), ApiError> {
     let now = OffsetDateTime::now_utc();
-    let expiry = Expiry::parse(body.exp_month, body.exp_year, (now.year(), u8::from(now.month())))
-        .map_err(ApiError::InvalidExpiry)?;
-    let name = body
-        .cardholder_name
-        .as_ref()
+    let expiry =
+        Expiry::parse(exp_month, exp_year, (now.year(), u8::from(now.month()))).map_err(ApiError::InvalidExpiry)?;
+    let name = name
         .map(|n| CardholderName::parse(n.expose_secret()))
         .transpose()
         .map_err(|_| {
             ApiError::InvalidField("cardholder_name must be 1 to 128 characters without control characters")
         })?;
+    Ok((expiry, name))
+}
+
+pub(super) fn parse_tokenize(body: &TokenizeBody) -> Result<TokenizeInput, ApiError> {
+    let pan = Pan::parse(body.pan.expose_secret()).map_err(ApiError::InvalidPan)?;
+    let (expiry, name) = parse_expiry_and_name(body.exp_month, body.exp_year, body.cardholder_name.as_ref())?;
     let cvv = body
         .cvv
         .as_ref()
         .map(|c| crate::domain::card::Cvv::parse(c.expose_secret(), pan.brand()))
         .transpose()
         .map_err(|_| ApiError::InvalidCvv)?;
+    let expires_at = parse_expiry_time(
+        body.ttl.as_deref(),
+        body.expires_at.as_deref(),
+        OffsetDateTime::now_utc().unix_timestamp(),
+    )?;
     Ok(TokenizeInput {
+        expires_at,
         cvv,
         card: CardPayload { pan, expiry, name },
         format: body.format.unwrap_or_default(),
@@ -281,18 +339,7 @@ pub async fn detokenize(
 
 /// Validates a card update (expiry not in the past; the name as for tokenize).
 pub(super) fn parse_card_update(body: &CardUpdateBody) -> Result<(Expiry, Option<CardholderName>), ApiError> {
-    let now = OffsetDateTime::now_utc();
-    let expiry = Expiry::parse(body.exp_month, body.exp_year, (now.year(), u8::from(now.month())))
-        .map_err(ApiError::InvalidExpiry)?;
-    let name = body
-        .cardholder_name
-        .as_ref()
-        .map(|n| CardholderName::parse(n.expose_secret()))
-        .transpose()
-        .map_err(|_| {
-            ApiError::InvalidField("cardholder_name must be 1 to 128 characters without control characters")
-        })?;
-    Ok((expiry, name))
+    parse_expiry_and_name(body.exp_month, body.exp_year, body.cardholder_name.as_ref())
 }
 
 /// PATCH /v1/tokens/{token}

@@ -79,14 +79,23 @@ impl Vault {
         let request_hash: [u8; 32] = Sha256::digest(serde_json::to_vec(&input).map_err(|_| VaultError::Task)?).into();
 
         // One request per key at a time; duplicates wait here, then replay.
+        self.one_per_key(
+            scope,
+            self.charge_locked(&*psp, client, &tenant, scope, request_hash, input),
+        )
+        .await
+    }
+
+    /// Runs `work` while no other request of this process holds idempotency
+    /// `scope` (duplicates wait, then find the first one's outcome; between
+    /// replicas the store decides).
+    pub(super) async fn one_per_key<T>(&self, scope: [u8; 32], work: impl std::future::Future<Output = T>) -> T {
         let lock = {
             let mut map = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
             map.entry(scope).or_default().clone()
         };
         let guard = lock.lock().await;
-        let result = self
-            .charge_locked(&*psp, client, &tenant, scope, request_hash, input)
-            .await;
+        let result = work.await;
         drop(guard);
         {
             let mut map = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
@@ -135,7 +144,7 @@ impl Vault {
         let this = self.clone();
         let t = tenant.clone();
         let token = input.token.clone();
-        let record = tokio::task::spawn_blocking(move || this.store.get(&t, &token))
+        let record = tokio::task::spawn_blocking(move || this.live_record(&t, &token))
             .await
             .map_err(|_| VaultError::Task)??
             .ok_or_else(|| self.missing())?;
@@ -245,7 +254,7 @@ impl Vault {
         let this = self.clone();
         let (t, tok) = (tenant.clone(), token.clone());
         let opened = tokio::task::spawn_blocking(move || -> Result<_, VaultError> {
-            let record = this.store.get(&t, &tok)?.ok_or_else(|| this.missing())?;
+            let record = this.live_record(&t, &tok)?.ok_or_else(|| this.missing())?;
             let ring = this.keys.ring().ok_or(VaultError::Sealed)?;
             let card = ring.open(&t, &tok, &record.metadata_binding(), &record.sealed)?;
             Ok((record, card))

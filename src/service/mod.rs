@@ -113,6 +113,8 @@ pub struct TokenizeInput {
     pub format: TokenFormat,
     /// Held in memory only, for the next charge (never stored).
     pub cvv: Option<crate::domain::card::Cvv>,
+    /// When the new token stops existing (unix seconds; `None`: until deleted).
+    pub expires_at: Option<i64>,
 }
 
 /// Who asks to tokenize, and whether they may learn the tenant's existing token.
@@ -140,6 +142,8 @@ pub struct TokenMetadata {
     pub created_at: OffsetDateTime,
     /// Whether a CVV waits in memory for the next charge.
     pub cvv_held: bool,
+    /// When the token stops existing (unix seconds), if it was given a lifetime.
+    pub expires_at: Option<i64>,
 }
 
 /// Whether tokenize stored a new card or found the tenant's existing one.
@@ -370,6 +374,10 @@ impl Vault {
             let prepared = prepared?;
             let (record, meta, sealing) = match prepared {
                 Prepared::Existing(meta) => break self.existing(meta, &event).await?,
+                Prepared::Expired(tenant, token) => {
+                    self.expire(tenant, token).await?;
+                    continue;
+                }
                 Prepared::Updated(meta) => {
                     self.store.commit().await?;
                     self.audited(outcome_event(&event, "existing-updated", &meta.token))
@@ -381,7 +389,7 @@ impl Vault {
             let unit = Unit {
                 audit: outcome_event(&event, "created", &record.token),
                 change: Change::Insert {
-                    record: *record,
+                    record,
                     mode: caller.mode(),
                 },
                 // Counted until the store has applied it, even if this request is dropped.
@@ -424,6 +432,58 @@ impl Vault {
     async fn existing(&self, meta: TokenMetadata, event: &AuditEvent) -> Result<Tokenized, VaultError> {
         self.audited(outcome_event(event, "existing", &meta.token)).await?;
         Ok(Tokenized::Existing(meta))
+    }
+
+    /// The record for `token` if it belongs to `tenant` and has not expired: an
+    /// expired token is gone for every caller, before the sweeper deletes it.
+    pub(crate) fn live_record(&self, tenant: &TenantId, token: &Token) -> Result<Option<StoredRecord>, VaultError> {
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        Ok(self.store.get(tenant, token)?.filter(|r| !r.expired_at(now)))
+    }
+
+    /// Deletes up to `limit` expired tokens (each with its audit record, as one
+    /// unit of work) and drops their waiting CVVs; returns how many went.
+    pub async fn sweep_expired(&self, limit: usize) -> Result<usize, VaultError> {
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        let store = self.store.clone();
+        let due = tokio::task::spawn_blocking(move || store.expired(now, limit))
+            .await
+            .map_err(|_| VaultError::Task)??;
+        let mut gone = 0;
+        for (tenant, token) in due {
+            if self.expire(tenant, token).await? {
+                gone += 1;
+            }
+        }
+        Ok(gone)
+    }
+
+    /// Deletes one expired token with its audit record (one unit of work) and
+    /// drops its waiting CVV. `false`: it was gone already.
+    async fn expire(&self, tenant: TenantId, token: Token) -> Result<bool, VaultError> {
+        let unit = Unit {
+            audit: AuditEvent {
+                action: "token.expire",
+                outcome: "deleted".into(),
+                principal: Some(EXPIRY_PRINCIPAL.into()),
+                tenant: Some(tenant.as_str().to_owned()),
+                token: Some(token.to_string()),
+                ..Default::default()
+            },
+            change: Change::Delete {
+                tenant,
+                token: token.clone(),
+            },
+            held: None,
+        };
+        let deleted = self.store.apply(unit, self.seal.clone()).await? == Applied::Deleted(true);
+        if deleted {
+            self.stored.fetch_sub(1, Ordering::Relaxed);
+        }
+        if let Err(e) = self.cvv.take(&token).await {
+            tracing::warn!(error = %e, "cannot drop an expired card's waiting CVV (its TTL will)");
+        }
+        Ok(deleted)
     }
 
     /// Appends an audit record as its own unit of work, durably.
@@ -470,6 +530,11 @@ impl Vault {
             && let Some(token) = self.store.find_fingerprint(tenant, &fingerprint)?
             && let Some(record) = self.store.get(tenant, &token)?
         {
+            if record.expired_at(created_at_now()) {
+                // The tenant's token for this card has expired: it goes now (as the
+                // sweeper would), and the card gets a new token.
+                return Ok(Prepared::Expired(tenant.clone(), token));
+            }
             let card = ring.open(tenant, &token, &record.metadata_binding(), &record.sealed)?;
             let stored_expiry = (card.expiry.year(), card.expiry.month());
             let given = (input.card.expiry.year(), input.card.expiry.month());
@@ -516,6 +581,7 @@ impl Vault {
             fingerprint,
             created_at,
             network_tx_id: None,
+            expires_at: input.expires_at,
         };
         let meta = metadata(&record, &input.card);
         Ok(Prepared::New {
@@ -542,7 +608,7 @@ impl Vault {
             for _ in 0..8 {
                 let guard = this.keys.read();
                 let ring = guard.as_ref().ok_or(VaultError::Sealed)?;
-                let record = this.store.get(&tenant, &token)?.ok_or_else(|| this.missing())?;
+                let record = this.live_record(&tenant, &token)?.ok_or_else(|| this.missing())?;
                 let card = ring.open(&tenant, &token, &record.metadata_binding(), &record.sealed)?;
                 let updated = CardPayload {
                     pan: card.pan.clone(),
@@ -617,7 +683,7 @@ impl Vault {
         tenant: &TenantId,
         token: &Token,
     ) -> Result<Option<TokenMetadata>, VaultError> {
-        let Some(record) = self.store.get(tenant, token)? else {
+        let Some(record) = self.live_record(tenant, token)? else {
             return Ok(None);
         };
         let card = ring.open(tenant, token, &record.metadata_binding(), &record.sealed)?;
@@ -629,7 +695,7 @@ impl Vault {
     pub async fn detokenize(&self, tenant: TenantId, token: Token, event: AuditEvent) -> Result<Revealed, VaultError> {
         let this = self.clone();
         let revealed = tokio::task::spawn_blocking(move || {
-            let record = this.store.get(&tenant, &token)?.ok_or_else(|| this.missing())?;
+            let record = this.live_record(&tenant, &token)?.ok_or_else(|| this.missing())?;
             let card = this.keys.ring().ok_or(VaultError::Sealed)?.open(
                 &tenant,
                 &token,
@@ -675,6 +741,8 @@ enum Prepared {
     Existing(TokenMetadata),
     /// The tenant's existing token, its card updated to the newer expiry given.
     Updated(TokenMetadata),
+    /// The tenant's token for this card expired: delete it, then try again.
+    Expired(TenantId, Token),
     New {
         record: Box<StoredRecord>,
         meta: TokenMetadata,
@@ -754,7 +822,15 @@ fn metadata(record: &StoredRecord, card: &CardPayload) -> TokenMetadata {
         fingerprint: hex::encode(record.fingerprint),
         created_at: record.created_at,
         cvv_held: false,
+        expires_at: record.expires_at,
     }
+}
+
+/// Who the sweeper's deletions of expired tokens are recorded as.
+pub const EXPIRY_PRINCIPAL: &str = "system:token-expiry";
+
+fn created_at_now() -> i64 {
+    OffsetDateTime::now_utc().unix_timestamp()
 }
 
 fn now_seconds() -> OffsetDateTime {

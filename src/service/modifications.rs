@@ -9,7 +9,6 @@
 //! over-refund), and a retry after a crash or a timeout resends under the same PSP
 //! idempotency key (one PSP operation at most).
 
-use std::sync::Arc;
 use std::time::Instant;
 
 use base64::Engine as _;
@@ -205,23 +204,11 @@ impl Vault {
             .finalize()
             .into();
         let request_hash: [u8; 32] = Sha256::digest(serde_json::to_vec(&input).map_err(|_| VaultError::Task)?).into();
-        // One request per key at a time in this process (the store decides between replicas).
-        let lock = {
-            let mut map = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
-            map.entry(scope).or_default().clone()
-        };
-        let guard = lock.lock().await;
-        let result = self
-            .modify_locked(&*psp, client, &tenant, charge_id, scope, request_hash, input)
-            .await;
-        drop(guard);
-        {
-            let mut map = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
-            if map.get(&scope).is_some_and(|l| Arc::strong_count(l) <= 2) {
-                map.remove(&scope);
-            }
-        }
-        result
+        self.one_per_key(
+            scope,
+            self.modify_locked(&*psp, client, &tenant, charge_id, scope, request_hash, input),
+        )
+        .await
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -13,6 +13,9 @@ use crate::domain::token::{Token, TokenFormat};
 use crate::keys::SealedCard;
 
 const RECORD_V1: u8 = 1;
+/// A record with an expiry (V1's fields, then `expires_at`); records without one
+/// keep the V1 encoding byte for byte.
+const RECORD_V2: u8 = 2;
 
 #[derive(Serialize, Deserialize)]
 struct RecordV1 {
@@ -29,6 +32,12 @@ struct RecordV1 {
     network_tx_id: Option<String>,
 }
 
+#[derive(Serialize, Deserialize)]
+struct RecordV2 {
+    v1: RecordV1,
+    expires_at: i64,
+}
+
 pub(super) fn encode(r: &StoredRecord) -> Result<Vec<u8>, StoreError> {
     let v = RecordV1 {
         tenant: r.tenant.as_str().to_owned(),
@@ -43,17 +52,33 @@ pub(super) fn encode(r: &StoredRecord) -> Result<Vec<u8>, StoreError> {
         ciphertext: r.sealed.ciphertext.clone(),
         network_tx_id: r.network_tx_id.clone(),
     };
-    let mut out = vec![RECORD_V1];
-    out.extend(postcard::to_stdvec(&v).map_err(|_| StoreError::Corrupt)?);
+    let mut out;
+    match r.expires_at {
+        None => {
+            out = vec![RECORD_V1];
+            out.extend(postcard::to_stdvec(&v).map_err(|_| StoreError::Corrupt)?);
+        }
+        Some(expires_at) => {
+            out = vec![RECORD_V2];
+            out.extend(postcard::to_stdvec(&RecordV2 { v1: v, expires_at }).map_err(|_| StoreError::Corrupt)?);
+        }
+    }
     Ok(out)
 }
 
 pub(super) fn decode(token: &Token, bytes: &[u8]) -> Result<StoredRecord, StoreError> {
     let (&version, body) = bytes.split_first().ok_or(StoreError::Corrupt)?;
-    if version != RECORD_V1 {
-        return Err(StoreError::Corrupt);
-    }
-    let v: RecordV1 = postcard::from_bytes(body).map_err(|_| StoreError::Corrupt)?;
+    let (v, expires_at) = match version {
+        RECORD_V1 => (
+            postcard::from_bytes::<RecordV1>(body).map_err(|_| StoreError::Corrupt)?,
+            None,
+        ),
+        RECORD_V2 => {
+            let v: RecordV2 = postcard::from_bytes(body).map_err(|_| StoreError::Corrupt)?;
+            (v.v1, Some(v.expires_at))
+        }
+        _ => return Err(StoreError::Corrupt),
+    };
     Ok(StoredRecord {
         tenant: TenantId::parse(&v.tenant).ok_or(StoreError::Corrupt)?,
         token: token.clone(),
@@ -69,6 +94,7 @@ pub(super) fn decode(token: &Token, bytes: &[u8]) -> Result<StoredRecord, StoreE
             ciphertext: v.ciphertext,
         },
         network_tx_id: v.network_tx_id,
+        expires_at,
     })
 }
 

@@ -78,9 +78,17 @@ pub struct StoredRecord {
     /// The card scheme's transaction id from the first customer-initiated charge
     /// (card-on-file); sent with later merchant-initiated charges. Not card data.
     pub network_tx_id: Option<String>,
+    /// When the token stops existing (unix seconds; `None`: it lives until deleted).
+    /// Past it the record is absent for every caller, and the sweeper deletes it.
+    pub expires_at: Option<i64>,
 }
 
 impl StoredRecord {
+    /// Whether the token has expired at `now` (unix seconds).
+    pub fn expired_at(&self, now: i64) -> bool {
+        self.expires_at.is_some_and(|t| t <= now)
+    }
+
     /// The public fields bound into the payload's associated data (everything but
     /// the envelope and the card-on-file id, which is set later).
     pub fn metadata_binding(&self) -> Vec<u8> {
@@ -242,7 +250,10 @@ impl std::fmt::Debug for Unit {
 #[derive(Debug, Clone)]
 pub enum Change {
     /// Insert-if-absent, as [`Store::insert`].
-    Insert { record: StoredRecord, mode: InsertMode },
+    Insert {
+        record: Box<StoredRecord>,
+        mode: InsertMode,
+    },
     /// Remove a record and its index entries, as [`Store::delete`].
     Delete { tenant: TenantId, token: Token },
     /// Nothing but the audit record (a read).
@@ -420,6 +431,9 @@ pub trait Store: Send + Sync + 'static {
     fn delete(&self, tenant: &TenantId, token: &Token, audit: Option<&AuditAppend>) -> Result<bool, StoreError>;
     /// Number of stored records (may be slow: call at start-up only).
     fn count(&self) -> Result<u64, StoreError>;
+    /// Up to `limit` tokens whose expiry is at or before `now` (unix seconds),
+    /// soonest first, for the sweeper to delete.
+    fn expired(&self, now: i64, limit: usize) -> Result<Vec<(TenantId, Token)>, StoreError>;
     /// Records per KEK version (cheap: key status and every rewrap step ask).
     fn count_by_version(&self) -> Result<std::collections::BTreeMap<u32, u64>, StoreError>;
     /// Up to `limit` records whose DEK is wrapped under `version`, in token order,
@@ -595,6 +609,7 @@ pub(crate) mod conformance {
                 ciphertext: vec![2; 50],
             },
             network_tx_id: None,
+            expires_at: None,
         }
     }
 
@@ -869,7 +884,7 @@ pub(crate) mod conformance {
         };
         let insert = |r: &StoredRecord, what: &str| Unit {
             change: Change::Insert {
-                record: r.clone(),
+                record: Box::new(r.clone()),
                 mode: InsertMode::Dedupe,
             },
             audit: event(what),
@@ -1053,5 +1068,35 @@ pub(crate) mod conformance {
             ..done
         };
         assert!(!store.swap_charge(&missing, &captured).unwrap());
+
+        // Expiring records: found by `expired` once due, soonest first, with the
+        // expiry stored; gone from it once deleted. Records without one never are.
+        let token_with = |n: u32| {
+            (0..10)
+                .map(|d| format!("41111177{n:04}111{d}"))
+                .find(|t| Token::parse(t).is_some())
+                .unwrap()
+        };
+        let mut soon = record("t7", &token_with(1), 71);
+        soon.expires_at = Some(1_000);
+        let mut later = record("t7", &token_with(2), 72);
+        later.expires_at = Some(5_000);
+        let forever = record("t7", &token_with(3), 73);
+        for r in [&later, &soon, &forever] {
+            assert_eq!(
+                store.insert(r, InsertMode::Dedupe, None).unwrap(),
+                InsertOutcome::Inserted
+            );
+        }
+        store.commit().await.unwrap();
+        assert_eq!(store.get(&soon.tenant, &soon.token).unwrap(), Some(soon.clone()));
+        let due = |r: &StoredRecord| (r.tenant.clone(), r.token.clone());
+        assert_eq!(store.expired(999, 10).unwrap(), vec![]);
+        assert_eq!(store.expired(1_000, 10).unwrap(), vec![due(&soon)]);
+        assert_eq!(store.expired(9_999, 10).unwrap(), vec![due(&soon), due(&later)]);
+        assert_eq!(store.expired(9_999, 1).unwrap(), vec![due(&soon)]);
+        assert!(store.delete(&soon.tenant, &soon.token, None).unwrap());
+        store.commit().await.unwrap();
+        assert_eq!(store.expired(9_999, 10).unwrap(), vec![due(&later)]);
     }
 }

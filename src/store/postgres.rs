@@ -89,6 +89,11 @@ const MIGRATIONS: &[&str] = &[
         body BYTEA NOT NULL
     );
     "#,
+    // 5: expiring tokens, found by the sweeper.
+    r#"
+    ALTER TABLE tv_tokens ADD COLUMN expires_at BIGINT;
+    CREATE INDEX tv_tokens_expires_at ON tv_tokens (expires_at) WHERE expires_at IS NOT NULL;
+    "#,
 ];
 
 /// The schema version this build writes.
@@ -465,19 +470,20 @@ impl PgStore {
     /// something else (the target is not a copy of this source).
     pub fn import_record(&self, record: &StoredRecord, indexed: bool) -> Result<bool, StoreError> {
         let value = encode(record)?;
-        let (token, tenant, fp, version) = (
+        let (token, tenant, fp, version, expires_at) = (
             record.token.as_str().to_owned(),
             record.tenant.as_str().to_owned(),
             record.fingerprint,
             i64::from(record.sealed.key_version),
+            record.expires_at,
         );
         self.run(move |mut c| async move {
             let tx = raw(&mut c).transaction().await.map_err(db)?;
             let n = tx
                 .execute(
-                    "INSERT INTO tv_tokens (token, tenant, key_version, record) VALUES ($1, $2, $3, $4) \
-                     ON CONFLICT (token) DO NOTHING",
-                    &[&token, &tenant, &version, &value],
+                    "INSERT INTO tv_tokens (token, tenant, key_version, record, expires_at) \
+                     VALUES ($1, $2, $3, $4, $5) ON CONFLICT (token) DO NOTHING",
+                    &[&token, &tenant, &version, &value, &expires_at],
                 )
                 .await
                 .map_err(db)?;
@@ -672,7 +678,7 @@ impl Sql {
         let (fp_get, token_ins, fp_ins, token_del, token_del_of) = tokio::try_join!(
             p("SELECT token FROM tv_fingerprints WHERE tenant = $1 AND fingerprint = $2"),
             p(
-                "INSERT INTO tv_tokens (token, tenant, key_version, record) VALUES ($1, $2, $3, $4) \
+                "INSERT INTO tv_tokens (token, tenant, key_version, record, expires_at) VALUES ($1, $2, $3, $4, $5) \
                ON CONFLICT (token) DO NOTHING"
             ),
             p(
@@ -784,6 +790,7 @@ async fn change(client: &impl GenericClient, sql: &Sql, change: &Change) -> Resu
                         &tenant,
                         &i64::from(record.sealed.key_version),
                         &value,
+                        &record.expires_at,
                     ],
                 )
                 .await
@@ -1018,6 +1025,7 @@ async fn insert_one(
 ) -> Result<InsertOutcome, StoreError> {
     let tx = raw(client).transaction().await.map_err(db)?;
     let sql = Sql::prepare(&tx).await?;
+    let record = Box::new(record);
     let (applied, made) = change(&tx, &sql, &Change::Insert { record, mode }).await?;
     if made && let Some(a) = audit {
         write_audit(&tx, &sql, &[a]).await?;
@@ -1099,6 +1107,26 @@ impl Store for PgStore {
                 .map_err(db)?
                 .get(0);
             Ok(n as u64)
+        })
+    }
+
+    fn expired(&self, now: i64, limit: usize) -> Result<Vec<(TenantId, Token)>, StoreError> {
+        let limit = limit as i64;
+        self.run(move |c| async move {
+            let rows = c
+                .query(
+                    "SELECT tenant, token FROM tv_tokens WHERE expires_at <= $1 ORDER BY expires_at LIMIT $2",
+                    &[&now, &limit],
+                )
+                .await
+                .map_err(db)?;
+            rows.iter()
+                .map(|r| {
+                    let tenant = TenantId::parse(r.get::<_, &str>(0)).ok_or(StoreError::Corrupt)?;
+                    let token = Token::parse(r.get::<_, &str>(1)).ok_or(StoreError::Corrupt)?;
+                    Ok((tenant, token))
+                })
+                .collect()
         })
     }
 

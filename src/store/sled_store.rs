@@ -51,6 +51,9 @@ pub struct SledStore {
     tokens: sled::Tree,
     fingerprints: sled::Tree,
     by_version: sled::Tree,
+    /// Expiry index: (expires_at, token) → tenant, for the sweeper. An entry whose
+    /// record is gone is dropped when the sweeper meets it.
+    expiries: sled::Tree,
     charges: sled::Tree,
     idempotency: sled::Tree,
     audit: sled::Tree,
@@ -82,6 +85,7 @@ impl SledStore {
         let tokens = db.open_tree("tokens").map_err(backend)?;
         let fingerprints = db.open_tree("fingerprints").map_err(backend)?;
         let by_version = db.open_tree("by_version").map_err(backend)?;
+        let expiries = db.open_tree("expiries").map_err(backend)?;
         let charges = db.open_tree("charges").map_err(backend)?;
         let idempotency = db.open_tree("idempotency").map_err(backend)?;
         let audit = db.open_tree("audit").map_err(backend)?;
@@ -131,6 +135,7 @@ impl SledStore {
             tokens: tokens.clone(),
             fingerprints: fingerprints.clone(),
             by_version: by_version.clone(),
+            expiries: expiries.clone(),
             audit: audit.clone(),
             head: head.clone(),
             versions: versions.clone(),
@@ -149,6 +154,7 @@ impl SledStore {
             tokens,
             fingerprints,
             by_version,
+            expiries,
             charges,
             idempotency,
             audit,
@@ -310,12 +316,20 @@ fn note_head(head: &Mutex<Option<Mark>>, seq: u64, record: &[u8], keyed_mac: Opt
     }
 }
 
+/// The expiry index key: expiry (big-endian, so in time order), then the token.
+fn expiry_key(expires_at: i64, token: &Token) -> Vec<u8> {
+    let mut k = (expires_at.max(0) as u64).to_be_bytes().to_vec();
+    k.extend_from_slice(token.as_str().as_bytes());
+    k
+}
+
 /// The trees a unit of work writes, and the in-memory state that follows them.
 #[derive(Clone)]
 struct Writer {
     tokens: sled::Tree,
     fingerprints: sled::Tree,
     by_version: sled::Tree,
+    expiries: sled::Tree,
     audit: sled::Tree,
     head: Arc<Mutex<Option<Mark>>>,
     versions: Arc<Mutex<std::collections::BTreeMap<u32, u64>>>,
@@ -519,6 +533,11 @@ impl Writer {
                 if known.is_none() {
                     self.fingerprints.insert(fpk, token_key).map_err(backend)?;
                 }
+                if let Some(at) = record.expires_at {
+                    self.expiries
+                        .insert(expiry_key(at, &record.token), record.tenant.as_str().as_bytes())
+                        .map_err(backend)?;
+                }
                 let vk = version_key(record.sealed.key_version, &record.token);
                 // The counts follow the index entries themselves (new or not).
                 let fresh = self.by_version.insert(vk, &[] as &[u8]).map_err(backend)?.is_none();
@@ -550,6 +569,9 @@ impl Writer {
                     .compare_and_swap(fpk, Some(token_key), None as Option<&[u8]>)
                     .map_err(backend)?;
                 self.tokens.remove(token_key).map_err(backend)?;
+                if let Some(at) = record.expires_at {
+                    self.expiries.remove(expiry_key(at, token)).map_err(backend)?;
+                }
                 (
                     Applied::Deleted(true),
                     if indexed {
@@ -812,6 +834,11 @@ impl Store for SledStore {
             })
             .map_err(tx_error)?;
         if outcome == InsertOutcome::Inserted {
+            if let Some(at) = record.expires_at {
+                self.expiries
+                    .insert(expiry_key(at, &record.token), record.tenant.as_str().as_bytes())
+                    .map_err(backend)?;
+            }
             self.writer
                 .committed(&[Effect::Added(record.sealed.key_version)], &records);
         }
@@ -854,6 +881,35 @@ impl Store for SledStore {
 
     fn count(&self) -> Result<u64, StoreError> {
         Ok(self.tokens.len() as u64)
+    }
+
+    fn expired(&self, now: i64, limit: usize) -> Result<Vec<(TenantId, Token)>, StoreError> {
+        let end = (now.max(-1) + 1).max(0) as u64;
+        let mut out = Vec::new();
+        for item in self.expiries.range(..end.to_be_bytes().to_vec()) {
+            if out.len() >= limit {
+                break;
+            }
+            let (key, tenant) = item.map_err(backend)?;
+            let token = std::str::from_utf8(&key[8.min(key.len())..])
+                .ok()
+                .and_then(Token::parse);
+            let tenant = std::str::from_utf8(&tenant).ok().and_then(TenantId::parse);
+            let live = match (&token, &tenant) {
+                (Some(token), Some(tenant)) => self.get(tenant, token)?.is_some_and(|r| {
+                    r.expired_at(now) && r.expires_at.map(|t| expiry_key(t, token)) == Some(key.to_vec())
+                }),
+                _ => false,
+            };
+            match (live, token, tenant) {
+                (true, Some(token), Some(tenant)) => out.push((tenant, token)),
+                // Its record is gone (deleted) or changed: the entry is stale.
+                _ => {
+                    self.expiries.remove(&key).map_err(backend)?;
+                }
+            }
+        }
+        Ok(out)
     }
 
     fn count_by_version(&self) -> Result<std::collections::BTreeMap<u32, u64>, StoreError> {

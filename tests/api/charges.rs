@@ -476,6 +476,12 @@ async fn psp_failures_are_clear_counted_and_never_charge_twice() {
     assert_eq!(app.metric("tokenvault_charges_total{status=\"pending\"}").await, 2.0);
     assert_eq!(app.metric("tokenvault_charges_total{status=\"authorised\"}").await, 2.0);
     assert_eq!(app.metric("tokenvault_charges_total{status=\"refused\"}").await, 1.0);
+    // 4151 is refused "Insufficient funds": counted by a bounded reason label.
+    assert_eq!(
+        app.metric("tokenvault_charge_refusals_total{reason=\"insufficient_funds\"}")
+            .await,
+        1.0
+    );
 
     // The truth of a pending charge: GET shows it, and a retry with the same
     // Idempotency-Key resends under the reservation's PSP key (never a new one).

@@ -99,8 +99,24 @@ async fn live_responses_have_exactly_the_documented_fields() {
     // The fingerprint is shown only to callers granted tokens:dedupe.
     let mut without_fp = props.clone();
     without_fp.remove("fingerprint");
+    // `expires_at` only for a token given a lifetime (checked below).
+    let mut props = props;
+    props.remove("expires_at");
+    without_fp.remove("expires_at");
     assert_eq!(keys(&meta), without_fp);
     assert_eq!(required, without_fp);
+    let timed: Value = app
+        .tokenize_as(
+            &app.jwt("edge", "default"),
+            serde_json::json!({"pan": "4012888888881881", "exp_month": 6, "exp_year": 2032, "ttl": "1h"}),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    let mut with_expiry = without_fp.clone();
+    with_expiry.insert("expires_at".to_owned());
+    assert_eq!(keys(&timed), with_expiry);
     let (_, deduped) = app.tokenize_by("importer", "default", "5555555555554444", None).await;
     assert_eq!(keys(&deduped), props);
     let token = meta["token"].as_str().unwrap();

@@ -1,6 +1,8 @@
 //! Tokenize, read, detokenize and delete over HTTP: the walkthrough, token
 //! formats, dedupe, tenant isolation and every rejection path.
 
+use std::time::Duration;
+
 use serde_json::{Value, json};
 
 use crate::helpers::*;
@@ -571,4 +573,122 @@ async fn health_and_readiness() {
         app.logs().contains("core dumps disabled"),
         "process hardening applied at start"
     );
+}
+
+/// Expiring tokens: a 2-second token (with a CVV) is gone for every caller once its
+/// time passes, and the sweeper deletes it (audited, counted), also when the vault
+/// was down at the moment it expired; a 15-minute token says when it ends; bad
+/// lifetimes change nothing; a dedupe caller whose token expired gets a new one.
+#[tokio::test]
+async fn expiring_tokens_are_gone_when_their_time_passes_also_across_a_restart() {
+    let mut app = TestApp::spawn().await;
+    app.watch("4111111111111111");
+    app.watch("5555555555554444");
+    let edge = app.jwt("edge", "default");
+    let card = |extra: Value| {
+        let mut b = json!({"pan": "4111111111111111", "exp_month": 12, "exp_year": 2031, "cvv": "123"});
+        for (k, v) in extra.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        b
+    };
+    // Bad lifetimes: refused, nothing stored.
+    let before = app.metric("tokenvault_tokenize_total{outcome=\"created\"}").await;
+    for bad in [
+        json!({"ttl": "0s"}),
+        json!({"ttl": "401d"}),
+        json!({"ttl": "soon"}),
+        json!({"ttl": "15m", "expires_at": "2099-01-01T00:00:00Z"}),
+        json!({"expires_at": "2020-01-01T00:00:00Z"}),
+        json!({"expires_at": "tomorrow"}),
+    ] {
+        let res = app.tokenize_as(&edge, card(bad.clone())).await;
+        assert_problem(res, 422, "invalid-field").await;
+    }
+    assert_eq!(
+        app.metric("tokenvault_tokenize_total{outcome=\"created\"}").await,
+        before,
+        "bad lifetimes stored nothing"
+    );
+
+    // A token for one IVR call: 15 minutes.
+    let res = app.tokenize_as(&edge, card(json!({"ttl": "15m"}))).await;
+    assert_eq!(res.status(), 201);
+    let call: Value = res.json().await.unwrap();
+    let ends = time::OffsetDateTime::parse(
+        call["expires_at"].as_str().unwrap(),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap();
+    let left = (ends - time::OffsetDateTime::now_utc()).whole_seconds();
+    assert!((890..=900).contains(&left), "15 minutes: {left} s left");
+
+    // A 2-second token with a CVV.
+    let res = app.tokenize_as(&edge, card(json!({"ttl": "2s"}))).await;
+    assert_eq!(res.status(), 201);
+    let short: Value = res.json().await.unwrap();
+    let token = short["token"].as_str().unwrap().to_owned();
+    assert_eq!(short["cvv_held"], true);
+    assert_eq!(app.read("default", &token).await.status(), 200);
+    assert_eq!(app.detokenize("default", &token).await.status(), 200);
+    tokio::time::sleep(Duration::from_millis(2_300)).await;
+    assert_problem(app.read("default", &token).await, 404, "not-found").await;
+    assert_problem(app.detokenize("default", &token).await, 404, "not-found").await;
+    // The sweeper deletes it within a second or so, audited.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while app.metric("tokenvault_tokens_expired_total").await < 1.0 {
+        assert!(std::time::Instant::now() < deadline, "never swept");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        app.audit_export()
+            .iter()
+            .any(|r| r["action"] == "token.expire" && r["token"] == token.as_str()),
+        "the expiry is in the audit trail"
+    );
+    // The 15-minute token is still there.
+    assert_eq!(app.read("default", call["token"].as_str().unwrap()).await.status(), 200);
+
+    // A token that expires while the vault is down is deleted when it starts.
+    let res = app
+        .tokenize_as(
+            &edge,
+            json!({"pan": "5555555555554444", "exp_month": 1, "exp_year": 2032, "ttl": "2s"}),
+        )
+        .await;
+    assert_eq!(res.status(), 201);
+    let down: Value = res.json().await.unwrap();
+    let down_token = down["token"].as_str().unwrap().to_owned();
+    app.kill();
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let app = TestApp::restart_on(&app.data_dir);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while app.metric("tokenvault_tokens_expired_total").await < 1.0 {
+        assert!(std::time::Instant::now() < deadline, "not swept after the restart");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_problem(app.read("default", &down_token).await, 404, "not-found").await;
+    assert!(
+        app.audit_export()
+            .iter()
+            .any(|r| r["action"] == "token.expire" && r["token"] == down_token.as_str())
+    );
+
+    // Dedupe: the tenant's token for a card expired; the card gets a new one.
+    let importer = app.jwt("importer", "default");
+    let imported = |ttl: Option<&str>| {
+        let mut b = json!({"pan": "4012888888881881", "exp_month": 6, "exp_year": 2032});
+        if let Some(t) = ttl {
+            b["ttl"] = json!(t);
+        }
+        app.tokenize_as(&importer, b)
+    };
+    app.watch("4012888888881881");
+    let first: Value = imported(Some("1s")).await.json().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1_300)).await;
+    let res = imported(None).await;
+    assert_eq!(res.status(), 201, "a new token, not the expired one");
+    let second: Value = res.json().await.unwrap();
+    assert_ne!(second["token"], first["token"]);
+    assert!(second.get("expires_at").is_none());
 }
