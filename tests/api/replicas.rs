@@ -1084,16 +1084,24 @@ async fn store_copy_moves_a_sled_vault_to_postgres_resumably() {
     std::thread::sleep(Duration::from_millis(400));
     let _ = first.kill();
     let _ = first.wait();
-    let partial: u64 = std::process::Command::new("psql")
-        .args([
-            url.split('?').next().unwrap(),
-            "-qAtc",
-            "SELECT count(*) FROM tv_tokens",
-        ])
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-        .unwrap_or(0);
+    let query = |sql: &str| -> u64 {
+        std::process::Command::new("psql")
+            .args([url.split('?').next().unwrap(), "-qAtc", sql])
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+            .unwrap_or(0)
+    };
+    // The killed copy's server sessions end (a COMMIT it sent may still land) before
+    // the count: otherwise a loaded machine counts a batch too early.
+    let settle = std::time::Instant::now();
+    while query("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()")
+        > 0
+        && settle.elapsed() < Duration::from_secs(10)
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let partial = query("SELECT count(*) FROM tv_tokens");
     let (code, out, err) = run_cli(&copy_args, &[]);
     assert_eq!(code, 0, "{out}{err}");
     let total = cards.len() as u64;
