@@ -27,6 +27,19 @@ pub fn psp_idempotency_key(charge_id: &str) -> String {
     format!("tv-{charge_id}")
 }
 
+/// The digest an Idempotency-Key is stored under: its parts (client, tenant,
+/// …, the key), each followed by a zero byte so that no two tuples collide.
+pub(super) fn idempotency_scope(parts: &[&[u8]]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    for (i, part) in parts.iter().enumerate() {
+        if i > 0 {
+            h.update([0]);
+        }
+        h.update(part);
+    }
+    h.finalize().into()
+}
+
 /// A parsed charge request.
 #[derive(Debug, Clone, Serialize)]
 pub struct ChargeInput {
@@ -68,14 +81,11 @@ impl Vault {
     ) -> Result<ChargeOutcome, VaultError> {
         let psp = self.psp.clone().ok_or(VaultError::PspNotConfigured)?;
         self.refuse_if_damaged()?;
-        let scope: [u8; 32] = Sha256::new()
-            .chain_update(client.as_bytes())
-            .chain_update([0])
-            .chain_update(tenant.as_str().as_bytes())
-            .chain_update([0])
-            .chain_update(idempotency_key.as_bytes())
-            .finalize()
-            .into();
+        let scope = idempotency_scope(&[
+            client.as_bytes(),
+            tenant.as_str().as_bytes(),
+            idempotency_key.as_bytes(),
+        ]);
         let request_hash: [u8; 32] = Sha256::digest(serde_json::to_vec(&input).map_err(|_| VaultError::Task)?).into();
 
         // One request per key at a time; duplicates wait here, then replay.

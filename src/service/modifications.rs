@@ -21,6 +21,11 @@ use crate::domain::tenant::TenantId;
 use crate::psp::{Amount, ModificationKind, ModificationRequest, PspError, PspStatus};
 use crate::store::{ChargeRecord, Modification};
 
+/// Modifications one charge may carry. Refused and failed ones stay in its
+/// history too, so without a bound a caller holding a modification grant could
+/// grow one charge record (rewritten whole by every compare-and-set) without end.
+pub const MAX_MODIFICATIONS: usize = 100;
+
 /// Compare-and-set attempts before giving up (each loses only to another change
 /// of the same charge that landed in between).
 const SWAP_ATTEMPTS: usize = 16;
@@ -125,6 +130,11 @@ fn check(charge: &ChargeRecord, input: &ModificationInput) -> Result<Option<u64>
     if has_live(charge, "cancel") {
         return state("the charge was cancelled".into());
     }
+    if charge.modifications.len() >= MAX_MODIFICATIONS {
+        return state(format!(
+            "the charge already has {MAX_MODIFICATIONS} captures, refunds and cancels (the most one charge may carry)"
+        ));
+    }
     if let Some(a) = &input.amount
         && a.currency != charge.currency
     {
@@ -191,18 +201,13 @@ impl Vault {
     ) -> Result<ModificationOutcome, VaultError> {
         let psp = self.psp.clone().ok_or(VaultError::PspNotConfigured)?;
         self.refuse_if_damaged()?;
-        let scope: [u8; 32] = Sha256::new()
-            .chain_update(client.as_bytes())
-            .chain_update([0])
-            .chain_update(tenant.as_str().as_bytes())
-            .chain_update([0])
-            .chain_update(charge_id.as_bytes())
-            .chain_update([0])
-            .chain_update(input.kind.as_str().as_bytes())
-            .chain_update([0])
-            .chain_update(idempotency_key.as_bytes())
-            .finalize()
-            .into();
+        let scope = super::charges::idempotency_scope(&[
+            client.as_bytes(),
+            tenant.as_str().as_bytes(),
+            charge_id.as_bytes(),
+            input.kind.as_str().as_bytes(),
+            idempotency_key.as_bytes(),
+        ]);
         let request_hash: [u8; 32] = Sha256::digest(serde_json::to_vec(&input).map_err(|_| VaultError::Task)?).into();
         self.one_per_key(
             scope,
@@ -496,6 +501,16 @@ mod tests {
         ));
         let refunded = with(auto, "refund", Some(10_000), "received");
         assert_eq!(refunded.status, "refunded");
+
+        // A charge's history is bounded: PSP-refused attempts count too.
+        let mut busy = charge("automatic");
+        for _ in 0..MAX_MODIFICATIONS {
+            busy = with(busy, "refund", Some(1), "refused");
+        }
+        assert!(matches!(
+            check(&busy, &input(Refund, Some(1))),
+            Err(VaultError::ChargeState(_))
+        ));
 
         let mut refused_auth = charge("manual");
         refused_auth.status = "refused".into();
