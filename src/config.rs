@@ -7,7 +7,7 @@
 //! issuer, audience, the client registry and the keystore are all explicit.
 //! Secrets are referenced by file path (Kubernetes secrets), never given inline.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -346,6 +346,81 @@ pub struct Settings {
     pub cvv_redis: Option<secrecy::SecretString>,
     /// A file holding that URL (read at start; exclusive with `cvv_redis`).
     pub cvv_redis_file: Option<PathBuf>,
+    /// Token lifetimes and card retention.
+    pub lifecycle: Lifecycle,
+}
+
+/// How long tokens may be given to live, and how long unused cards are kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lifecycle {
+    /// The shortest `ttl`/`expires_at` a tokenize may ask for.
+    pub min_ttl: std::time::Duration,
+    /// The longest.
+    pub max_ttl: std::time::Duration,
+    /// Per tenant: a card not used (tokenized, charged or detokenized) for this
+    /// long is deleted (PCI DSS 3.2.1). A tenant not listed keeps its cards.
+    pub retention: BTreeMap<String, std::time::Duration>,
+}
+
+impl Default for Lifecycle {
+    fn default() -> Self {
+        Lifecycle {
+            min_ttl: std::time::Duration::from_secs(1),
+            max_ttl: MAX_TOKEN_TTL,
+            retention: BTreeMap::new(),
+        }
+    }
+}
+
+/// The longest any token may be given to live (and the default bound).
+pub const MAX_TOKEN_TTL: std::time::Duration = std::time::Duration::from_secs(400 * 86_400);
+
+impl Lifecycle {
+    /// Checks the bounds and the retention periods (each at least 1s, tenants valid).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.min_ttl < std::time::Duration::from_secs(1)
+            || self.min_ttl > self.max_ttl
+            || self.max_ttl > MAX_TOKEN_TTL
+        {
+            return Err(ConfigError::Invalid(
+                "tokens: need 1s <= min_ttl <= max_ttl <= 400d".into(),
+            ));
+        }
+        for (tenant, period) in &self.retention {
+            if crate::domain::tenant::TenantId::parse(tenant).is_none() {
+                return Err(ConfigError::Invalid(format!(
+                    "retention: {tenant:?} is not a valid tenant id"
+                )));
+            }
+            if *period < std::time::Duration::from_secs(1) {
+                return Err(ConfigError::Invalid(format!("retention.{tenant} must be at least 1s")));
+            }
+        }
+        Ok(())
+    }
+
+    /// Parses a dev flag's `TENANT=DURATION` into the retention map.
+    pub fn add_retention(&mut self, spec: &str) -> Result<(), ConfigError> {
+        let bad = || {
+            ConfigError::Invalid(format!(
+                "--retention {spec:?}: expected TENANT=DURATION such as acme=400d"
+            ))
+        };
+        let (tenant, period) = spec.split_once('=').ok_or_else(bad)?;
+        let period = humantime::parse_duration(period).map_err(|_| bad())?;
+        self.retention.insert(tenant.to_owned(), period);
+        self.validate()
+    }
+}
+
+/// `[tokens]` in the production file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokensFile {
+    #[serde(default)]
+    min_ttl: Option<String>,
+    #[serde(default)]
+    max_ttl: Option<String>,
 }
 
 impl Settings {
@@ -512,6 +587,12 @@ struct ProductionFile {
     /// mounts it from a secret. Exclusive with `cvv_redis`.
     #[serde(default)]
     cvv_redis_file: Option<PathBuf>,
+    /// `[tokens]`: `min_ttl`, `max_ttl` of expiring tokens.
+    #[serde(default)]
+    tokens: TokensFile,
+    /// `[retention]`: tenant = "400d" (cards unused that long are deleted).
+    #[serde(default)]
+    retention: BTreeMap<String, String>,
 }
 
 /// `[enumeration_guard]`: distinct cards per BIN + last four per client and tenant.
@@ -675,6 +756,23 @@ impl Settings {
             store: parsed.store,
             cvv_redis: parsed.cvv_redis,
             cvv_redis_file: parsed.cvv_redis_file,
+            lifecycle: {
+                let d = Lifecycle::default();
+                let lifecycle = Lifecycle {
+                    min_ttl: parse_duration("tokens.min_ttl", parsed.tokens.min_ttl, d.min_ttl)?,
+                    max_ttl: parse_duration("tokens.max_ttl", parsed.tokens.max_ttl, d.max_ttl)?,
+                    retention: parsed
+                        .retention
+                        .into_iter()
+                        .map(|(tenant, period)| {
+                            let what = format!("retention.{tenant}");
+                            parse_duration(&what, Some(period), d.max_ttl).map(|p| (tenant, p))
+                        })
+                        .collect::<Result<_, _>>()?,
+                };
+                lifecycle.validate()?;
+                lifecycle
+            },
             kek_wrap_limit: parsed.kek_wrap_limit.unwrap_or(DEFAULT_KEK_WRAP_LIMIT).max(1),
             deletion_epoch: match parsed.deletion_epoch.as_deref() {
                 Some("off") => None,

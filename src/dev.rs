@@ -248,6 +248,7 @@ pub fn settings_for(data_dir: &Path, listen: std::net::SocketAddr) -> (Settings,
         store: Default::default(),
         cvv_redis: None,
         cvv_redis_file: None,
+        lifecycle: crate::config::Lifecycle::default(),
     };
     (settings, paths)
 }

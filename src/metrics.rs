@@ -18,6 +18,7 @@ pub struct Metrics {
     pub key_ops: IntCounterVec,
     pub rewrapped: prometheus::IntCounter,
     pub expired: prometheus::IntCounter,
+    pub retention_deleted: prometheus::IntCounter,
     pub unseal: IntCounterVec,
     pub sealed: IntGauge,
     pub store_damaged: IntGauge,
@@ -117,6 +118,14 @@ impl Metrics {
         )
         .expect("valid counter");
         registry.register(Box::new(expired.clone())).expect("unique counter");
+        let retention_deleted = prometheus::IntCounter::new(
+            "tokens_retention_deleted_total",
+            "Cards deleted by the retention sweeper (unused for their tenant's retention period)",
+        )
+        .expect("valid counter");
+        registry
+            .register(Box::new(retention_deleted.clone()))
+            .expect("unique counter");
         let sealed = IntGauge::new("sealed", "1 while the vault is sealed").expect("valid gauge");
         registry.register(Box::new(sealed.clone())).expect("unique gauge");
         let store_damaged = IntGauge::new(
@@ -187,6 +196,7 @@ impl Metrics {
             key_ops,
             rewrapped,
             expired,
+            retention_deleted,
             unseal,
             sealed,
             store_damaged,

@@ -230,6 +230,30 @@ fn spawn_token_expiry(state: web::Data<AppState>) {
     });
 }
 
+/// Deletes cards their tenant's retention period says were unused too long (at
+/// start, then every `every`): each deletion audited (`token.retention`) with it
+/// and counted. Every replica sweeps; a card deleted by one is skipped by the others.
+fn spawn_retention(state: web::Data<AppState>, every: Duration) {
+    actix_web::rt::spawn(async move {
+        let mut tick = actix_web::rt::time::interval(every);
+        loop {
+            tick.tick().await;
+            if state.vault.parts().1.is_sealed() {
+                continue;
+            }
+            match state.vault.sweep_retention().await {
+                Ok(n) => {
+                    state.metrics.retention_deleted.inc_by(n as u64);
+                    if n > 0 {
+                        tracing::info!(count = n, "unused cards deleted by retention");
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "retention sweep failed"),
+            }
+        }
+    });
+}
+
 /// Destroys CVVs whose TTL ran out, even if no charge ever came.
 fn spawn_cvv_sweeper(vault: Vault, ttl: Duration) {
     let every = (ttl / 4).clamp(Duration::from_millis(250), Duration::from_secs(30));
@@ -500,6 +524,7 @@ impl Application {
             enumeration: settings.enumeration_guard,
             kek_wrap_limit: settings.kek_wrap_limit,
             cvv_redis: cvv_redis.clone(),
+            lifecycle: settings.lifecycle.clone(),
         };
         if matches!(location, crate::store::StoreLocation::Postgres(_)) && cvv_redis.is_none() {
             tracing::warn!(
@@ -567,6 +592,9 @@ impl Application {
         });
         spawn_failure_summaries(state.clone());
         spawn_token_expiry(state.clone());
+        if let Some(every) = state.vault.retention_interval() {
+            spawn_retention(state.clone(), every);
+        }
         if let Some(epoch) = settings.deletion_epoch {
             spawn_deletion_epoch(state.clone(), epoch);
         }

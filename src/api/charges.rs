@@ -13,7 +13,7 @@ use super::problem::ApiError;
 use crate::domain::token::Token;
 use crate::psp::{Amount, ModificationKind, Recurring, ShopperInteraction};
 use crate::service::{ChargeInput, ModificationInput};
-use crate::store::{ChargeRecord, Modification};
+use crate::store::{ChargeRecord, ChargesOf, Modification};
 
 /// Active ISO 4217 currency codes.
 const ISO_4217: &str = "AED AFN ALL AMD ANG AOA ARS AUD AWG AZN BAM BBD BDT BGN BHD BIF BMD BND BOB BRL BSD BTN BWP \
@@ -560,6 +560,104 @@ pub async fn read(
     event.detail = (!bogus).then(|| format!("charge {id}"));
     state.audit(event).await?;
     Ok(HttpResponse::Ok().json(view(&result?)))
+}
+
+/// `GET /v1/charges` query: one of `token` or `reference`, a cursor, a page size.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    #[serde(default)]
+    token: Option<String>,
+    #[serde(default)]
+    reference: Option<String>,
+    #[serde(default)]
+    cursor: Option<String>,
+    #[serde(default)]
+    limit: Option<String>,
+}
+
+#[derive(Serialize)]
+struct ChargePage<'a> {
+    items: Vec<ChargeView<'a>>,
+    next_cursor: Option<String>,
+}
+
+/// A charge listing's filter, cursor (creation time, id) and page size.
+type ChargeListing = (ChargesOf, Option<(i64, String)>, usize);
+
+/// What a charge listing asks for, checked.
+fn parse_list(q: ListQuery) -> Result<ChargeListing, ApiError> {
+    let of = match (q.token, q.reference) {
+        (Some(t), None) => ChargesOf::Token(
+            Token::parse(&t)
+                .ok_or(ApiError::InvalidField("token must be a token of this vault"))?
+                .to_string(),
+        ),
+        (None, Some(r)) => {
+            if r.is_empty()
+                || r.chars().count() > 80
+                || r.chars().any(char::is_control)
+                || crate::domain::card::contains_pan(&r)
+            {
+                return Err(ApiError::InvalidField(
+                    "reference must be 1 to 80 characters without control characters or a card number",
+                ));
+            }
+            ChargesOf::Reference(r)
+        }
+        _ => return Err(ApiError::InvalidField("give exactly one of token and reference")),
+    };
+    let after = q
+        .cursor
+        .as_deref()
+        .map(|c| {
+            let bytes = super::tokens::decode_cursor(c)?;
+            let bad = || ApiError::InvalidField("cursor must be a next_cursor this listing returned");
+            let (at, id) = bytes.split_at_checked(8).ok_or_else(bad)?;
+            let id = std::str::from_utf8(id).map_err(|_| bad())?;
+            if bogus_charge_id(id) {
+                return Err(bad());
+            }
+            Ok((i64::from_be_bytes(at.try_into().map_err(|_| bad())?), id.to_owned()))
+        })
+        .transpose()?;
+    Ok((of, after, super::tokens::parse_limit(q.limit.as_deref())?))
+}
+
+/// GET /v1/charges?token=…|reference=…&cursor=…&limit=…
+pub async fn list(
+    state: web::Data<AppState>,
+    caller: Caller<ChargesRead>,
+    query: Result<web::Query<ListQuery>, actix_web::Error>,
+) -> Result<HttpResponse, ApiError> {
+    let parsed = query
+        .map_err(|_| ApiError::InvalidField("the query takes token or reference, cursor and limit, each at most once"))
+        .and_then(|q| parse_list(q.into_inner()));
+    let result = match parsed {
+        Ok((of, after, limit)) => state
+            .vault
+            .list_charges(caller.principal.tenant.clone(), of, after, limit)
+            .await
+            .map(|page| (page, limit))
+            .map_err(ApiError::from),
+        Err(e) => Err(e),
+    };
+    let mut event = caller.event("charge.list", result.as_ref().map_or_else(|e| e.code(), |_| "ok"), None);
+    if let Ok((page, _)) = &result {
+        event.detail = Some(format!("{} charges listed", page.len()));
+    }
+    state.audit(event).await?;
+    let (page, limit) = result?;
+    let next_cursor = (page.len() == limit).then(|| {
+        let last = &page[page.len() - 1];
+        let mut bytes = last.created_at.to_be_bytes().to_vec();
+        bytes.extend_from_slice(last.id.as_bytes());
+        super::tokens::encode_cursor(&bytes)
+    });
+    Ok(HttpResponse::Ok().json(ChargePage {
+        items: page.iter().map(view).collect(),
+        next_cursor,
+    }))
 }
 
 #[cfg(test)]

@@ -29,7 +29,7 @@ use problem::{ApiError, REQUEST_ID};
 #[doc(hidden)]
 pub fn fuzz_request_bodies(data: &[u8]) {
     if let Ok(body) = serde_json::from_slice::<tokens::TokenizeBody>(data) {
-        let _ = tokens::parse_tokenize(&body);
+        let _ = tokens::parse_tokenize(&body, &crate::config::Lifecycle::default());
     }
     if let Ok(body) = serde_json::from_slice::<charges::ChargeBody>(data) {
         let _ = charges::parse(body);
@@ -105,11 +105,13 @@ impl AppState {
 /// Every (method, path) the server routes, kept in step with openapi.yaml by a test.
 pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/tokens"),
+    ("GET", "/v1/tokens"),
     ("GET", "/v1/tokens/{token}"),
     ("DELETE", "/v1/tokens/{token}"),
     ("PATCH", "/v1/tokens/{token}"),
     ("POST", "/v1/detokenize"),
     ("POST", "/v1/charges"),
+    ("GET", "/v1/charges"),
     ("GET", "/v1/charges/{id}"),
     ("POST", "/v1/charges/{id}/captures"),
     ("POST", "/v1/charges/{id}/refunds"),
@@ -172,6 +174,7 @@ fn configure_api(cfg: &mut web::ServiceConfig) {
     cfg.service(
         web::resource("/v1/tokens")
             .route(web::post().to(tokens::tokenize))
+            .route(web::get().to(tokens::list))
             .default_service(web::to(method_not_allowed)),
     )
     .service(
@@ -184,6 +187,7 @@ fn configure_api(cfg: &mut web::ServiceConfig) {
     .service(
         web::resource("/v1/charges")
             .route(web::post().to(charges::create))
+            .route(web::get().to(charges::list))
             .default_service(web::to(method_not_allowed)),
     )
     .service(

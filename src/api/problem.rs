@@ -33,6 +33,9 @@ pub enum ApiError {
     InvalidExpiry(ExpiryError),
     #[error("invalid field")]
     InvalidField(&'static str),
+    /// As `InvalidField`, with a message built from configuration (bounds).
+    #[error("invalid field")]
+    InvalidValue(String),
     #[error("authentication failed")]
     Auth(AuthError),
     #[error("not found")]
@@ -131,7 +134,7 @@ impl ApiError {
             ApiError::PayloadTooLarge => "payload-too-large",
             ApiError::InvalidPan(_) => "invalid-card-number",
             ApiError::InvalidExpiry(_) => "invalid-expiry",
-            ApiError::InvalidField(_) => "invalid-field",
+            ApiError::InvalidField(_) | ApiError::InvalidValue(_) => "invalid-field",
             ApiError::Auth(e) if e.is_forbidden() => "forbidden",
             ApiError::Auth(_) => "unauthenticated",
             ApiError::NotFound => "not-found",
@@ -166,7 +169,7 @@ impl ApiError {
             ApiError::PayloadTooLarge => "The request body is too large",
             ApiError::InvalidPan(_) => "The card number is not valid",
             ApiError::InvalidExpiry(_) => "The expiry date is not valid",
-            ApiError::InvalidField(_) => "A field is not valid",
+            ApiError::InvalidField(_) | ApiError::InvalidValue(_) => "A field is not valid",
             ApiError::Auth(e) if e.is_forbidden() => "The caller is not allowed to do this",
             ApiError::Auth(_) => "Authentication required",
             ApiError::NotFound => "Not found",
@@ -203,6 +206,7 @@ impl ApiError {
             ApiError::InvalidPan(e) => Some(e.to_string()),
             ApiError::InvalidExpiry(e) => Some(e.to_string()),
             ApiError::InvalidField(what) => Some((*what).to_owned()),
+            ApiError::InvalidValue(what) => Some(what.clone()),
             ApiError::Malformed => Some("the body must be a JSON object with exactly the documented fields".into()),
             // An unauthenticated caller learns nothing about why its credential failed
             // (the reason is in the log, the metric and the audit trail).
@@ -332,9 +336,10 @@ impl ResponseError for ApiError {
             ApiError::Malformed | ApiError::EscapesRefused => StatusCode::BAD_REQUEST,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::InvalidPan(_) | ApiError::InvalidExpiry(_) | ApiError::InvalidField(_) => {
-                StatusCode::UNPROCESSABLE_ENTITY
-            }
+            ApiError::InvalidPan(_)
+            | ApiError::InvalidExpiry(_)
+            | ApiError::InvalidField(_)
+            | ApiError::InvalidValue(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Auth(e) if e.is_forbidden() => StatusCode::FORBIDDEN,
             ApiError::Auth(_) => StatusCode::UNAUTHORIZED,
             ApiError::NotFound => StatusCode::NOT_FOUND,

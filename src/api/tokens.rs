@@ -41,17 +41,22 @@ pub struct TokenizeBody {
     expires_at: Option<String>,
 }
 
-/// The longest a token may be given to live by `ttl` or `expires_at` (a token
-/// without either lives until deleted).
-const MAX_TOKEN_TTL_SECS: i64 = 400 * 86_400;
-
-/// When a new token expires (unix seconds), from `ttl` or `expires_at`.
-fn parse_expiry_time(ttl: Option<&str>, at: Option<&str>, now: i64) -> Result<Option<i64>, ApiError> {
+/// When a new token expires (unix seconds), from `ttl` or `expires_at`, within
+/// the vault's bounds (a token without either lives until deleted).
+fn parse_expiry_time(
+    ttl: Option<&str>,
+    at: Option<&str>,
+    now: i64,
+    bounds: &crate::config::Lifecycle,
+) -> Result<Option<i64>, ApiError> {
+    let (min, max) = (bounds.min_ttl.as_secs() as i64, bounds.max_ttl.as_secs() as i64);
     let bad = || {
-        ApiError::InvalidField(
-            "ttl must be a duration from 1s to 400d (such as 15m), or expires_at an RFC 3339 time in the next 400 days; \
+        ApiError::InvalidValue(format!(
+            "ttl must be a duration from {} to {} (such as 15m), or expires_at an RFC 3339 time that far ahead; \
              not both",
-        )
+            humantime::format_duration(bounds.min_ttl),
+            humantime::format_duration(bounds.max_ttl),
+        ))
     };
     let secs = match (ttl, at) {
         (None, None) => return Ok(None),
@@ -68,7 +73,7 @@ fn parse_expiry_time(ttl: Option<&str>, at: Option<&str>, now: i64) -> Result<Op
                 - now
         }
     };
-    if !(1..=MAX_TOKEN_TTL_SECS).contains(&secs) {
+    if !(min..=max).contains(&secs) {
         return Err(bad());
     }
     Ok(Some(now + secs))
@@ -111,6 +116,9 @@ struct TokenBody<'a> {
     /// Only for a token given a `ttl` or `expires_at`.
     #[serde(skip_serializing_if = "Option::is_none", with = "time::serde::rfc3339::option")]
     expires_at: Option<OffsetDateTime>,
+    /// In reads and listings: when the card was last tokenized, charged or detokenized.
+    #[serde(skip_serializing_if = "Option::is_none", with = "time::serde::rfc3339::option")]
+    last_used_at: Option<OffsetDateTime>,
 }
 
 impl<'a> TokenBody<'a> {
@@ -127,6 +135,7 @@ impl<'a> TokenBody<'a> {
             created_at: m.created_at,
             cvv_held: m.cvv_held,
             expires_at: m.expires_at.and_then(|t| OffsetDateTime::from_unix_timestamp(t).ok()),
+            last_used_at: m.last_used_at.and_then(|t| OffsetDateTime::from_unix_timestamp(t).ok()),
         }
     }
 }
@@ -146,7 +155,7 @@ pub async fn tokenize(
     caller: Caller<TokensCreate>,
     body: SecretJson<TokenizeBody>,
 ) -> Result<HttpResponse, ApiError> {
-    let input = match parse_tokenize(&body.0) {
+    let input = match parse_tokenize(&body.0, state.vault.lifecycle()) {
         Ok(input) => input,
         Err(e) => {
             state.metrics.tokenize.with_label_values(&["rejected"]).inc();
@@ -213,7 +222,10 @@ fn parse_expiry_and_name(
     Ok((expiry, name))
 }
 
-pub(super) fn parse_tokenize(body: &TokenizeBody) -> Result<TokenizeInput, ApiError> {
+pub(super) fn parse_tokenize(
+    body: &TokenizeBody,
+    bounds: &crate::config::Lifecycle,
+) -> Result<TokenizeInput, ApiError> {
     let pan = Pan::parse(body.pan.expose_secret()).map_err(ApiError::InvalidPan)?;
     let (expiry, name) = parse_expiry_and_name(body.exp_month, body.exp_year, body.cardholder_name.as_ref())?;
     let cvv = body
@@ -226,6 +238,7 @@ pub(super) fn parse_tokenize(body: &TokenizeBody) -> Result<TokenizeInput, ApiEr
         body.ttl.as_deref(),
         body.expires_at.as_deref(),
         OffsetDateTime::now_utc().unix_timestamp(),
+        bounds,
     )?;
     Ok(TokenizeInput {
         expires_at,
@@ -233,6 +246,135 @@ pub(super) fn parse_tokenize(body: &TokenizeBody) -> Result<TokenizeInput, ApiEr
         card: CardPayload { pan, expiry, name },
         format: body.format.unwrap_or_default(),
     })
+}
+
+/// `GET /v1/tokens` query: a page of the tenant's tokens.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    /// `YYYY-MM`: only cards whose expiry month is earlier.
+    #[serde(default)]
+    expiring_before: Option<String>,
+    /// From a previous page's `next_cursor`.
+    #[serde(default)]
+    cursor: Option<String>,
+    /// Items per page, 1..=500 (default 100).
+    #[serde(default)]
+    limit: Option<String>,
+}
+
+/// The largest page a listing gives.
+pub(super) const MAX_PAGE: usize = 500;
+/// The page size when none is asked for.
+pub(super) const DEFAULT_PAGE: usize = 100;
+
+/// A listing's `limit`, 1..=[`MAX_PAGE`].
+pub(super) fn parse_limit(limit: Option<&str>) -> Result<usize, ApiError> {
+    match limit {
+        None => Ok(DEFAULT_PAGE),
+        Some(l) => l
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=MAX_PAGE).contains(n))
+            .ok_or(ApiError::InvalidField("limit must be an integer from 1 to 500")),
+    }
+}
+
+/// A listing's opaque cursor: the URL-safe base64 of what the page ended on.
+pub(super) fn encode_cursor(bytes: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// Decodes a cursor made by [`encode_cursor`] (at most 256 bytes).
+pub(super) fn decode_cursor(cursor: &str) -> Result<Vec<u8>, ApiError> {
+    use base64::Engine;
+    let bad = || ApiError::InvalidField("cursor must be a next_cursor this listing returned");
+    if cursor.len() > 344 {
+        return Err(bad());
+    }
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(cursor)
+        .map_err(|_| bad())
+}
+
+/// `YYYY-MM` (a month from 2000-01 to 2099-12).
+fn parse_month(s: &str) -> Result<(u16, u8), ApiError> {
+    let bad = || ApiError::InvalidField("expiring_before must be a month, YYYY-MM (2000-01 to 2099-12)");
+    let (y, m) = s.split_once('-').ok_or_else(bad)?;
+    if y.len() != 4 || m.len() != 2 || !y.bytes().chain(m.bytes()).all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    let (y, m): (u16, u8) = (y.parse().map_err(|_| bad())?, m.parse().map_err(|_| bad())?);
+    if !(2000..=2099).contains(&y) || !(1..=12).contains(&m) {
+        return Err(bad());
+    }
+    Ok((y, m))
+}
+
+#[derive(Serialize)]
+struct TokenPageBody<'a> {
+    items: Vec<TokenBody<'a>>,
+    next_cursor: Option<String>,
+}
+
+/// GET /v1/tokens?expiring_before=YYYY-MM&cursor=…&limit=…
+pub async fn list(
+    state: web::Data<AppState>,
+    caller: Caller<TokensRead>,
+    query: Result<web::Query<ListQuery>, actix_web::Error>,
+) -> Result<HttpResponse, ApiError> {
+    let parsed = (|| {
+        let q = query.map_err(|_| {
+            ApiError::InvalidField("the query takes expiring_before, cursor and limit, each at most once")
+        })?;
+        let before = q.expiring_before.as_deref().map(parse_month).transpose()?;
+        let after = q
+            .cursor
+            .as_deref()
+            .map(|c| {
+                let bytes = decode_cursor(c)?;
+                std::str::from_utf8(&bytes)
+                    .ok()
+                    .and_then(Token::parse)
+                    .ok_or(ApiError::InvalidField(
+                        "cursor must be a next_cursor this listing returned",
+                    ))
+            })
+            .transpose()?;
+        Ok::<_, ApiError>((before, after, parse_limit(q.limit.as_deref())?))
+    })();
+    let (before, after, limit) = match parsed {
+        Ok(p) => p,
+        Err(e) => {
+            state.audit(caller.event("token.list", e.code(), None)).await?;
+            return Err(e);
+        }
+    };
+    let page = state
+        .vault
+        .list_tokens(
+            caller.principal.tenant.clone(),
+            before,
+            after,
+            limit,
+            caller.event("token.list", "", None),
+        )
+        .await;
+    match page {
+        Ok(page) => {
+            let dedupe = caller.principal.may(Scope::TokensDedupe);
+            Ok(HttpResponse::Ok().json(TokenPageBody {
+                items: page.items.iter().map(|m| TokenBody::new(m, dedupe)).collect(),
+                next_cursor: page.next.map(|t| encode_cursor(t.as_str().as_bytes())),
+            }))
+        }
+        Err(e) => {
+            let e = vault_error(e);
+            state.audit(caller.event("token.list", e.code(), None)).await?;
+            Err(e)
+        }
+    }
 }
 
 /// GET /v1/tokens/{token}

@@ -113,6 +113,16 @@ struct ServeArgs {
     /// card is unrecoverable within two epochs [dev default: off; production default: 7d].
     #[arg(long, env = "TOKENVAULT_DELETION_EPOCH", value_name = "DURATION")]
     deletion_epoch: Option<String>,
+    /// Retention for a tenant, e.g. acme=400d: its cards unused (not tokenized, charged or
+    /// detokenized) that long are deleted [default: kept]. Repeat for more tenants.
+    #[arg(long, value_name = "TENANT=DURATION")]
+    retention: Vec<String>,
+    /// Shortest lifetime a tokenize may give a token (ttl/expires_at) [default: 1s].
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    token_ttl_min: Option<std::time::Duration>,
+    /// Longest lifetime a tokenize may give a token (ttl/expires_at) [default and most: 400d].
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    token_ttl_max: Option<std::time::Duration>,
 }
 
 #[derive(Subcommand)]
@@ -549,6 +559,16 @@ fn serve(args: ServeArgs) -> ExitCode {
         if let Some(n) = args.kek_wrap_limit {
             s.kek_wrap_limit = n;
         }
+        for spec in &args.retention {
+            s.lifecycle.add_retention(spec)?;
+        }
+        if let Some(d) = args.token_ttl_min {
+            s.lifecycle.min_ttl = d;
+        }
+        if let Some(d) = args.token_ttl_max {
+            s.lifecycle.max_ttl = d;
+        }
+        s.lifecycle.validate()?;
         if let Some(addr) = args.metrics_listen {
             s.metrics_listen = Some(addr);
         }

@@ -267,6 +267,7 @@ impl Vault {
             let record = this.live_record(&t, &tok)?.ok_or_else(|| this.missing())?;
             let ring = this.keys.ring().ok_or(VaultError::Sealed)?;
             let card = ring.open(&t, &tok, &record.metadata_binding(), &record.sealed)?;
+            this.note_use(&t, &tok);
             Ok((record, card))
         })
         .await
@@ -393,6 +394,23 @@ impl Vault {
             .await
             .map_err(|_| VaultError::Task)??
             .ok_or_else(|| self.missing())
+    }
+
+    /// A page of the tenant's charges for one token or merchant reference, oldest
+    /// first, after the cursor (creation time, id) of the previous page's last.
+    pub async fn list_charges(
+        &self,
+        tenant: TenantId,
+        of: crate::store::ChargesOf,
+        after: Option<(i64, String)>,
+        limit: usize,
+    ) -> Result<Vec<ChargeRecord>, VaultError> {
+        let store = self.store.clone();
+        Ok(
+            tokio::task::spawn_blocking(move || store.charges_of(&tenant, &of, after.as_ref(), limit))
+                .await
+                .map_err(|_| VaultError::Task)??,
+        )
     }
 
     /// Whether a live CVV is held for `token`.

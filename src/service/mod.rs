@@ -8,6 +8,7 @@ mod budget;
 mod charges;
 mod cvv;
 mod keyadmin;
+mod lifecycle;
 mod modifications;
 
 use std::sync::Arc;
@@ -144,6 +145,9 @@ pub struct TokenMetadata {
     pub cvv_held: bool,
     /// When the token stops existing (unix seconds), if it was given a lifetime.
     pub expires_at: Option<i64>,
+    /// When the card was last used (tokenized, charged or detokenized; unix
+    /// seconds, to the vault's use granularity). Filled in by reads and listings.
+    pub last_used_at: Option<i64>,
 }
 
 /// Whether tokenize stored a new card or found the tenant's existing one.
@@ -162,6 +166,7 @@ pub struct Revealed {
 
 pub use charges::{ChargeInput, ChargeOutcome, STATUS_PENDING, psp_idempotency_key};
 pub use keyadmin::{DestroyOutcome, EPOCH_OFFICER, EpochStep, KeyStatus, RewrapProgress, VersionStatus};
+pub use lifecycle::{RETENTION_PRINCIPAL, TokenPage};
 pub use modifications::{ModificationInput, ModificationOutcome, derived_status};
 
 /// The vault. Cheap to clone.
@@ -183,6 +188,7 @@ pub struct Vault {
     idempotency_window: std::time::Duration,
     enumeration: Option<Arc<EnumerationGuard>>,
     budget: Arc<budget::WrapBudget>,
+    lifecycle: Arc<crate::config::Lifecycle>,
 }
 
 /// What a vault needs besides its store and keys.
@@ -199,6 +205,8 @@ pub struct VaultOptions {
     /// A memory-only Redis that holds CVVs for every replica (None: this process's memory).
     /// (A URL may carry a password: kept secret, never in `Debug`.)
     pub cvv_redis: Option<secrecy::SecretString>,
+    /// Token lifetime bounds and per-tenant retention of unused cards.
+    pub lifecycle: crate::config::Lifecycle,
 }
 
 impl Default for VaultOptions {
@@ -211,6 +219,7 @@ impl Default for VaultOptions {
             enumeration: Some(crate::limits::EnumerationParams::default()),
             kek_wrap_limit: budget::DEFAULT_LIMIT,
             cvv_redis: None,
+            lifecycle: crate::config::Lifecycle::default(),
         }
     }
 }
@@ -250,6 +259,7 @@ impl Vault {
             inflight: Arc::new(std::sync::Mutex::new(std::collections::HashMap::new())),
             idempotency_window: options.idempotency_window,
             enumeration: options.enumeration.map(|p| Arc::new(EnumerationGuard::new(p))),
+            lifecycle: Arc::new(options.lifecycle),
         })
     }
 
@@ -375,7 +385,7 @@ impl Vault {
             let (record, meta, sealing) = match prepared {
                 Prepared::Existing(meta) => break self.existing(meta, &event).await?,
                 Prepared::Expired(tenant, token) => {
-                    self.expire(tenant, token).await?;
+                    self.sweep_one(tenant, token, "token.expire", EXPIRY_PRINCIPAL).await?;
                     continue;
                 }
                 Prepared::Updated(meta) => {
@@ -451,21 +461,28 @@ impl Vault {
             .map_err(|_| VaultError::Task)??;
         let mut gone = 0;
         for (tenant, token) in due {
-            if self.expire(tenant, token).await? {
+            if self.sweep_one(tenant, token, "token.expire", EXPIRY_PRINCIPAL).await? {
                 gone += 1;
             }
         }
         Ok(gone)
     }
 
-    /// Deletes one expired token with its audit record (one unit of work) and
-    /// drops its waiting CVV. `false`: it was gone already.
-    async fn expire(&self, tenant: TenantId, token: Token) -> Result<bool, VaultError> {
+    /// Deletes one token for a sweeper (expiry, retention) with its audit record
+    /// (`action`, by `principal`; one unit of work) and drops its waiting CVV.
+    /// `false`: it was gone already.
+    async fn sweep_one(
+        &self,
+        tenant: TenantId,
+        token: Token,
+        action: &'static str,
+        principal: &'static str,
+    ) -> Result<bool, VaultError> {
         let unit = Unit {
             audit: AuditEvent {
-                action: "token.expire",
+                action,
                 outcome: "deleted".into(),
-                principal: Some(EXPIRY_PRINCIPAL.into()),
+                principal: Some(principal.into()),
                 tenant: Some(tenant.as_str().to_owned()),
                 token: Some(token.to_string()),
                 ..Default::default()
@@ -481,7 +498,7 @@ impl Vault {
             self.stored.fetch_sub(1, Ordering::Relaxed);
         }
         if let Err(e) = self.cvv.take(&token).await {
-            tracing::warn!(error = %e, "cannot drop an expired card's waiting CVV (its TTL will)");
+            tracing::warn!(error = %e, "cannot drop a swept card's waiting CVV (its TTL will)");
         }
         Ok(deleted)
     }
@@ -536,6 +553,8 @@ impl Vault {
                 return Ok(Prepared::Expired(tenant.clone(), token));
             }
             let card = ring.open(tenant, &token, &record.metadata_binding(), &record.sealed)?;
+            // Tokenizing a known card is a use of it (retention).
+            self.note_use(tenant, &token);
             let stored_expiry = (card.expiry.year(), card.expiry.month());
             let given = (input.card.expiry.year(), input.card.expiry.month());
             // A reissued card (a newer expiry) updates the token instead of silently
@@ -616,6 +635,7 @@ impl Vault {
                     name: name.clone().or_else(|| card.name.clone()),
                 };
                 if let Some(meta) = this.reseal(ring, &record, &updated)? {
+                    this.note_use(&tenant, &token);
                     return Ok(meta);
                 }
                 // Changed meanwhile (a rewrap, another update): read it again.
@@ -687,7 +707,9 @@ impl Vault {
             return Ok(None);
         };
         let card = ring.open(tenant, token, &record.metadata_binding(), &record.sealed)?;
-        Ok(Some(metadata(&record, &card)))
+        let mut meta = metadata(&record, &card);
+        meta.last_used_at = self.store.last_used(tenant, token)?;
+        Ok(Some(meta))
     }
 
     /// Reveals the card behind a token. `event` (outcome `ok`) is appended and
@@ -702,6 +724,7 @@ impl Vault {
                 &record.metadata_binding(),
                 &record.sealed,
             )?;
+            this.note_use(&tenant, &token);
             Ok::<_, VaultError>(Revealed { token, card })
         })
         .await
@@ -823,6 +846,7 @@ fn metadata(record: &StoredRecord, card: &CardPayload) -> TokenMetadata {
         created_at: record.created_at,
         cvv_held: false,
         expires_at: record.expires_at,
+        last_used_at: None,
     }
 }
 

@@ -88,7 +88,8 @@ pub fn copy(
                     report.opened += 1;
                 }
                 let indexed = src.find_fingerprint(&r.tenant, &r.fingerprint)?.as_ref() == Some(&r.token);
-                report.new_records += u64::from(dst.import_record(r, indexed)?);
+                let used = src.last_used(&r.tenant, &r.token)?;
+                report.new_records += u64::from(dst.import_record(r, indexed, used)?);
             }
             done += batch.len() as u64;
             progress(Progress::Records {

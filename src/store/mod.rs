@@ -201,6 +201,13 @@ pub struct Modification {
     pub request_hash: [u8; 32],
 }
 
+/// Which charges [`Store::charges_of`] lists.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChargesOf {
+    Token(String),
+    Reference(String),
+}
+
 /// What an Idempotency-Key resolved to.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct IdempotencyRecord {
@@ -434,6 +441,33 @@ pub trait Store: Send + Sync + 'static {
     /// Up to `limit` tokens whose expiry is at or before `now` (unix seconds),
     /// soonest first, for the sweeper to delete.
     fn expired(&self, now: i64, limit: usize) -> Result<Vec<(TenantId, Token)>, StoreError>;
+    /// Up to `limit` of a tenant's records in token order after `after` (a cursor:
+    /// no rescans), each with when it was last used (unix seconds: its creation,
+    /// or a later [`Store::touch`]). With `used_before`, only records last used
+    /// before it (the scan still goes on to `limit` matches or the tenant's end).
+    fn tenant_records(
+        &self,
+        tenant: &TenantId,
+        after: Option<&Token>,
+        limit: usize,
+        used_before: Option<i64>,
+    ) -> Result<Vec<(StoredRecord, i64)>, StoreError>;
+    /// When a tenant's record was last used (`None`: no such record).
+    fn last_used(&self, tenant: &TenantId, token: &Token) -> Result<Option<i64>, StoreError>;
+    /// Records a use of a tenant's record at `at` if its last use is older than
+    /// `at - granularity` (so a busy token costs a write per granularity, not per
+    /// use); a record that is gone stays gone. Durable with the next commit.
+    fn touch(&self, tenant: &TenantId, token: &Token, at: i64, granularity: i64) -> Result<(), StoreError>;
+    /// Up to `limit` of a tenant's charges for one token or one merchant
+    /// reference, oldest first, after `after` (the cursor: creation time and id
+    /// of the last charge of the previous page).
+    fn charges_of(
+        &self,
+        tenant: &TenantId,
+        of: &ChargesOf,
+        after: Option<&(i64, String)>,
+        limit: usize,
+    ) -> Result<Vec<ChargeRecord>, StoreError>;
     /// Records per KEK version (cheap: key status and every rewrap step ask).
     fn count_by_version(&self) -> Result<std::collections::BTreeMap<u32, u64>, StoreError>;
     /// Up to `limit` records whose DEK is wrapped under `version`, in token order,
@@ -1098,5 +1132,106 @@ pub(crate) mod conformance {
         assert!(store.delete(&soon.tenant, &soon.token, None).unwrap());
         store.commit().await.unwrap();
         assert_eq!(store.expired(9_999, 10).unwrap(), vec![due(&later)]);
+
+        // A tenant's records in token order with their last use (creation until
+        // touched), paged by cursor, filtered by last use; never another tenant's.
+        let t8 = TenantId::parse("t8").unwrap();
+        let mut mine: Vec<StoredRecord> = (10..15).map(|n| record("t8", &token_with(n), 80 + n as u8)).collect();
+        for r in &mine {
+            assert_eq!(
+                store.insert(r, InsertMode::Dedupe, None).unwrap(),
+                InsertOutcome::Inserted
+            );
+        }
+        store
+            .insert(&record("t9", &token_with(20), 99), InsertMode::Dedupe, None)
+            .unwrap();
+        store.commit().await.unwrap();
+        mine.sort_by(|a, b| a.token.as_str().cmp(b.token.as_str()));
+        let created = mine[0].created_at.unix_timestamp();
+        let tokens = |page: &[(StoredRecord, i64)]| page.iter().map(|(r, _)| r.token.clone()).collect::<Vec<_>>();
+        let all = store.tenant_records(&t8, None, 100, None).unwrap();
+        assert_eq!(tokens(&all), mine.iter().map(|r| r.token.clone()).collect::<Vec<_>>());
+        assert!(all.iter().all(|(r, used)| *used == created && mine.contains(r)));
+        let first = store.tenant_records(&t8, None, 2, None).unwrap();
+        let rest = store.tenant_records(&t8, Some(&first[1].0.token), 100, None).unwrap();
+        assert_eq!([tokens(&first), tokens(&rest)].concat(), tokens(&all));
+        assert_eq!(
+            store.tenant_records(&t2, None, 100, None).unwrap().len(),
+            1,
+            "t2's own record only"
+        );
+        // A use moves the last use forward, once per granularity; reads see it.
+        store.touch(&t8, &mine[1].token, created + 100, 60).unwrap();
+        store.touch(&t8, &mine[1].token, created + 130, 60).unwrap();
+        store.touch(&t2, &mine[2].token, created + 500, 60).unwrap();
+        store.commit().await.unwrap();
+        assert_eq!(store.last_used(&t8, &mine[1].token).unwrap(), Some(created + 100));
+        assert_eq!(
+            store.last_used(&t8, &mine[2].token).unwrap(),
+            Some(created),
+            "another tenant's touch"
+        );
+        assert_eq!(store.last_used(&t2, &mine[2].token).unwrap(), None);
+        store.touch(&t8, &mine[1].token, created + 200, 60).unwrap();
+        assert_eq!(store.last_used(&t8, &mine[1].token).unwrap(), Some(created + 200));
+        let unused = store.tenant_records(&t8, None, 100, Some(created + 1)).unwrap();
+        assert_eq!(unused.len(), 4);
+        assert!(unused.iter().all(|(r, _)| r.token != mine[1].token));
+        let one = store.tenant_records(&t8, None, 1, Some(created + 1)).unwrap();
+        assert_eq!(tokens(&one), tokens(&unused[..1]));
+        // A deleted record leaves the listing, and a touch does not bring it back.
+        assert!(store.delete(&t8, &mine[0].token, None).unwrap());
+        store.touch(&t8, &mine[0].token, created + 900, 60).unwrap();
+        store.commit().await.unwrap();
+        assert_eq!(store.last_used(&t8, &mine[0].token).unwrap(), None);
+        assert_eq!(
+            tokens(&store.tenant_records(&t8, None, 100, None).unwrap()),
+            tokens(&all[1..])
+        );
+
+        // A tenant's charges by token and by reference, oldest first, paged.
+        let t4 = TenantId::parse("t4").unwrap();
+        let of_d = ChargesOf::Token(d.token.to_string());
+        let ids = |v: Vec<ChargeRecord>| v.into_iter().map(|c| c.id).collect::<Vec<_>>();
+        let mut late = ChargeRecord {
+            id: "ch_0".into(),
+            created_at: 9,
+            reference: "other".into(),
+            ..captured.clone()
+        };
+        late.modifications.clear();
+        store.update_charge(&late).unwrap();
+        store.commit().await.unwrap();
+        assert_eq!(
+            ids(store.charges_of(&t4, &of_d, None, 10).unwrap()),
+            ["ch_1", "ch_2", "ch_3", "ch_0"]
+        );
+        assert_eq!(store.charges_of(&t4, &of_d, None, 10).unwrap()[0], captured);
+        let page = store.charges_of(&t4, &of_d, None, 2).unwrap();
+        let cursor = (page[1].created_at, page[1].id.clone());
+        assert_eq!(
+            ids(store.charges_of(&t4, &of_d, Some(&cursor), 10).unwrap()),
+            ["ch_3", "ch_0"]
+        );
+        assert_eq!(
+            ids(store
+                .charges_of(&t4, &ChargesOf::Reference("r".into()), None, 10)
+                .unwrap()),
+            ["ch_1", "ch_2", "ch_3"]
+        );
+        assert_eq!(
+            ids(store
+                .charges_of(&t4, &ChargesOf::Reference("other".into()), None, 10)
+                .unwrap()),
+            ["ch_0"]
+        );
+        assert!(
+            store
+                .charges_of(&t4, &ChargesOf::Reference("o".into()), None, 10)
+                .unwrap()
+                .is_empty()
+        );
+        assert!(store.charges_of(&t2, &of_d, None, 10).unwrap().is_empty());
     }
 }

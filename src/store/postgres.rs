@@ -29,8 +29,8 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 use super::anchor::{KeyedMark, Mark};
 use super::codec::{decode, encode};
 use super::{
-    Applied, Applying, AuditAppend, AuditSeal, Availability, Change, ChargeRecord, Commit, IdempotencyRecord,
-    InsertMode, InsertOutcome, Store, StoreError, StoredRecord, Unit,
+    Applied, Applying, AuditAppend, AuditSeal, Availability, Change, ChargeRecord, ChargesOf, Commit,
+    IdempotencyRecord, InsertMode, InsertOutcome, Store, StoreError, StoredRecord, Unit,
 };
 use crate::domain::tenant::TenantId;
 use crate::domain::token::Token;
@@ -93,6 +93,19 @@ const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE tv_tokens ADD COLUMN expires_at BIGINT;
     CREATE INDEX tv_tokens_expires_at ON tv_tokens (expires_at) WHERE expires_at IS NOT NULL;
+    "#,
+    // 6: a tenant's tokens in order with their last use (listing, retention); a
+    // tenant's charges by token and by merchant reference (listing). Records
+    // stored before count as used at the migration (retention never deletes
+    // early); charges stored before get their columns from their records.
+    r#"
+    ALTER TABLE tv_tokens ADD COLUMN last_used_at BIGINT;
+    UPDATE tv_tokens SET last_used_at = extract(epoch FROM now())::BIGINT;
+    ALTER TABLE tv_tokens ALTER COLUMN last_used_at SET NOT NULL;
+    CREATE INDEX tv_tokens_by_tenant ON tv_tokens (tenant, token);
+    ALTER TABLE tv_charges ADD COLUMN token TEXT, ADD COLUMN reference TEXT, ADD COLUMN created_at BIGINT;
+    CREATE INDEX tv_charges_by_token ON tv_charges (tenant, token, created_at, id);
+    CREATE INDEX tv_charges_by_reference ON tv_charges (tenant, reference, created_at, id);
     "#,
 ];
 
@@ -468,7 +481,13 @@ impl PgStore {
     /// Stores a record as it is (and its fingerprint entry if `indexed`); `false` if
     /// the token was already there with exactly these bytes; an error if it holds
     /// something else (the target is not a copy of this source).
-    pub fn import_record(&self, record: &StoredRecord, indexed: bool) -> Result<bool, StoreError> {
+    /// `last_used`: when the source last saw it used (default: its creation).
+    pub fn import_record(
+        &self,
+        record: &StoredRecord,
+        indexed: bool,
+        last_used: Option<i64>,
+    ) -> Result<bool, StoreError> {
         let value = encode(record)?;
         let (token, tenant, fp, version, expires_at) = (
             record.token.as_str().to_owned(),
@@ -477,13 +496,14 @@ impl PgStore {
             i64::from(record.sealed.key_version),
             record.expires_at,
         );
+        let created = last_used.unwrap_or_else(|| record.created_at.unix_timestamp());
         self.run(move |mut c| async move {
             let tx = raw(&mut c).transaction().await.map_err(db)?;
             let n = tx
                 .execute(
-                    "INSERT INTO tv_tokens (token, tenant, key_version, record, expires_at) \
-                     VALUES ($1, $2, $3, $4, $5) ON CONFLICT (token) DO NOTHING",
-                    &[&token, &tenant, &version, &value, &expires_at],
+                    "INSERT INTO tv_tokens (token, tenant, key_version, record, expires_at, last_used_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (token) DO NOTHING",
+                    &[&token, &tenant, &version, &value, &expires_at, &created],
                 )
                 .await
                 .map_err(db)?;
@@ -615,12 +635,35 @@ async fn migrate(client: &mut deadpool_postgres::Object) -> Result<(), StoreErro
         tx.batch_execute(sql).await.map_err(db)?;
         tracing::info!(version = i + 1, "PostgreSQL schema migrated");
     }
+    if version < 6 {
+        backfill_charges(&tx).await?;
+    }
     if version < SCHEMA_VERSION {
         tx.execute("UPDATE tv_schema SET version = $1 WHERE id = 1", &[&SCHEMA_VERSION])
             .await
             .map_err(db)?;
     }
     tx.commit().await.map_err(db)
+}
+
+/// Migration 6's second half (in its transaction): the listing columns of the
+/// charges stored before it, read from their records.
+async fn backfill_charges(tx: &impl GenericClient) -> Result<(), StoreError> {
+    let rows = tx
+        .query("SELECT id, record FROM tv_charges WHERE token IS NULL", &[])
+        .await
+        .map_err(db)?;
+    for row in rows {
+        let id: String = row.get(0);
+        let charge = super::codec::decode_charge(row.get(1))?;
+        tx.execute(
+            "UPDATE tv_charges SET token = $2, reference = $3, created_at = $4 WHERE id = $1",
+            &[&id, &charge.token, &charge.reference, &charge.created_at],
+        )
+        .await
+        .map_err(db)?;
+    }
+    Ok(())
 }
 
 async fn keyed_mark(client: &impl GenericClient) -> Result<Option<KeyedMark>, StoreError> {
@@ -678,8 +721,8 @@ impl Sql {
         let (fp_get, token_ins, fp_ins, token_del, token_del_of) = tokio::try_join!(
             p("SELECT token FROM tv_fingerprints WHERE tenant = $1 AND fingerprint = $2"),
             p(
-                "INSERT INTO tv_tokens (token, tenant, key_version, record, expires_at) VALUES ($1, $2, $3, $4, $5) \
-               ON CONFLICT (token) DO NOTHING"
+                "INSERT INTO tv_tokens (token, tenant, key_version, record, expires_at, last_used_at) \
+               VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (token) DO NOTHING"
             ),
             p(
                 "INSERT INTO tv_fingerprints (tenant, fingerprint, token) VALUES ($1, $2, $3) \
@@ -791,6 +834,7 @@ async fn change(client: &impl GenericClient, sql: &Sql, change: &Change) -> Resu
                         &i64::from(record.sealed.key_version),
                         &value,
                         &record.expires_at,
+                        &record.created_at.unix_timestamp(),
                     ],
                 )
                 .await
@@ -1130,6 +1174,94 @@ impl Store for PgStore {
         })
     }
 
+    fn tenant_records(
+        &self,
+        tenant: &TenantId,
+        after: Option<&Token>,
+        limit: usize,
+        used_before: Option<i64>,
+    ) -> Result<Vec<(StoredRecord, i64)>, StoreError> {
+        let (tenant, after) = (tenant.clone(), after.map(|t| t.as_str().to_owned()).unwrap_or_default());
+        let limit = limit as i64;
+        self.run(move |c| async move {
+            let rows = c
+                .query(
+                    "SELECT token, record, last_used_at FROM tv_tokens \
+                     WHERE tenant = $1 AND token > $2 AND ($3::BIGINT IS NULL OR last_used_at < $3) \
+                     ORDER BY token LIMIT $4",
+                    &[&tenant.as_str(), &after, &used_before, &limit],
+                )
+                .await
+                .map_err(db)?;
+            rows.iter()
+                .map(|r| {
+                    let token = token_of(r.get(0))?;
+                    let record = decode(&token, r.get(1))?;
+                    if record.tenant != tenant {
+                        return Err(StoreError::Corrupt);
+                    }
+                    Ok((record, r.get::<_, i64>(2)))
+                })
+                .collect()
+        })
+    }
+
+    fn last_used(&self, tenant: &TenantId, token: &Token) -> Result<Option<i64>, StoreError> {
+        let (tenant, token) = (tenant.clone(), token.clone());
+        self.run(move |c| async move {
+            Ok(c.query_opt(
+                "SELECT last_used_at FROM tv_tokens WHERE token = $1 AND tenant = $2",
+                &[&token.as_str(), &tenant.as_str()],
+            )
+            .await
+            .map_err(db)?
+            .map(|r| r.get::<_, i64>(0)))
+        })
+    }
+
+    fn touch(&self, tenant: &TenantId, token: &Token, at: i64, granularity: i64) -> Result<(), StoreError> {
+        let (tenant, token) = (tenant.clone(), token.clone());
+        let older_than = at.saturating_sub(granularity);
+        self.run(move |c| async move {
+            let stmt = c
+                .prepare_cached(
+                    "UPDATE tv_tokens SET last_used_at = $3 WHERE token = $1 AND tenant = $2 AND last_used_at <= $4",
+                )
+                .await
+                .map_err(db)?;
+            c.execute(&stmt, &[&token.as_str(), &tenant.as_str(), &at, &older_than])
+                .await
+                .map_err(db)?;
+            Ok(())
+        })
+    }
+
+    fn charges_of(
+        &self,
+        tenant: &TenantId,
+        of: &ChargesOf,
+        after: Option<&(i64, String)>,
+        limit: usize,
+    ) -> Result<Vec<ChargeRecord>, StoreError> {
+        let (column, value) = match of {
+            ChargesOf::Token(t) => ("token", t.clone()),
+            ChargesOf::Reference(r) => ("reference", r.clone()),
+        };
+        let (after_at, after_id) = after.cloned().unwrap_or((i64::MIN, String::new()));
+        let (tenant, limit) = (tenant.clone(), limit as i64);
+        let sql = format!(
+            "SELECT record FROM tv_charges WHERE tenant = $1 AND {column} = $2 \
+             AND (created_at, id) > ($3, $4) ORDER BY created_at, id LIMIT $5"
+        );
+        self.run(move |c| async move {
+            let rows = c
+                .query(&sql, &[&tenant.as_str(), &value, &after_at, &after_id, &limit])
+                .await
+                .map_err(db)?;
+            rows.iter().map(|r| super::codec::decode_charge(r.get(0))).collect()
+        })
+    }
+
     fn count_by_version(&self) -> Result<std::collections::BTreeMap<u32, u64>, StoreError> {
         self.run(|c| async move {
             let rows = c
@@ -1234,6 +1366,7 @@ impl Store for PgStore {
             *idempotency_key,
             idem.created_at,
         );
+        let (token, reference, charge_created) = (charge.token.clone(), charge.reference.clone(), charge.created_at);
         self.run(move |mut client| async move {
             let tx = raw(&mut client).transaction().await.map_err(db)?;
             // The key's row decides between replicas: a concurrent reservation waits
@@ -1256,8 +1389,9 @@ impl Store for PgStore {
                 return Ok(Some(prior));
             }
             tx.execute(
-                "INSERT INTO tv_charges (id, tenant, record) VALUES ($1, $2, $3)",
-                &[&id, &tenant, &c],
+                "INSERT INTO tv_charges (id, tenant, record, token, reference, created_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+                &[&id, &tenant, &c, &token, &reference, &charge_created],
             )
             .await
             .map_err(db)?;
@@ -1292,12 +1426,15 @@ impl Store for PgStore {
     fn update_charge(&self, charge: &ChargeRecord) -> Result<(), StoreError> {
         let c = super::codec::encode_charge(charge)?;
         let (id, tenant) = (charge.id.clone(), charge.tenant.clone());
+        let (token, reference, created) = (charge.token.clone(), charge.reference.clone(), charge.created_at);
         self.run(move |client| async move {
             client
                 .execute(
-                    "INSERT INTO tv_charges (id, tenant, record) VALUES ($1, $2, $3) \
-                     ON CONFLICT (id) DO UPDATE SET tenant = EXCLUDED.tenant, record = EXCLUDED.record",
-                    &[&id, &tenant, &c],
+                    "INSERT INTO tv_charges (id, tenant, record, token, reference, created_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6) \
+                     ON CONFLICT (id) DO UPDATE SET tenant = EXCLUDED.tenant, record = EXCLUDED.record, \
+                     token = EXCLUDED.token, reference = EXCLUDED.reference, created_at = EXCLUDED.created_at",
+                    &[&id, &tenant, &c, &token, &reference, &created],
                 )
                 .await
                 .map_err(db)?;
@@ -1644,6 +1781,74 @@ pub(crate) mod tests {
         drop(store);
         let refused = PgStore::open(&PgOptions::new(&url)).err().unwrap();
         assert!(refused.to_string().contains("newer than this vault knows"), "{refused}");
+    }
+
+    /// Migration 6 on a database holding tokens and charges: the tokens count as
+    /// used at the migration (never earlier), the charges get their listing columns.
+    #[tokio::test]
+    async fn migration_6_lists_what_an_older_schema_stored() {
+        let Some(url) = fresh_database("migrate6") else { return };
+        let (config, tls) = {
+            let o = PgOptions::new(&url);
+            (o.config().unwrap(), o.tls().unwrap())
+        };
+        let (mut client, conn) = config.connect(tls).await.unwrap();
+        tokio::spawn(conn);
+        client
+            .batch_execute(
+                "CREATE TABLE tv_schema (id INTEGER PRIMARY KEY, version BIGINT NOT NULL);
+                 INSERT INTO tv_schema (id, version) VALUES (1, 5);",
+            )
+            .await
+            .unwrap();
+        let tx = client.transaction().await.unwrap();
+        for sql in &MIGRATIONS[..5] {
+            tx.batch_execute(sql).await.unwrap();
+        }
+        tx.commit().await.unwrap();
+        let a = super::super::conformance::record("t1", "4111110000001112", 1);
+        let charge = ChargeRecord {
+            id: "ch_old".into(),
+            tenant: "t1".into(),
+            client: "psp".into(),
+            token: a.token.to_string(),
+            amount_value: 100,
+            currency: "EUR".into(),
+            reference: "order-1".into(),
+            shopper_interaction: "moto".into(),
+            recurring: None,
+            status: "authorised".into(),
+            psp_reference: None,
+            refusal_reason: None,
+            network_transaction_id: None,
+            cvv_sent: false,
+            created_at: 5,
+            capture: "automatic".into(),
+            modifications: Vec::new(),
+        };
+        client
+            .execute(
+                "INSERT INTO tv_tokens (token, tenant, key_version, record) VALUES ($1, $2, 1, $3)",
+                &[&a.token.as_str(), &"t1", &encode(&a).unwrap()],
+            )
+            .await
+            .unwrap();
+        client
+            .execute(
+                "INSERT INTO tv_charges (id, tenant, record) VALUES ($1, $2, $3)",
+                &[&"ch_old", &"t1", &super::super::codec::encode_charge(&charge).unwrap()],
+            )
+            .await
+            .unwrap();
+        let before = time::OffsetDateTime::now_utc().unix_timestamp();
+        let store = PgStore::open(&PgOptions::new(&url)).unwrap();
+        let t1 = TenantId::parse("t1").unwrap();
+        let listed = store.tenant_records(&t1, None, 10, None).unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].0, a);
+        assert!(listed[0].1 >= before, "used at the migration, not at its creation");
+        let of = ChargesOf::Token(a.token.to_string());
+        assert_eq!(store.charges_of(&t1, &of, None, 10).unwrap(), vec![charge]);
     }
 
     /// The shared keystore: created once, replaced only over the generation it was

@@ -19,7 +19,7 @@ use tokio::sync::oneshot;
 use super::anchor::{AnchorFile, Found, KeyedMark, Mark};
 use super::codec::{decode, encode};
 use super::{
-    Applied, Applying, AuditAppend, AuditSeal, Change, ChargeRecord, Commit, IdempotencyRecord, InsertMode,
+    Applied, Applying, AuditAppend, AuditSeal, Change, ChargeRecord, ChargesOf, Commit, IdempotencyRecord, InsertMode,
     InsertOutcome, SealBatch, Store, StoreDamage, StoreError, StoredRecord, Unit,
 };
 use crate::domain::tenant::TenantId;
@@ -28,6 +28,9 @@ use crate::keys::SealedCard;
 
 const SCHEMA_KEY: &[u8] = b"schema";
 const SCHEMA_V1: &[u8] = b"1";
+/// Set once the tenant and charge indexes cover every record (stores written
+/// before they existed get them built at open).
+const INDEXES_KEY: &[u8] = b"indexes_v1";
 const CHECKPOINT_KEY: &[u8] = b"audit_checkpoint";
 const KEYSTORE_GENERATION_KEY: &[u8] = b"keystore_generation";
 
@@ -55,6 +58,10 @@ pub struct SledStore {
     /// record is gone is dropped when the sweeper meets it.
     expiries: sled::Tree,
     charges: sled::Tree,
+    /// Charges by token and by merchant reference, per tenant (see [`charge_index_key`]).
+    charge_index: sled::Tree,
+    /// A tenant's records in token order: (tenant, token) → last use (i64 big-endian).
+    by_tenant: sled::Tree,
     idempotency: sled::Tree,
     audit: sled::Tree,
     meta: sled::Tree,
@@ -87,6 +94,8 @@ impl SledStore {
         let by_version = db.open_tree("by_version").map_err(backend)?;
         let expiries = db.open_tree("expiries").map_err(backend)?;
         let charges = db.open_tree("charges").map_err(backend)?;
+        let charge_index = db.open_tree("charge_index").map_err(backend)?;
+        let by_tenant = db.open_tree("by_tenant").map_err(backend)?;
         let idempotency = db.open_tree("idempotency").map_err(backend)?;
         let audit = db.open_tree("audit").map_err(backend)?;
         let meta = db.open_tree("meta").map_err(backend)?;
@@ -98,6 +107,7 @@ impl SledStore {
             Some(v) if v.as_ref() == SCHEMA_V1 => {}
             Some(_) => return Err(StoreError::Backend("unsupported schema version".into())),
         }
+        build_indexes(&db, &meta, &tokens, &by_tenant, &charges, &charge_index)?;
         let legacy_anchor = super::anchor::is_legacy(dir);
         let found = AnchorFile::read(dir).map_err(anchor_io)?;
         let damage = check_anchor(&audit, &found)?;
@@ -136,6 +146,7 @@ impl SledStore {
             fingerprints: fingerprints.clone(),
             by_version: by_version.clone(),
             expiries: expiries.clone(),
+            by_tenant: by_tenant.clone(),
             audit: audit.clone(),
             head: head.clone(),
             versions: versions.clone(),
@@ -156,6 +167,8 @@ impl SledStore {
             by_version,
             expiries,
             charges,
+            charge_index,
+            by_tenant,
             idempotency,
             audit,
             meta,
@@ -330,6 +343,7 @@ struct Writer {
     fingerprints: sled::Tree,
     by_version: sled::Tree,
     expiries: sled::Tree,
+    by_tenant: sled::Tree,
     audit: sled::Tree,
     head: Arc<Mutex<Option<Mark>>>,
     versions: Arc<Mutex<std::collections::BTreeMap<u32, u64>>>,
@@ -533,6 +547,12 @@ impl Writer {
                 if known.is_none() {
                     self.fingerprints.insert(fpk, token_key).map_err(backend)?;
                 }
+                self.by_tenant
+                    .insert(
+                        tenant_key(&record.tenant, &record.token),
+                        &record.created_at.unix_timestamp().to_be_bytes(),
+                    )
+                    .map_err(backend)?;
                 if let Some(at) = record.expires_at {
                     self.expiries
                         .insert(expiry_key(at, &record.token), record.tenant.as_str().as_bytes())
@@ -568,6 +588,7 @@ impl Writer {
                     .fingerprints
                     .compare_and_swap(fpk, Some(token_key), None as Option<&[u8]>)
                     .map_err(backend)?;
+                self.by_tenant.remove(tenant_key(tenant, token)).map_err(backend)?;
                 self.tokens.remove(token_key).map_err(backend)?;
                 if let Some(at) = record.expires_at {
                     self.expiries.remove(expiry_key(at, token)).map_err(backend)?;
@@ -809,6 +830,96 @@ fn version_key(version: u32, token: &Token) -> Vec<u8> {
     k
 }
 
+/// `by_tenant` key: the tenant, a zero byte, the token (token order within a tenant).
+fn tenant_key(tenant: &TenantId, token: &Token) -> Vec<u8> {
+    let mut k = Vec::with_capacity(tenant.as_str().len() + 1 + token.as_str().len());
+    k.extend_from_slice(tenant.as_str().as_bytes());
+    k.push(0);
+    k.extend_from_slice(token.as_str().as_bytes());
+    k
+}
+
+/// `charge_index` key prefix: tenant, zero byte, `t` (token) or `r` (reference),
+/// the value's length (2 bytes) and the value; the full key adds the creation
+/// time (8 bytes, big-endian) and the charge id, so a prefix lists oldest first.
+fn charge_index_prefix(tenant: &str, of: &ChargesOf) -> Vec<u8> {
+    let (kind, value) = match of {
+        ChargesOf::Token(t) => (b't', t.as_str()),
+        ChargesOf::Reference(r) => (b'r', r.as_str()),
+    };
+    let len = u16::try_from(value.len()).unwrap_or(u16::MAX);
+    let mut k = Vec::with_capacity(tenant.len() + 4 + value.len() + 8 + 32);
+    k.extend_from_slice(tenant.as_bytes());
+    k.push(0);
+    k.push(kind);
+    k.extend_from_slice(&len.to_be_bytes());
+    k.extend_from_slice(&value.as_bytes()[..usize::from(len)]);
+    k
+}
+
+fn charge_index_key(tenant: &str, of: &ChargesOf, created_at: i64, id: &str) -> Vec<u8> {
+    let mut k = charge_index_prefix(tenant, of);
+    k.extend_from_slice(&(created_at.max(0) as u64).to_be_bytes());
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+/// Lists a charge under its token and its reference (idempotent).
+fn index_charge(index: &sled::Tree, charge: &ChargeRecord) -> Result<(), StoreError> {
+    for of in [
+        ChargesOf::Token(charge.token.clone()),
+        ChargesOf::Reference(charge.reference.clone()),
+    ] {
+        index
+            .insert(
+                charge_index_key(&charge.tenant, &of, charge.created_at, &charge.id),
+                &[] as &[u8],
+            )
+            .map_err(backend)?;
+    }
+    Ok(())
+}
+
+/// Builds the indexes a store written by an older vault lacks (once: a mark in
+/// `meta` says they are complete). Records count as last used when they were created.
+fn build_indexes(
+    db: &sled::Db,
+    meta: &sled::Tree,
+    tokens: &sled::Tree,
+    by_tenant: &sled::Tree,
+    charges: &sled::Tree,
+    charge_index: &sled::Tree,
+) -> Result<(), StoreError> {
+    if meta.get(INDEXES_KEY).map_err(backend)?.is_some() {
+        return Ok(());
+    }
+    for item in tokens.iter() {
+        let (k, v) = item.map_err(backend)?;
+        let token = std::str::from_utf8(&k)
+            .ok()
+            .and_then(Token::parse)
+            .ok_or(StoreError::Corrupt)?;
+        let record = decode(&token, &v)?;
+        let key = tenant_key(&record.tenant, &token);
+        let used = record.created_at.unix_timestamp().to_be_bytes();
+        by_tenant
+            .compare_and_swap(key, None as Option<&[u8]>, Some(&used[..]))
+            .map_err(backend)?
+            .ok();
+    }
+    for item in charges.iter() {
+        let (_, v) = item.map_err(backend)?;
+        index_charge(charge_index, &super::codec::decode_charge(&v)?)?;
+    }
+    meta.insert(INDEXES_KEY, &[1u8][..]).map_err(backend)?;
+    db.flush().map_err(backend)?;
+    Ok(())
+}
+
+fn be_i64(v: &[u8]) -> Result<i64, StoreError> {
+    Ok(i64::from_be_bytes(v.try_into().map_err(|_| StoreError::Corrupt)?))
+}
+
 fn fp_key(tenant: &TenantId, fp: &[u8; 32]) -> Vec<u8> {
     let mut k = Vec::with_capacity(tenant.as_str().len() + 33);
     k.extend_from_slice(tenant.as_str().as_bytes());
@@ -834,6 +945,12 @@ impl Store for SledStore {
             })
             .map_err(tx_error)?;
         if outcome == InsertOutcome::Inserted {
+            self.by_tenant
+                .insert(
+                    tenant_key(&record.tenant, &record.token),
+                    &record.created_at.unix_timestamp().to_be_bytes(),
+                )
+                .map_err(backend)?;
             if let Some(at) = record.expires_at {
                 self.expiries
                     .insert(expiry_key(at, &record.token), record.tenant.as_str().as_bytes())
@@ -874,6 +991,7 @@ impl Store for SledStore {
             })
             .map_err(tx_error)?;
         if let Some(version) = gone {
+            self.by_tenant.remove(tenant_key(tenant, token)).map_err(backend)?;
             self.writer.committed(&[Effect::Removed(version)], &records);
         }
         Ok(gone.is_some())
@@ -907,6 +1025,112 @@ impl Store for SledStore {
                 _ => {
                     self.expiries.remove(&key).map_err(backend)?;
                 }
+            }
+        }
+        Ok(out)
+    }
+
+    fn tenant_records(
+        &self,
+        tenant: &TenantId,
+        after: Option<&Token>,
+        limit: usize,
+        used_before: Option<i64>,
+    ) -> Result<Vec<(StoredRecord, i64)>, StoreError> {
+        let mut prefix = tenant.as_str().as_bytes().to_vec();
+        prefix.push(0);
+        let start = match after {
+            Some(t) => {
+                let mut k = tenant_key(tenant, t);
+                k.push(0);
+                k
+            }
+            None => prefix.clone(),
+        };
+        let mut end = tenant.as_str().as_bytes().to_vec();
+        end.push(1);
+        let mut out = Vec::with_capacity(limit.min(1024));
+        for item in self.by_tenant.range(start..end) {
+            if out.len() >= limit {
+                break;
+            }
+            let (key, used) = item.map_err(backend)?;
+            let used = be_i64(&used)?;
+            if used_before.is_some_and(|b| used >= b) {
+                continue;
+            }
+            let token = std::str::from_utf8(&key[prefix.len()..])
+                .ok()
+                .and_then(Token::parse)
+                .ok_or(StoreError::Corrupt)?;
+            match self.get(tenant, &token)? {
+                Some(record) => out.push((record, used)),
+                // A crash between a delete's steps left the entry: cleared here.
+                None => {
+                    self.by_tenant.remove(&key).map_err(backend)?;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn last_used(&self, tenant: &TenantId, token: &Token) -> Result<Option<i64>, StoreError> {
+        match self.by_tenant.get(tenant_key(tenant, token)).map_err(backend)? {
+            None => Ok(None),
+            Some(v) => be_i64(&v).map(Some),
+        }
+    }
+
+    fn touch(&self, tenant: &TenantId, token: &Token, at: i64, granularity: i64) -> Result<(), StoreError> {
+        let key = tenant_key(tenant, token);
+        loop {
+            let Some(current) = self.by_tenant.get(&key).map_err(backend)? else {
+                return Ok(());
+            };
+            if be_i64(&current)? > at.saturating_sub(granularity) {
+                return Ok(());
+            }
+            // Compare-and-swap: a deleted record's entry is never brought back.
+            if self
+                .by_tenant
+                .compare_and_swap(&key, Some(current), Some(&at.to_be_bytes()[..]))
+                .map_err(backend)?
+                .is_ok()
+            {
+                return Ok(());
+            }
+        }
+    }
+
+    fn charges_of(
+        &self,
+        tenant: &TenantId,
+        of: &ChargesOf,
+        after: Option<&(i64, String)>,
+        limit: usize,
+    ) -> Result<Vec<ChargeRecord>, StoreError> {
+        let prefix = charge_index_prefix(tenant.as_str(), of);
+        let start = match after {
+            Some((at, id)) => {
+                let mut k = charge_index_key(tenant.as_str(), of, *at, id);
+                k.push(0);
+                k
+            }
+            None => prefix.clone(),
+        };
+        let mut out = Vec::with_capacity(limit.min(256));
+        for item in self.charge_index.range(start..) {
+            if out.len() >= limit {
+                break;
+            }
+            let (key, _) = item.map_err(backend)?;
+            if !key.starts_with(&prefix) {
+                break;
+            }
+            let id = key.get(prefix.len() + 8..).ok_or(StoreError::Corrupt)?;
+            let id = std::str::from_utf8(id).map_err(|_| StoreError::Corrupt)?;
+            if let Some(charge) = self.get_charge(tenant, id)? {
+                out.push(charge);
             }
         }
         Ok(out)
@@ -1034,6 +1258,9 @@ impl Store for SledStore {
             idempotency.insert(&idempotency_key[..], i.as_slice())?;
             Ok::<_, ConflictableTransactionError<StoreError>>(None)
         });
+        if let Ok(None) = result {
+            index_charge(&self.charge_index, charge)?;
+        }
         result.map_err(|e| match e {
             TransactionError::Abort(e) => e,
             TransactionError::Storage(e) => backend(e),
@@ -1043,7 +1270,7 @@ impl Store for SledStore {
     fn update_charge(&self, charge: &ChargeRecord) -> Result<(), StoreError> {
         let c = super::codec::encode_charge(charge)?;
         self.charges.insert(charge.id.as_bytes(), c).map_err(backend)?;
-        Ok(())
+        index_charge(&self.charge_index, charge)
     }
 
     fn swap_charge(&self, old: &ChargeRecord, new: &ChargeRecord) -> Result<bool, StoreError> {
@@ -1358,6 +1585,51 @@ mod tests {
         assert_eq!(store.records_under_version(2, None, 10).unwrap(), vec![]);
         assert_eq!(store.count_by_version().unwrap(), [(1, 1)].into_iter().collect());
         assert_eq!(store.by_version.len(), 1);
+    }
+
+    /// A store written before the tenant and charge indexes existed gets them at
+    /// its next open: its records listed (used when created), its charges found.
+    #[tokio::test]
+    async fn indexes_are_built_for_a_store_written_before_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = conformance::record("t1", "4111110000001112", 1);
+        let charge = ChargeRecord {
+            id: "ch_old".into(),
+            tenant: "t1".into(),
+            client: "psp".into(),
+            token: a.token.to_string(),
+            amount_value: 100,
+            currency: "EUR".into(),
+            reference: "order-1".into(),
+            shopper_interaction: "moto".into(),
+            recurring: None,
+            status: "authorised".into(),
+            psp_reference: None,
+            refusal_reason: None,
+            network_transaction_id: None,
+            cvv_sent: false,
+            created_at: 5,
+            capture: "automatic".into(),
+            modifications: Vec::new(),
+        };
+        {
+            let store = SledStore::open(dir.path()).unwrap();
+            store.insert(&a, InsertMode::Dedupe, None).unwrap();
+            store.update_charge(&charge).unwrap();
+            // As an older vault left it: no index entries, no mark.
+            store.by_tenant.clear().unwrap();
+            store.charge_index.clear().unwrap();
+            store.meta.remove(INDEXES_KEY).unwrap();
+            store.commit().await.unwrap();
+        }
+        let store = SledStore::open(dir.path()).unwrap();
+        let t1 = TenantId::parse("t1").unwrap();
+        assert_eq!(
+            store.tenant_records(&t1, None, 10, None).unwrap(),
+            vec![(a.clone(), a.created_at.unix_timestamp())]
+        );
+        let of = ChargesOf::Reference("order-1".into());
+        assert_eq!(store.charges_of(&t1, &of, None, 10).unwrap(), vec![charge]);
     }
 
     #[test]

@@ -9,13 +9,15 @@ use crate::helpers::*;
 const ROLES: [&str; 5] = ["edge", "crm", "psp", "officer", "officer2"];
 
 /// The scope each endpoint requires, and the one role holding it.
-const ENDPOINTS: [(&str, &str, &str); 11] = [
+const ENDPOINTS: [(&str, &str, &str); 13] = [
     ("POST", "/v1/tokens", "edge"),
+    ("GET", "/v1/tokens", "crm"),
     ("GET", "/v1/tokens/{token}", "crm"),
     ("DELETE", "/v1/tokens/{token}", "crm"),
     ("PATCH", "/v1/tokens/{token}", "edge"),
     ("POST", "/v1/detokenize", "psp"),
     ("POST", "/v1/charges", "psp"),
+    ("GET", "/v1/charges", "psp"),
     ("GET", "/v1/charges/{id}", "psp"),
     ("POST", "/v1/charges/{id}/captures", "psp"),
     ("POST", "/v1/charges/{id}/refunds", "psp"),
@@ -38,6 +40,7 @@ async fn call(app: &TestApp, method: &str, path: &str, jwt: Option<&str>, token:
             .json(&json!({"pan": "4012888888881881", "exp_month": 6, "exp_year": 2032})),
         "POST" => app.client.post(url).json(&json!({"token": token})),
         "PATCH" => app.client.patch(url).json(&json!({"exp_month": 9, "exp_year": 2033})),
+        "GET" if path == "/v1/charges" => app.client.get(url).query(&[("token", token)]),
         "GET" => app.client.get(url),
         "DELETE" => app.client.delete(url),
         _ => unreachable!(),
@@ -78,14 +81,14 @@ async fn every_role_on_every_endpoint() {
             assert_problem(res, 401, "unauthenticated").await;
         }
     }
-    // 11 endpoints × 5 roles: 12 allowed (officer and officer2 share one), 43 refused by scope.
+    // 13 endpoints × 5 roles: 14 allowed (officer and officer2 share one), 51 refused by scope.
     assert_eq!(
         app.metric("tokenvault_auth_failures_total{reason=\"scope\"}").await,
-        43.0
+        51.0
     );
     assert_eq!(
         app.metric("tokenvault_auth_failures_total{reason=\"missing\"}").await,
-        55.0
+        65.0
     );
 }
 

@@ -14,6 +14,7 @@ mod durability;
 mod helpers;
 mod hsm;
 mod keys;
+mod lifecycle;
 mod limits;
 mod openapi;
 mod payments;

@@ -44,14 +44,14 @@ fn routes_and_scopes_match_the_server() {
                 .collect();
             let expected: &[&str] = match (method.as_str(), path.as_str()) {
                 ("post", "/v1/tokens") => &["tokens:create"],
-                ("get", "/v1/tokens/{token}") => &["tokens:read"],
+                ("get", "/v1/tokens/{token}") | ("get", "/v1/tokens") => &["tokens:read"],
                 ("delete", "/v1/tokens/{token}") => &["tokens:delete"],
                 ("patch", "/v1/tokens/{token}") => &["tokens:update"],
                 ("post", "/v1/detokenize") => &["tokens:detokenize"],
                 ("get", "/v1/admin/audit/verify") | ("get", "/v1/admin/audit/export") => &["audit:read"],
                 (_, p) if p.starts_with("/v1/admin/") => &["keys:admin"],
                 ("post", "/v1/charges") => &["charges:create"],
-                ("get", "/v1/charges/{id}") => &["charges:read"],
+                ("get", "/v1/charges/{id}") | ("get", "/v1/charges") => &["charges:read"],
                 ("post", "/v1/charges/{id}/captures") => &["charges:capture"],
                 ("post", "/v1/charges/{id}/refunds") => &["charges:refund"],
                 ("post", "/v1/charges/{id}/cancel") => &["charges:cancel"],
@@ -99,10 +99,13 @@ async fn live_responses_have_exactly_the_documented_fields() {
     // The fingerprint is shown only to callers granted tokens:dedupe.
     let mut without_fp = props.clone();
     without_fp.remove("fingerprint");
-    // `expires_at` only for a token given a lifetime (checked below).
+    // `expires_at` only for a token given a lifetime, `last_used_at` only in
+    // reads and listings (both checked below).
     let mut props = props;
     props.remove("expires_at");
     without_fp.remove("expires_at");
+    props.remove("last_used_at");
+    without_fp.remove("last_used_at");
     assert_eq!(keys(&meta), without_fp);
     assert_eq!(required, without_fp);
     let timed: Value = app
@@ -121,7 +124,27 @@ async fn live_responses_have_exactly_the_documented_fields() {
     assert_eq!(keys(&deduped), props);
     let token = meta["token"].as_str().unwrap();
     let read: Value = app.read("default", token).await.json().await.unwrap();
-    assert_eq!(keys(&read), without_fp);
+    let mut in_reads = without_fp.clone();
+    in_reads.insert("last_used_at".to_owned());
+    assert_eq!(keys(&read), in_reads);
+    let listed: Value = app
+        .client
+        .get(app.url("/v1/tokens"))
+        .bearer_auth(app.jwt("crm", "default"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(keys(&listed), ["items", "next_cursor"].map(str::to_owned).into());
+    let item = listed["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["token"] == token)
+        .unwrap();
+    assert_eq!(keys(item), in_reads);
     let revealed: Value = app.detokenize("default", token).await.json().await.unwrap();
     assert_eq!(keys(&revealed), schema_fields(&spec, "RevealedCard").0);
     let problem: Value = app
