@@ -159,7 +159,7 @@ impl<T: DeserializeOwned + 'static> FromRequest for ApiJson<T> {
     type Future = LocalBoxFuture<'static, Result<Self, ApiError>>;
 
     fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
-        read_json(req, payload, false)
+        read_json(req, payload, false, 0)
     }
 }
 
@@ -175,8 +175,24 @@ impl<T: DeserializeOwned + 'static> FromRequest for SecretJson<T> {
     type Future = LocalBoxFuture<'static, Result<Self, ApiError>>;
 
     fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
-        let fut = read_json::<T>(req, payload, true);
+        let fut = read_json::<T>(req, payload, true, 0);
         Box::pin(async move { fut.await.map(|ApiJson(t)| SecretJson(t)) })
+    }
+}
+
+/// The most a batch body may hold, whatever the single-request limit.
+pub const BATCH_BODY_BYTES: usize = 1 << 20;
+
+/// A [`SecretJson`] body of up to [`BATCH_BODY_BYTES`] (a batch of cards).
+pub struct BatchJson<T>(pub T);
+
+impl<T: DeserializeOwned + 'static> FromRequest for BatchJson<T> {
+    type Error = ApiError;
+    type Future = LocalBoxFuture<'static, Result<Self, ApiError>>;
+
+    fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
+        let fut = read_json::<T>(req, payload, true, BATCH_BODY_BYTES);
+        Box::pin(async move { fut.await.map(|ApiJson(t)| BatchJson(t)) })
     }
 }
 
@@ -184,11 +200,13 @@ fn read_json<T: DeserializeOwned + 'static>(
     req: &HttpRequest,
     payload: &mut Payload,
     no_escapes: bool,
+    at_least: usize,
 ) -> LocalBoxFuture<'static, Result<ApiJson<T>, ApiError>> {
     let limit = req
         .app_data::<web::Data<AppState>>()
         .map(|s| s.max_body_bytes)
-        .unwrap_or(crate::config::DEFAULT_MAX_BODY_BYTES);
+        .unwrap_or(crate::config::DEFAULT_MAX_BODY_BYTES)
+        .max(at_least);
     let is_json = req
         .headers()
         .get(header::CONTENT_TYPE)

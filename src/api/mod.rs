@@ -106,6 +106,7 @@ impl AppState {
 pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/tokens"),
     ("GET", "/v1/tokens"),
+    ("POST", "/v1/tokens/batch"),
     ("GET", "/v1/tokens/{token}"),
     ("DELETE", "/v1/tokens/{token}"),
     ("PATCH", "/v1/tokens/{token}"),
@@ -175,6 +176,11 @@ fn configure_api(cfg: &mut web::ServiceConfig) {
         web::resource("/v1/tokens")
             .route(web::post().to(tokens::tokenize))
             .route(web::get().to(tokens::list))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/v1/tokens/batch")
+            .route(web::post().to(tokens::batch))
             .default_service(web::to(method_not_allowed)),
     )
     .service(

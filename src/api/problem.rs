@@ -319,15 +319,28 @@ impl From<crate::keys::manager::UnsealError> for ApiError {
 }
 
 #[derive(Serialize)]
-struct Problem<'a> {
+pub struct Problem<'a> {
     #[serde(rename = "type")]
     kind: String,
     title: &'a str,
-    status: u16,
+    pub status: u16,
     #[serde(skip_serializing_if = "Option::is_none")]
     detail: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     request_id: Option<String>,
+}
+
+impl ApiError {
+    /// The RFC 9457 body of this error (also used inline, for one item of a batch).
+    pub fn problem(&self) -> Problem<'_> {
+        Problem {
+            kind: format!("{TYPE_PREFIX}{}", self.code()),
+            title: self.title(),
+            status: self.status_code().as_u16(),
+            detail: self.detail(),
+            request_id: None,
+        }
+    }
 }
 
 impl ResponseError for ApiError {
@@ -369,11 +382,8 @@ impl ResponseError for ApiError {
     fn error_response(&self) -> HttpResponse {
         let status = self.status_code();
         let body = Problem {
-            kind: format!("{TYPE_PREFIX}{}", self.code()),
-            title: self.title(),
-            status: status.as_u16(),
-            detail: self.detail(),
             request_id: REQUEST_ID.try_with(Clone::clone).ok(),
+            ..self.problem()
         };
         let mut res = HttpResponse::build(status);
         res.insert_header((

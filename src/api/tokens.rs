@@ -203,6 +203,167 @@ pub async fn tokenize(
         .json(TokenBody::new(&meta, dedupe)))
 }
 
+/// One card of `POST /v1/tokens/batch`, with the caller's own id for it. No CVV
+/// (a migration must not carry one: PCI DSS 3.3.1) and no lifetime.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchItem {
+    id: String,
+    pan: SecretString,
+    #[serde(deserialize_with = "super::extract::integral")]
+    exp_month: i64,
+    #[serde(deserialize_with = "super::extract::integral")]
+    exp_year: i64,
+    #[serde(default)]
+    cardholder_name: Option<SecretString>,
+    #[serde(default)]
+    format: Option<TokenFormat>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchBody {
+    items: Vec<BatchItem>,
+}
+
+/// The most cards one batch may carry.
+pub const MAX_BATCH: usize = 1_000;
+
+#[derive(Serialize)]
+struct BatchResult<'a> {
+    /// The caller's id (absent when it was refused: it must not carry a card number).
+    id: Option<&'a str>,
+    status: u16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    token: Option<TokenBody<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    problem: Option<super::problem::Problem<'a>>,
+}
+
+#[derive(Serialize)]
+struct BatchAnswer<'a> {
+    items: Vec<BatchResult<'a>>,
+    created: usize,
+    existing: usize,
+    failed: usize,
+}
+
+/// Validates one batch item as a tokenize body.
+fn parse_batch_item(item: &BatchItem) -> Result<TokenizeInput, ApiError> {
+    if item.id.is_empty()
+        || item.id.chars().count() > 128
+        || item.id.chars().any(char::is_control)
+        || crate::domain::card::contains_pan(&item.id)
+    {
+        return Err(ApiError::InvalidField(
+            "id must be 1 to 128 characters without control characters or a card number",
+        ));
+    }
+    let pan = Pan::parse(item.pan.expose_secret()).map_err(ApiError::InvalidPan)?;
+    let (expiry, name) = parse_expiry_and_name(item.exp_month, item.exp_year, item.cardholder_name.as_ref())?;
+    Ok(TokenizeInput {
+        expires_at: None,
+        cvv: None,
+        card: CardPayload { pan, expiry, name },
+        format: item.format.unwrap_or_default(),
+    })
+}
+
+/// POST /v1/tokens/batch: up to [`MAX_BATCH`] cards, each tokenized as by
+/// `POST /v1/tokens` (same dedupe and tenant rules, each audited) and answered in
+/// order with its token or its own problem; one bad card fails only itself. Every
+/// stored card is durable before the answer (the units share group commits).
+pub async fn batch(
+    state: web::Data<AppState>,
+    caller: Caller<TokensCreate>,
+    body: super::extract::BatchJson<BatchBody>,
+) -> Result<HttpResponse, ApiError> {
+    use futures_util::StreamExt;
+    let items = body.0.items;
+    if items.is_empty() || items.len() > MAX_BATCH {
+        state
+            .audit(caller.event("tokenize.batch", "invalid-field", None))
+            .await?;
+        return Err(ApiError::InvalidField("a batch carries 1 to 1000 items"));
+    }
+    let dedupe = caller.principal.may(Scope::TokensDedupe);
+    let who = TokenizeCaller {
+        client: caller.principal.sub.clone(),
+        tenant: caller.principal.tenant.clone(),
+        dedupe,
+    };
+    let outcomes: Vec<Result<(StatusCode, TokenMetadata), ApiError>> = futures_util::stream::iter(items.iter())
+        .map(|item| {
+            let (state, who, event) = (&state, who.clone(), caller.event("tokenize", "", None));
+            async move {
+                let input = match parse_batch_item(item) {
+                    Ok(input) => input,
+                    Err(e) => {
+                        state.metrics.tokenize.with_label_values(&["rejected"]).inc();
+                        return Err(e);
+                    }
+                };
+                match state.vault.tokenize(who, input, event).await {
+                    Ok(Tokenized::Created(m)) => {
+                        state.metrics.tokenize.with_label_values(&["created"]).inc();
+                        Ok((StatusCode::CREATED, m))
+                    }
+                    Ok(Tokenized::Existing(m)) => {
+                        state.metrics.tokenize.with_label_values(&["existing"]).inc();
+                        Ok((StatusCode::OK, m))
+                    }
+                    Err(e) => {
+                        state.metrics.tokenize.with_label_values(&[error_outcome(&e)]).inc();
+                        Err(vault_error(e))
+                    }
+                }
+            }
+        })
+        .buffered(64)
+        .collect()
+        .await;
+    let (mut created, mut existing, mut failed) = (0, 0, 0);
+    let results = items
+        .iter()
+        .zip(&outcomes)
+        .map(|(item, outcome)| match outcome {
+            Ok((status, meta)) => {
+                if *status == StatusCode::CREATED {
+                    created += 1;
+                } else {
+                    existing += 1;
+                }
+                BatchResult {
+                    id: Some(item.id.as_str()),
+                    status: status.as_u16(),
+                    token: Some(TokenBody::new(meta, dedupe)),
+                    problem: None,
+                }
+            }
+            Err(e) => {
+                failed += 1;
+                let p = e.problem();
+                BatchResult {
+                    // An id holding a card number is refused, never echoed.
+                    id: (!crate::domain::card::contains_pan(&item.id)).then_some(item.id.as_str()),
+                    status: p.status,
+                    token: None,
+                    problem: Some(p),
+                }
+            }
+        })
+        .collect();
+    let mut event = caller.event("tokenize.batch", "ok", None);
+    event.detail = Some(format!("{created} created, {existing} existing, {failed} failed"));
+    state.audit(event).await?;
+    Ok(HttpResponse::Ok().json(BatchAnswer {
+        items: results,
+        created,
+        existing,
+        failed,
+    }))
+}
+
 /// An expiry (not in the past) and an optional cardholder name, as tokenize and
 /// card updates take them.
 fn parse_expiry_and_name(

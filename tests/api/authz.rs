@@ -9,8 +9,9 @@ use crate::helpers::*;
 const ROLES: [&str; 5] = ["edge", "crm", "psp", "officer", "officer2"];
 
 /// The scope each endpoint requires, and the one role holding it.
-const ENDPOINTS: [(&str, &str, &str); 13] = [
+const ENDPOINTS: [(&str, &str, &str); 14] = [
     ("POST", "/v1/tokens", "edge"),
+    ("POST", "/v1/tokens/batch", "edge"),
     ("GET", "/v1/tokens", "crm"),
     ("GET", "/v1/tokens/{token}", "crm"),
     ("DELETE", "/v1/tokens/{token}", "crm"),
@@ -38,6 +39,9 @@ async fn call(app: &TestApp, method: &str, path: &str, jwt: Option<&str>, token:
             .client
             .post(url)
             .json(&json!({"pan": "4012888888881881", "exp_month": 6, "exp_year": 2032})),
+        "POST" if path == "/v1/tokens/batch" => app.client.post(url).json(
+            &json!({"items": [{"id": "a", "pan": "4012888888881881", "exp_month": 6, "exp_year": 2032}]}),
+        ),
         "POST" => app.client.post(url).json(&json!({"token": token})),
         "PATCH" => app.client.patch(url).json(&json!({"exp_month": 9, "exp_year": 2033})),
         "GET" if path == "/v1/charges" => app.client.get(url).query(&[("token", token)]),
@@ -81,14 +85,14 @@ async fn every_role_on_every_endpoint() {
             assert_problem(res, 401, "unauthenticated").await;
         }
     }
-    // 13 endpoints × 5 roles: 14 allowed (officer and officer2 share one), 51 refused by scope.
+    // 14 endpoints × 5 roles: 15 allowed (officer and officer2 share one), 55 refused by scope.
     assert_eq!(
         app.metric("tokenvault_auth_failures_total{reason=\"scope\"}").await,
-        51.0
+        55.0
     );
     assert_eq!(
         app.metric("tokenvault_auth_failures_total{reason=\"missing\"}").await,
-        65.0
+        70.0
     );
 }
 

@@ -6,6 +6,7 @@
 mod abuse;
 mod audit;
 mod authz;
+mod batch;
 mod charges;
 pub mod cli;
 mod corruption;

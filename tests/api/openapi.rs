@@ -43,7 +43,7 @@ fn routes_and_scopes_match_the_server() {
                 .map(|v| v.as_str().unwrap())
                 .collect();
             let expected: &[&str] = match (method.as_str(), path.as_str()) {
-                ("post", "/v1/tokens") => &["tokens:create"],
+                ("post", "/v1/tokens") | ("post", "/v1/tokens/batch") => &["tokens:create"],
                 ("get", "/v1/tokens/{token}") | ("get", "/v1/tokens") => &["tokens:read"],
                 ("delete", "/v1/tokens/{token}") => &["tokens:delete"],
                 ("patch", "/v1/tokens/{token}") => &["tokens:update"],
