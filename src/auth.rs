@@ -54,6 +54,8 @@ pub enum AuthError {
     GlobalAdminRequired,
     #[error("client revoked")]
     Revoked,
+    #[error("wrong user name or password")]
+    BadPassword,
 }
 
 impl AuthError {
@@ -88,9 +90,15 @@ impl AuthError {
             AuthError::LifetimeTooLong => "lifetime",
             AuthError::GlobalAdminRequired => "global_admin",
             AuthError::Revoked => "revoked",
+            AuthError::BadPassword => "password",
         }
     }
 }
+
+/// Verified in place of an unknown user's hash so that an unknown user costs the
+/// same as a wrong password (the Argon2id hash of a random, discarded password).
+const DUMMY_HASH: &str =
+    "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$0Fd1Y8q0Rz3k0dVUoSnnGrmXlYcZ3bhQjBCBVOYGbOQ";
 
 /// Why the authenticator could not be built from configuration.
 #[derive(Debug, thiserror::Error)]
@@ -147,6 +155,8 @@ struct Grant {
     tenants: BTreeSet<String>,
     /// SHA-256 of the SPKI of the client certificate this client must present.
     pin: Option<[u8; 32]>,
+    /// An HTTP Basic client's password hash (Argon2id PHC string).
+    basic: Option<String>,
 }
 
 /// Verifies bearer tokens and checks them against the client registry. The
@@ -158,7 +168,14 @@ pub struct Authenticator {
     cache: quick_cache::sync::Cache<[u8; 32], Arc<Verified>>,
     /// Longest lifetime (exp − now) a JWT may have.
     max_lifetime_secs: u64,
+    /// HTTP Basic credentials that verified recently: SHA-256 of the header → the
+    /// client and until when (an Argon2 check per retry would be a CPU lever).
+    /// Emptied when the registry is reloaded.
+    basic_cache: quick_cache::sync::Cache<[u8; 32], (String, u64)>,
 }
+
+/// How long a verified HTTP Basic credential is remembered.
+const BASIC_CACHE_SECS: u64 = 300;
 
 fn build_registry(clients: &[ClientEntry]) -> HashMap<String, Grant> {
     clients
@@ -174,6 +191,7 @@ fn build_registry(clients: &[ClientEntry]) -> HashMap<String, Grant> {
                     .as_deref()
                     .and_then(|h| hex::decode(h).ok())
                     .and_then(|b| b.try_into().ok()),
+                basic: c.basic_password_hash.clone(),
             };
             (c.sub.clone(), grant)
         })
@@ -213,6 +231,7 @@ impl Authenticator {
             registry: std::sync::RwLock::new(Arc::new(build_registry(clients))),
             cache: quick_cache::sync::Cache::new(settings.cache_capacity.max(16)),
             max_lifetime_secs: settings.max_token_lifetime_secs,
+            basic_cache: quick_cache::sync::Cache::new(1_024),
         })
     }
 
@@ -221,7 +240,91 @@ impl Authenticator {
         let fresh = Arc::new(build_registry(clients));
         let n = fresh.len();
         *self.registry.write().unwrap_or_else(|p| p.into_inner()) = fresh;
+        self.basic_cache.clear();
         n
+    }
+
+    /// Whether this `Authorization` header is an HTTP Basic credential that
+    /// verified recently (no hash computed).
+    pub fn basic_known(&self, header: Option<&[u8]>) -> bool {
+        header.is_some_and(|h| {
+            let key: [u8; 32] = Sha256::digest(h).into();
+            self.basic_cache.get(&key).is_some_and(|(_, until)| now_secs() < until)
+        })
+    }
+
+    /// Authenticates an HTTP Basic `Authorization` header against the registry's
+    /// `basic_password_hash` clients and authorizes `scope` for the client's one
+    /// tenant. Blocking: an Argon2 check takes tens of milliseconds (unless the
+    /// credential verified recently); run it off the async workers. An unknown
+    /// user costs the same check as a wrong password (no user enumeration by time).
+    pub fn authorize_basic(
+        &self,
+        header: Option<&[u8]>,
+        scope: Scope,
+        peer_spki: Option<[u8; 32]>,
+    ) -> Result<Principal, AuthError> {
+        use argon2::PasswordVerifier;
+        let header = header.ok_or(AuthError::Missing)?;
+        let cache_key: [u8; 32] = Sha256::digest(header).into();
+        let registry = self.registry.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let now = now_secs();
+        let sub = match self.basic_cache.get(&cache_key) {
+            Some((sub, until)) if now < until => sub,
+            _ => {
+                let encoded = std::str::from_utf8(header)
+                    .ok()
+                    .and_then(|h| h.strip_prefix("Basic ").or_else(|| h.strip_prefix("basic ")))
+                    .map(str::trim)
+                    .filter(|t| !t.is_empty() && t.len() <= 1024)
+                    .ok_or(AuthError::Malformed)?;
+                let decoded = zeroize::Zeroizing::new(
+                    base64::Engine::decode(&base64::engine::general_purpose::STANDARD, encoded)
+                        .map_err(|_| AuthError::Malformed)?,
+                );
+                let text = std::str::from_utf8(&decoded).map_err(|_| AuthError::Malformed)?;
+                let (user, password) = text.split_once(':').ok_or(AuthError::Malformed)?;
+                let hash = registry
+                    .get(user)
+                    .and_then(|g| g.basic.as_deref())
+                    .unwrap_or(DUMMY_HASH);
+                let parsed = argon2::PasswordHash::new(hash).map_err(|_| AuthError::BadPassword)?;
+                let ok = argon2::Argon2::default()
+                    .verify_password(password.as_bytes(), &parsed)
+                    .is_ok();
+                if !ok || hash == DUMMY_HASH {
+                    return Err(AuthError::BadPassword);
+                }
+                self.basic_cache
+                    .insert(cache_key, (user.to_owned(), now + BASIC_CACHE_SECS));
+                user.to_owned()
+            }
+        };
+        let grant = registry.get(&sub).ok_or(AuthError::ClientUnknown)?;
+        if grant.basic.is_none() {
+            return Err(AuthError::BadPassword);
+        }
+        if !grant.scopes.contains(&scope) {
+            return Err(AuthError::ScopeDenied);
+        }
+        let tenant = grant
+            .tenants
+            .iter()
+            .next()
+            .and_then(|t| TenantId::parse(t))
+            .ok_or(AuthError::TenantDenied)?;
+        if let Some(pin) = &grant.pin {
+            use subtle::ConstantTimeEq;
+            if !peer_spki.is_some_and(|p| bool::from(p.ct_eq(pin))) {
+                return Err(AuthError::ClientCertificate);
+            }
+        }
+        Ok(Principal {
+            sub,
+            tenant,
+            granted: grant.scopes.iter().fold(0, |bits, s| bits | s.bit()),
+            global_admin: false,
+        })
     }
 
     /// Authenticates the `Authorization` header value and authorizes `scope`.
@@ -391,14 +494,75 @@ mod tests {
             cache_capacity: 100,
             max_token_lifetime_secs: 3600,
         };
-        let clients = [ClientEntry {
-            sub: "edge".into(),
-            scopes: [Scope::TokensCreate].into_iter().collect(),
-            tenants: ["acme".to_owned()].into_iter().collect(),
-            cert_sha256: None,
-            global_admin: false,
-        }];
+        let clients = [
+            ClientEntry {
+                sub: "edge".into(),
+                scopes: [Scope::TokensCreate].into_iter().collect(),
+                tenants: ["acme".to_owned()].into_iter().collect(),
+                cert_sha256: None,
+                global_admin: false,
+                basic_password_hash: None,
+            },
+            ClientEntry {
+                sub: "voice".into(),
+                scopes: [Scope::TokensCreate].into_iter().collect(),
+                tenants: ["acme".to_owned()].into_iter().collect(),
+                cert_sha256: None,
+                global_admin: false,
+                basic_password_hash: Some(crate::dev::hash_password(b"correct horse battery").unwrap()),
+            },
+        ];
         Authenticator::new(&settings, &clients).unwrap()
+    }
+
+    #[test]
+    fn basic_credentials_verify_against_the_registry_hash_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let (k, _) = keypair(dir.path(), "k", 1);
+        let auth = authenticator(vec![k], 30);
+        let basic = |user_pass: &str| {
+            format!(
+                "Basic {}",
+                base64::Engine::encode(&base64::engine::general_purpose::STANDARD, user_pass)
+            )
+            .into_bytes()
+        };
+        let p = auth
+            .authorize_basic(Some(&basic("voice:correct horse battery")), Scope::TokensCreate, None)
+            .unwrap();
+        assert_eq!((p.sub.as_str(), p.tenant.as_str()), ("voice", "acme"));
+        assert!(p.may(Scope::TokensCreate) && !p.may(Scope::ChargesCreate));
+        // Remembered: the same header verifies without a hash; a reload forgets it.
+        assert!(auth.basic_known(Some(&basic("voice:correct horse battery"))));
+        let check = |h: &[u8], scope| auth.authorize_basic(Some(h), scope, None).map(|_| ()).unwrap_err();
+        assert_eq!(
+            check(&basic("voice:Correct horse battery"), Scope::TokensCreate),
+            AuthError::BadPassword
+        );
+        assert_eq!(
+            check(&basic("nobody:correct horse battery"), Scope::TokensCreate),
+            AuthError::BadPassword
+        );
+        // A JWT client has no password: Basic never authenticates it.
+        assert_eq!(check(&basic("edge:"), Scope::TokensCreate), AuthError::BadPassword);
+        assert_eq!(check(b"Basic !!!", Scope::TokensCreate), AuthError::Malformed);
+        assert_eq!(check(&basic("no colon"), Scope::TokensCreate), AuthError::Malformed);
+        assert_eq!(check(b"Bearer x.y.z", Scope::TokensCreate), AuthError::Malformed);
+        assert_eq!(
+            check(&basic("voice:correct horse battery"), Scope::KeysAdmin),
+            AuthError::ScopeDenied
+        );
+        assert!(
+            argon2::PasswordHash::new(DUMMY_HASH).is_ok(),
+            "the stand-in hash verifies like a real one"
+        );
+        auth.reload_registry(&[]);
+        assert!(!auth.basic_known(Some(&basic("voice:correct horse battery"))));
+        assert_eq!(
+            check(&basic("voice:correct horse battery"), Scope::TokensCreate),
+            AuthError::BadPassword,
+            "a revoked connector is refused"
+        );
     }
 
     fn jwt(key: &EncodingKey, kid: &str, exp: u64) -> String {

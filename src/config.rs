@@ -180,6 +180,12 @@ pub struct ClientEntry {
     /// its JWT tenant's).
     #[serde(default)]
     pub global_admin: bool,
+    /// A voice platform's payment connector (`POST /v1/connectors/voice-pay`)
+    /// authenticates as this client with HTTP Basic: `sub` is the user name and
+    /// this the Argon2 hash (PHC string, `$argon2id$…`) of its password. Such a
+    /// client lists exactly one tenant.
+    #[serde(default)]
+    pub basic_password_hash: Option<String>,
 }
 
 /// Who terminates TLS.
@@ -842,6 +848,17 @@ impl Settings {
             }
             if self.mode == Mode::Production && c.tenants.contains("*") {
                 return bad("clients: the \"*\" tenant wildcard is only for dev mode");
+            }
+            if let Some(hash) = &c.basic_password_hash {
+                if c.tenants.len() != 1 || c.tenants.contains("*") {
+                    return bad("clients: a client with basic_password_hash lists exactly one tenant");
+                }
+                if !hash.starts_with("$argon2id$") || argon2::PasswordHash::new(hash).is_err() {
+                    return bad("clients: basic_password_hash must be an Argon2id PHC string ($argon2id$…)");
+                }
+                if c.sub.contains(':') {
+                    return bad("clients: a Basic client's sub must not contain ':'");
+                }
             }
         }
         if let Some(period) = &self.keystore.cryptoperiod {

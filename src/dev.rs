@@ -125,6 +125,9 @@ pub struct DevPaths {
     pub keystore: PathBuf,
     pub issuer_private: PathBuf,
     pub issuer_public: PathBuf,
+    /// The dev voice connector's Basic password (dev only) and its Argon2 hash.
+    pub voice_password: PathBuf,
+    pub voice_hash: PathBuf,
 }
 
 impl DevPaths {
@@ -135,6 +138,8 @@ impl DevPaths {
             keystore: data_dir.join("keys/keystore.json"),
             issuer_private: data_dir.join("dev/issuer-ed25519.pem"),
             issuer_public: data_dir.join("dev/issuer-ed25519.pub.pem"),
+            voice_password: data_dir.join("dev/voice-password"),
+            voice_hash: data_dir.join("dev/voice-password.argon2"),
         }
     }
 }
@@ -188,7 +193,58 @@ pub fn bootstrap(data_dir: &Path, listen: std::net::SocketAddr) -> Result<(Setti
         created.push(paths.issuer_private.clone());
         created.push(paths.issuer_public.clone());
     }
+    if !paths.voice_hash.exists() {
+        let mut raw = Zeroizing::new([0u8; 18]);
+        rand::rngs::OsRng.fill_bytes(raw.as_mut());
+        let password = Zeroizing::new(base64::Engine::encode(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+            raw.as_ref(),
+        ));
+        let hash = hash_password(password.as_bytes()).map_err(|_| DevError::Sign)?;
+        write_private(&paths.voice_password, password.as_bytes())?;
+        write_private(&paths.voice_hash, hash.as_bytes())?;
+        created.push(paths.voice_password.clone());
+    }
     Ok((settings_for(data_dir, listen).0, created))
+}
+
+/// The dev voice connector's user name (HTTP Basic).
+pub const VOICE_USER: &str = "voice";
+
+/// An Argon2id PHC string of `password` (fresh random salt, the crate's defaults).
+pub fn hash_password(password: &[u8]) -> Result<String, argon2::password_hash::Error> {
+    use argon2::PasswordHasher;
+    let salt = argon2::password_hash::SaltString::generate(&mut argon2::password_hash::rand_core::OsRng);
+    Ok(argon2::Argon2::default().hash_password(password, &salt)?.to_string())
+}
+
+/// The dev voice connector client (tenant `default`; creates tokens and charges),
+/// if its credential exists.
+fn voice_client(paths: &DevPaths) -> Option<ClientEntry> {
+    let hash = fs::read_to_string(&paths.voice_hash).ok()?;
+    Some(ClientEntry {
+        sub: VOICE_USER.into(),
+        scopes: [Scope::TokensCreate, Scope::ChargesCreate].into_iter().collect(),
+        tenants: ["default".to_owned()].into_iter().collect(),
+        cert_sha256: None,
+        global_admin: false,
+        basic_password_hash: Some(hash.trim().to_owned()),
+    })
+}
+
+/// `USER:PASSWORD` of the dev voice connector in a dev data directory.
+pub fn voice_credentials(data_dir: &Path) -> Result<Zeroizing<String>, DevError> {
+    let paths = DevPaths::new(data_dir);
+    if !paths.marker.exists() {
+        return Err(DevError::NotDevDir(data_dir.to_owned()));
+    }
+    let password = Zeroizing::new(
+        fs::read_to_string(&paths.voice_password).map_err(|source| DevError::Io {
+            path: paths.voice_password.clone(),
+            source,
+        })?,
+    );
+    Ok(Zeroizing::new(format!("{VOICE_USER}:{}", password.trim())))
 }
 
 /// The settings that serve an existing dev data directory (nothing is generated).
@@ -219,7 +275,9 @@ pub fn settings_for(data_dir: &Path, listen: std::net::SocketAddr) -> (Settings,
                 tenants: ["*".to_owned()].into_iter().collect(),
                 cert_sha256: None,
                 global_admin: r.global_admin(),
+                basic_password_hash: None,
             })
+            .chain(voice_client(&paths))
             .collect(),
         keystore: KeystoreSettings {
             path: paths.keystore.clone(),

@@ -19,6 +19,7 @@ pub struct Metrics {
     pub rewrapped: prometheus::IntCounter,
     pub expired: prometheus::IntCounter,
     pub retention_deleted: prometheus::IntCounter,
+    pub voice_pay: IntCounterVec,
     pub unseal: IntCounterVec,
     pub sealed: IntGauge,
     pub store_damaged: IntGauge,
@@ -118,6 +119,15 @@ impl Metrics {
         )
         .expect("valid counter");
         registry.register(Box::new(expired.clone())).expect("unique counter");
+        let voice_pay = IntCounterVec::new(
+            Opts::new(
+                "voice_pay_requests_total",
+                "Voice-platform <Pay> connector requests by method (tokenize, charge, unknown) and outcome (ok or the error_code answered)",
+            ),
+            &["method", "outcome"],
+        )
+        .expect("valid counter");
+        registry.register(Box::new(voice_pay.clone())).expect("unique counter");
         let retention_deleted = prometheus::IntCounter::new(
             "tokens_retention_deleted_total",
             "Cards deleted by the retention sweeper (unused for their tenant's retention period)",
@@ -197,6 +207,7 @@ impl Metrics {
             rewrapped,
             expired,
             retention_deleted,
+            voice_pay,
             unseal,
             sealed,
             store_damaged,

@@ -586,9 +586,10 @@ impl Application {
             failures: crate::limits::FailureTracker::new(settings.auth_failures),
             audit,
             pkcs11: settings.keystore.pkcs11.clone(),
-            auth,
+            auth: std::sync::Arc::new(auth),
             metrics,
             max_body_bytes: settings.max_body_bytes,
+            basic_checks: tokio::sync::Semaphore::new(2),
         });
         spawn_failure_summaries(state.clone());
         spawn_token_expiry(state.clone());

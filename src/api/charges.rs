@@ -214,6 +214,11 @@ fn idempotency_key(req: &HttpRequest) -> Result<String, ApiError> {
         .ok_or(ApiError::IdempotencyKeyRequired)
 }
 
+/// Whether `code` is an active ISO 4217 currency code.
+pub(super) fn is_currency(code: &str) -> bool {
+    code.len() == 3 && ISO_4217.split_whitespace().any(|c| c == code)
+}
+
 fn check_amount(amount: &Amount) -> Result<(), ApiError> {
     if amount.value == 0 || amount.value > 10_000_000_000 {
         return Err(ApiError::InvalidField(
@@ -489,6 +494,29 @@ pub async fn create(
             return Err(e);
         }
     };
+    note_charge(&state, caller.event("charge", "", shown), &outcome).await?;
+    let c = &outcome.charge;
+    // 202: reserved and sent, but the PSP's verdict is not known yet; a retry with
+    // the same Idempotency-Key reconciles (one authorisation at most).
+    let mut res = if c.status == crate::service::STATUS_PENDING {
+        HttpResponse::Accepted()
+    } else {
+        HttpResponse::Created()
+    };
+    res.insert_header((header::LOCATION, format!("/v1/charges/{}", c.id)));
+    if outcome.replayed {
+        res.insert_header(("Idempotent-Replayed", "true"));
+    }
+    Ok(res.json(view(c)))
+}
+
+/// Counts a charge's outcome (status, refusal reason, PSP latency and errors) and
+/// appends `event` with it, durably.
+pub(super) async fn note_charge(
+    state: &AppState,
+    event: crate::audit::AuditEvent,
+    outcome: &crate::service::ChargeOutcome,
+) -> Result<(), ApiError> {
     let c = &outcome.charge;
     if outcome.replayed {
         state.metrics.charges.with_label_values(&["replayed"]).inc();
@@ -512,29 +540,16 @@ pub async fn create(
             state.metrics.psp_errors.with_label_values(&[e.kind()]).inc();
         }
     }
-    let mut event = caller.event(
-        "charge",
-        if outcome.replayed {
-            "replayed"
+    let event = crate::audit::AuditEvent {
+        outcome: if outcome.replayed {
+            "replayed".to_owned()
         } else {
-            c.status.as_str()
+            c.status.clone()
         },
-        shown,
-    );
-    event.detail = Some(format!("charge {}", c.id));
-    state.audit(event).await?;
-    // 202: reserved and sent, but the PSP's verdict is not known yet; a retry with
-    // the same Idempotency-Key reconciles (one authorisation at most).
-    let mut res = if c.status == crate::service::STATUS_PENDING {
-        HttpResponse::Accepted()
-    } else {
-        HttpResponse::Created()
+        detail: Some(format!("charge {}", c.id)),
+        ..event
     };
-    res.insert_header((header::LOCATION, format!("/v1/charges/{}", c.id)));
-    if outcome.replayed {
-        res.insert_header(("Idempotent-Replayed", "true"));
-    }
-    Ok(res.json(view(c)))
+    state.audit(event).await
 }
 
 /// GET /v1/charges/{id}

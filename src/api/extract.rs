@@ -180,6 +180,27 @@ impl<T: DeserializeOwned + 'static> FromRequest for SecretJson<T> {
     }
 }
 
+/// A JSON body for a webhook whose sender may omit or misstate its content type
+/// (a voice platform): any content type, escapes refused as for [`SecretJson`],
+/// the size limit kept. Never fails the request: the handler gets the status it
+/// would have answered (400, 413) and authenticates first.
+pub struct LenientSecretJson<T>(pub Result<T, actix_web::http::StatusCode>);
+
+impl<T: DeserializeOwned + 'static> FromRequest for LenientSecretJson<T> {
+    type Error = ApiError;
+    type Future = LocalBoxFuture<'static, Result<Self, ApiError>>;
+
+    fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
+        let fut = read_body::<T>(req, payload, true, 0);
+        Box::pin(async move {
+            use actix_web::ResponseError;
+            Ok(LenientSecretJson(
+                fut.await.map(|ApiJson(t)| t).map_err(|e| e.status_code()),
+            ))
+        })
+    }
+}
+
 /// The most a batch body may hold, whatever the single-request limit.
 pub const BATCH_BODY_BYTES: usize = 1 << 20;
 
@@ -202,11 +223,6 @@ fn read_json<T: DeserializeOwned + 'static>(
     no_escapes: bool,
     at_least: usize,
 ) -> LocalBoxFuture<'static, Result<ApiJson<T>, ApiError>> {
-    let limit = req
-        .app_data::<web::Data<AppState>>()
-        .map(|s| s.max_body_bytes)
-        .unwrap_or(crate::config::DEFAULT_MAX_BODY_BYTES)
-        .max(at_least);
     let is_json = req
         .headers()
         .get(header::CONTENT_TYPE)
@@ -216,6 +232,22 @@ fn read_json<T: DeserializeOwned + 'static>(
     if !is_json {
         return Box::pin(ready(Err(ApiError::UnsupportedMediaType)));
     }
+    read_body(req, payload, no_escapes, at_least)
+}
+
+/// Reads a bounded body (whatever its content type) into a zeroizing buffer and
+/// parses it as JSON.
+fn read_body<T: DeserializeOwned + 'static>(
+    req: &HttpRequest,
+    payload: &mut Payload,
+    no_escapes: bool,
+    at_least: usize,
+) -> LocalBoxFuture<'static, Result<ApiJson<T>, ApiError>> {
+    let limit = req
+        .app_data::<web::Data<AppState>>()
+        .map(|s| s.max_body_bytes)
+        .unwrap_or(crate::config::DEFAULT_MAX_BODY_BYTES)
+        .max(at_least);
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)

@@ -10,6 +10,7 @@ mod charges;
 pub mod extract;
 pub mod problem;
 mod tokens;
+mod voice;
 
 use std::time::Instant;
 
@@ -53,9 +54,12 @@ pub struct AppState {
     pub audit: crate::audit::AuditLog,
     /// HSM settings, for `rotate-root` (PKCS#11 provider only).
     pub pkcs11: Option<crate::config::Pkcs11Settings>,
-    pub auth: Authenticator,
+    pub auth: std::sync::Arc<Authenticator>,
     pub metrics: Metrics,
     pub max_body_bytes: usize,
+    /// HTTP Basic (Argon2) checks running at once, at most: a flood of wrong
+    /// passwords queues here instead of taking every core.
+    pub basic_checks: tokio::sync::Semaphore,
 }
 
 impl AppState {
@@ -111,6 +115,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("DELETE", "/v1/tokens/{token}"),
     ("PATCH", "/v1/tokens/{token}"),
     ("POST", "/v1/detokenize"),
+    ("POST", "/v1/connectors/voice-pay"),
     ("POST", "/v1/charges"),
     ("GET", "/v1/charges"),
     ("GET", "/v1/charges/{id}"),
@@ -214,6 +219,11 @@ fn configure_api(cfg: &mut web::ServiceConfig) {
     .service(
         web::resource("/v1/charges/{id}/cancel")
             .route(web::post().to(charges::cancel))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/v1/connectors/voice-pay")
+            .route(web::post().to(voice::voice_pay))
             .default_service(web::to(method_not_allowed)),
     )
     .service(

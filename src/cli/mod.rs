@@ -205,6 +205,16 @@ enum DevCommand {
         #[arg(long, env = "TOKENVAULT_DATA_DIR", default_value = "./data", value_name = "DIR")]
         data_dir: PathBuf,
     },
+    /// Print the dev voice connector's HTTP Basic credential as USER:PASSWORD (dev data
+    /// directories only): what a Twilio or SignalWire <Pay> connector would be configured with.
+    VoiceCredentials {
+        /// Data directory of the dev vault.
+        #[arg(long, env = "TOKENVAULT_DATA_DIR", default_value = "./data", value_name = "DIR")]
+        data_dir: PathBuf,
+    },
+    /// Hash a connector password (read from stdin) into the Argon2id PHC string a
+    /// production registry's `basic_password_hash` takes.
+    HashPassword,
 }
 
 /// Entry point of the binary.
@@ -234,6 +244,37 @@ pub fn run() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Command::Dev {
+            command: DevCommand::VoiceCredentials { data_dir },
+        } => match dev::voice_credentials(&data_dir) {
+            Ok(credential) => {
+                println!("{}", credential.as_str());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
+            }
+        },
+        Command::Dev {
+            command: DevCommand::HashPassword,
+        } => {
+            let mut line = zeroize::Zeroizing::new(String::new());
+            if std::io::stdin().read_line(&mut line).is_err() || line.trim().len() < 16 {
+                eprintln!("error: give the password (at least 16 characters) on stdin");
+                return ExitCode::from(2);
+            }
+            match dev::hash_password(line.trim().as_bytes()) {
+                Ok(hash) => {
+                    println!("{hash}");
+                    ExitCode::SUCCESS
+                }
+                Err(_) => {
+                    eprintln!("error: cannot hash the password");
+                    ExitCode::from(1)
+                }
+            }
+        }
     }
 }
 

@@ -438,6 +438,86 @@ impl Vault {
         Ok(outcome)
     }
 
+    /// Tokenizes once per connector transaction (a voice platform's
+    /// `transaction_id`, which it resends on a timeout): a retry answers the first
+    /// one's token for the idempotency window, another card under the same id is
+    /// [`VaultError::IdempotencyMismatch`]. The request is recognised by the card's
+    /// keyed fingerprint and expiry (no unkeyed digest of a PAN is stored).
+    /// [`Tokenized::Existing`] is the replay of an earlier request.
+    pub async fn tokenize_once(
+        &self,
+        caller: TokenizeCaller,
+        transaction: &str,
+        input: TokenizeInput,
+        event: AuditEvent,
+    ) -> Result<Tokenized, VaultError> {
+        use sha2::Digest;
+        let scope = charges::idempotency_scope(&[
+            caller.client.as_bytes(),
+            caller.tenant.as_str().as_bytes(),
+            b"tokenize",
+            transaction.as_bytes(),
+        ]);
+        let fingerprint = self
+            .keys
+            .ring()
+            .ok_or(VaultError::Sealed)?
+            .fingerprint(&caller.tenant, &input.card.pan);
+        let mut h = sha2::Sha256::new();
+        h.update(fingerprint);
+        h.update(input.card.expiry.year().to_be_bytes());
+        h.update([input.card.expiry.month(), input.format.to_u8()]);
+        let request_hash: [u8; 32] = h.finalize().into();
+        self.one_per_key(scope, async move {
+            let now = OffsetDateTime::now_utc().unix_timestamp();
+            let live_since = now - self.idempotency_window.as_secs() as i64;
+            let store = self.store.clone();
+            let prior = tokio::task::spawn_blocking(move || store.get_idempotency(&scope))
+                .await
+                .map_err(|_| VaultError::Task)??
+                .filter(|p| p.created_at >= live_since);
+            if let Some(prior) = prior {
+                if prior.request_hash != request_hash {
+                    return Err(VaultError::IdempotencyMismatch);
+                }
+                let token = prior
+                    .charge_id
+                    .strip_prefix("tok:")
+                    .and_then(Token::parse)
+                    .ok_or(VaultError::Integrity)?;
+                let (this, tenant) = (self.clone(), caller.tenant.clone());
+                let mut meta = tokio::task::spawn_blocking(move || this.metadata_blocking(&tenant, &token))
+                    .await
+                    .map_err(|_| VaultError::Task)??
+                    .ok_or(VaultError::NotFound)?;
+                if let Some(cvv) = &input.cvv
+                    && !self.cvv.holds(&meta.token).await
+                    && let Err(e) = self.cvv.put(&meta.token, cvv).await
+                {
+                    tracing::warn!(error = %e, "cannot hold the CVV for the next charge");
+                }
+                meta.cvv_held = self.cvv.holds(&meta.token).await;
+                self.audited(outcome_event(&event, "replayed", &meta.token)).await?;
+                return Ok(Tokenized::Existing(meta));
+            }
+            let meta = match self.tokenize(caller, input, event).await? {
+                Tokenized::Created(m) | Tokenized::Existing(m) => m,
+            };
+            let entry = crate::store::IdempotencyRecord {
+                request_hash,
+                charge_id: format!("tok:{}", meta.token),
+                created_at: now,
+            };
+            let store = self.store.clone();
+            tokio::task::spawn_blocking(move || store.remember(&scope, &entry, live_since))
+                .await
+                .map_err(|_| VaultError::Task)??;
+            self.store.commit().await?;
+            Ok(Tokenized::Created(meta))
+        })
+        .await
+    }
+
     /// Answers with the tenant's existing token, audited durably.
     async fn existing(&self, meta: TokenMetadata, event: &AuditEvent) -> Result<Tokenized, VaultError> {
         self.audited(outcome_event(event, "existing", &meta.token)).await?;

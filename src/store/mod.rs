@@ -509,6 +509,16 @@ pub trait Store: Send + Sync + 'static {
     fn get_charge(&self, tenant: &TenantId, id: &str) -> Result<Option<ChargeRecord>, StoreError>;
     /// The idempotency entry for a (client, tenant, key) digest.
     fn get_idempotency(&self, idempotency_key: &[u8; 32]) -> Result<Option<IdempotencyRecord>, StoreError>;
+    /// Stores an idempotency entry that names something other than a charge (a
+    /// connector's token), unless the key holds one created at or after
+    /// `live_since` (then nothing is written and that one is returned). Durable
+    /// with the next commit.
+    fn remember(
+        &self,
+        idempotency_key: &[u8; 32],
+        idem: &IdempotencyRecord,
+        live_since: i64,
+    ) -> Result<Option<IdempotencyRecord>, StoreError>;
     /// Appends one audit record (the caller assigns consecutive sequence numbers).
     /// `keyed_mac`, for a MACed record, is the audit layer's MAC over the record's
     /// sequence and digest: the store anchors it as the keyed mark.
@@ -1048,6 +1058,26 @@ pub(crate) mod conformance {
         assert_eq!(store.get_charge(&t2, "ch_1").unwrap(), None);
         assert_eq!(store.get_idempotency(&[9; 32]).unwrap(), Some(idem));
         assert_eq!(store.get_idempotency(&[8; 32]).unwrap(), None);
+        // Entries that name no charge: stored once per window, the first kept.
+        let first = IdempotencyRecord {
+            request_hash: [1; 32],
+            charge_id: "tok:first".into(),
+            created_at: 10,
+        };
+        let second = IdempotencyRecord {
+            charge_id: "tok:second".into(),
+            created_at: 11,
+            ..first.clone()
+        };
+        assert_eq!(store.remember(&[6; 32], &first, 0).unwrap(), None);
+        assert_eq!(store.remember(&[6; 32], &second, 5).unwrap(), Some(first.clone()));
+        assert_eq!(store.get_idempotency(&[6; 32]).unwrap(), Some(first.clone()));
+        assert_eq!(
+            store.remember(&[6; 32], &second, 11).unwrap(),
+            None,
+            "the first one's window is over"
+        );
+        assert_eq!(store.get_idempotency(&[6; 32]).unwrap(), Some(second));
         // Keystore generation: 0 until set, then what was set.
         assert_eq!(store.keystore_generation().unwrap(), 0);
         store.set_keystore_generation(7).unwrap();

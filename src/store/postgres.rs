@@ -1478,6 +1478,35 @@ impl Store for PgStore {
         })
     }
 
+    fn remember(
+        &self,
+        idempotency_key: &[u8; 32],
+        idem: &IdempotencyRecord,
+        live_since: i64,
+    ) -> Result<Option<IdempotencyRecord>, StoreError> {
+        let i = postcard::to_stdvec(idem).map_err(|_| StoreError::Corrupt)?;
+        let (key, created) = (*idempotency_key, idem.created_at);
+        self.run(move |client| async move {
+            let stored = client
+                .query_opt(
+                    "INSERT INTO tv_idempotency (key, record, created_at) VALUES ($1, $2, $3) \
+                     ON CONFLICT (key) DO UPDATE SET record = EXCLUDED.record, created_at = EXCLUDED.created_at \
+                     WHERE tv_idempotency.created_at < $4 RETURNING key",
+                    &[&&key[..], &i, &created, &live_since],
+                )
+                .await
+                .map_err(db)?;
+            if stored.is_some() {
+                return Ok(None);
+            }
+            let row = client
+                .query_one("SELECT record FROM tv_idempotency WHERE key = $1", &[&&key[..]])
+                .await
+                .map_err(db)?;
+            Ok(Some(postcard::from_bytes(row.get(0)).map_err(|_| StoreError::Corrupt)?))
+        })
+    }
+
     fn audit_append(&self, seq: u64, record: &[u8], keyed_mac: Option<[u8; 32]>) -> Result<(), StoreError> {
         let a = AuditAppend {
             seq,

@@ -1305,6 +1305,32 @@ impl Store for SledStore {
         }
     }
 
+    fn remember(
+        &self,
+        idempotency_key: &[u8; 32],
+        idem: &IdempotencyRecord,
+        live_since: i64,
+    ) -> Result<Option<IdempotencyRecord>, StoreError> {
+        let value = postcard::to_stdvec(idem).map_err(|_| StoreError::Corrupt)?;
+        loop {
+            let current = self.idempotency.get(&idempotency_key[..]).map_err(backend)?;
+            if let Some(bytes) = &current {
+                let prior: IdempotencyRecord = postcard::from_bytes(bytes).map_err(|_| StoreError::Corrupt)?;
+                if prior.created_at >= live_since {
+                    return Ok(Some(prior));
+                }
+            }
+            if self
+                .idempotency
+                .compare_and_swap(&idempotency_key[..], current, Some(value.as_slice()))
+                .map_err(backend)?
+                .is_ok()
+            {
+                return Ok(None);
+            }
+        }
+    }
+
     fn audit_append(&self, seq: u64, record: &[u8], keyed_mac: Option<[u8; 32]>) -> Result<(), StoreError> {
         self.audit.insert(seq.to_be_bytes(), record).map_err(backend)?;
         note_head(&self.head, seq, record, keyed_mac);

@@ -23,3 +23,4 @@ mod readme;
 mod replicas;
 mod tls;
 mod tokens;
+mod voice;

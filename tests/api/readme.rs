@@ -213,3 +213,50 @@ async fn readme_payments_walkthrough_works_as_written() {
     assert_eq!(charge["refunded_amount"]["value"], 2500);
     assert_eq!(charge["history"].as_array().unwrap().len(), 2);
 }
+
+/// The README's voice-connector walk-through, run as written: a token, then one
+/// charge for two identical requests.
+#[tokio::test]
+async fn readme_voice_walkthrough_works_as_written() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let (app, psp) = crate::charges::vault_with_psp(&[]);
+    app.watch("4111111111111111");
+    let script = readme_block(&readme, "voice")
+        .replace("cargo run -q --release --", BIN)
+        .replace("http://127.0.0.1:8080", &app.base);
+    let out = Command::new("bash")
+        .arg("-euo")
+        .arg("pipefail")
+        .arg("-c")
+        .arg(&script)
+        .current_dir(app.data_dir.parent().unwrap())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<serde_json::Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert!(
+        lines[0]["token_id"].is_string() && lines[0]["error_code"].is_null(),
+        "{stdout}"
+    );
+    assert!(lines[1]["charge_id"].as_str().unwrap().starts_with("ch_"), "{stdout}");
+    assert_eq!(
+        lines[1]["charge_id"], lines[2]["charge_id"],
+        "the resend is the same charge"
+    );
+    let auths: Vec<serde_json::Value> = psp
+        .received()
+        .await
+        .into_iter()
+        .filter(|r| r["operation"] == "authorise" && r["replay"] == false)
+        .collect();
+    assert_eq!(auths.len(), 1);
+    assert_eq!(
+        auths[0]["request"]["amount"],
+        serde_json::json!({"value": 1999, "currency": "USD"})
+    );
+}
