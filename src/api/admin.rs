@@ -419,3 +419,114 @@ pub async fn audit_prune(
 fn optional_integral<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
     super::extract::integral(d).map(Some)
 }
+
+/// `POST /v1/admin/exports`: the tenant and the recipient's OpenPGP public key.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportBody {
+    tenant: String,
+    recipient_key: String,
+}
+
+/// An export id as the server makes them (`exp_` + 24 hex digits).
+fn export_id(s: &str) -> Result<&str, ApiError> {
+    let ok = s.len() == 28 && s.starts_with("exp_") && s[4..].bytes().all(|b| b.is_ascii_hexdigit());
+    if ok { Ok(s) } else { Err(ApiError::NotFound) }
+}
+
+/// POST /v1/admin/exports — officer 1 requests a tenant's cards for a recipient key.
+pub async fn export_request(
+    state: web::Data<AppState>,
+    caller: Caller<KeysAdmin>,
+    body: ApiJson<ExportBody>,
+) -> Result<HttpResponse, ApiError> {
+    let ExportBody { tenant, recipient_key } = body.0;
+    let key_check = crate::service::check_recipient_key(&recipient_key);
+    let result = match (crate::domain::tenant::TenantId::parse(&tenant), key_check) {
+        (None, _) => Err(ApiError::InvalidField("tenant must be a tenant id")),
+        (_, Err(why)) => Err(ApiError::InvalidValue(why)),
+        (Some(t), Ok(_)) => state
+            .vault
+            .request_export(&caller.principal.sub, t, recipient_key)
+            .await
+            .map_err(ApiError::from),
+    };
+    let detail = result.as_ref().ok().map(|v| {
+        format!(
+            "export {} of tenant {} to recipient key {}",
+            v.id, v.tenant, v.fingerprint
+        )
+    });
+    audit(&state, &caller, "export.request", &result, detail).await?;
+    let view = result?;
+    tracing::warn!(export = %view.id, tenant = %view.tenant, recipient = %view.fingerprint, "card export requested; awaiting a second officer");
+    Ok(HttpResponse::Created().json(view))
+}
+
+/// GET /v1/admin/exports — the open requests.
+pub async fn export_list(state: web::Data<AppState>, caller: Caller<KeysAdmin>) -> Result<HttpResponse, ApiError> {
+    let items = state.vault.exports();
+    audit(&state, &caller, "export.list", &Ok::<(), ApiError>(()), None).await?;
+    Ok(HttpResponse::Ok().json(serde_json::json!({ "items": items })))
+}
+
+/// POST /v1/admin/exports/{id}/approve — a second, different officer approves.
+pub async fn export_approve(
+    state: web::Data<AppState>,
+    caller: Caller<KeysAdmin>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let result = match export_id(&path) {
+        Ok(id) => state
+            .vault
+            .approve_export(&caller.principal.sub, id)
+            .await
+            .map_err(ApiError::from),
+        Err(e) => Err(e),
+    };
+    let detail = Some(match &result {
+        Ok(v) => format!(
+            "export {} of tenant {} to recipient key {}, requested by {}",
+            v.id, v.tenant, v.fingerprint, v.requested_by
+        ),
+        Err(_) => format!("export {}", export_id(&path).unwrap_or("(not an export id)")),
+    });
+    audit(&state, &caller, "export.approve", &result, detail).await?;
+    Ok(HttpResponse::Ok().json(result?))
+}
+
+/// GET /v1/admin/exports/{id}/file — the encrypted file of an approved export, once.
+pub async fn export_fetch(
+    state: web::Data<AppState>,
+    caller: Caller<KeysAdmin>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let result = match export_id(&path) {
+        Ok(id) => state
+            .vault
+            .fetch_export(&caller.principal.sub, id)
+            .await
+            .map_err(ApiError::from),
+        Err(e) => Err(e),
+    };
+    let detail = Some(match &result {
+        Ok(f) => format!(
+            "export {} of tenant {} to recipient key {}: {} cards",
+            f.request.id, f.request.tenant, f.request.fingerprint, f.cards
+        ),
+        Err(_) => format!("export {}", export_id(&path).unwrap_or("(not an export id)")),
+    });
+    audit(&state, &caller, "export.fetch", &result, detail).await?;
+    let file = result?;
+    tracing::warn!(export = %file.request.id, cards = file.cards, "card export fetched");
+    Ok(HttpResponse::Ok()
+        .content_type("application/pgp-encrypted")
+        .insert_header(("Cache-Control", "no-store"))
+        .insert_header((
+            "Content-Disposition",
+            format!("attachment; filename=\"{}.csv.pgp\"", file.request.id),
+        ))
+        .insert_header(("X-Export-Cards", file.cards.to_string()))
+        .insert_header(("X-Recipient-Fingerprint", file.request.fingerprint.clone()))
+        .body(file.ciphertext))
+}

@@ -132,6 +132,10 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/admin/keys/{version}/destroy"),
     ("POST", "/v1/admin/keys/rotate-root"),
     ("POST", "/v1/admin/unseal"),
+    ("POST", "/v1/admin/exports"),
+    ("GET", "/v1/admin/exports"),
+    ("POST", "/v1/admin/exports/{id}/approve"),
+    ("GET", "/v1/admin/exports/{id}/file"),
     ("GET", "/v1/admin/audit/verify"),
     ("GET", "/v1/admin/audit/export"),
     ("POST", "/v1/admin/audit/prune"),
@@ -264,6 +268,22 @@ fn configure_api(cfg: &mut web::ServiceConfig) {
     .service(
         web::resource("/v1/admin/unseal")
             .route(web::post().to(admin::unseal))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/v1/admin/exports")
+            .route(web::post().to(admin::export_request))
+            .route(web::get().to(admin::export_list))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/v1/admin/exports/{id}/approve")
+            .route(web::post().to(admin::export_approve))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/v1/admin/exports/{id}/file")
+            .route(web::get().to(admin::export_fetch))
             .default_service(web::to(method_not_allowed)),
     )
     .service(

@@ -138,6 +138,138 @@ pub enum AuditCommand {
     },
 }
 
+/// `tokenvault export`: a tenant's cards to a new PSP or vault, encrypted to its
+/// OpenPGP key, under dual control (through the admin API).
+#[derive(Subcommand)]
+pub enum ExportCommand {
+    /// Officer 1: request the export of a tenant's cards to a recipient's public key.
+    Request {
+        #[arg(long)]
+        tenant: String,
+        /// The recipient's ASCII-armored OpenPGP public key.
+        #[arg(long, value_name = "FILE")]
+        recipient_key: PathBuf,
+    },
+    /// Officer 2 (not the requester): approve an export.
+    Approve { id: String },
+    /// The open export requests.
+    List,
+    /// Fetch an approved export's encrypted file, once (refuses to overwrite FILE).
+    Fetch {
+        id: String,
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+}
+
+/// Entry point for `tokenvault export`.
+pub fn run_export(conn: Conn, command: ExportCommand) -> ExitCode {
+    finish(export(conn, command))
+}
+
+fn export(conn: Conn, command: ExportCommand) -> Result<u8, Failure> {
+    if conn.offline {
+        return Err(usage(
+            "export works through the admin API of a running vault (two officers)",
+        ));
+    }
+    let rt = runtime()?;
+    rt.block_on(async move {
+        let backend = Backend::open(&conn)?;
+        let show = |v: &Value| -> Result<u8, Failure> {
+            if conn.json {
+                println!("{v}");
+            } else {
+                println!(
+                    "export {}: tenant {}, recipient key {}, requested by {}{}; {}",
+                    v["id"].as_str().unwrap_or(""),
+                    v["tenant"].as_str().unwrap_or(""),
+                    v["fingerprint"].as_str().unwrap_or(""),
+                    v["requested_by"].as_str().unwrap_or(""),
+                    v["approved_by"]
+                        .as_str()
+                        .map(|a| format!(", approved by {a}"))
+                        .unwrap_or_default(),
+                    v["status"].as_str().unwrap_or("")
+                );
+            }
+            Ok(0)
+        };
+        match command {
+            ExportCommand::Request { tenant, recipient_key } => {
+                let key = std::fs::read_to_string(&recipient_key)
+                    .map_err(|e| usage(format!("cannot read {}: {e}", recipient_key.display())))?;
+                let (_, v) = backend
+                    .call(
+                        "POST",
+                        "/v1/admin/exports",
+                        Some(serde_json::json!({"tenant": tenant, "recipient_key": key})),
+                    )
+                    .await?;
+                show(&v)
+            }
+            ExportCommand::Approve { id } => {
+                let (_, v) = backend
+                    .call("POST", &format!("/v1/admin/exports/{id}/approve"), None)
+                    .await?;
+                show(&v)
+            }
+            ExportCommand::List => {
+                let (_, v) = backend.call("GET", "/v1/admin/exports", None).await?;
+                if conn.json {
+                    println!("{v}");
+                    return Ok(0);
+                }
+                for item in v["items"].as_array().into_iter().flatten() {
+                    show(item)?;
+                }
+                Ok(0)
+            }
+            ExportCommand::Fetch { id, out } => {
+                let Backend::Online { client, url, token } = &backend else {
+                    return Err(usage("online only"));
+                };
+                let mut file = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(&out)
+                    .map_err(|e| usage(format!("cannot create {}: {e}", out.display())))?;
+                let res = client
+                    .get(format!("{url}/v1/admin/exports/{id}/file"))
+                    .bearer_auth(token.as_str())
+                    .send()
+                    .await
+                    .map_err(|e| Failure(3, format!("cannot reach the vault at {url}: {}", chain(&e))))?;
+                if !res.status().is_success() {
+                    let _ = std::fs::remove_file(&out);
+                    let status = res.status().as_u16();
+                    let v: Value = res.json().await.unwrap_or(Value::Null);
+                    return Err(Failure(if status == 401 || status == 403 { 3 } else { 1 }, problem_text(&v)));
+                }
+                let cards = res
+                    .headers()
+                    .get("x-export-cards")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("?")
+                    .to_owned();
+                let bytes = res
+                    .bytes()
+                    .await
+                    .map_err(|e| Failure(3, format!("the download failed: {e}")))?;
+                use std::io::Write;
+                file.write_all(&bytes)
+                    .and_then(|()| file.sync_all())
+                    .map_err(|e| Failure(1, format!("cannot write {}: {e}", out.display())))?;
+                println!(
+                    "{cards} cards written to {} (OpenPGP-encrypted to the recipient; the export cannot be fetched again)",
+                    out.display()
+                );
+                Ok(0)
+            }
+        }
+    })
+}
+
 /// Entry point for `tokenvault audit`.
 pub fn run_audit(conn: Conn, command: AuditCommand) -> ExitCode {
     finish(audit(conn, command))

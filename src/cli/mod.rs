@@ -1,5 +1,6 @@
 //! The `tokenvault` command line.
 
+mod import;
 mod keys;
 
 use std::net::SocketAddr;
@@ -51,6 +52,17 @@ enum Command {
         #[command(subcommand)]
         command: StoreCommand,
     },
+    /// Export a tenant's cards to a new PSP or vault, encrypted to its OpenPGP key, under dual
+    /// control: one officer requests, a second approves, the file is fetched once.
+    Export {
+        #[command(flatten)]
+        conn: keys::Conn,
+        #[command(subcommand)]
+        command: keys::ExportCommand,
+    },
+    /// Import a legacy card file (CSV or JSON lines) into a running vault through the batch API:
+    /// resumable, with a map of id → token for the CRM and a reject report (never card data).
+    Import(import::ImportArgs),
     /// Dev-mode helpers (refuse to work on a production data directory).
     Dev {
         #[command(subcommand)]
@@ -226,6 +238,8 @@ pub fn run() -> ExitCode {
         Command::Unseal(args) => keys::run_unseal(args),
         Command::Audit { conn, command } => keys::run_audit(conn, command),
         Command::Store { command } => store(command),
+        Command::Import(args) => import::run(args),
+        Command::Export { conn, command } => keys::run_export(conn, command),
         Command::Dev {
             command:
                 DevCommand::Token {

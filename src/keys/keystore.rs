@@ -303,7 +303,34 @@ struct Body {
     /// replica than the request. Absent when empty (older keystores verify).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pending: Vec<DestroyRequest>,
+    /// Card exports under dual control (requested, approved, fetched once), kept
+    /// here for the same reasons. Absent when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    exports: Vec<ExportRequest>,
 }
+
+/// A tenant's cards, to be sent encrypted to a recipient's OpenPGP key: one
+/// officer requests, a second approves, and the file can be fetched once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportRequest {
+    pub id: String,
+    pub tenant: String,
+    /// The recipient key's fingerprint (hex, upper case).
+    pub fingerprint: String,
+    /// The recipient's public key (ASCII armor), as it was requested.
+    pub recipient_key: String,
+    pub requested_by: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+    #[serde(default)]
+    pub approved_by: Option<String>,
+    #[serde(default)]
+    pub fetched: bool,
+}
+
+/// Open export requests a keystore holds at most.
+pub const MAX_EXPORTS: usize = 16;
 
 /// A destroy request awaiting its second officer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -376,6 +403,7 @@ impl Keystore {
                 officers: vec![officer.into()],
             }],
             pending: Vec::new(),
+            exports: Vec::new(),
         };
         let ks = Keystore {
             at: at.into(),
@@ -522,6 +550,100 @@ impl Keystore {
         });
         push_event(&mut next, "destroy-request", Some(version), &[officer]);
         self.commit(next)
+    }
+
+    /// The export requests made within `window` of `now` (older ones lapsed).
+    pub fn export_requests(&self, now: OffsetDateTime, window: time::Duration) -> Vec<ExportRequest> {
+        self.body
+            .exports
+            .iter()
+            .filter(|r| now - r.at < window)
+            .cloned()
+            .collect()
+    }
+
+    /// Records an export request (lapsed ones are dropped on the way; at most
+    /// [`MAX_EXPORTS`] are open). Saved before it returns.
+    pub fn request_export(
+        &mut self,
+        request: ExportRequest,
+        now: OffsetDateTime,
+        window: time::Duration,
+    ) -> Result<(), KeystoreError> {
+        let mut next = self.clone_body();
+        next.exports.retain(|r| now - r.at < window);
+        if next.exports.len() >= MAX_EXPORTS {
+            return Err(refused(format!(
+                "{MAX_EXPORTS} export requests are open: wait for them to be fetched or to lapse"
+            )));
+        }
+        let officer = request.requested_by.clone();
+        push_event(&mut next, "export-request", None, &[&officer]);
+        next.exports.push(request);
+        self.commit(next)
+    }
+
+    /// A second officer approves an export (dual control). Saved before it returns.
+    pub fn approve_export(
+        &mut self,
+        id: &str,
+        officer: &str,
+        now: OffsetDateTime,
+        window: time::Duration,
+    ) -> Result<ExportRequest, KeystoreError> {
+        let mut next = self.clone_body();
+        next.exports.retain(|r| now - r.at < window);
+        let r = next
+            .exports
+            .iter_mut()
+            .find(|r| r.id == id)
+            .ok_or_else(|| refused(format!("no open export {id}")))?;
+        if r.approved_by.is_some() {
+            return Err(refused(format!("export {id} is already approved")));
+        }
+        if r.requested_by == officer {
+            return Err(refused(format!(
+                "dual control: export {id} was requested by {officer}; a different officer must approve"
+            )));
+        }
+        r.approved_by = Some(officer.to_owned());
+        let (out, requester) = (r.clone(), r.requested_by.clone());
+        push_event(&mut next, "export-approve", None, &[&requester, officer]);
+        self.commit(next)?;
+        Ok(out)
+    }
+
+    /// Marks an approved export fetched (it can be fetched once): saved before it
+    /// returns, so a second fetch is refused even if this one fails midway.
+    pub fn take_export(
+        &mut self,
+        id: &str,
+        officer: &str,
+        now: OffsetDateTime,
+        window: time::Duration,
+    ) -> Result<ExportRequest, KeystoreError> {
+        let mut next = self.clone_body();
+        next.exports.retain(|r| now - r.at < window);
+        let r = next
+            .exports
+            .iter_mut()
+            .find(|r| r.id == id)
+            .ok_or_else(|| refused(format!("no open export {id}")))?;
+        if r.approved_by.is_none() {
+            return Err(refused(format!(
+                "export {id} is not approved: a second officer must approve it first"
+            )));
+        }
+        if r.fetched {
+            return Err(refused(format!(
+                "export {id} was already fetched: it can be fetched once"
+            )));
+        }
+        r.fetched = true;
+        let out = r.clone();
+        push_event(&mut next, "export-fetch", None, &[officer]);
+        self.commit(next)?;
+        Ok(out)
     }
 
     /// Creates a new KEK version and makes it active; the previous active version

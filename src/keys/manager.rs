@@ -150,6 +150,14 @@ impl KeyManager {
             .unwrap_or_default()
     }
 
+    /// The open export requests (lapsed ones left out).
+    pub fn export_requests(&self, window: time::Duration) -> Vec<crate::keys::keystore::ExportRequest> {
+        lock(&self.keystore)
+            .as_ref()
+            .map(|k| k.export_requests(time::OffsetDateTime::now_utc(), window))
+            .unwrap_or_default()
+    }
+
     /// Runs a keystore change under the keyring's write lock: `check` sees the
     /// current keyring first (and may refuse), then `change` edits and saves the
     /// keystore, then the new keyring takes effect for every later request.

@@ -7,6 +7,7 @@
 mod budget;
 mod charges;
 mod cvv;
+mod export;
 mod keyadmin;
 mod lifecycle;
 mod modifications;
@@ -165,6 +166,7 @@ pub struct Revealed {
 }
 
 pub use charges::{ChargeInput, ChargeOutcome, STATUS_PENDING, psp_idempotency_key};
+pub use export::{ExportFile, ExportView, MAX_RECIPIENT_KEY, check_recipient_key};
 pub use keyadmin::{DestroyOutcome, EPOCH_OFFICER, EpochStep, KeyStatus, RewrapProgress, VersionStatus};
 pub use lifecycle::{RETENTION_PRINCIPAL, TokenPage};
 pub use modifications::{ModificationInput, ModificationOutcome, derived_status};
