@@ -331,8 +331,22 @@ fn refusal(req: &HttpRequest, principal: Option<&Principal>, op: Op, f: Failure)
     }
 }
 
+/// Why the platform was not let in: the credential's failure (audited only when
+/// `audit`: the first of its source in the failure window, as for bearer
+/// credentials, so junk cannot fill the trail), or a refusal of its own.
+struct Denied {
+    error: AuthError,
+    failure: Option<Failure>,
+    audit: bool,
+}
+
 /// Authenticates the platform (HTTP Basic), off the async workers for the hash.
-async fn authenticate(state: &AppState, req: &HttpRequest) -> Result<Principal, (AuthError, Option<Failure>)> {
+async fn authenticate(state: &AppState, req: &HttpRequest) -> Result<Principal, Denied> {
+    let denied = |failure| Denied {
+        error: AuthError::Missing,
+        failure: Some(failure),
+        audit: false,
+    };
     let header = req.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes().to_vec());
     let source = req.peer_addr().map(|a| a.ip().to_string());
     let source_key = source.as_deref().unwrap_or("unknown").to_owned();
@@ -340,24 +354,24 @@ async fn authenticate(state: &AppState, req: &HttpRequest) -> Result<Principal, 
         && let Some(_wait) = state.failures.blocked(&source_key)
     {
         state.metrics.rate_limited.with_label_values(&["source"]).inc();
-        return Err((AuthError::Missing, Some(RATE_LIMITED)));
+        return Err(denied(RATE_LIMITED));
     }
     let peer = req.conn_data::<crate::tls::PeerSpki>().map(|p| p.0);
     let auth = state.auth.clone();
-    let permit = state
-        .basic_checks
-        .acquire()
-        .await
-        .map_err(|_| (AuthError::Missing, Some(INTERNAL)))?;
+    let permit = state.basic_checks.acquire().await.map_err(|_| denied(INTERNAL))?;
     let verdict =
         tokio::task::spawn_blocking(move || auth.authorize_basic(header.as_deref(), Scope::TokensCreate, peer))
             .await
-            .map_err(|_| (AuthError::Missing, Some(INTERNAL)))?;
+            .map_err(|_| denied(INTERNAL))?;
     drop(permit);
     verdict.map_err(|e| {
         state.metrics.auth_failures.with_label_values(&[e.reason()]).inc();
-        state.failures.record(&source_key, e.reason());
-        (e, None)
+        let counted = state.failures.record(&source_key, e.reason()) == crate::limits::FailureVerdict::Counted;
+        Denied {
+            error: e,
+            failure: None,
+            audit: !counted,
+        }
     })
 }
 
@@ -369,18 +383,24 @@ pub async fn voice_pay(
 ) -> HttpResponse {
     let principal = match authenticate(&state, &req).await {
         Ok(p) => p,
-        Err((e, failure)) => {
-            let f = failure.unwrap_or(if e.is_forbidden() { NOT_PERMITTED } else { UNAUTHORIZED });
+        Err(denied) => {
+            let e = denied.error;
+            let f = denied
+                .failure
+                .unwrap_or(if e.is_forbidden() { NOT_PERMITTED } else { UNAUTHORIZED });
             state.metrics.voice_pay.with_label_values(&["unknown", f.1]).inc();
-            let mut event = refusal(&req, None, Op::Tokenize, f);
-            event.action = if e.is_forbidden() {
-                "authz.failure"
-            } else {
-                "auth.failure"
-            };
-            event.outcome = e.reason().to_owned();
-            if f != RATE_LIMITED && state.audit(event).await.is_err() {
-                return answer(Op::Tokenize, VAULT_UNAVAILABLE.0, None, Some(VAULT_UNAVAILABLE));
+            if denied.audit {
+                tracing::warn!(reason = e.reason(), "voice connector request denied");
+                let mut event = refusal(&req, None, Op::Tokenize, f);
+                event.action = if e.is_forbidden() {
+                    "authz.failure"
+                } else {
+                    "auth.failure"
+                };
+                event.outcome = e.reason().to_owned();
+                if state.audit(event).await.is_err() {
+                    return answer(Op::Tokenize, VAULT_UNAVAILABLE.0, None, Some(VAULT_UNAVAILABLE));
+                }
             }
             return answer(Op::Tokenize, f.0, None, Some(f));
         }
