@@ -36,6 +36,13 @@ pub struct Metrics {
     pub enumeration: IntCounterVec,
     pub kek_wraps: prometheus::IntGaugeVec,
     pub kek_wrap_limit: IntGauge,
+    /// 1 while `/readyz` would answer ready (refreshed at every scrape).
+    pub ready: IntGauge,
+    pub kek_active_age: IntGauge,
+    /// 0: no cryptoperiod configured.
+    pub kek_cryptoperiod: IntGauge,
+    pub kek_records: prometheus::IntGaugeVec,
+    pub audit_failures: prometheus::IntCounter,
 }
 
 /// Building a metric only fails on an invalid name or duplicate registration,
@@ -189,6 +196,37 @@ impl Metrics {
         registry
             .register(Box::new(kek_wrap_limit.clone()))
             .expect("unique gauge");
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).expect("valid gauge");
+            registry.register(Box::new(g.clone())).expect("unique gauge");
+            g
+        };
+        let ready = gauge(
+            "ready",
+            "1 while the vault is ready to serve (unsealed, store reachable and undamaged)",
+        );
+        let kek_active_age = gauge("kek_active_age_seconds", "Age of the active KEK version");
+        let kek_cryptoperiod = gauge(
+            "kek_cryptoperiod_seconds",
+            "The configured KEK cryptoperiod (0: none): the active KEK rotates when older",
+        );
+        let kek_records = prometheus::IntGaugeVec::new(
+            Opts::new(
+                "kek_records",
+                "Records whose DEK is wrapped under each KEK version that holds key material",
+            ),
+            &["version"],
+        )
+        .expect("valid gauge");
+        registry.register(Box::new(kek_records.clone())).expect("unique gauge");
+        let audit_failures = prometheus::IntCounter::new(
+            "audit_append_failures_total",
+            "Audit records that could not be made durable (the request that needed one failed closed)",
+        )
+        .expect("valid counter");
+        registry
+            .register(Box::new(audit_failures.clone()))
+            .expect("unique counter");
         let tokens_stored = IntGauge::new("tokens_stored", "Tokens held by the vault").expect("valid gauge");
         registry
             .register(Box::new(tokens_stored.clone()))
@@ -224,7 +262,17 @@ impl Metrics {
             enumeration,
             kek_wraps,
             kek_wrap_limit,
+            ready,
+            kek_active_age,
+            kek_cryptoperiod,
+            kek_records,
+            audit_failures,
         }
+    }
+
+    /// Registers a collector another component owns (the store's unit-of-work latency).
+    pub fn register(&self, collector: Box<dyn prometheus::core::Collector>) {
+        let _ = self.registry.register(collector);
     }
 
     /// The text exposition format.

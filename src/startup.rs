@@ -578,6 +578,9 @@ impl Application {
                 .unwrap_or(crate::limits::RateLimits(std::collections::HashMap::new())),
         );
         let metrics = Metrics::new();
+        let (unit_seconds, unit_failures) = vault.unit_metrics();
+        metrics.register(Box::new(unit_seconds));
+        metrics.register(Box::new(unit_failures));
         metrics.store_damaged.set(i64::from(vault.store_damage().is_some()));
         let state = web::Data::new(AppState {
             vault,

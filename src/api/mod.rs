@@ -92,7 +92,11 @@ impl AppState {
 
     /// Appends an audit record durably; if that fails the request fails (closed).
     pub async fn audit(&self, event: crate::audit::AuditEvent) -> Result<(), ApiError> {
-        self.audit.record(event).await.map_err(|e| match e {
+        let recorded = self.audit.record(event).await;
+        if recorded.is_err() {
+            self.metrics.audit_failures.inc();
+        }
+        recorded.map_err(|e| match e {
             // The store is down (a database restarting or failing over): retry later.
             crate::audit::AuditError::Store(e @ crate::store::StoreError::Unavailable(_)) => {
                 tracing::warn!(error = %e, "audit trail unavailable");
@@ -443,6 +447,28 @@ async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     m.store_reconnects
         .inc_by(a.reconnects.saturating_sub(m.store_reconnects.get()));
     state.metrics.sealed.set(i64::from(state.vault.keys().is_sealed()));
+    state.metrics.ready.set(i64::from(state.vault.ready().await));
+    if let Ok(status) = state.vault.key_status().await {
+        let active = status.versions.iter().find(|v| Some(v.version) == status.active);
+        m.kek_active_age
+            .set(active.map_or(0, |v| i64::try_from(v.age_secs).unwrap_or(i64::MAX)));
+        m.kek_cryptoperiod.set(
+            status
+                .cryptoperiod_secs
+                .map_or(0, |s| i64::try_from(s).unwrap_or(i64::MAX)),
+        );
+        // Versions that still hold key material only: bounded as versions are destroyed.
+        m.kek_records.reset();
+        for v in status
+            .versions
+            .iter()
+            .filter(|v| v.state != crate::keys::KeyState::Destroyed)
+        {
+            m.kek_records
+                .with_label_values(&[&v.version.to_string()])
+                .set(i64::try_from(v.records).unwrap_or(i64::MAX));
+        }
+    }
     if let Ok((counts, limit)) = state.vault.wrap_counts().await {
         state
             .metrics

@@ -191,6 +191,11 @@ pub struct Vault {
     enumeration: Option<Arc<EnumerationGuard>>,
     budget: Arc<budget::WrapBudget>,
     lifecycle: Arc<crate::config::Lifecycle>,
+    /// How long a unit of work takes to be applied and made durable (the store's
+    /// commit latency as requests see it).
+    unit_seconds: prometheus::Histogram,
+    /// Units of work (each with its audit record) that failed to be made durable.
+    unit_failures: prometheus::IntCounter,
 }
 
 /// What a vault needs besides its store and keys.
@@ -262,6 +267,21 @@ impl Vault {
             idempotency_window: options.idempotency_window,
             enumeration: options.enumeration.map(|p| Arc::new(EnumerationGuard::new(p))),
             lifecycle: Arc::new(options.lifecycle),
+            unit_seconds: prometheus::Histogram::with_opts(
+                prometheus::HistogramOpts::new(
+                    "store_unit_seconds",
+                    "Time to apply a unit of work (a change and its audit record) and make it durable",
+                )
+                .buckets(vec![
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                ]),
+            )
+            .map_err(|_| VaultError::Task)?,
+            unit_failures: prometheus::IntCounter::new(
+                "store_unit_failures_total",
+                "Units of work (a change with its audit record) that failed and were not made durable",
+            )
+            .map_err(|_| VaultError::Task)?,
         })
     }
 
@@ -408,7 +428,7 @@ impl Vault {
                 held: Some(Box::new(sealing)),
             };
             // Durable before we answer: a 201 and its audit record survive a crash right after it.
-            match self.store.apply(unit, self.seal.clone()).await? {
+            match self.apply(unit).await? {
                 Applied::Inserted(InsertOutcome::Inserted) => {
                     self.stored.fetch_add(1, Ordering::Relaxed);
                     break Tokenized::Created(meta);
@@ -575,7 +595,7 @@ impl Vault {
             },
             held: None,
         };
-        let deleted = self.store.apply(unit, self.seal.clone()).await? == Applied::Deleted(true);
+        let deleted = self.apply(unit).await? == Applied::Deleted(true);
         if deleted {
             self.stored.fetch_sub(1, Ordering::Relaxed);
         }
@@ -585,6 +605,22 @@ impl Vault {
         Ok(deleted)
     }
 
+    /// The unit-of-work latency histogram and failure counter (registered with the metrics).
+    pub fn unit_metrics(&self) -> (prometheus::Histogram, prometheus::IntCounter) {
+        (self.unit_seconds.clone(), self.unit_failures.clone())
+    }
+
+    /// Applies a unit of work through the store and waits until it is durable.
+    async fn apply(&self, unit: Unit) -> Result<Applied, crate::store::StoreError> {
+        let timer = self.unit_seconds.start_timer();
+        let applied = self.store.apply(unit, self.seal.clone()).await;
+        timer.observe_duration();
+        if applied.is_err() {
+            self.unit_failures.inc();
+        }
+        applied
+    }
+
     /// Appends an audit record as its own unit of work, durably.
     async fn audited(&self, event: AuditEvent) -> Result<(), VaultError> {
         let unit = Unit {
@@ -592,7 +628,7 @@ impl Vault {
             audit: event,
             held: None,
         };
-        self.store.apply(unit, self.seal.clone()).await?;
+        self.apply(unit).await?;
         Ok(())
     }
 
@@ -829,7 +865,7 @@ impl Vault {
             },
             held: None,
         };
-        if self.store.apply(unit, self.seal.clone()).await? != Applied::Deleted(true) {
+        if self.apply(unit).await? != Applied::Deleted(true) {
             return Err(self.missing());
         }
         // A deleted card takes its waiting CVV with it.

@@ -19,6 +19,7 @@ mod import;
 mod keys;
 mod lifecycle;
 mod limits;
+mod observability;
 mod openapi;
 mod payments;
 mod readme;
