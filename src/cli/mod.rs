@@ -1,5 +1,6 @@
 //! The `tokenvault` command line.
 
+mod demo;
 mod import;
 mod keys;
 
@@ -63,6 +64,10 @@ enum Command {
     /// Import a legacy card file (CSV or JSON lines) into a running vault through the batch API:
     /// resumable, with a map of id → token for the CRM and a reject report (never card data).
     Import(import::ImportArgs),
+    /// The first five minutes: a dev vault and the PSP simulator on free loopback ports, the
+    /// whole story walked through (tokenize, read, a denied detokenize, charges, a refund, a key
+    /// rotation and rewrap), then both stopped and their temporary directory removed.
+    Demo,
     /// Dev-mode helpers (refuse to work on a production data directory).
     Dev {
         #[command(subcommand)]
@@ -239,6 +244,7 @@ pub fn run() -> ExitCode {
         Command::Audit { conn, command } => keys::run_audit(conn, command),
         Command::Store { command } => store(command),
         Command::Import(args) => import::run(args),
+        Command::Demo => demo::run(),
         Command::Export { conn, command } => keys::run_export(conn, command),
         Command::Dev {
             command:

@@ -403,3 +403,32 @@ fn the_vault_binary_carries_no_psp_simulator() {
     let out = std::process::Command::new(BIN).arg("mock-psp").output().unwrap();
     assert_eq!(out.status.code(), Some(2), "no mock-psp subcommand");
 }
+
+/// `tokenvault demo` walks the whole story against its own dev vault and PSP
+/// simulator and exits 0, leaving nothing behind; no card number is printed.
+#[test]
+fn the_demo_walks_the_whole_story() {
+    let out = std::process::Command::new(BIN)
+        .arg("demo")
+        .env("NO_COLOR", "1")
+        .env_remove("TOKENVAULT_DATA_DIR")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for step in 1..=8 {
+        assert!(stdout.contains(&format!("[{step}]")), "step {step} missing:\n{stdout}");
+    }
+    assert_eq!(stdout.matches('✓').count(), 9, "{stdout}");
+    assert!(
+        stdout.contains("403 forbidden") && stdout.contains("partially_refunded"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("The whole story ran."));
+    assert!(!stdout.contains("4111111111111111"), "a PAN was printed");
+    assert!(!stdout.contains("\u{1b}["), "NO_COLOR is honoured");
+}
