@@ -592,12 +592,7 @@ impl Keystore {
         window: time::Duration,
     ) -> Result<ExportRequest, KeystoreError> {
         let mut next = self.clone_body();
-        next.exports.retain(|r| now - r.at < window);
-        let r = next
-            .exports
-            .iter_mut()
-            .find(|r| r.id == id)
-            .ok_or_else(|| refused(format!("no open export {id}")))?;
+        let r = open_export(&mut next, id, now, window)?;
         if r.approved_by.is_some() {
             return Err(refused(format!("export {id} is already approved")));
         }
@@ -623,12 +618,7 @@ impl Keystore {
         window: time::Duration,
     ) -> Result<ExportRequest, KeystoreError> {
         let mut next = self.clone_body();
-        next.exports.retain(|r| now - r.at < window);
-        let r = next
-            .exports
-            .iter_mut()
-            .find(|r| r.id == id)
-            .ok_or_else(|| refused(format!("no open export {id}")))?;
+        let r = open_export(&mut next, id, now, window)?;
         if r.approved_by.is_none() {
             return Err(refused(format!(
                 "export {id} is not approved: a second officer must approve it first"
@@ -777,6 +767,20 @@ fn find(body: &mut Body, version: u32) -> Result<&mut KekEntry, KeystoreError> {
         .iter_mut()
         .find(|k| k.version == version)
         .ok_or_else(|| refused(format!("no key version v{version}")))
+}
+
+/// The open export `id` of `body` (lapsed requests are dropped first).
+fn open_export<'a>(
+    body: &'a mut Body,
+    id: &str,
+    now: OffsetDateTime,
+    window: time::Duration,
+) -> Result<&'a mut ExportRequest, KeystoreError> {
+    body.exports.retain(|r| now - r.at < window);
+    body.exports
+        .iter_mut()
+        .find(|r| r.id == id)
+        .ok_or_else(|| refused(format!("no open export {id}")))
 }
 
 fn push_event(body: &mut Body, action: &str, version: Option<u32>, officers: &[&str]) {

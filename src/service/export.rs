@@ -21,7 +21,7 @@ use crate::keys::keystore::{ExportRequest, KeystoreError};
 /// How long an export request stays open (requested → approved → fetched).
 const EXPORT_WINDOW: time::Duration = time::Duration::hours(24);
 /// The longest recipient key accepted (ASCII armor).
-pub const MAX_RECIPIENT_KEY: usize = 64 * 1024;
+pub const MAX_RECIPIENT_KEY: usize = 12 * 1024;
 /// Records read per store call while building the file.
 const PAGE: usize = 500;
 
@@ -76,7 +76,7 @@ impl Recipient {
     /// a subkey for encryption.
     fn parse(armored: &str) -> Result<Recipient, String> {
         if armored.len() > MAX_RECIPIENT_KEY {
-            return Err("the recipient key is larger than 64 KiB".into());
+            return Err("the recipient key is larger than 12 KiB".into());
         }
         let (cert, _) = SignedPublicKey::from_reader_single(armored.as_bytes())
             .map_err(|_| "the recipient key is not an OpenPGP public key".to_owned())?;

@@ -657,6 +657,29 @@ pub(crate) mod conformance {
         }
     }
 
+    /// An authorised, automatically captured charge of 1.00 EUR on `record`'s token.
+    pub fn charge(id: &str, record: &StoredRecord, reference: &str) -> ChargeRecord {
+        ChargeRecord {
+            id: id.into(),
+            tenant: record.tenant.to_string(),
+            client: "psp".into(),
+            token: record.token.to_string(),
+            amount_value: 100,
+            currency: "EUR".into(),
+            reference: reference.into(),
+            shopper_interaction: "moto".into(),
+            recurring: None,
+            status: "authorised".into(),
+            psp_reference: None,
+            refusal_reason: None,
+            network_transaction_id: None,
+            cvv_sent: false,
+            created_at: 5,
+            capture: "automatic".into(),
+            modifications: Vec::new(),
+        }
+    }
+
     /// Seals an event as its outcome's bytes, numbered after the store's trail.
     pub struct TestSeal(std::sync::Mutex<u64>);
 

@@ -1836,25 +1836,7 @@ pub(crate) mod tests {
         }
         tx.commit().await.unwrap();
         let a = super::super::conformance::record("t1", "4111110000001112", 1);
-        let charge = ChargeRecord {
-            id: "ch_old".into(),
-            tenant: "t1".into(),
-            client: "psp".into(),
-            token: a.token.to_string(),
-            amount_value: 100,
-            currency: "EUR".into(),
-            reference: "order-1".into(),
-            shopper_interaction: "moto".into(),
-            recurring: None,
-            status: "authorised".into(),
-            psp_reference: None,
-            refusal_reason: None,
-            network_transaction_id: None,
-            cvv_sent: false,
-            created_at: 5,
-            capture: "automatic".into(),
-            modifications: Vec::new(),
-        };
+        let charge = super::super::conformance::charge("ch_old", &a, "order-1");
         client
             .execute(
                 "INSERT INTO tv_tokens (token, tenant, key_version, record) VALUES ($1, $2, 1, $3)",

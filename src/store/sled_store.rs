@@ -1619,25 +1619,7 @@ mod tests {
     async fn indexes_are_built_for_a_store_written_before_them() {
         let dir = tempfile::tempdir().unwrap();
         let a = conformance::record("t1", "4111110000001112", 1);
-        let charge = ChargeRecord {
-            id: "ch_old".into(),
-            tenant: "t1".into(),
-            client: "psp".into(),
-            token: a.token.to_string(),
-            amount_value: 100,
-            currency: "EUR".into(),
-            reference: "order-1".into(),
-            shopper_interaction: "moto".into(),
-            recurring: None,
-            status: "authorised".into(),
-            psp_reference: None,
-            refusal_reason: None,
-            network_transaction_id: None,
-            cvv_sent: false,
-            created_at: 5,
-            capture: "automatic".into(),
-            modifications: Vec::new(),
-        };
+        let charge = conformance::charge("ch_old", &a, "order-1");
         {
             let store = SledStore::open(dir.path()).unwrap();
             store.insert(&a, InsertMode::Dedupe, None).unwrap();
