@@ -244,22 +244,23 @@ impl Vault {
                 after = Some(last.token.clone());
                 // Sized for the page up front: the buffer never reallocates (a
                 // reallocation would free an unzeroized copy).
-                let mut chunk = Zeroizing::new(Vec::with_capacity(page.len() * 256));
+                // A line is at most ≈ 350 bytes (64-byte token, 19 digits, a 128-character
+                // name with every character a doubled quote).
+                let mut chunk = Zeroizing::new(Vec::with_capacity(page.len() * 512));
                 for (record, _) in &page {
                     if record.expired_at(now) {
                         continue;
                     }
                     let card = ring.open(&tenant, &record.token, &record.metadata_binding(), &record.sealed)?;
                     let name = card.name.as_ref().map(|n| n.expose()).unwrap_or("");
-                    let line = Zeroizing::new(format!(
-                        "{},{},{},{},{}\n",
-                        record.token,
-                        card.pan.expose_digits(),
-                        card.expiry.month(),
-                        card.expiry.year(),
-                        csv_field(name).as_str()
-                    ));
-                    chunk.extend_from_slice(line.as_bytes());
+                    // Written straight into the zeroizing chunk: no intermediate string
+                    // (whose growth would free unzeroized copies of the card).
+                    chunk.extend_from_slice(record.token.as_str().as_bytes());
+                    chunk.push(b',');
+                    chunk.extend_from_slice(card.pan.expose_digits().as_bytes());
+                    chunk.extend_from_slice(format!(",{},{},", card.expiry.month(), card.expiry.year()).as_bytes());
+                    csv_field(&mut chunk, name);
+                    chunk.push(b'\n');
                     cards += 1;
                 }
                 chunks.push(chunk);
@@ -285,11 +286,18 @@ impl Vault {
     }
 }
 
-/// A CSV field: quoted when it holds a comma, a quote or a line break.
-fn csv_field(s: &str) -> Zeroizing<String> {
-    if s.contains([',', '"', '\n', '\r']) {
-        Zeroizing::new(format!("\"{}\"", s.replace('"', "\"\"")))
-    } else {
-        Zeroizing::new(s.to_owned())
+/// Appends a CSV field: quoted when it holds a comma, a quote or a line break.
+fn csv_field(out: &mut Vec<u8>, s: &str) {
+    if !s.contains([',', '"', '\n', '\r']) {
+        out.extend_from_slice(s.as_bytes());
+        return;
     }
+    out.push(b'"');
+    for b in s.bytes() {
+        if b == b'"' {
+            out.push(b'"');
+        }
+        out.push(b);
+    }
+    out.push(b'"');
 }
