@@ -22,20 +22,8 @@ use time::OffsetDateTime;
 
 use crate::crypto::Key256;
 use crate::keys::manager::KeyManager;
+pub use crate::store::AuditEvent;
 use crate::store::{AuditAppend, Store, StoreError};
-
-/// What happened, as the caller describes it. No card data.
-#[derive(Debug, Clone, Default)]
-pub struct AuditEvent {
-    pub action: &'static str,
-    pub outcome: String,
-    pub principal: Option<String>,
-    pub tenant: Option<String>,
-    pub token: Option<String>,
-    pub request_id: Option<String>,
-    pub source: Option<String>,
-    pub detail: Option<String>,
-}
 
 /// One stored audit record.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -585,6 +573,17 @@ impl Verifier {
             // records): not inside a period.
             in_period: false,
         }
+    }
+
+    /// A keyless (chain-only) verifier for a trail whose retention checkpoint, as
+    /// the store keeps it, is `checkpoint` (`None`: the trail starts at 1).
+    pub fn after_checkpoint(checkpoint: Option<&[u8]>) -> Option<Verifier> {
+        let Some(bytes) = checkpoint else {
+            return Some(Verifier::new(None));
+        };
+        let cp: Checkpoint = serde_json::from_slice(bytes).ok()?;
+        let prev: [u8; 32] = hex::decode(&cp.hash).ok()?.try_into().ok()?;
+        Some(Verifier::resume(None, cp.seq + 1, prev))
     }
 
     fn fail(&mut self, seq: u64, why: &str) {

@@ -16,7 +16,8 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use crate::config::{AuthSettings, ClientEntry, JwtAlg, Scope};
+use crate::config::{AuthSettings, ClientEntry, JwtAlg};
+use crate::domain::scope::Scope;
 use crate::domain::tenant::TenantId;
 
 /// Why a request was refused. `reason()` is a fixed label for metrics.
@@ -341,8 +342,8 @@ impl Authenticator {
         if !verified.scopes.contains(&scope) || !grant.scopes.contains(&scope) {
             return Err(AuthError::ScopeDenied);
         }
-        // Key custody spans every tenant: it needs an explicit global grant.
-        if scope == Scope::KeysAdmin && !grant.global_admin {
+        // Key custody and backups span every tenant: they need an explicit global grant.
+        if matches!(scope, Scope::KeysAdmin | Scope::VaultBackup) && !grant.global_admin {
             return Err(AuthError::GlobalAdminRequired);
         }
         let tenant = verified.tenant.clone().ok_or(AuthError::TenantDenied)?;

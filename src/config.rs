@@ -15,6 +15,12 @@ use figment::Figment;
 use figment::providers::{Env, Format, Toml};
 use serde::{Deserialize, Serialize};
 
+use crate::domain::scope::Scope;
+/// The HSM settings are the key layer's own type; the config file carries them.
+pub use crate::keys::pkcs11::Pkcs11Settings;
+/// The PSP connector's settings are the connector's own type; the config file carries them.
+pub use crate::psp::PspSettings;
+
 /// Default request-body limit: a tokenize body is a few hundred bytes.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 16 * 1024;
 
@@ -23,91 +29,6 @@ pub const DEFAULT_MAX_BODY_BYTES: usize = 16 * 1024;
 pub enum Mode {
     Dev,
     Production,
-}
-
-/// A permission a JWT may carry and the registry may grant.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub enum Scope {
-    #[serde(rename = "tokens:create")]
-    TokensCreate,
-    #[serde(rename = "tokens:read")]
-    TokensRead,
-    #[serde(rename = "tokens:delete")]
-    TokensDelete,
-    #[serde(rename = "tokens:detokenize")]
-    TokensDetokenize,
-    #[serde(rename = "keys:admin")]
-    KeysAdmin,
-    #[serde(rename = "charges:create")]
-    ChargesCreate,
-    #[serde(rename = "charges:read")]
-    ChargesRead,
-    /// Tokenize answers with the tenant's existing token for a known card (dedupe)
-    /// and shows fingerprints. A separate grant: with it, a credential plus a token
-    /// is a PAN oracle (bounded by the enumeration guard), so ordinary edges lack it.
-    #[serde(rename = "tokens:dedupe")]
-    TokensDedupe,
-    /// Read (verify, export) the audit trail: the SIEM's grant, apart from key custody.
-    #[serde(rename = "audit:read")]
-    AuditRead,
-    /// Capture a manual authorisation (all or part).
-    #[serde(rename = "charges:capture")]
-    ChargesCapture,
-    /// Refund a captured charge. A separate grant: refunds are an insider's
-    /// favourite fraud, so a production registry must give it explicitly.
-    #[serde(rename = "charges:refund")]
-    ChargesRefund,
-    /// Cancel (void) an authorisation that is not captured.
-    #[serde(rename = "charges:cancel")]
-    ChargesCancel,
-    /// Record a reissued card's new expiry (and name) under its token.
-    #[serde(rename = "tokens:update")]
-    TokensUpdate,
-}
-
-impl Scope {
-    pub const ALL: [Scope; 13] = [
-        Scope::TokensCreate,
-        Scope::TokensRead,
-        Scope::TokensDelete,
-        Scope::TokensDetokenize,
-        Scope::KeysAdmin,
-        Scope::ChargesCreate,
-        Scope::ChargesRead,
-        Scope::TokensDedupe,
-        Scope::AuditRead,
-        Scope::ChargesCapture,
-        Scope::ChargesRefund,
-        Scope::ChargesCancel,
-        Scope::TokensUpdate,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Scope::TokensCreate => "tokens:create",
-            Scope::TokensRead => "tokens:read",
-            Scope::TokensDelete => "tokens:delete",
-            Scope::TokensDetokenize => "tokens:detokenize",
-            Scope::KeysAdmin => "keys:admin",
-            Scope::ChargesCreate => "charges:create",
-            Scope::ChargesRead => "charges:read",
-            Scope::TokensDedupe => "tokens:dedupe",
-            Scope::AuditRead => "audit:read",
-            Scope::ChargesCapture => "charges:capture",
-            Scope::ChargesRefund => "charges:refund",
-            Scope::ChargesCancel => "charges:cancel",
-            Scope::TokensUpdate => "tokens:update",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Scope> {
-        Scope::ALL.into_iter().find(|sc| sc.as_str() == s)
-    }
-
-    /// This scope's bit in a [`crate::auth::Principal`]'s grant set.
-    pub fn bit(self) -> u32 {
-        1 << (self as u32)
-    }
 }
 
 /// Signature algorithms the vault can be configured to accept. HMAC and `none`
@@ -226,19 +147,6 @@ pub enum ProviderKind {
     Pkcs11,
 }
 
-/// How to reach the HSM. The key label lives in the keystore (it changes on
-/// `keys rotate-root`); the PIN comes from a file, never from argv.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Pkcs11Settings {
-    /// The PKCS#11 module, e.g. /usr/lib/softhsm/libsofthsm2.so.
-    pub module: PathBuf,
-    /// Label of the token (slot) holding the root key.
-    pub token_label: String,
-    /// File holding the user PIN (a mounted secret).
-    pub pin_file: PathBuf,
-}
-
 /// Where the keystore lives and what protects it.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -265,34 +173,6 @@ impl KeystoreSettings {
             .as_deref()
             .and_then(|s| humantime::parse_duration(s).ok())
     }
-}
-
-/// The outbound PSP connector (Adyen-style Checkout API).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PspSettings {
-    /// e.g. https://checkout-test.adyen.com/v71 (the connector POSTs to {base_url}/payments).
-    pub base_url: String,
-    /// File holding the PSP API key (a mounted secret).
-    pub api_key_file: PathBuf,
-    pub merchant_account: String,
-    /// The only hosts card data may be sent to; base_url's host must be one of them.
-    pub allowed_hosts: Vec<String>,
-    #[serde(default = "default_connect_ms")]
-    pub connect_timeout_ms: u64,
-    #[serde(default = "default_timeout_ms")]
-    pub timeout_ms: u64,
-    /// Dev only: the API key itself (the mock PSP's default).
-    #[serde(skip)]
-    pub dev_api_key: Option<String>,
-}
-
-fn default_connect_ms() -> u64 {
-    2_000
-}
-
-fn default_timeout_ms() -> u64 {
-    10_000
 }
 
 /// Log output format.

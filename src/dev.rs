@@ -16,8 +16,9 @@ use zeroize::Zeroizing;
 
 use crate::config::{
     AuthSettings, ClientEntry, DEFAULT_MAX_BODY_BYTES, JwtAlg, JwtKey, KeystoreSettings, LogFormat, Mode, ProviderKind,
-    Scope, Settings,
+    Settings,
 };
+use crate::domain::scope::Scope;
 use crate::domain::tenant::TenantId;
 use crate::keys::keystore::{Keystore, KeystoreError, RootKey, write_private};
 use crate::keys::provider::{KeyProvider, SoftwareRoot};
@@ -44,10 +45,12 @@ pub enum Role {
     Importer,
     /// A tenant's audit reader: audit:read (not a global admin: its JWT tenant's records only).
     Siem,
+    /// The SRE who takes backups: vault:backup (global: a backup spans every tenant).
+    Operator,
 }
 
 impl Role {
-    pub const ALL: [Role; 7] = [
+    pub const ALL: [Role; 8] = [
         Role::Edge,
         Role::Crm,
         Role::Psp,
@@ -55,6 +58,7 @@ impl Role {
         Role::Officer2,
         Role::Importer,
         Role::Siem,
+        Role::Operator,
     ];
 
     pub fn sub(self) -> &'static str {
@@ -66,6 +70,7 @@ impl Role {
             Role::Officer2 => "dev-officer-2",
             Role::Importer => "dev-importer",
             Role::Siem => "dev-siem",
+            Role::Operator => "dev-operator",
         }
     }
 
@@ -82,14 +87,15 @@ impl Role {
                 Scope::ChargesCancel,
             ],
             Role::Officer | Role::Officer2 => &[Scope::KeysAdmin, Scope::AuditRead],
+            Role::Operator => &[Scope::VaultBackup],
             Role::Importer => &[Scope::TokensCreate, Scope::TokensDedupe],
             Role::Siem => &[Scope::AuditRead],
         }
     }
 
-    /// Officers are global administrators in the dev registry.
+    /// Officers and the operator are global administrators in the dev registry.
     pub fn global_admin(self) -> bool {
-        matches!(self, Role::Officer | Role::Officer2)
+        matches!(self, Role::Officer | Role::Officer2 | Role::Operator)
     }
 }
 

@@ -21,8 +21,13 @@
 //!                                        └─ domain  Pan, Cvv, Expiry, Token, TenantId (no I/O)
 //! ```
 //!
-//! `api` never touches `store` or raw keys; `store` never sees a `Pan`, only
-//! sealed envelopes; `domain` and `crypto` do no I/O.
+//! Layers, lowest first (a module uses only lower layers; `tests/api/layering.rs`
+//! fails the build on an upward import): `domain` `crypto` `limits` `metrics` <
+//! `keys` < `store` < `audit` < `psp` < `config` < `telemetry` `tls` < `service` <
+//! `dev` < `auth` `hardening` < `api` < `startup` < `cli`. `store` never sees a
+//! `Pan`, only sealed envelopes; `domain` and `crypto` do no I/O; `keys` and `psp`
+//! own their settings types (config carries them). `api` never touches raw keys; it
+//! still names the store's charge records and errors (service views to come).
 
 #![forbid(unsafe_code)]
 

@@ -525,6 +525,7 @@ impl Application {
             kek_wrap_limit: settings.kek_wrap_limit,
             cvv_redis: cvv_redis.clone(),
             lifecycle: settings.lifecycle.clone(),
+            spool_dir: settings.data_dir.clone(),
         };
         if matches!(location, crate::store::StoreLocation::Postgres(_)) && cvv_redis.is_none() {
             tracing::warn!(

@@ -5,7 +5,7 @@ use actix_web::{HttpResponse, web};
 use serde::Deserialize;
 
 use super::AppState;
-use super::extract::{ApiJson, AuditRead, Caller, KeysAdmin, SecretJson};
+use super::extract::{ApiJson, AuditRead, Caller, KeysAdmin, SecretJson, VaultBackup};
 use super::problem::ApiError;
 use crate::service::DestroyOutcome;
 
@@ -529,4 +529,68 @@ pub async fn export_fetch(
         .insert_header(("X-Export-Cards", file.cards.to_string()))
         .insert_header(("X-Recipient-Fingerprint", file.request.fingerprint.clone()))
         .body(file.ciphertext))
+}
+
+/// POST /v1/admin/backup — an online backup of the store and keystore, streamed
+/// (`tokenvault backup`). Needs `vault:backup` and a global-admin grant. The copy
+/// is taken into an unnamed spool file first (writes wait for the copy, never for
+/// the download); the audit record names its size and audit head.
+pub async fn backup(state: web::Data<AppState>, caller: Caller<VaultBackup>) -> Result<HttpResponse, ApiError> {
+    let result = match state.vault.backup().await {
+        Ok(Some(b)) => Ok(b),
+        Ok(None) => Err(ApiError::NotSupported(
+            "this vault runs on PostgreSQL: back it up with the database's own tools (README, \"Backups\")",
+        )),
+        Err(e) => Err(ApiError::from(e)),
+    };
+    let mut event = caller.event(
+        "backup.create",
+        result.as_ref().map_or_else(|e| e.code(), |_| "ok"),
+        None,
+    );
+    event.detail = result.as_ref().ok().map(|b| {
+        format!(
+            "{} records, audit head {}, {} bytes, writes paused {} ms",
+            b.summary.records,
+            b.summary.audit_head.as_ref().map_or(0, |h| h.seq),
+            b.bytes,
+            b.summary.write_pause_ms
+        )
+    });
+    state.audit(event).await?;
+    let b = result?;
+    tracing::warn!(
+        records = b.summary.records,
+        bytes = b.bytes,
+        pause_ms = b.summary.write_pause_ms,
+        "backup taken"
+    );
+    let name = format!("tokenvault-{}.tvbackup", b.summary.taken_at);
+    let chunks = futures_util::stream::unfold(Some(b.file), |file| async move {
+        let mut file = file?;
+        let read = tokio::task::spawn_blocking(move || {
+            let mut buf = vec![0u8; 1 << 20];
+            let n = std::io::Read::read(&mut file, &mut buf)?;
+            buf.truncate(n);
+            Ok::<_, std::io::Error>((buf, file))
+        })
+        .await;
+        match read {
+            Ok(Ok((buf, _))) if buf.is_empty() => None,
+            Ok(Ok((buf, file))) => Some((Ok(web::Bytes::from(buf)), Some(file))),
+            Ok(Err(e)) => Some((Err(actix_web::error::ErrorInternalServerError(e)), None)),
+            Err(_) => Some((
+                Err(actix_web::error::ErrorInternalServerError("backup read task failed")),
+                None,
+            )),
+        }
+    });
+    Ok(HttpResponse::Ok()
+        .content_type("application/octet-stream")
+        .insert_header(("Cache-Control", "no-store"))
+        .insert_header(("Content-Disposition", format!("attachment; filename=\"{name}\"")))
+        .insert_header(("X-Backup-Records", b.summary.records.to_string()))
+        .insert_header(("X-Backup-Write-Pause-Ms", b.summary.write_pause_ms.to_string()))
+        .no_chunking(b.bytes)
+        .streaming(chunks))
 }

@@ -15,7 +15,8 @@ use super::AppState;
 use super::problem::{ApiError, REQUEST_ID};
 use crate::audit::AuditEvent;
 use crate::auth::Principal;
-use crate::config::Scope;
+pub use crate::domain::json::integral;
+use crate::domain::scope::Scope;
 use crate::limits::LimitClass;
 
 /// A scope an endpoint requires, as a type.
@@ -47,6 +48,7 @@ scope_marker!(ChargesCapture, Scope::ChargesCapture, LimitClass::Charges);
 scope_marker!(ChargesRefund, Scope::ChargesRefund, LimitClass::Charges);
 scope_marker!(ChargesCancel, Scope::ChargesCancel, LimitClass::Charges);
 scope_marker!(AuditRead, Scope::AuditRead, LimitClass::Other);
+scope_marker!(VaultBackup, Scope::VaultBackup, LimitClass::Other);
 
 /// The authorized caller of an endpoint that requires scope `S`.
 pub struct Caller<S> {
@@ -275,22 +277,4 @@ fn read_body<T: DeserializeOwned + 'static>(
             .map(ApiJson)
             .map_err(|_| ApiError::Malformed)
     })
-}
-
-/// Deserializes an integer that JSON may write as `153` or `153.0` (JSON Schema
-/// counts both as integers); anything fractional or out of range is refused.
-pub fn integral<'de, D, T>(d: D) -> Result<T, D::Error>
-where
-    D: serde::Deserializer<'de>,
-    T: TryFrom<i64>,
-{
-    use serde::Deserialize;
-    let n = serde_json::Number::deserialize(d)?;
-    let v = match (n.as_i64(), n.as_f64()) {
-        (Some(i), _) => Some(i),
-        (None, Some(f)) if f.fract() == 0.0 && f.abs() < 9.0e15 => Some(f as i64),
-        _ => None,
-    };
-    v.and_then(|i| T::try_from(i).ok())
-        .ok_or_else(|| serde::de::Error::custom("expected an integer"))
 }

@@ -21,6 +21,7 @@ use actix_web::middleware::{DefaultHeaders, Next};
 use actix_web::{HttpMessage, HttpResponse, web};
 
 use crate::auth::{Authenticator, Principal};
+use crate::domain::scope::Scope;
 use crate::metrics::Metrics;
 use crate::service::Vault;
 use problem::{ApiError, REQUEST_ID};
@@ -110,39 +111,69 @@ impl AppState {
     }
 }
 
-/// Every (method, path) the server routes, kept in step with openapi.yaml by a test.
-pub const ROUTES: &[(&str, &str)] = &[
-    ("POST", "/v1/tokens"),
-    ("GET", "/v1/tokens"),
-    ("POST", "/v1/tokens/batch"),
-    ("GET", "/v1/tokens/{token}"),
-    ("DELETE", "/v1/tokens/{token}"),
-    ("PATCH", "/v1/tokens/{token}"),
-    ("POST", "/v1/detokenize"),
-    ("POST", "/v1/connectors/voice-pay"),
-    ("POST", "/v1/charges"),
-    ("GET", "/v1/charges"),
-    ("GET", "/v1/charges/{id}"),
-    ("POST", "/v1/charges/{id}/captures"),
-    ("POST", "/v1/charges/{id}/refunds"),
-    ("POST", "/v1/charges/{id}/cancel"),
-    ("GET", "/healthz"),
-    ("GET", "/readyz"),
-    ("GET", "/metrics"),
-    ("GET", "/v1/admin/keys"),
-    ("POST", "/v1/admin/keys/rotate"),
-    ("POST", "/v1/admin/keys/rewrap"),
-    ("POST", "/v1/admin/keys/{version}/retire"),
-    ("POST", "/v1/admin/keys/{version}/destroy"),
-    ("POST", "/v1/admin/keys/rotate-root"),
-    ("POST", "/v1/admin/unseal"),
-    ("POST", "/v1/admin/exports"),
-    ("GET", "/v1/admin/exports"),
-    ("POST", "/v1/admin/exports/{id}/approve"),
-    ("GET", "/v1/admin/exports/{id}/file"),
-    ("GET", "/v1/admin/audit/verify"),
-    ("GET", "/v1/admin/audit/export"),
-    ("POST", "/v1/admin/audit/prune"),
+/// Who may call a route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Unauthenticated (the operational routes).
+    Public,
+    /// A bearer JWT carrying this scope, which the client registry also grants.
+    Bearer(Scope),
+    /// HTTP Basic: a voice platform's connector (registry password hash, one tenant).
+    Basic,
+}
+
+/// Every (method, path) the server routes and who may call it: the one table that
+/// openapi.yaml (routes and security), the 405 `Allow` header and the authorization
+/// matrix are checked against.
+pub const ROUTES: &[(&str, &str, Access)] = &[
+    ("POST", "/v1/tokens", Access::Bearer(Scope::TokensCreate)),
+    ("GET", "/v1/tokens", Access::Bearer(Scope::TokensRead)),
+    ("POST", "/v1/tokens/batch", Access::Bearer(Scope::TokensCreate)),
+    ("GET", "/v1/tokens/{token}", Access::Bearer(Scope::TokensRead)),
+    ("DELETE", "/v1/tokens/{token}", Access::Bearer(Scope::TokensDelete)),
+    ("PATCH", "/v1/tokens/{token}", Access::Bearer(Scope::TokensUpdate)),
+    ("POST", "/v1/detokenize", Access::Bearer(Scope::TokensDetokenize)),
+    ("POST", "/v1/connectors/voice-pay", Access::Basic),
+    ("POST", "/v1/charges", Access::Bearer(Scope::ChargesCreate)),
+    ("GET", "/v1/charges", Access::Bearer(Scope::ChargesRead)),
+    ("GET", "/v1/charges/{id}", Access::Bearer(Scope::ChargesRead)),
+    (
+        "POST",
+        "/v1/charges/{id}/captures",
+        Access::Bearer(Scope::ChargesCapture),
+    ),
+    ("POST", "/v1/charges/{id}/refunds", Access::Bearer(Scope::ChargesRefund)),
+    ("POST", "/v1/charges/{id}/cancel", Access::Bearer(Scope::ChargesCancel)),
+    ("GET", "/healthz", Access::Public),
+    ("GET", "/readyz", Access::Public),
+    ("GET", "/metrics", Access::Public),
+    ("GET", "/v1/admin/keys", Access::Bearer(Scope::KeysAdmin)),
+    ("POST", "/v1/admin/keys/rotate", Access::Bearer(Scope::KeysAdmin)),
+    ("POST", "/v1/admin/keys/rewrap", Access::Bearer(Scope::KeysAdmin)),
+    (
+        "POST",
+        "/v1/admin/keys/{version}/retire",
+        Access::Bearer(Scope::KeysAdmin),
+    ),
+    (
+        "POST",
+        "/v1/admin/keys/{version}/destroy",
+        Access::Bearer(Scope::KeysAdmin),
+    ),
+    ("POST", "/v1/admin/keys/rotate-root", Access::Bearer(Scope::KeysAdmin)),
+    ("POST", "/v1/admin/unseal", Access::Bearer(Scope::KeysAdmin)),
+    ("POST", "/v1/admin/backup", Access::Bearer(Scope::VaultBackup)),
+    ("POST", "/v1/admin/exports", Access::Bearer(Scope::KeysAdmin)),
+    ("GET", "/v1/admin/exports", Access::Bearer(Scope::KeysAdmin)),
+    (
+        "POST",
+        "/v1/admin/exports/{id}/approve",
+        Access::Bearer(Scope::KeysAdmin),
+    ),
+    ("GET", "/v1/admin/exports/{id}/file", Access::Bearer(Scope::KeysAdmin)),
+    ("GET", "/v1/admin/audit/verify", Access::Bearer(Scope::AuditRead)),
+    ("GET", "/v1/admin/audit/export", Access::Bearer(Scope::AuditRead)),
+    ("POST", "/v1/admin/audit/prune", Access::Bearer(Scope::KeysAdmin)),
 ];
 
 /// The operational routes (`/healthz`, `/readyz`, `/metrics`).
@@ -275,6 +306,11 @@ fn configure_api(cfg: &mut web::ServiceConfig) {
             .default_service(web::to(method_not_allowed)),
     )
     .service(
+        web::resource("/v1/admin/backup")
+            .route(web::post().to(admin::backup))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
         web::resource("/v1/admin/exports")
             .route(web::post().to(admin::export_request))
             .route(web::get().to(admin::export_list))
@@ -366,7 +402,11 @@ pub async fn middleware(
     let route = res.request().match_pattern().unwrap_or_else(|| "unmatched".to_owned());
     if res.status() == actix_web::http::StatusCode::METHOD_NOT_ALLOWED {
         // RFC 9110: a 405 lists the methods the resource supports.
-        let allow: Vec<&str> = ROUTES.iter().filter(|(_, p)| *p == route).map(|(m, _)| *m).collect();
+        let allow: Vec<&str> = ROUTES
+            .iter()
+            .filter(|(_, p, _)| *p == route)
+            .map(|(m, _, _)| *m)
+            .collect();
         if let Ok(v) = HeaderValue::from_str(&allow.join(", ")) {
             res.headers_mut().insert(header::ALLOW, v);
         }

@@ -84,6 +84,9 @@ pub enum ApiError {
     KeyRefused(String),
     #[error("unseal refused")]
     Unseal(&'static str, StatusCode, &'static str),
+    /// This vault's backend does not do this (the detail says what to use instead).
+    #[error("not supported")]
+    NotSupported(&'static str),
     #[error("internal error")]
     Internal,
 }
@@ -122,6 +125,7 @@ pub const PROBLEM_CODES: &[&str] = &[
     "duplicate-share",
     "wrong-shares",
     "not-sealed",
+    "not-supported",
     "internal-error",
 ];
 
@@ -158,6 +162,7 @@ impl ApiError {
             ApiError::EnumerationSuspected(_) => "enumeration-suspected",
             ApiError::KeyRefused(_) => "key-operation-refused",
             ApiError::Unseal(code, _, _) => code,
+            ApiError::NotSupported(_) => "not-supported",
             ApiError::Internal => "internal-error",
         }
     }
@@ -196,6 +201,7 @@ impl ApiError {
             }
             ApiError::KeyRefused(_) => "The key operation was refused",
             ApiError::Unseal(_, _, title) => title,
+            ApiError::NotSupported(_) => "This vault's storage backend does not support this operation",
             ApiError::Internal => "Internal error",
         }
     }
@@ -227,6 +233,7 @@ impl ApiError {
             ),
             // Key-operation refusals name versions and record counts: no secrets.
             ApiError::KeyRefused(why) => Some(why.clone()),
+            ApiError::NotSupported(what) => Some((*what).to_owned()),
             // States and amounts only.
             ApiError::ChargeState(why) | ApiError::AmountRefused(why) => Some(why.clone()),
             _ => None,
@@ -373,6 +380,7 @@ impl ResponseError for ApiError {
             ApiError::KeyRefused(_) | ApiError::ChargeState(_) => StatusCode::CONFLICT,
             ApiError::Unseal(_, status, _) => *status,
             ApiError::KeyDestroyed => StatusCode::GONE,
+            ApiError::NotSupported(_) => StatusCode::NOT_IMPLEMENTED,
             ApiError::KeyUnavailable | ApiError::Integrity | ApiError::RecordLost | ApiError::Internal => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }

@@ -13,8 +13,8 @@ use super::extract::{
     ApiJson, Caller, SecretJson, TokensCreate, TokensDelete, TokensDetokenize, TokensRead, TokensUpdate,
 };
 use super::problem::ApiError;
-use crate::config::Scope;
 use crate::domain::card::{CardPayload, CardholderName, Expiry, Pan};
+use crate::domain::scope::Scope;
 use crate::domain::token::{Token, TokenFormat};
 use crate::service::{TokenMetadata, TokenizeCaller, TokenizeInput, Tokenized, VaultError};
 

@@ -25,5 +25,6 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    tokenvault::telemetry::init(tokenvault::config::LogFormat::Pretty);
     tokenvault::psp::mock::run(args.listen, args.api_key_file)
 }

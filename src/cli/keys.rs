@@ -31,31 +31,31 @@ use crate::service::Vault;
 pub struct Conn {
     /// The vault's URL.
     #[arg(long, env = "TOKENVAULT_URL", default_value = "http://127.0.0.1:8080", global = true)]
-    url: String,
+    pub(super) url: String,
     /// File holding an officer JWT (e.g. from `tokenvault dev token --role officer`).
     #[arg(long, env = "TOKENVAULT_TOKEN_FILE", value_name = "FILE", global = true)]
-    token_file: Option<PathBuf>,
+    pub(super) token_file: Option<PathBuf>,
     /// Machine-readable output.
     #[arg(long, global = true)]
-    json: bool,
+    pub(super) json: bool,
     /// Act on a stopped vault's data directory instead of the admin API.
     #[arg(long, global = true, requires = "data_dir")]
-    offline: bool,
+    pub(super) offline: bool,
     /// Data directory (with --offline).
     #[arg(long, env = "TOKENVAULT_DATA_DIR", value_name = "DIR", global = true)]
-    data_dir: Option<PathBuf>,
+    pub(super) data_dir: Option<PathBuf>,
     /// Production config (with --offline, for the keystore location and provider).
     #[arg(long, value_name = "FILE", global = true)]
-    config: Option<PathBuf>,
+    pub(super) config: Option<PathBuf>,
     /// With --offline: the store, as for `serve --store` [default: the config's, or sled in the data directory].
     #[arg(long, env = "TOKENVAULT_STORE", value_name = "URL", global = true)]
-    store: Option<String>,
+    pub(super) store: Option<String>,
     /// CA certificate (PEM) that signed the vault's TLS certificate, if not a public one.
     #[arg(long, env = "TOKENVAULT_CA_FILE", value_name = "FILE", global = true)]
-    ca_file: Option<PathBuf>,
+    pub(super) ca_file: Option<PathBuf>,
     /// Custodian share file(s): for `unseal`, or with --offline on a sealed keystore. Repeatable.
     #[arg(long = "share-file", value_name = "FILE", global = true)]
-    share_files: Vec<PathBuf>,
+    pub(super) share_files: Vec<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -379,7 +379,7 @@ pub struct UnsealArgs {
     conn: Conn,
 }
 
-struct Failure(u8, String);
+pub(super) struct Failure(pub(super) u8, pub(super) String);
 
 impl<E: std::fmt::Display> From<E> for Failure {
     fn from(e: E) -> Self {
@@ -387,7 +387,7 @@ impl<E: std::fmt::Display> From<E> for Failure {
     }
 }
 
-fn usage(msg: impl Into<String>) -> Failure {
+pub(super) fn usage(msg: impl Into<String>) -> Failure {
     Failure(2, msg.into())
 }
 
@@ -401,7 +401,7 @@ pub fn run_unseal(args: UnsealArgs) -> ExitCode {
     finish(unseal(args))
 }
 
-fn finish(result: Result<u8, Failure>) -> ExitCode {
+pub(super) fn finish(result: Result<u8, Failure>) -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code),
         Err(Failure(code, msg)) => {
@@ -411,7 +411,7 @@ fn finish(result: Result<u8, Failure>) -> ExitCode {
     }
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
+pub(super) fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -419,7 +419,7 @@ fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
 }
 
 /// The two ways to reach the keys: the admin API, or the data directory itself.
-enum Backend {
+pub(super) enum Backend {
     Online {
         client: reqwest::Client,
         url: String,
@@ -431,7 +431,7 @@ enum Backend {
 }
 
 impl Backend {
-    fn open(conn: &Conn) -> Result<Backend, Failure> {
+    pub(super) fn open(conn: &Conn) -> Result<Backend, Failure> {
         if conn.offline {
             return open_offline(conn);
         }
@@ -489,7 +489,7 @@ impl Backend {
 }
 
 /// An error with its causes ("…: …: …"), for operators.
-fn chain(e: &dyn std::error::Error) -> String {
+pub(super) fn chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {
@@ -500,7 +500,7 @@ fn chain(e: &dyn std::error::Error) -> String {
     out
 }
 
-fn problem_text(v: &Value) -> String {
+pub(super) fn problem_text(v: &Value) -> String {
     match (v["title"].as_str(), v["detail"].as_str()) {
         (Some(t), Some(d)) => format!("{t}: {d}"),
         (Some(t), None) => t.to_owned(),

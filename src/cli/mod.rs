@@ -1,5 +1,6 @@
 //! The `tokenvault` command line.
 
+mod backup;
 mod demo;
 mod import;
 mod keys;
@@ -61,6 +62,12 @@ enum Command {
         #[command(subcommand)]
         command: keys::ExportCommand,
     },
+    /// Take an online backup of a running vault (sled): `backup --out FILE`; check one:
+    /// `backup verify FILE`.
+    Backup(backup::BackupArgs),
+    /// Restore a backup into an empty data directory (then start the vault there with its
+    /// key provider: a backup holds no root key material).
+    Restore(backup::RestoreArgs),
     /// Import a legacy card file (CSV or JSON lines) into a running vault through the batch API:
     /// resumable, with a map of id → token for the CRM and a reject report (never card data).
     Import(import::ImportArgs),
@@ -246,6 +253,8 @@ pub fn run() -> ExitCode {
         Command::Import(args) => import::run(args),
         Command::Demo => demo::run(),
         Command::Export { conn, command } => keys::run_export(conn, command),
+        Command::Backup(args) => backup::run_backup(args),
+        Command::Restore(args) => backup::run_restore(args),
         Command::Dev {
             command:
                 DevCommand::Token {

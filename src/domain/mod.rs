@@ -3,5 +3,7 @@
 //! Nothing here does I/O.
 
 pub mod card;
+pub mod json;
+pub mod scope;
 pub mod tenant;
 pub mod token;

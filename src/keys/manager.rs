@@ -117,6 +117,11 @@ impl KeyManager {
         }
     }
 
+    /// The keystore as stored (KEKs wrapped by the root, MACed), for a backup.
+    pub fn keystore_bytes(&self) -> Result<zeroize::Zeroizing<Vec<u8>>, KeystoreError> {
+        self.at.read_bytes().map(zeroize::Zeroizing::new)
+    }
+
     /// The keyring in force, or `None` while sealed.
     pub fn ring(&self) -> Option<Arc<Keyring>> {
         self.read().clone()

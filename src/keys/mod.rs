@@ -42,7 +42,7 @@ pub fn parse_version(label: &str) -> Option<u32> {
 
 /// Opens (or, with `generate`, creates) the HSM root key `label`.
 pub fn open_pkcs11(
-    hsm: &crate::config::Pkcs11Settings,
+    hsm: &pkcs11::Pkcs11Settings,
     label: &str,
     generate: bool,
 ) -> Result<std::sync::Arc<dyn provider::KeyProvider>, provider::ProviderError> {

@@ -38,8 +38,20 @@ use rand::RngCore;
 use zeroize::Zeroizing;
 
 use super::provider::{KeyProvider, ProviderError};
-use crate::config::Pkcs11Settings;
 use crate::crypto::Key256;
+
+/// How to reach the HSM. The key label lives in the keystore (it changes on
+/// `keys rotate-root`); the PIN comes from a file, never from argv.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pkcs11Settings {
+    /// The PKCS#11 module, e.g. /usr/lib/softhsm/libsofthsm2.so.
+    pub module: PathBuf,
+    /// Label of the token (slot) holding the root key.
+    pub token_label: String,
+    /// File holding the user PIN (a mounted secret).
+    pub pin_file: PathBuf,
+}
 
 /// GCM IV length: 96 bits, the only length GCM handles without an extra GHASH.
 const IV_LEN: usize = 12;

@@ -12,11 +12,11 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
+use super::PspSettings;
 use super::{
     ModificationKind, ModificationRequest, PspCall, PspError, PspFuture, PspOutcome, PspRequest, PspStatus,
     RecurringModel, ShopperInteraction, check_allowed,
 };
-use crate::config::PspSettings;
 
 /// The Checkout adapter.
 pub struct AdyenPsp {

@@ -154,7 +154,6 @@ pub fn run(listen: SocketAddr, api_key_file: Option<std::path::PathBuf>) -> std:
         },
         None => super::DEV_API_KEY.to_owned(),
     };
-    crate::telemetry::init(crate::config::LogFormat::Pretty);
     match actix_web::rt::System::new().block_on(serve(listen, key)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

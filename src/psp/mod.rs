@@ -60,7 +60,7 @@ pub struct Recurring {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Amount {
-    #[serde(deserialize_with = "crate::api::extract::integral")]
+    #[serde(deserialize_with = "crate::domain::json::integral")]
     pub value: u64,
     pub currency: String,
 }
@@ -198,4 +198,32 @@ pub fn check_allowed(base_url: &str, allowed_hosts: &[String]) -> Result<String,
         return Err(format!("host {host} is not in allowed_hosts"));
     }
     Ok(host)
+}
+
+/// The outbound PSP connector (Adyen-style Checkout API).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PspSettings {
+    /// e.g. https://checkout-test.adyen.com/v71 (the connector POSTs to {base_url}/payments).
+    pub base_url: String,
+    /// File holding the PSP API key (a mounted secret).
+    pub api_key_file: std::path::PathBuf,
+    pub merchant_account: String,
+    /// The only hosts card data may be sent to; base_url's host must be one of them.
+    pub allowed_hosts: Vec<String>,
+    #[serde(default = "default_connect_ms")]
+    pub connect_timeout_ms: u64,
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Dev only: the API key itself (the mock PSP's default).
+    #[serde(skip)]
+    pub dev_api_key: Option<String>,
+}
+
+fn default_connect_ms() -> u64 {
+    2_000
+}
+
+fn default_timeout_ms() -> u64 {
+    10_000
 }

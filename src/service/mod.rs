@@ -4,6 +4,7 @@
 //! (insert-if-absent, group commit). Blocking work (crypto, sled) runs on the
 //! blocking pool; a created or deleted record is durable before the call returns.
 
+mod backup;
 mod budget;
 mod charges;
 mod cvv;
@@ -191,6 +192,8 @@ pub struct Vault {
     enumeration: Option<Arc<EnumerationGuard>>,
     budget: Arc<budget::WrapBudget>,
     lifecycle: Arc<crate::config::Lifecycle>,
+    /// Where an online backup is spooled (unnamed) before it is streamed out.
+    spool_dir: Arc<std::path::PathBuf>,
     /// How long a unit of work takes to be applied and made durable (the store's
     /// commit latency as requests see it).
     unit_seconds: prometheus::Histogram,
@@ -214,6 +217,8 @@ pub struct VaultOptions {
     pub cvv_redis: Option<secrecy::SecretString>,
     /// Token lifetime bounds and per-tenant retention of unused cards.
     pub lifecycle: crate::config::Lifecycle,
+    /// Where an online backup is spooled before it is streamed out (the data directory).
+    pub spool_dir: std::path::PathBuf,
 }
 
 impl Default for VaultOptions {
@@ -227,6 +232,7 @@ impl Default for VaultOptions {
             kek_wrap_limit: budget::DEFAULT_LIMIT,
             cvv_redis: None,
             lifecycle: crate::config::Lifecycle::default(),
+            spool_dir: std::env::temp_dir(),
         }
     }
 }
@@ -267,6 +273,7 @@ impl Vault {
             idempotency_window: options.idempotency_window,
             enumeration: options.enumeration.map(|p| Arc::new(EnumerationGuard::new(p))),
             lifecycle: Arc::new(options.lifecycle),
+            spool_dir: Arc::new(options.spool_dir),
             unit_seconds: prometheus::Histogram::with_opts(
                 prometheus::HistogramOpts::new(
                     "store_unit_seconds",

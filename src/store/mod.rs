@@ -3,6 +3,7 @@
 //! tokens, public metadata and sealed envelopes.
 
 mod anchor;
+pub mod backup;
 mod codec;
 pub mod copy;
 mod postgres;
@@ -20,7 +21,6 @@ pub use anchor::KeyedMark;
 pub use postgres::{PgOptions, PgStore, SCHEMA_VERSION};
 pub use sled_store::{Salvage, SledStore};
 
-use crate::audit::AuditEvent;
 use crate::domain::card::Brand;
 use crate::domain::tenant::TenantId;
 use crate::domain::token::{Token, TokenFormat};
@@ -399,6 +399,20 @@ impl StoreDamage {
     }
 }
 
+/// What happened, as the caller describes it (the audit trail's input; the
+/// trail itself lives in `audit`, above the store). No card data.
+#[derive(Debug, Clone, Default)]
+pub struct AuditEvent {
+    pub action: &'static str,
+    pub outcome: String,
+    pub principal: Option<String>,
+    pub tenant: Option<String>,
+    pub token: Option<String>,
+    pub request_id: Option<String>,
+    pub source: Option<String>,
+    pub detail: Option<String>,
+}
+
 /// A storage failure. The detail is for logs only, never for clients.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
@@ -600,6 +614,17 @@ pub trait Store: Send + Sync + 'static {
     /// Damage found at open: writes acknowledged earlier may be missing.
     fn damage(&self) -> Option<StoreDamage> {
         None
+    }
+    /// An online backup of the whole store into `out` ([`backup`] format), with the
+    /// keystore `keystore` reads; `None` for a backend that is backed up with its
+    /// own tools (PostgreSQL: see README, "Backups").
+    #[allow(clippy::type_complexity)]
+    fn backup(
+        &self,
+        _out: &mut dyn std::io::Write,
+        _keystore: &dyn Fn() -> Result<zeroize::Zeroizing<Vec<u8>>, String>,
+    ) -> Result<Option<(backup::Summary, u64)>, StoreError> {
+        Ok(None)
     }
     /// Set when an operator accepted a loss (`tokenvault store reanchor`) since the
     /// last start: the anchored sequence number it was moved back from.

@@ -1522,7 +1522,7 @@ impl Store for PgStore {
         })
     }
 
-    fn audit_event(&self, event: &crate::audit::AuditEvent, seal: Arc<dyn AuditSeal>) -> Result<(), StoreError> {
+    fn audit_event(&self, event: &super::AuditEvent, seal: Arc<dyn AuditSeal>) -> Result<(), StoreError> {
         // Through the commit thread like a unit, so it chains after every replica's records.
         let (reply, rx) = std::sync::mpsc::sync_channel(1);
         let unit = Unit {

@@ -11,12 +11,13 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 use tokio::sync::oneshot;
 
 use super::anchor::{AnchorFile, Found, KeyedMark, Mark};
+use super::backup;
 use super::codec::{decode, encode};
 use super::{
     Applied, Applying, AuditAppend, AuditSeal, Change, ChargeRecord, ChargesOf, Commit, IdempotencyRecord, InsertMode,
@@ -31,7 +32,7 @@ const SCHEMA_V1: &[u8] = b"1";
 /// Set once the tenant and charge indexes cover every record (stores written
 /// before they existed get them built at open).
 const INDEXES_KEY: &[u8] = b"indexes_v1";
-const CHECKPOINT_KEY: &[u8] = b"audit_checkpoint";
+pub(crate) const CHECKPOINT_KEY: &[u8] = b"audit_checkpoint";
 const KEYSTORE_GENERATION_KEY: &[u8] = b"keystore_generation";
 
 type Waiter = oneshot::Sender<Result<(), StoreError>>;
@@ -150,6 +151,7 @@ impl SledStore {
             audit: audit.clone(),
             head: head.clone(),
             versions: versions.clone(),
+            gate: Arc::new(RwLock::new(())),
         };
         let flush_db = db.clone();
         let anchored = head.clone();
@@ -182,6 +184,56 @@ impl SledStore {
             keyed_at_open,
             legacy_anchor,
         })
+    }
+
+    /// Copies the whole store (every tree, then the keystore `keystore` reads and
+    /// the audit head) into `out` as a backup, holding the write gate for the copy:
+    /// writes wait, reads go on. `out` should be fast local storage (the caller
+    /// streams it to its client afterwards), so the pause is the copy alone.
+    pub fn backup_to(
+        &self,
+        out: &mut dyn std::io::Write,
+        keystore: &dyn Fn() -> Result<zeroize::Zeroizing<Vec<u8>>, String>,
+    ) -> Result<(backup::Summary, u64), StoreError> {
+        if let Some(damage) = &self.damage {
+            return Err(StoreError::Backend(format!(
+                "the store is damaged ({damage}): a backup of it would carry the damage"
+            )));
+        }
+        let io = |e: std::io::Error| StoreError::Backend(format!("cannot write the backup: {e}"));
+        let mut w = backup::BackupWriter::new(std::io::BufWriter::with_capacity(1 << 20, out)).map_err(io)?;
+        let gate = self.writer.gate.write().unwrap_or_else(|p| p.into_inner());
+        let paused = std::time::Instant::now();
+        // The meta tree first: a reader meets the audit checkpoint before the trail.
+        let mut names: Vec<sled::IVec> = self.db.tree_names();
+        names.sort_by_key(|n| (n.as_ref() != b"meta", n.clone()));
+        for name in names {
+            let tree = self.db.open_tree(&name).map_err(backend)?;
+            let name = String::from_utf8(name.to_vec()).map_err(|_| StoreError::Corrupt)?;
+            for kv in tree.iter() {
+                let (k, v) = kv.map_err(backend)?;
+                w.entry(&name, &k, &v).map_err(io)?;
+            }
+        }
+        let head = *self.head.lock().unwrap_or_else(|p| p.into_inner());
+        // Read last, under the gate: it knows every KEK version a copied record uses.
+        let keys = keystore().map_err(|e| StoreError::Backend(format!("cannot read the keystore: {e}")))?;
+        w.file(backup::KEYSTORE, &keys).map_err(io)?;
+        drop(gate);
+        let pause = paused.elapsed();
+        let summary = backup::Summary {
+            format: backup::FORMAT,
+            taken_at: time::OffsetDateTime::now_utc().unix_timestamp(),
+            vault_version: env!("CARGO_PKG_VERSION").into(),
+            trees: w.trees().clone(),
+            records: w.trees().get("tokens").copied().unwrap_or(0),
+            audit_head: head.as_ref().map(backup::HeadMark::of),
+            keystore_sha256: hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&keys[..])),
+            kek_versions: backup::kek_states(&keys),
+            write_pause_ms: u64::try_from(pause.as_millis()).unwrap_or(u64::MAX),
+        };
+        let (_, size) = w.finish(&summary).map_err(io)?;
+        Ok((summary, size))
     }
 
     /// Salvages a store sled refuses to open. After a clean stop sled recovers
@@ -347,6 +399,9 @@ struct Writer {
     audit: sled::Tree,
     head: Arc<Mutex<Option<Mark>>>,
     versions: Arc<Mutex<std::collections::BTreeMap<u32, u64>>>,
+    /// Every write holds it shared; a backup holds it alone for its copy, so the
+    /// copy is the store at one instant (reads never take it).
+    gate: Arc<RwLock<()>>,
 }
 
 /// What one change did inside a transaction, for the in-memory state after it commits.
@@ -436,6 +491,11 @@ fn tx_error(e: TransactionError<StoreError>) -> StoreError {
 }
 
 impl Writer {
+    /// Held across one write (a whole batch of units, for the committer).
+    fn writing(&self) -> RwLockReadGuard<'_, ()> {
+        self.gate.read().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn trees(&self) -> (&sled::Tree, &sled::Tree, &sled::Tree, &sled::Tree) {
         (&self.tokens, &self.fingerprints, &self.by_version, &self.audit)
     }
@@ -474,6 +534,7 @@ impl Writer {
     /// a fingerprint entry naming a deleted token; readers treat such an entry as
     /// absent. An acknowledged unit is always whole: the flush covers all of it.
     fn apply_batch(&self, units: &[&Unit], seal: &dyn AuditSeal) -> Result<Vec<Applied>, StoreError> {
+        let _writing = self.writing();
         let mut sealer = seal.begin();
         let mut out = Vec::with_capacity(units.len());
         let mut records = Vec::with_capacity(units.len());
@@ -935,6 +996,7 @@ impl Store for SledStore {
         mode: InsertMode,
         audit: Option<&AuditAppend>,
     ) -> Result<InsertOutcome, StoreError> {
+        let _writing = self.writer.writing();
         let (outcome, records) = self
             .writer
             .trees()
@@ -981,6 +1043,7 @@ impl Store for SledStore {
     }
 
     fn delete(&self, tenant: &TenantId, token: &Token, audit: Option<&AuditAppend>) -> Result<bool, StoreError> {
+        let _writing = self.writer.writing();
         let (gone, records) = self
             .writer
             .trees()
@@ -1002,6 +1065,7 @@ impl Store for SledStore {
     }
 
     fn expired(&self, now: i64, limit: usize) -> Result<Vec<(TenantId, Token)>, StoreError> {
+        let _writing = self.writer.writing();
         let end = (now.max(-1) + 1).max(0) as u64;
         let mut out = Vec::new();
         for item in self.expiries.range(..end.to_be_bytes().to_vec()) {
@@ -1037,6 +1101,7 @@ impl Store for SledStore {
         limit: usize,
         used_before: Option<i64>,
     ) -> Result<Vec<(StoredRecord, i64)>, StoreError> {
+        let _writing = self.writer.writing();
         let mut prefix = tenant.as_str().as_bytes().to_vec();
         prefix.push(0);
         let start = match after {
@@ -1082,6 +1147,7 @@ impl Store for SledStore {
     }
 
     fn touch(&self, tenant: &TenantId, token: &Token, at: i64, granularity: i64) -> Result<(), StoreError> {
+        let _writing = self.writer.writing();
         let key = tenant_key(tenant, token);
         loop {
             let Some(current) = self.by_tenant.get(&key).map_err(backend)? else {
@@ -1146,6 +1212,7 @@ impl Store for SledStore {
         after: Option<&Token>,
         limit: usize,
     ) -> Result<Vec<StoredRecord>, StoreError> {
+        let _writing = self.writer.writing();
         let start = match after {
             // The smallest key above `after`: its key with a zero byte appended.
             Some(t) => {
@@ -1189,6 +1256,7 @@ impl Store for SledStore {
     }
 
     fn replace_sealed(&self, moves: &[(StoredRecord, SealedCard)]) -> Result<u64, StoreError> {
+        let _writing = self.writer.writing();
         // No sled transaction (each would roll the log buffer twice): every record
         // is compare-and-swapped on its own, then its index entry moves, the new
         // entry first. A crash between the two leaves a stale entry under the old
@@ -1224,6 +1292,7 @@ impl Store for SledStore {
     }
 
     fn set_network_tx_id(&self, tenant: &TenantId, token: &Token, id: &str) -> Result<bool, StoreError> {
+        let _writing = self.writer.writing();
         super::set_once(
             || self.get(tenant, token),
             |expected, next| {
@@ -1244,6 +1313,7 @@ impl Store for SledStore {
         idem: &IdempotencyRecord,
         live_since: i64,
     ) -> Result<Option<IdempotencyRecord>, StoreError> {
+        let _writing = self.writer.writing();
         let c = super::codec::encode_charge(charge)?;
         let i = postcard::to_stdvec(idem).map_err(|_| StoreError::Corrupt)?;
         let result = (&self.charges, &self.idempotency).transaction(|(charges, idempotency)| {
@@ -1268,12 +1338,14 @@ impl Store for SledStore {
     }
 
     fn update_charge(&self, charge: &ChargeRecord) -> Result<(), StoreError> {
+        let _writing = self.writer.writing();
         let c = super::codec::encode_charge(charge)?;
         self.charges.insert(charge.id.as_bytes(), c).map_err(backend)?;
         index_charge(&self.charge_index, charge)
     }
 
     fn swap_charge(&self, old: &ChargeRecord, new: &ChargeRecord) -> Result<bool, StoreError> {
+        let _writing = self.writer.writing();
         let Some(current) = self.charges.get(old.id.as_bytes()).map_err(backend)? else {
             return Ok(false);
         };
@@ -1311,6 +1383,7 @@ impl Store for SledStore {
         idem: &IdempotencyRecord,
         live_since: i64,
     ) -> Result<Option<IdempotencyRecord>, StoreError> {
+        let _writing = self.writer.writing();
         let value = postcard::to_stdvec(idem).map_err(|_| StoreError::Corrupt)?;
         loop {
             let current = self.idempotency.get(&idempotency_key[..]).map_err(backend)?;
@@ -1332,6 +1405,7 @@ impl Store for SledStore {
     }
 
     fn audit_append(&self, seq: u64, record: &[u8], keyed_mac: Option<[u8; 32]>) -> Result<(), StoreError> {
+        let _writing = self.writer.writing();
         self.audit.insert(seq.to_be_bytes(), record).map_err(backend)?;
         note_head(&self.head, seq, record, keyed_mac);
         Ok(())
@@ -1343,6 +1417,14 @@ impl Store for SledStore {
 
     fn audit_anchor_legacy(&self) -> bool {
         self.legacy_anchor
+    }
+
+    fn backup(
+        &self,
+        out: &mut dyn std::io::Write,
+        keystore: &dyn Fn() -> Result<zeroize::Zeroizing<Vec<u8>>, String>,
+    ) -> Result<Option<(backup::Summary, u64)>, StoreError> {
+        self.backup_to(out, keystore).map(Some)
     }
 
     fn damage(&self) -> Option<StoreDamage> {
@@ -1384,6 +1466,7 @@ impl Store for SledStore {
     }
 
     fn set_keystore_generation(&self, generation: u64) -> Result<(), StoreError> {
+        let _writing = self.writer.writing();
         self.meta
             .insert(KEYSTORE_GENERATION_KEY, &generation.to_be_bytes())
             .map_err(backend)?;
@@ -1402,6 +1485,7 @@ impl Store for SledStore {
     }
 
     fn set_kek_wraps(&self, version: u32, reserved: u64) -> Result<(), StoreError> {
+        let _writing = self.writer.writing();
         self.meta
             .insert(wraps_key(version), &reserved.to_be_bytes())
             .map_err(backend)?;
@@ -1413,6 +1497,7 @@ impl Store for SledStore {
     }
 
     fn audit_prune(&self, through: u64, checkpoint: &[u8]) -> Result<u64, StoreError> {
+        let _writing = self.writer.writing();
         // Checkpoint first: a crash midway leaves records the verifier skips.
         self.meta.insert(CHECKPOINT_KEY, checkpoint).map_err(backend)?;
         self.db.flush().map_err(backend)?;

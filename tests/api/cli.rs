@@ -366,7 +366,7 @@ async fn production_mode_requires_explicit_config_and_enforces_the_registry() {
         assert!(std::time::Instant::now() < deadline, "SIGHUP did not revoke dev-crm");
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    assert!(prod.logs().contains("client registry reloaded (SIGHUP)"));
+    assert!(prod.log_shows("client registry reloaded (SIGHUP)").await);
     // A JWT living longer than auth.max_token_lifetime_secs (default 1 h) is refused.
     let mut claims = dev.claims("edge", "acme");
     claims["exp"] = serde_json::json!(now() + 2 * 3600);

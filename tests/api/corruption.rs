@@ -72,7 +72,7 @@ async fn damaged_records_fail_closed_and_the_rest_keep_working() {
         app.metric("tokenvault_token_reads_total{outcome=\"integrity\"}").await,
         6.0
     );
-    assert!(app.logs().contains("record failed its integrity check"));
+    assert!(app.log_shows("record failed its integrity check").await);
 
     // The audit trail names each damaged token.
     let trail = app.audit_export();
@@ -203,7 +203,7 @@ async fn raw_log_damage_is_detected_and_lost_tokens_fail_closed() {
                     app.metric("tokenvault_detokenize_total{outcome=\"lost\"}").await,
                     failed as f64
                 );
-                assert!(app.logs().contains("STORE DAMAGED"));
+                assert!(app.log_shows("STORE DAMAGED").await);
                 let (status, body) = app.tokenize("default", &pan_for(72_000 + k as u64), None).await;
                 assert_eq!(
                     (status, body["type"].as_str()),

@@ -222,6 +222,22 @@ impl TestApp {
         self.logs.lock().unwrap().clone()
     }
 
+    /// Waits (up to 10 s) until the server's log holds `needle`. Lines reach the test
+    /// through a pipe reader thread, so a line written just before a response may
+    /// trail that response by a moment.
+    pub async fn log_shows(&self, needle: &str) -> bool {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            if self.logs().contains(needle) {
+                return true;
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
     /// Registers a PAN that must never appear in the logs.
     pub fn watch(&self, pan: &str) {
         self.pans.lock().unwrap().push(pan.to_owned());
@@ -247,6 +263,7 @@ impl TestApp {
             "officer2" => ("dev-officer-2", "keys:admin audit:read"),
             "importer" => ("dev-importer", "tokens:create tokens:dedupe"),
             "siem" => ("dev-siem", "audit:read"),
+            "operator" => ("dev-operator", "vault:backup"),
             other => panic!("unknown role {other}"),
         };
         let n = now();

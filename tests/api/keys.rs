@@ -417,7 +417,7 @@ async fn cryptoperiod_rotates_automatically() {
             .status(),
         200
     );
-    assert!(app.logs().contains("KEK rotated automatically"));
+    assert!(app.log_shows("KEK rotated automatically").await);
 }
 
 #[tokio::test]
@@ -583,7 +583,7 @@ async fn kek_rotates_before_its_nonce_budget_and_readiness_spends_none() {
     }
     assert_eq!(app.tokenize("default", "36227206271667", None).await.0, 201);
     assert_eq!(app.metric("tokenvault_kek_wraps{version=\"2\"}").await, 1.0);
-    assert!(app.logs().contains("wrap (nonce) budget reached"));
+    assert!(app.log_shows("wrap (nonce) budget reached").await);
 }
 
 /// The assessor's rollback: the keystore's MAC key never changed, so a copy of

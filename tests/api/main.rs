@@ -6,6 +6,7 @@
 mod abuse;
 mod audit;
 mod authz;
+mod backup;
 mod batch;
 mod charges;
 pub mod cli;
@@ -17,6 +18,7 @@ mod helpers;
 mod hsm;
 mod import;
 mod keys;
+mod layering;
 mod lifecycle;
 mod limits;
 mod observability;

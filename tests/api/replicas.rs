@@ -1130,7 +1130,7 @@ async fn store_copy_moves_a_sled_vault_to_postgres_resumably() {
 
     // The vault on the copy (the data directory is bound to the database now).
     let app = TestApp::restart_on(&dir);
-    assert!(app.logs().contains("store=postgres"), "runs on PostgreSQL");
+    assert!(app.log_shows("store=postgres").await, "runs on PostgreSQL");
     for (token, pan) in &cards {
         let res = app.detokenize("default", token).await;
         assert_eq!(res.status(), 200);
@@ -1268,7 +1268,7 @@ async fn production_replicas_keep_the_keystore_in_the_database() {
         })
         .collect();
     for app in &apps {
-        assert!(app.logs().contains("SEALED"), "a production replica starts sealed");
+        assert!(app.log_shows("SEALED").await, "a production replica starts sealed");
         for share in [1, 2] {
             let share = shares.join(format!("share-{share}.txt"));
             let (code, _, err) = crate::cli::unseal_with(app, &dev, dir, &share);

@@ -573,7 +573,7 @@ async fn health_and_readiness() {
     );
     assert!(res.headers().get("server").is_none(), "no version banner");
     assert!(
-        app.logs().contains("core dumps disabled"),
+        app.log_shows("core dumps disabled").await,
         "process hardening applied at start"
     );
 }
