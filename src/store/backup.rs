@@ -19,9 +19,11 @@
 //! are AEAD-bound to tenant, token and key version, the keystore is MACed, the
 //! audit records carry the audit key's MACs.
 //!
-//! Consistency: the store takes its write gate for the copy (reads go on; writes
-//! wait for the copy, not for the client that downloads it), so the backup is the
-//! store at one instant, every index in step with its records.
+//! Consistency: the store takes its write gate while it copies every tree but the
+//! audit trail (reads go on; writes wait for that copy, never for the client that
+//! downloads it), so records and indexes are the store at one instant; the audit
+//! trail is then copied up to the head taken at that instant (records below the
+//! head never change, and pruning waits for the backup).
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};

@@ -78,6 +78,9 @@ pub struct SledStore {
     reanchored_from: Option<u64>,
     keyed_at_open: Option<KeyedMark>,
     legacy_anchor: bool,
+    /// Held by a backup for its whole copy and by audit pruning: the trail's start
+    /// does not move while a backup copies it.
+    history: Mutex<()>,
 }
 
 impl SledStore {
@@ -183,13 +186,16 @@ impl SledStore {
             reanchored_from,
             keyed_at_open,
             legacy_anchor,
+            history: Mutex::new(()),
         })
     }
 
-    /// Copies the whole store (every tree, then the keystore `keystore` reads and
-    /// the audit head) into `out` as a backup, holding the write gate for the copy:
-    /// writes wait, reads go on. `out` should be fast local storage (the caller
-    /// streams it to its client afterwards), so the pause is the copy alone.
+    /// Copies the whole store into `out` as a backup: under the write gate (writes
+    /// wait, reads go on) every tree but the audit trail, the audit head and the
+    /// keystore `keystore` reads; then, with writes flowing again, the audit trail up
+    /// to that head (those records never change). `out` should be fast local storage
+    /// (the caller streams it to its client afterwards), so the pause is the copy of
+    /// the records and their indexes alone.
     pub fn backup_to(
         &self,
         out: &mut dyn std::io::Write,
@@ -202,11 +208,14 @@ impl SledStore {
         }
         let io = |e: std::io::Error| StoreError::Backend(format!("cannot write the backup: {e}"));
         let mut w = backup::BackupWriter::new(std::io::BufWriter::with_capacity(1 << 20, out)).map_err(io)?;
+        let _history = self.history.lock().unwrap_or_else(|p| p.into_inner());
         let gate = self.writer.gate.write().unwrap_or_else(|p| p.into_inner());
         let paused = std::time::Instant::now();
-        // The meta tree first: a reader meets the audit checkpoint before the trail.
+        // Under the gate: every tree but the audit trail, the meta tree first (a reader
+        // meets the trail's checkpoint before the trail).
         let mut names: Vec<sled::IVec> = self.db.tree_names();
-        names.sort_by_key(|n| (n.as_ref() != b"meta", n.clone()));
+        names.retain(|n| n.as_ref() != backup::AUDIT_TREE.as_bytes());
+        names.sort_by_key(|n| (n.as_ref() != backup::META_TREE.as_bytes(), n.clone()));
         for name in names {
             let tree = self.db.open_tree(&name).map_err(backend)?;
             let name = String::from_utf8(name.to_vec()).map_err(|_| StoreError::Corrupt)?;
@@ -218,9 +227,17 @@ impl SledStore {
         let head = *self.head.lock().unwrap_or_else(|p| p.into_inner());
         // Read last, under the gate: it knows every KEK version a copied record uses.
         let keys = keystore().map_err(|e| StoreError::Backend(format!("cannot read the keystore: {e}")))?;
-        w.file(backup::KEYSTORE, &keys).map_err(io)?;
         drop(gate);
         let pause = paused.elapsed();
+        // The trail up to the head taken under the gate, after it: records at or below
+        // the head never change (appends go above it; pruning waits for `history`).
+        if let Some(head) = &head {
+            for kv in self.audit.range(..=head.seq.to_be_bytes()) {
+                let (k, v) = kv.map_err(backend)?;
+                w.entry(backup::AUDIT_TREE, &k, &v).map_err(io)?;
+            }
+        }
+        w.file(backup::KEYSTORE, &keys).map_err(io)?;
         let summary = backup::Summary {
             format: backup::FORMAT,
             taken_at: time::OffsetDateTime::now_utc().unix_timestamp(),
@@ -1497,6 +1514,7 @@ impl Store for SledStore {
     }
 
     fn audit_prune(&self, through: u64, checkpoint: &[u8]) -> Result<u64, StoreError> {
+        let _history = self.history.lock().unwrap_or_else(|p| p.into_inner());
         let _writing = self.writer.writing();
         // Checkpoint first: a crash midway leaves records the verifier skips.
         self.meta.insert(CHECKPOINT_KEY, checkpoint).map_err(backend)?;
