@@ -314,6 +314,11 @@ pub async fn audit_export(
 ) -> Result<HttpResponse, ApiError> {
     let since = match &query.since {
         None => None,
+        Some(s) if s.len() > 64 => {
+            return Err(ApiError::InvalidField(
+                "since must be an RFC 3339 time of at most 64 characters",
+            ));
+        }
         Some(s) => Some(
             time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
                 .map_err(|_| ApiError::InvalidField("since must be an RFC 3339 time, e.g. 2026-11-01T00:00:00Z"))?,
@@ -398,6 +403,15 @@ pub async fn audit_prune(
     body: ApiJson<PruneBody>,
 ) -> Result<HttpResponse, ApiError> {
     let PruneBody { through_seq, hash } = body.0;
+    // The documented bounds (int64, a SHA-256 in hex), refused before the trail is read.
+    if through_seq == 0 || through_seq > i64::MAX as u64 {
+        return Err(ApiError::InvalidField("through_seq must be 1 to 9223372036854775807"));
+    }
+    if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(ApiError::InvalidField(
+            "hash must be the record's chain hash: 64 hex digits",
+        ));
+    }
     let st = state.clone();
     let result = tokio::task::spawn_blocking(move || st.audit.prune(through_seq, &hash))
         .await

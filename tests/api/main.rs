@@ -10,6 +10,7 @@ mod backup;
 mod batch;
 mod charges;
 pub mod cli;
+mod contract;
 mod corruption;
 mod crash;
 mod durability;
