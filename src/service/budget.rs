@@ -60,6 +60,20 @@ impl WrapBudget {
         Ok(next)
     }
 
+    /// [`WrapBudget::count`] without touching the store: `None` when the version's
+    /// count is not loaded yet or its reserved block is spent (then call `count` off
+    /// the async workers). Never blocks on I/O.
+    pub fn try_count(&self, version: u32, n: u64) -> Option<u64> {
+        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = counts.get_mut(&version)?;
+        let next = entry.0 + n;
+        if next > entry.1 {
+            return None;
+        }
+        entry.0 = next;
+        Some(next)
+    }
+
     /// The counts seen so far (for metrics and `keys status`), loading unknown
     /// versions from the store.
     pub fn snapshot(&self, versions: &[u32]) -> Result<Vec<(u32, u64)>, StoreError> {
