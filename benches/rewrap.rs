@@ -8,6 +8,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+#[allow(unreachable_pub)] // shared with the `common` bench target, where these are its root items
 mod common;
 
 use std::io::{BufRead, BufReader};

@@ -14,20 +14,20 @@ const MAX_BATCH: usize = 10_000;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RewrapBody {
+pub(super) struct RewrapBody {
     #[serde(default, deserialize_with = "optional_integral")]
     batch: Option<usize>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct UnsealBody {
+pub(super) struct UnsealBody {
     share: secrecy::SecretString,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RotateRootBody {
+pub(super) struct RotateRootBody {
     key_label: String,
 }
 
@@ -37,7 +37,7 @@ fn parse_version(s: &str) -> Result<u32, ApiError> {
 }
 
 /// GET /v1/admin/keys
-pub async fn status(state: web::Data<AppState>, caller: Caller<KeysAdmin>) -> Result<HttpResponse, ApiError> {
+pub(super) async fn status(state: web::Data<AppState>, caller: Caller<KeysAdmin>) -> Result<HttpResponse, ApiError> {
     let result = state.vault.key_status().await.map_err(ApiError::from);
     audit(&state, &caller, "key.status", &result, None).await?;
     Ok(HttpResponse::Ok().json(result?))
@@ -57,7 +57,7 @@ async fn audit<T>(
 }
 
 /// POST /v1/admin/keys/rotate
-pub async fn rotate(state: web::Data<AppState>, caller: Caller<KeysAdmin>) -> Result<HttpResponse, ApiError> {
+pub(super) async fn rotate(state: web::Data<AppState>, caller: Caller<KeysAdmin>) -> Result<HttpResponse, ApiError> {
     let result = state
         .vault
         .rotate_key(&caller.principal.sub)
@@ -78,7 +78,7 @@ pub async fn rotate(state: web::Data<AppState>, caller: Caller<KeysAdmin>) -> Re
 }
 
 /// POST /v1/admin/keys/rewrap
-pub async fn rewrap(
+pub(super) async fn rewrap(
     state: web::Data<AppState>,
     caller: Caller<KeysAdmin>,
     body: ApiJson<RewrapBody>,
@@ -100,7 +100,7 @@ pub async fn rewrap(
 }
 
 /// POST /v1/admin/keys/{version}/retire
-pub async fn retire(
+pub(super) async fn retire(
     state: web::Data<AppState>,
     caller: Caller<KeysAdmin>,
     path: web::Path<String>,
@@ -131,7 +131,7 @@ pub async fn retire(
 
 /// POST /v1/admin/keys/{version}/destroy — dual control: 202 for the request,
 /// 200 once a second officer approves.
-pub async fn destroy(
+pub(super) async fn destroy(
     state: web::Data<AppState>,
     caller: Caller<KeysAdmin>,
     path: web::Path<String>,
@@ -177,7 +177,7 @@ pub async fn destroy(
 }
 
 /// POST /v1/admin/keys/rotate-root — PKCS#11 only: a new HSM key wraps every KEK.
-pub async fn rotate_root(
+pub(super) async fn rotate_root(
     state: web::Data<AppState>,
     caller: Caller<KeysAdmin>,
     body: ApiJson<RotateRootBody>,
@@ -214,7 +214,7 @@ pub async fn rotate_root(
 }
 
 /// POST /v1/admin/unseal — one custodian share per call (the share is never logged or audited).
-pub async fn unseal(
+pub(super) async fn unseal(
     state: web::Data<AppState>,
     caller: Caller<KeysAdmin>,
     body: SecretJson<UnsealBody>,
@@ -253,7 +253,7 @@ pub async fn unseal(
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ExportQuery {
+pub(super) struct ExportQuery {
     /// RFC 3339: start at the first record at or after this time (found by a
     /// binary search over sequence numbers, not a scan from record 1).
     #[serde(default)]
@@ -268,7 +268,7 @@ pub struct ExportQuery {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct PruneBody {
+pub(super) struct PruneBody {
     /// Remove records up to and including this one...
     #[serde(deserialize_with = "super::extract::integral")]
     through_seq: u64,
@@ -279,7 +279,10 @@ pub struct PruneBody {
 
 /// GET /v1/admin/audit/verify — checks the whole trail, names the first broken link.
 /// Needs `audit:read` and a global-admin grant (the trail spans every tenant).
-pub async fn audit_verify(state: web::Data<AppState>, caller: Caller<AuditRead>) -> Result<HttpResponse, ApiError> {
+pub(super) async fn audit_verify(
+    state: web::Data<AppState>,
+    caller: Caller<AuditRead>,
+) -> Result<HttpResponse, ApiError> {
     if !caller.principal.global_admin {
         let e = ApiError::Auth(crate::auth::AuthError::GlobalAdminRequired);
         state.audit(caller.event("audit.verify", e.code(), None)).await?;
@@ -307,7 +310,7 @@ pub async fn audit_verify(state: web::Data<AppState>, caller: Caller<AuditRead>)
 /// GET /v1/admin/audit/export — JSON lines for a SIEM, streamed in batches from a
 /// sequence cursor (bounded memory whatever the trail's size). A global admin
 /// gets every record; anyone else only their JWT tenant's.
-pub async fn audit_export(
+pub(super) async fn audit_export(
     state: web::Data<AppState>,
     caller: Caller<AuditRead>,
     query: web::Query<ExportQuery>,
@@ -397,7 +400,7 @@ pub async fn audit_export(
 /// records through `through_seq` once the trail verifies up to there and the
 /// caller proves it holds that record's chain hash. A checkpoint (sequence, hash)
 /// keeps the remaining trail verifiable. Needs `keys:admin` (global).
-pub async fn audit_prune(
+pub(super) async fn audit_prune(
     state: web::Data<AppState>,
     caller: Caller<KeysAdmin>,
     body: ApiJson<PruneBody>,
@@ -437,7 +440,7 @@ fn optional_integral<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<us
 /// `POST /v1/admin/exports`: the tenant and the recipient's OpenPGP public key.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ExportBody {
+pub(super) struct ExportBody {
     tenant: String,
     recipient_key: String,
 }
@@ -449,7 +452,7 @@ fn export_id(s: &str) -> Result<&str, ApiError> {
 }
 
 /// POST /v1/admin/exports — officer 1 requests a tenant's cards for a recipient key.
-pub async fn export_request(
+pub(super) async fn export_request(
     state: web::Data<AppState>,
     caller: Caller<KeysAdmin>,
     body: ApiJson<ExportBody>,
@@ -478,14 +481,17 @@ pub async fn export_request(
 }
 
 /// GET /v1/admin/exports — the open requests.
-pub async fn export_list(state: web::Data<AppState>, caller: Caller<KeysAdmin>) -> Result<HttpResponse, ApiError> {
+pub(super) async fn export_list(
+    state: web::Data<AppState>,
+    caller: Caller<KeysAdmin>,
+) -> Result<HttpResponse, ApiError> {
     let items = state.vault.exports();
     audit(&state, &caller, "export.list", &Ok::<(), ApiError>(()), None).await?;
     Ok(HttpResponse::Ok().json(serde_json::json!({ "items": items })))
 }
 
 /// POST /v1/admin/exports/{id}/approve — a second, different officer approves.
-pub async fn export_approve(
+pub(super) async fn export_approve(
     state: web::Data<AppState>,
     caller: Caller<KeysAdmin>,
     path: web::Path<String>,
@@ -510,7 +516,7 @@ pub async fn export_approve(
 }
 
 /// GET /v1/admin/exports/{id}/file — the encrypted file of an approved export, once.
-pub async fn export_fetch(
+pub(super) async fn export_fetch(
     state: web::Data<AppState>,
     caller: Caller<KeysAdmin>,
     path: web::Path<String>,
@@ -549,7 +555,7 @@ pub async fn export_fetch(
 /// (`tokenvault backup`). Needs `vault:backup` and a global-admin grant. The copy
 /// is taken into an unnamed spool file first (writes wait for the copy, never for
 /// the download); the audit record names its size and audit head.
-pub async fn backup(state: web::Data<AppState>, caller: Caller<VaultBackup>) -> Result<HttpResponse, ApiError> {
+pub(super) async fn backup(state: web::Data<AppState>, caller: Caller<VaultBackup>) -> Result<HttpResponse, ApiError> {
     let result = match state.vault.backup().await {
         Ok(Some(b)) => Ok(b),
         Ok(None) => Err(ApiError::NotSupported(

@@ -25,7 +25,7 @@ UGX USD UYU UZS VES VND VUV WST XAF XCD XOF XPF YER ZAR ZMW ZWL";
 
 #[derive(Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub struct ChargeBody {
+pub(super) struct ChargeBody {
     token: String,
     amount: Amount,
     reference: String,
@@ -39,7 +39,7 @@ pub struct ChargeBody {
 
 #[derive(Deserialize, Serialize, Clone, Copy, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
-pub enum CaptureMode {
+pub(super) enum CaptureMode {
     Automatic,
     Manual,
 }
@@ -47,7 +47,7 @@ pub enum CaptureMode {
 /// `POST /v1/charges/{id}/captures`.
 #[derive(Deserialize, Serialize, Default)]
 #[serde(deny_unknown_fields)]
-pub struct CaptureBody {
+pub(super) struct CaptureBody {
     #[serde(default)]
     amount: Option<Amount>,
 }
@@ -55,7 +55,7 @@ pub struct CaptureBody {
 /// `POST /v1/charges/{id}/refunds`.
 #[derive(Deserialize, Serialize, Default)]
 #[serde(deny_unknown_fields)]
-pub struct RefundBody {
+pub(super) struct RefundBody {
     #[serde(default)]
     amount: Option<Amount>,
     #[serde(default)]
@@ -288,7 +288,7 @@ pub(super) fn parse_modification(
 
 /// A refund body's validation (for the fuzz entry point).
 #[doc(hidden)]
-pub fn parse_refund_body(body: RefundBody) -> Result<ModificationInput, ApiError> {
+pub(super) fn parse_refund_body(body: RefundBody) -> Result<ModificationInput, ApiError> {
     parse_modification(ModificationKind::Refund, body.amount, body.reason)
 }
 
@@ -401,7 +401,7 @@ async fn modify(
 }
 
 /// POST /v1/charges/{id}/captures
-pub async fn capture(
+pub(super) async fn capture(
     req: HttpRequest,
     state: web::Data<AppState>,
     caller: Caller<ChargesCapture>,
@@ -423,7 +423,7 @@ pub async fn capture(
 }
 
 /// POST /v1/charges/{id}/refunds
-pub async fn refund(
+pub(super) async fn refund(
     req: HttpRequest,
     state: web::Data<AppState>,
     caller: Caller<ChargesRefund>,
@@ -446,7 +446,7 @@ pub async fn refund(
 }
 
 /// POST /v1/charges/{id}/cancel (no body: the whole authorisation is released)
-pub async fn cancel(
+pub(super) async fn cancel(
     req: HttpRequest,
     state: web::Data<AppState>,
     caller: Caller<ChargesCancel>,
@@ -467,7 +467,7 @@ pub async fn cancel(
 }
 
 /// POST /v1/charges
-pub async fn create(
+pub(super) async fn create(
     req: HttpRequest,
     state: web::Data<AppState>,
     caller: Caller<ChargesCreate>,
@@ -553,7 +553,7 @@ pub(super) async fn note_charge(
 }
 
 /// GET /v1/charges/{id}
-pub async fn read(
+pub(super) async fn read(
     state: web::Data<AppState>,
     caller: Caller<ChargesRead>,
     path: web::Path<String>,
@@ -580,7 +580,7 @@ pub async fn read(
 /// `GET /v1/charges` query: one of `token` or `reference`, a cursor, a page size.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ListQuery {
+pub(super) struct ListQuery {
     #[serde(default)]
     token: Option<String>,
     #[serde(default)]
@@ -640,7 +640,7 @@ fn parse_list(q: ListQuery) -> Result<ChargeListing, ApiError> {
 }
 
 /// GET /v1/charges?token=…|reference=…&cursor=…&limit=…
-pub async fn list(
+pub(super) async fn list(
     state: web::Data<AppState>,
     caller: Caller<ChargesRead>,
     query: Result<web::Query<ListQuery>, actix_web::Error>,

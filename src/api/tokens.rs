@@ -20,7 +20,7 @@ use crate::service::{TokenMetadata, TokenizeCaller, TokenizeInput, Tokenized, Va
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct TokenizeBody {
+pub(super) struct TokenizeBody {
     pan: SecretString,
     #[serde(deserialize_with = "super::extract::integral")]
     exp_month: i64,
@@ -82,7 +82,7 @@ fn parse_expiry_time(
 /// `PATCH /v1/tokens/{token}`: a reissued card (same PAN).
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct CardUpdateBody {
+pub(super) struct CardUpdateBody {
     #[serde(deserialize_with = "super::extract::integral")]
     exp_month: i64,
     #[serde(deserialize_with = "super::extract::integral")]
@@ -93,7 +93,7 @@ pub struct CardUpdateBody {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct DetokenizeBody {
+pub(super) struct DetokenizeBody {
     token: String,
 }
 
@@ -150,7 +150,7 @@ struct RevealedBody<'a> {
 }
 
 /// POST /v1/tokens
-pub async fn tokenize(
+pub(super) async fn tokenize(
     state: web::Data<AppState>,
     caller: Caller<TokensCreate>,
     body: SecretJson<TokenizeBody>,
@@ -207,7 +207,7 @@ pub async fn tokenize(
 /// (a migration must not carry one: PCI DSS 3.3.1) and no lifetime.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct BatchItem {
+pub(super) struct BatchItem {
     id: String,
     pan: SecretString,
     #[serde(deserialize_with = "super::extract::integral")]
@@ -222,12 +222,12 @@ pub struct BatchItem {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct BatchBody {
+pub(super) struct BatchBody {
     items: Vec<BatchItem>,
 }
 
 /// The most cards one batch may carry.
-pub const MAX_BATCH: usize = 1_000;
+pub(super) const MAX_BATCH: usize = 1_000;
 
 #[derive(Serialize)]
 struct BatchResult<'a> {
@@ -273,7 +273,7 @@ fn parse_batch_item(item: &BatchItem) -> Result<TokenizeInput, ApiError> {
 /// `POST /v1/tokens` (same dedupe and tenant rules, each audited) and answered in
 /// order with its token or its own problem; one bad card fails only itself. Every
 /// stored card is durable before the answer (the units share group commits).
-pub async fn batch(
+pub(super) async fn batch(
     state: web::Data<AppState>,
     caller: Caller<TokensCreate>,
     body: super::extract::BatchJson<BatchBody>,
@@ -412,7 +412,7 @@ pub(super) fn parse_tokenize(
 /// `GET /v1/tokens` query: a page of the tenant's tokens.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ListQuery {
+pub(super) struct ListQuery {
     /// `YYYY-MM`: only cards whose expiry month is earlier.
     #[serde(default)]
     expiring_before: Option<String>,
@@ -480,7 +480,7 @@ struct TokenPageBody<'a> {
 }
 
 /// GET /v1/tokens?expiring_before=YYYY-MM&cursor=…&limit=…
-pub async fn list(
+pub(super) async fn list(
     state: web::Data<AppState>,
     caller: Caller<TokensRead>,
     query: Result<web::Query<ListQuery>, actix_web::Error>,
@@ -539,7 +539,7 @@ pub async fn list(
 }
 
 /// GET /v1/tokens/{token}
-pub async fn read(
+pub(super) async fn read(
     state: web::Data<AppState>,
     caller: Caller<TokensRead>,
     path: web::Path<String>,
@@ -574,7 +574,7 @@ pub async fn read(
 }
 
 /// POST /v1/detokenize
-pub async fn detokenize(
+pub(super) async fn detokenize(
     state: web::Data<AppState>,
     caller: Caller<TokensDetokenize>,
     body: ApiJson<DetokenizeBody>,
@@ -646,7 +646,7 @@ pub(super) fn parse_card_update(body: &CardUpdateBody) -> Result<(Expiry, Option
 }
 
 /// PATCH /v1/tokens/{token}
-pub async fn update(
+pub(super) async fn update(
     state: web::Data<AppState>,
     caller: Caller<TokensUpdate>,
     path: web::Path<String>,
@@ -681,7 +681,7 @@ pub async fn update(
 }
 
 /// DELETE /v1/tokens/{token}
-pub async fn delete(
+pub(super) async fn delete(
     state: web::Data<AppState>,
     caller: Caller<TokensDelete>,
     path: web::Path<String>,

@@ -40,7 +40,7 @@ use crate::service::{ChargeInput, TokenizeCaller, TokenizeInput, VaultError};
 /// `parameters`, …) are ignored: the platforms add fields. ACH (bank account
 /// fields) is not supported and answers `invalid_request`.
 #[derive(Deserialize)]
-pub struct VoicePayBody {
+pub(super) struct VoicePayBody {
     #[serde(default)]
     transaction_id: Option<String>,
     #[serde(default)]
@@ -376,7 +376,7 @@ async fn authenticate(state: &AppState, req: &HttpRequest) -> Result<Principal, 
 }
 
 /// POST /v1/connectors/voice-pay
-pub async fn voice_pay(
+pub(super) async fn voice_pay(
     req: HttpRequest,
     state: web::Data<AppState>,
     body: super::extract::LenientSecretJson<VoicePayBody>,

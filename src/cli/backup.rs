@@ -15,7 +15,7 @@ use crate::store::backup::{self, BackupError, Item, Summary};
 
 #[derive(clap::Args)]
 #[command(args_conflicts_with_subcommands = true)]
-pub struct BackupArgs {
+pub(super) struct BackupArgs {
     #[command(flatten)]
     conn: Conn,
     /// Where to write the backup (never over an existing file). Needs a `vault:backup` JWT
@@ -39,7 +39,7 @@ enum BackupCommand {
 }
 
 #[derive(clap::Args)]
-pub struct RestoreArgs {
+pub(super) struct RestoreArgs {
     /// The backup file.
     file: PathBuf,
     /// The data directory to restore into (its `sled` directory must not exist or be empty).
@@ -54,7 +54,7 @@ pub struct RestoreArgs {
 }
 
 /// Entry point for `tokenvault backup`.
-pub fn run_backup(args: BackupArgs) -> ExitCode {
+pub(super) fn run_backup(args: BackupArgs) -> ExitCode {
     finish(match args.command {
         Some(BackupCommand::Verify { file, json }) => verify_command(&file, json),
         None => match &args.out {
@@ -65,7 +65,7 @@ pub fn run_backup(args: BackupArgs) -> ExitCode {
 }
 
 /// Entry point for `tokenvault restore`.
-pub fn run_restore(args: RestoreArgs) -> ExitCode {
+pub(super) fn run_restore(args: RestoreArgs) -> ExitCode {
     finish(restore(&args))
 }
 

@@ -56,7 +56,7 @@ fn free_port() -> Result<u16, String> {
         .map_err(|e| format!("no free loopback port: {e}"))
 }
 
-pub fn run() -> ExitCode {
+pub(super) fn run() -> ExitCode {
     let style = Style {
         color: std::env::var_os("NO_COLOR").is_none() && std::io::IsTerminal::is_terminal(&std::io::stdout()),
     };

@@ -26,13 +26,13 @@ use zeroize::Zeroizing;
 use crate::domain::card::{Expiry, Pan};
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Format {
+pub(super) enum Format {
     Csv,
     Jsonl,
 }
 
 #[derive(Args)]
-pub struct ImportArgs {
+pub(super) struct ImportArgs {
     /// The legacy card file.
     file: PathBuf,
     /// csv (header id,pan,exp_month,exp_year[,name]) or jsonl (objects with those keys).
@@ -112,7 +112,7 @@ fn usage(m: impl Into<String>) -> Failure {
     Failure(2, m.into())
 }
 
-pub fn run(args: ImportArgs) -> ExitCode {
+pub(super) fn run(args: ImportArgs) -> ExitCode {
     match import(&args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure(code, message)) => {

@@ -28,7 +28,7 @@ use crate::service::Vault;
 
 /// How to reach the vault.
 #[derive(Args, Clone)]
-pub struct Conn {
+pub(super) struct Conn {
     /// The vault's URL.
     #[arg(long, env = "TOKENVAULT_URL", default_value = "http://127.0.0.1:8080", global = true)]
     pub(super) url: String,
@@ -59,7 +59,7 @@ pub struct Conn {
 }
 
 #[derive(Subcommand)]
-pub enum KeysCommand {
+pub(super) enum KeysCommand {
     /// Every KEK version: state, age against the cryptoperiod, records wrapped under it.
     Status,
     /// Create a new KEK version and make it active (older versions become decrypt-only).
@@ -94,7 +94,7 @@ pub enum KeysCommand {
 }
 
 #[derive(Args)]
-pub struct InitArgs {
+pub(super) struct InitArgs {
     /// Number of custodian shares (sealed provider).
     #[arg(long, default_value_t = 5)]
     shares: u8,
@@ -119,7 +119,7 @@ pub struct InitArgs {
 }
 
 #[derive(Subcommand)]
-pub enum AuditCommand {
+pub(super) enum AuditCommand {
     /// Check the whole hash chain and every MAC; names the first broken link (exit 1).
     Verify {
         /// Verify an export (JSON lines) instead of the vault's own trail. MACs are
@@ -141,7 +141,7 @@ pub enum AuditCommand {
 /// `tokenvault export`: a tenant's cards to a new PSP or vault, encrypted to its
 /// OpenPGP key, under dual control (through the admin API).
 #[derive(Subcommand)]
-pub enum ExportCommand {
+pub(super) enum ExportCommand {
     /// Officer 1: request the export of a tenant's cards to a recipient's public key.
     Request {
         #[arg(long)]
@@ -163,7 +163,7 @@ pub enum ExportCommand {
 }
 
 /// Entry point for `tokenvault export`.
-pub fn run_export(conn: Conn, command: ExportCommand) -> ExitCode {
+pub(super) fn run_export(conn: Conn, command: ExportCommand) -> ExitCode {
     finish(export(conn, command))
 }
 
@@ -271,7 +271,7 @@ fn export(conn: Conn, command: ExportCommand) -> Result<u8, Failure> {
 }
 
 /// Entry point for `tokenvault audit`.
-pub fn run_audit(conn: Conn, command: AuditCommand) -> ExitCode {
+pub(super) fn run_audit(conn: Conn, command: AuditCommand) -> ExitCode {
     finish(audit(conn, command))
 }
 
@@ -374,7 +374,7 @@ fn print_verify(conn: &Conn, report: &Value, macs: bool) -> Result<u8, Failure> 
 
 /// `tokenvault unseal`: shares come from --share-file, else a hidden prompt on a TTY, else stdin.
 #[derive(Args)]
-pub struct UnsealArgs {
+pub(super) struct UnsealArgs {
     #[command(flatten)]
     conn: Conn,
 }
@@ -392,12 +392,12 @@ pub(super) fn usage(msg: impl Into<String>) -> Failure {
 }
 
 /// Entry point for `tokenvault keys`.
-pub fn run_keys(conn: Conn, command: KeysCommand) -> ExitCode {
+pub(super) fn run_keys(conn: Conn, command: KeysCommand) -> ExitCode {
     finish(keys(conn, command))
 }
 
 /// Entry point for `tokenvault unseal`.
-pub fn run_unseal(args: UnsealArgs) -> ExitCode {
+pub(super) fn run_unseal(args: UnsealArgs) -> ExitCode {
     finish(unseal(args))
 }
 

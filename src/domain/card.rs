@@ -440,7 +440,7 @@ impl CardPayload {
 #[cfg(test)]
 pub(crate) mod test_pans {
     /// Completes `prefix` + random-free filler to a Luhn-valid number of `len` digits.
-    pub fn with_check_digit(body: &str) -> String {
+    pub(crate) fn with_check_digit(body: &str) -> String {
         for d in 0..10u8 {
             let candidate = format!("{body}{d}");
             if super::luhn_valid(candidate.as_bytes()) {

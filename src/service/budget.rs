@@ -11,12 +11,12 @@ use std::sync::{Arc, Mutex};
 use crate::store::{Store, StoreError};
 
 /// Default limit: half of SP 800-38D's 2^32 random-nonce bound.
-pub const DEFAULT_LIMIT: u64 = crate::config::DEFAULT_KEK_WRAP_LIMIT;
+pub(super) const DEFAULT_LIMIT: u64 = crate::config::DEFAULT_KEK_WRAP_LIMIT;
 /// Wraps reserved durably at a time.
 const BLOCK: u64 = 10_000;
 
 /// Per-version wrap counters backed by the store.
-pub struct WrapBudget {
+pub(super) struct WrapBudget {
     store: Arc<dyn Store>,
     limit: u64,
     /// version → (counted, durably reserved)
@@ -24,7 +24,7 @@ pub struct WrapBudget {
 }
 
 impl WrapBudget {
-    pub fn new(store: Arc<dyn Store>, limit: u64) -> WrapBudget {
+    pub(super) fn new(store: Arc<dyn Store>, limit: u64) -> WrapBudget {
         WrapBudget {
             store,
             limit: limit.max(1),
@@ -32,13 +32,13 @@ impl WrapBudget {
         }
     }
 
-    pub fn limit(&self) -> u64 {
+    pub(super) fn limit(&self) -> u64 {
         self.limit
     }
 
     /// Counts `n` wraps under `version` (reserving durably first when the block
     /// is spent); returns the version's count. Blocking: may write the store.
-    pub fn count(&self, version: u32, n: u64) -> Result<u64, StoreError> {
+    pub(super) fn count(&self, version: u32, n: u64) -> Result<u64, StoreError> {
         let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
         let entry = match counts.get_mut(&version) {
             Some(e) => e,
@@ -63,7 +63,7 @@ impl WrapBudget {
     /// [`WrapBudget::count`] without touching the store: `None` when the version's
     /// count is not loaded yet or its reserved block is spent (then call `count` off
     /// the async workers). Never blocks on I/O.
-    pub fn try_count(&self, version: u32, n: u64) -> Option<u64> {
+    pub(super) fn try_count(&self, version: u32, n: u64) -> Option<u64> {
         let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
         let entry = counts.get_mut(&version)?;
         let next = entry.0 + n;
@@ -76,7 +76,7 @@ impl WrapBudget {
 
     /// The counts seen so far (for metrics and `keys status`), loading unknown
     /// versions from the store.
-    pub fn snapshot(&self, versions: &[u32]) -> Result<Vec<(u32, u64)>, StoreError> {
+    pub(super) fn snapshot(&self, versions: &[u32]) -> Result<Vec<(u32, u64)>, StoreError> {
         let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
         let mut out = Vec::with_capacity(versions.len());
         for v in versions {
@@ -94,7 +94,7 @@ impl WrapBudget {
     }
 
     /// Whether `version` has reached its limit.
-    pub fn exhausted(&self, version: u32) -> Result<bool, StoreError> {
+    pub(super) fn exhausted(&self, version: u32) -> Result<bool, StoreError> {
         Ok(self
             .snapshot(&[version])?
             .first()

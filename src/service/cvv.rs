@@ -18,14 +18,14 @@ use crate::store::StoreError;
 const AAD_CVV: &str = "tokenvault/v1/aad/cvv";
 
 /// Where CVVs wait for their charge.
-pub enum CvvHold {
+pub(super) enum CvvHold {
     Local(CvvCache),
     Redis(RedisCvv),
 }
 
 impl CvvHold {
     /// Holds `cvv` for `token` (replacing any earlier one) until the TTL.
-    pub async fn put(&self, token: &Token, cvv: &Cvv) -> Result<(), StoreError> {
+    pub(super) async fn put(&self, token: &Token, cvv: &Cvv) -> Result<(), StoreError> {
         match self {
             CvvHold::Local(c) => {
                 c.put(token, cvv);
@@ -36,7 +36,7 @@ impl CvvHold {
     }
 
     /// Removes and returns the CVV for `token`, if one is held and not expired.
-    pub async fn take(&self, token: &Token) -> Result<Option<Cvv>, StoreError> {
+    pub(super) async fn take(&self, token: &Token) -> Result<Option<Cvv>, StoreError> {
         match self {
             CvvHold::Local(c) => Ok(c.take(token)),
             CvvHold::Redis(r) => r.take(token).await,
@@ -44,7 +44,7 @@ impl CvvHold {
     }
 
     /// Whether a live CVV is held for `token` (false if that cannot be told).
-    pub async fn holds(&self, token: &Token) -> bool {
+    pub(super) async fn holds(&self, token: &Token) -> bool {
         match self {
             CvvHold::Local(c) => c.holds(token),
             CvvHold::Redis(r) => r.holds(token).await.unwrap_or(false),
@@ -52,7 +52,7 @@ impl CvvHold {
     }
 
     /// Drops every expired CVV (Redis expires them itself); returns how many.
-    pub fn purge_expired(&self) -> usize {
+    pub(super) fn purge_expired(&self) -> usize {
         match self {
             CvvHold::Local(c) => c.purge_expired(),
             CvvHold::Redis(_) => 0,
@@ -65,7 +65,7 @@ impl CvvHold {
 /// are keyed HMACs of the token (Redis never sees a token), values AES-256-GCM
 /// under the keyring's CVV-hold key with the token as associated data, so Redis
 /// holds nothing usable without the vault's keys.
-pub struct RedisCvv {
+pub(super) struct RedisCvv {
     client: redis::Client,
     conn: tokio::sync::OnceCell<redis::aio::ConnectionManager>,
     keys: Arc<KeyManager>,
@@ -79,7 +79,7 @@ fn redis_err(e: redis::RedisError) -> StoreError {
 
 impl RedisCvv {
     /// Checks the Redis (reachable, persistence off) and prepares the connection.
-    pub fn connect(url: &str, keys: Arc<KeyManager>, ttl: Duration) -> Result<RedisCvv, StoreError> {
+    pub(super) fn connect(url: &str, keys: Arc<KeyManager>, ttl: Duration) -> Result<RedisCvv, StoreError> {
         let client =
             redis::Client::open(url).map_err(|_| StoreError::Backend("the CVV Redis URL does not parse".into()))?;
         let mut conn = client
@@ -179,14 +179,14 @@ impl RedisCvv {
     }
 }
 
-pub struct CvvCache {
+pub(super) struct CvvCache {
     key: Key256,
     ttl: Duration,
     held: Mutex<HashMap<String, (Vec<u8>, Instant)>>,
 }
 
 impl CvvCache {
-    pub fn new(ttl: Duration) -> CvvCache {
+    pub(super) fn new(ttl: Duration) -> CvvCache {
         CvvCache {
             key: Key256::random(),
             ttl,
@@ -199,7 +199,7 @@ impl CvvCache {
     }
 
     /// Holds `cvv` for `token` (replacing any earlier one) until the TTL.
-    pub fn put(&self, token: &Token, cvv: &Cvv) {
+    pub(super) fn put(&self, token: &Token, cvv: &Cvv) {
         let sealed = self
             .key
             .seal(&aad(AAD_CVV, &[token.as_str().as_bytes()]), cvv.expose().as_bytes());
@@ -208,7 +208,7 @@ impl CvvCache {
     }
 
     /// Removes and returns the CVV for `token`, if one is held and not expired.
-    pub fn take(&self, token: &Token) -> Option<Cvv> {
+    pub(super) fn take(&self, token: &Token) -> Option<Cvv> {
         let (sealed, until) = self.map().remove(token.as_str())?;
         if Instant::now() >= until {
             return None;
@@ -221,14 +221,14 @@ impl CvvCache {
     }
 
     /// Whether a live CVV is held for `token` (metadata shows only this).
-    pub fn holds(&self, token: &Token) -> bool {
+    pub(super) fn holds(&self, token: &Token) -> bool {
         self.map()
             .get(token.as_str())
             .is_some_and(|(_, until)| Instant::now() < *until)
     }
 
     /// Drops every expired CVV; returns how many.
-    pub fn purge_expired(&self) -> usize {
+    pub(super) fn purge_expired(&self) -> usize {
         let now = Instant::now();
         let mut map = self.map();
         let before = map.len();

@@ -17,7 +17,7 @@ use crate::keys::manager::UnsealProgress;
 const APPROVAL_WINDOW: time::Duration = time::Duration::hours(1);
 
 /// Records a rewrap reads per step of its cursor.
-pub const REWRAP_CHUNK: usize = 512;
+pub(super) const REWRAP_CHUNK: usize = 512;
 
 /// Who the deletion epoch's key operations are recorded as.
 pub const EPOCH_OFFICER: &str = "system:deletion-epoch";

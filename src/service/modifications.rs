@@ -24,7 +24,7 @@ use crate::store::{ChargeRecord, Modification};
 /// Modifications one charge may carry. Refused and failed ones stay in its
 /// history too, so without a bound a caller holding a modification grant could
 /// grow one charge record (rewritten whole by every compare-and-set) without end.
-pub const MAX_MODIFICATIONS: usize = 100;
+pub(super) const MAX_MODIFICATIONS: usize = 100;
 
 /// Compare-and-set attempts before giving up (each loses only to another change
 /// of the same charge that landed in between).

@@ -54,7 +54,7 @@ pub struct KeyedMark {
 
 /// The anchored audit head.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Mark {
+pub(crate) struct Mark {
     /// Audit sequence number of the head record (0: no record yet).
     pub seq: u64,
     /// SHA-256 of the head record as stored.
@@ -67,7 +67,7 @@ pub struct Mark {
 }
 
 impl Mark {
-    pub const EMPTY: Mark = Mark {
+    pub(crate) const EMPTY: Mark = Mark {
         seq: 0,
         digest: [0; 32],
         moved_back_from: 0,
@@ -75,7 +75,7 @@ impl Mark {
     };
 
     /// The mark for an audit record stored at `seq`.
-    pub fn of(seq: u64, stored: &[u8]) -> Mark {
+    pub(crate) fn of(seq: u64, stored: &[u8]) -> Mark {
         Mark {
             seq,
             digest: Sha256::digest(stored).into(),
@@ -86,13 +86,13 @@ impl Mark {
 }
 
 /// Whether the anchor file in `dir` is in the v1 layout (before keyed marks).
-pub fn is_legacy(dir: &Path) -> bool {
+pub(super) fn is_legacy(dir: &Path) -> bool {
     std::fs::read(AnchorFile::path_in(dir)).is_ok_and(|b| b.get(..8) == Some(MAGIC_V1.as_slice()))
 }
 
 /// What reading the anchor found.
 #[derive(Debug)]
-pub enum Found {
+pub(super) enum Found {
     Missing,
     /// The file exists but neither slot is intact.
     Unreadable,
@@ -100,7 +100,7 @@ pub enum Found {
 }
 
 /// The anchor file, open for writing.
-pub struct AnchorFile {
+pub(super) struct AnchorFile {
     path: PathBuf,
     file: File,
     generation: u64,
@@ -108,12 +108,12 @@ pub struct AnchorFile {
 
 impl AnchorFile {
     /// Where the anchor of the sled store in `dir` lives.
-    pub fn path_in(dir: &Path) -> PathBuf {
+    pub(super) fn path_in(dir: &Path) -> PathBuf {
         dir.join("anchor")
     }
 
     /// Reads the anchor (if any) without changing it.
-    pub fn read(dir: &Path) -> std::io::Result<Found> {
+    pub(super) fn read(dir: &Path) -> std::io::Result<Found> {
         let path = Self::path_in(dir);
         let mut bytes = Vec::new();
         match File::open(&path) {
@@ -127,7 +127,7 @@ impl AnchorFile {
     }
 
     /// Opens (creating if needed) the anchor for writing.
-    pub fn open(dir: &Path) -> std::io::Result<AnchorFile> {
+    pub(super) fn open(dir: &Path) -> std::io::Result<AnchorFile> {
         let path = Self::path_in(dir);
         let mut file = OpenOptions::new()
             .read(true)
@@ -152,7 +152,7 @@ impl AnchorFile {
     }
 
     /// Writes `mark` durably into the older slot.
-    pub fn write(&mut self, mark: &Mark) -> std::io::Result<()> {
+    pub(super) fn write(&mut self, mark: &Mark) -> std::io::Result<()> {
         let generation = self.generation + 1;
         let slot = encode(generation, mark);
         let offset = (generation % 2) * SLOT as u64;
@@ -164,7 +164,7 @@ impl AnchorFile {
     }
 
     /// Makes the anchor's directory entry durable (after creating the file).
-    pub fn sync_dir(&self) -> std::io::Result<()> {
+    pub(super) fn sync_dir(&self) -> std::io::Result<()> {
         match self.path.parent() {
             Some(dir) => File::open(dir)?.sync_all(),
             None => Ok(()),

@@ -662,7 +662,7 @@ pub(crate) mod conformance {
 
     use super::*;
 
-    pub fn record(tenant: &str, token: &str, fp: u8) -> StoredRecord {
+    pub(crate) fn record(tenant: &str, token: &str, fp: u8) -> StoredRecord {
         StoredRecord {
             tenant: TenantId::parse(tenant).unwrap(),
             token: Token::parse(token).unwrap(),
@@ -683,7 +683,7 @@ pub(crate) mod conformance {
     }
 
     /// An authorised, automatically captured charge of 1.00 EUR on `record`'s token.
-    pub fn charge(id: &str, record: &StoredRecord, reference: &str) -> ChargeRecord {
+    pub(crate) fn charge(id: &str, record: &StoredRecord, reference: &str) -> ChargeRecord {
         ChargeRecord {
             id: id.into(),
             tenant: record.tenant.to_string(),
@@ -706,10 +706,10 @@ pub(crate) mod conformance {
     }
 
     /// Seals an event as its outcome's bytes, numbered after the store's trail.
-    pub struct TestSeal(std::sync::Mutex<u64>);
+    pub(crate) struct TestSeal(std::sync::Mutex<u64>);
 
     impl TestSeal {
-        pub fn after(store: &dyn Store) -> TestSeal {
+        pub(crate) fn after(store: &dyn Store) -> TestSeal {
             TestSeal(std::sync::Mutex::new(store.audit_last().unwrap().map_or(0, |(s, _)| s)))
         }
     }
@@ -758,7 +758,7 @@ pub(crate) mod conformance {
         }
     }
 
-    pub async fn run(store: &dyn Store) {
+    pub(crate) async fn run(store: &dyn Store) {
         let a = record("t1", "4111110000001112", 1);
         assert_eq!(
             store.insert(&a, InsertMode::Dedupe, None).unwrap(),

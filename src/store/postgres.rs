@@ -1729,7 +1729,7 @@ pub(crate) mod tests {
     /// A fresh, empty database on the machine's PostgreSQL for one test
     /// (`TOKENVAULT_TEST_PG`, default `postgres://postgres@127.0.0.1:5432/postgres`).
     /// Outside CI a test skips when the server is unreachable; in CI it fails.
-    pub fn fresh_database(name: &str) -> Option<String> {
+    pub(crate) fn fresh_database(name: &str) -> Option<String> {
         let admin = std::env::var("TOKENVAULT_TEST_PG")
             .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
         let db = format!("tv_test_{name}_{}", std::process::id());

@@ -11,14 +11,14 @@ use serde_json::{Value, json};
 use crate::helpers::*;
 
 /// `tokenvault-mock-psp` as a child process.
-pub struct MockPsp {
+pub(crate) struct MockPsp {
     pub base: String,
     child: Child,
     client: reqwest::Client,
 }
 
 impl MockPsp {
-    pub fn spawn() -> MockPsp {
+    pub(crate) fn spawn() -> MockPsp {
         let mut child = Command::new(MOCK_PSP_BIN)
             .args(["--listen", "127.0.0.1:0"])
             .stdout(Stdio::piped())
@@ -40,7 +40,7 @@ impl MockPsp {
         }
     }
 
-    pub async fn received(&self) -> Vec<Value> {
+    pub(crate) async fn received(&self) -> Vec<Value> {
         let v: Value = self
             .client
             .get(format!("{}/__received", self.base))
@@ -62,14 +62,20 @@ impl Drop for MockPsp {
 }
 
 /// A dev vault wired to a fresh mock PSP.
-pub fn vault_with_psp(extra: &[&str]) -> (TestApp, MockPsp) {
+pub(crate) fn vault_with_psp(extra: &[&str]) -> (TestApp, MockPsp) {
     let psp = MockPsp::spawn();
     let mut args = vec!["--psp-url", psp.base.as_str()];
     args.extend_from_slice(extra);
     (TestApp::spawn_with(&args), psp)
 }
 
-pub async fn charge(app: &TestApp, role: &str, tenant: &str, key: Option<&str>, body: &Value) -> reqwest::Response {
+pub(crate) async fn charge(
+    app: &TestApp,
+    role: &str,
+    tenant: &str,
+    key: Option<&str>,
+    body: &Value,
+) -> reqwest::Response {
     let mut req = app
         .client
         .post(app.url("/v1/charges"))
@@ -81,7 +87,7 @@ pub async fn charge(app: &TestApp, role: &str, tenant: &str, key: Option<&str>, 
     req.send().await.unwrap()
 }
 
-pub fn charge_body(token: &str, value: u64, interaction: &str, recurring: Option<(&str, &str)>) -> Value {
+pub(crate) fn charge_body(token: &str, value: u64, interaction: &str, recurring: Option<(&str, &str)>) -> Value {
     let mut b = json!({"token": token, "amount": {"value": value, "currency": "EUR"}, "reference": format!("order-{value}"),
                        "shopper_interaction": interaction});
     if let Some((model, sequence)) = recurring {
@@ -90,7 +96,7 @@ pub fn charge_body(token: &str, value: u64, interaction: &str, recurring: Option
     b
 }
 
-pub async fn tokenize_with_cvv(app: &TestApp, pan: &str, cvv: &str) -> Value {
+pub(crate) async fn tokenize_with_cvv(app: &TestApp, pan: &str, cvv: &str) -> Value {
     let res = app
         .tokenize_as(
             &app.jwt("edge", "default"),

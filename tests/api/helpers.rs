@@ -13,22 +13,22 @@ use futures_util::StreamExt;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_tokenvault");
+pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_tokenvault");
 /// The PSP simulator, a separate binary (never part of the vault's production binary).
-pub const MOCK_PSP_BIN: &str = env!("CARGO_BIN_EXE_tokenvault-mock-psp");
+pub(crate) const MOCK_PSP_BIN: &str = env!("CARGO_BIN_EXE_tokenvault-mock-psp");
 
 /// Which backend the suite's vaults use: `TOKENVAULT_TEST_STORE=postgres` gives every
 /// vault started in a fresh data directory its own fresh PostgreSQL database (on
 /// `TOKENVAULT_TEST_PG`, default the machine's server), kept with that directory
 /// across restarts and CLI runs; otherwise sled in the data directory.
-pub fn on_postgres() -> bool {
+pub(crate) fn on_postgres() -> bool {
     std::env::var("TOKENVAULT_TEST_STORE").is_ok_and(|s| s == "postgres")
 }
 
 static STORES: Mutex<Vec<(PathBuf, String)>> = Mutex::new(Vec::new());
 
 /// The store URL bound to a data directory (PostgreSQL runs only).
-pub fn store_of(dir: &Path) -> Option<String> {
+pub(crate) fn store_of(dir: &Path) -> Option<String> {
     STORES
         .lock()
         .unwrap()
@@ -38,7 +38,7 @@ pub fn store_of(dir: &Path) -> Option<String> {
 }
 
 /// A fresh PostgreSQL database for `dir`, bound to it for later starts.
-pub fn bind_fresh_database(dir: &Path) -> String {
+pub(crate) fn bind_fresh_database(dir: &Path) -> String {
     use std::sync::atomic::{AtomicU32, Ordering};
     static N: AtomicU32 = AtomicU32::new(0);
     let admin =
@@ -61,7 +61,7 @@ pub fn bind_fresh_database(dir: &Path) -> String {
 }
 
 /// PANs used across the suite; none may ever appear in a log.
-pub const TEST_PANS: &[&str] = &[
+pub(crate) const TEST_PANS: &[&str] = &[
     "4111111111111111",
     "5555555555554444",
     "378282246310005",
@@ -69,7 +69,7 @@ pub const TEST_PANS: &[&str] = &[
     "4012888888881881",
 ];
 
-pub fn luhn_valid(s: &str) -> bool {
+pub(crate) fn luhn_valid(s: &str) -> bool {
     let sum: u32 = s
         .bytes()
         .rev()
@@ -87,16 +87,16 @@ pub fn luhn_valid(s: &str) -> bool {
 }
 
 /// Appends the Luhn check digit to `body`.
-pub fn with_check_digit(body: &str) -> String {
+pub(crate) fn with_check_digit(body: &str) -> String {
     (0..10).map(|d| format!("{body}{d}")).find(|c| luhn_valid(c)).unwrap()
 }
 
 /// A distinct, valid 16-digit Visa-range PAN for index `i` (unknown to any network).
-pub fn pan_for(i: u64) -> String {
+pub(crate) fn pan_for(i: u64) -> String {
     with_check_digit(&format!("49{:013}", i))
 }
 
-pub fn now() -> u64 {
+pub(crate) fn now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
 }
 
@@ -455,7 +455,7 @@ impl Drop for TestApp {
 }
 
 /// Runs the CLI; returns (exit code, stdout, stderr).
-pub fn run_cli(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+pub(crate) fn run_cli(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
     let mut cmd = Command::new(BIN);
     cmd.env_remove("TOKENVAULT_STORE");
     // An offline command on a data directory whose vault keeps its data in PostgreSQL.
@@ -484,7 +484,7 @@ pub fn run_cli(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
 }
 
 /// Asserts an RFC 9457 problem response with the given status and code; returns it.
-pub async fn assert_problem(res: reqwest::Response, status: u16, code: &str) -> Value {
+pub(crate) async fn assert_problem(res: reqwest::Response, status: u16, code: &str) -> Value {
     assert_eq!(res.status().as_u16(), status, "status for expected {code}");
     let ct = res.headers().get("content-type").unwrap().to_str().unwrap().to_owned();
     assert_eq!(ct, "application/problem+json");
@@ -502,7 +502,7 @@ pub async fn assert_problem(res: reqwest::Response, status: u16, code: &str) -> 
 }
 
 /// Copies a directory tree (a stopped vault's data, a backup).
-pub fn copy_dir(from: &Path, to: &Path) {
+pub(crate) fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for entry in std::fs::read_dir(from).unwrap() {
         let entry = entry.unwrap();
@@ -516,7 +516,7 @@ pub fn copy_dir(from: &Path, to: &Path) {
 }
 
 /// Tokenizes `n` cards (PANs `pan_for(from..)`) as the edge, 32 at a time; returns (token, PAN) pairs.
-pub async fn seed(app: &TestApp, tenant: &str, from: u64, n: u64) -> Vec<(String, String)> {
+pub(crate) async fn seed(app: &TestApp, tenant: &str, from: u64, n: u64) -> Vec<(String, String)> {
     let edge = app.jwt("edge", tenant);
     futures_util::stream::iter(from..from + n)
         .map(|i| {
