@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,15 +24,7 @@ import urllib.request
 HERE = os.path.dirname(os.path.abspath(__file__))
 BIN = os.path.join(HERE, "..", "target", "release", "tokenvault")
 sys.path.insert(0, HERE)
-from import_1m import card  # noqa: E402  (the same generated cards)
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+from import_1m import card, free_port  # noqa: E402  (the same generated cards)
 
 
 def start(data, port):
