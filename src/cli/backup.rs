@@ -16,10 +16,19 @@ use crate::store::backup::{self, BackupError, Item, Summary};
 #[derive(clap::Args)]
 #[command(args_conflicts_with_subcommands = true)]
 pub(super) struct BackupArgs {
-    #[command(flatten)]
-    conn: Conn,
-    /// Where to write the backup (never over an existing file). Needs a `vault:backup` JWT
-    /// (--token-file; e.g. `tokenvault dev token --role operator`).
+    /// The vault's URL.
+    #[arg(long, env = "TOKENVAULT_URL", default_value = "http://127.0.0.1:8080")]
+    url: String,
+    /// File holding a JWT with `vault:backup` (e.g. from `tokenvault dev token --role operator`).
+    #[arg(long, env = "TOKENVAULT_TOKEN_FILE", value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// CA certificate (PEM) that signed the vault's TLS certificate, if not a public one.
+    #[arg(long, env = "TOKENVAULT_CA_FILE", value_name = "FILE")]
+    ca_file: Option<PathBuf>,
+    /// Machine-readable output.
+    #[arg(long)]
+    json: bool,
+    /// Where to write the backup (never over an existing file).
     #[arg(long, value_name = "FILE")]
     out: Option<PathBuf>,
     #[command(subcommand)]
@@ -58,7 +67,20 @@ pub(super) fn run_backup(args: BackupArgs) -> ExitCode {
     finish(match args.command {
         Some(BackupCommand::Verify { file, json }) => verify_command(&file, json),
         None => match &args.out {
-            Some(out) => take(&args.conn, out),
+            Some(out) => take(
+                &Conn {
+                    url: args.url.clone(),
+                    token_file: args.token_file.clone(),
+                    json: args.json,
+                    offline: false,
+                    data_dir: None,
+                    config: None,
+                    store: None,
+                    ca_file: args.ca_file.clone(),
+                    share_files: Vec::new(),
+                },
+                out,
+            ),
             None => Err(usage("give --out FILE (take a backup) or `verify FILE`")),
         },
     })
@@ -70,11 +92,6 @@ pub(super) fn run_restore(args: RestoreArgs) -> ExitCode {
 }
 
 fn take(conn: &Conn, out: &Path) -> Result<u8, Failure> {
-    if conn.offline {
-        return Err(usage(
-            "a backup is taken from the running vault (online); a stopped vault's data directory is copied as it is",
-        ));
-    }
     let rt = runtime()?;
     rt.block_on(async {
         let Backend::Online { client, url, token } = Backend::open(conn)? else {
