@@ -594,6 +594,7 @@ impl Application {
             metrics,
             max_body_bytes: settings.max_body_bytes,
             basic_checks: tokio::sync::Semaphore::new(2),
+            backups: std::sync::Arc::new(tokio::sync::Semaphore::new(1)),
         });
         spawn_failure_summaries(state.clone());
         spawn_token_expiry(state.clone());

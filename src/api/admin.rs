@@ -556,6 +556,13 @@ pub(super) async fn export_fetch(
 /// is taken into an unnamed spool file first (writes wait for the copy, never for
 /// the download); the audit record names its size and audit head.
 pub(super) async fn backup(state: web::Data<AppState>, caller: Caller<VaultBackup>) -> Result<HttpResponse, ApiError> {
+    // One at a time, held until the download ends (it moves into the stream below):
+    // a stolen operator credential cannot fill the disk with parallel spool files.
+    let Ok(permit) = state.backups.clone().try_acquire_owned() else {
+        let e = ApiError::RateLimited(std::time::Duration::from_secs(60));
+        state.audit(caller.event("backup.create", "busy", None)).await?;
+        return Err(e);
+    };
     let result = match state.vault.backup().await {
         Ok(Some(b)) => Ok(b),
         Ok(None) => Err(ApiError::NotSupported(
@@ -586,8 +593,8 @@ pub(super) async fn backup(state: web::Data<AppState>, caller: Caller<VaultBacku
         "backup taken"
     );
     let name = format!("tokenvault-{}.tvbackup", b.summary.taken_at);
-    let chunks = futures_util::stream::unfold(Some(b.file), |file| async move {
-        let mut file = file?;
+    let chunks = futures_util::stream::unfold(Some((b.file, permit)), |open| async move {
+        let (mut file, permit) = open?;
         let read = tokio::task::spawn_blocking(move || {
             let mut buf = vec![0u8; 1 << 20];
             let n = std::io::Read::read(&mut file, &mut buf)?;
@@ -597,7 +604,7 @@ pub(super) async fn backup(state: web::Data<AppState>, caller: Caller<VaultBacku
         .await;
         match read {
             Ok(Ok((buf, _))) if buf.is_empty() => None,
-            Ok(Ok((buf, file))) => Some((Ok(web::Bytes::from(buf)), Some(file))),
+            Ok(Ok((buf, file))) => Some((Ok(web::Bytes::from(buf)), Some((file, permit)))),
             Ok(Err(e)) => Some((Err(actix_web::error::ErrorInternalServerError(e)), None)),
             Err(_) => Some((
                 Err(actix_web::error::ErrorInternalServerError("backup read task failed")),

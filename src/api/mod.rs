@@ -61,6 +61,9 @@ pub struct AppState {
     /// HTTP Basic (Argon2) checks running at once, at most: a flood of wrong
     /// passwords queues here instead of taking every core.
     pub basic_checks: tokio::sync::Semaphore,
+    /// One online backup at a time (its spool file lives until its download ends):
+    /// a stolen operator credential cannot fill the disk with parallel copies.
+    pub backups: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 impl AppState {

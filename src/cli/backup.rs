@@ -10,21 +10,15 @@ use std::process::ExitCode;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-use super::keys::{Backend, Conn, Failure, chain, finish, problem_text, runtime, usage};
+use super::keys::{Backend, Conn, Failure, Remote, chain, finish, problem_text, runtime, usage};
 use crate::store::backup::{self, BackupError, Item, Summary};
 
 #[derive(clap::Args)]
 #[command(args_conflicts_with_subcommands = true)]
+/// Taking a backup needs a JWT with `vault:backup` (e.g. `tokenvault dev token --role operator`).
 pub(super) struct BackupArgs {
-    /// The vault's URL.
-    #[arg(long, env = "TOKENVAULT_URL", default_value = "http://127.0.0.1:8080")]
-    url: String,
-    /// File holding a JWT with `vault:backup` (e.g. from `tokenvault dev token --role operator`).
-    #[arg(long, env = "TOKENVAULT_TOKEN_FILE", value_name = "FILE")]
-    token_file: Option<PathBuf>,
-    /// CA certificate (PEM) that signed the vault's TLS certificate, if not a public one.
-    #[arg(long, env = "TOKENVAULT_CA_FILE", value_name = "FILE")]
-    ca_file: Option<PathBuf>,
+    #[command(flatten)]
+    remote: Remote,
     /// Machine-readable output.
     #[arg(long)]
     json: bool,
@@ -69,14 +63,14 @@ pub(super) fn run_backup(args: BackupArgs) -> ExitCode {
         None => match &args.out {
             Some(out) => take(
                 &Conn {
-                    url: args.url.clone(),
-                    token_file: args.token_file.clone(),
+                    url: args.remote.url.clone(),
+                    token_file: args.remote.token_file.clone(),
                     json: args.json,
                     offline: false,
                     data_dir: None,
                     config: None,
                     store: None,
-                    ca_file: args.ca_file.clone(),
+                    ca_file: args.remote.ca_file.clone(),
                     share_files: Vec::new(),
                 },
                 out,

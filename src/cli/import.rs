@@ -23,6 +23,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
+use super::keys::{Failure, usage};
 use crate::domain::card::{Expiry, Pan};
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -47,15 +48,9 @@ pub(super) struct ImportArgs {
     /// Validate locally and report the rejects; send nothing.
     #[arg(long)]
     dry_run: bool,
-    /// The vault's URL.
-    #[arg(long, env = "TOKENVAULT_URL", default_value = "http://127.0.0.1:8080")]
-    url: String,
-    /// File holding the importer's JWT (granted tokens:create and tokens:dedupe).
-    #[arg(long, env = "TOKENVAULT_TOKEN_FILE", value_name = "FILE")]
-    token_file: Option<PathBuf>,
-    /// CA certificate (PEM) of the vault's TLS certificate, if not a public one.
-    #[arg(long, env = "TOKENVAULT_CA_FILE", value_name = "FILE")]
-    ca_file: Option<PathBuf>,
+    /// The importer's JWT must be granted tokens:create and tokens:dedupe.
+    #[command(flatten)]
+    remote: super::keys::Remote,
     /// Cards per request (1–1000).
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u16).range(1..=1000))]
     batch: u16,
@@ -106,20 +101,8 @@ struct Checkpoint {
     rejected: u64,
 }
 
-struct Failure(u8, String);
-
-fn usage(m: impl Into<String>) -> Failure {
-    Failure(2, m.into())
-}
-
 pub(super) fn run(args: ImportArgs) -> ExitCode {
-    match import(&args) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(Failure(code, message)) => {
-            eprintln!("error: {message}");
-            ExitCode::from(code)
-        }
-    }
+    super::keys::finish(import(&args).map(|()| 0))
 }
 
 /// Reads records one at a time (CSV or JSON lines).
@@ -353,8 +336,11 @@ fn import(args: &ImportArgs) -> Result<(), Failure> {
             break;
         }
     }
-    let client = client(args)?;
-    let token = read_token(args)?;
+    let client = super::keys::http_client(args.remote.ca_file.as_deref())?;
+    let token = super::keys::read_jwt(
+        args.remote.token_file.as_deref(),
+        "an importer JWT is needed: --token-file FILE or TOKENVAULT_TOKEN_FILE",
+    )?;
     let bar = indicatif::ProgressBar::new(total);
     bar.set_style(
         indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} cards  {per_sec}  ETA {eta}  {msg}")
@@ -400,7 +386,7 @@ fn import(args: &ImportArgs) -> Result<(), Failure> {
         let answers = runtime.block_on(futures_util::future::join_all(
             batches
                 .iter()
-                .map(|(rows, _, _)| send(&client, &args.url, &token, rows)),
+                .map(|(rows, _, _)| send(&client, &args.remote.url, &token, rows)),
         ));
         // Written in input order: a batch's lines, then the checkpoint.
         for ((rows, local, consumed), answer) in batches.iter().zip(answers) {
@@ -544,29 +530,6 @@ fn save(path: &Path, cp: &Checkpoint) -> Result<(), Failure> {
         let _ = d.sync_all();
     }
     Ok(())
-}
-
-fn client(args: &ImportArgs) -> Result<reqwest::Client, Failure> {
-    let mut builder = reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(120));
-    if let Some(ca) = &args.ca_file {
-        let pem = std::fs::read(ca).map_err(|e| usage(format!("cannot read {}: {e}", ca.display())))?;
-        let cert = reqwest::Certificate::from_pem(&pem).map_err(|e| usage(format!("{}: {e}", ca.display())))?;
-        builder = builder.add_root_certificate(cert);
-    }
-    builder.build().map_err(|e| Failure(3, e.to_string()))
-}
-
-fn read_token(args: &ImportArgs) -> Result<Zeroizing<String>, Failure> {
-    let path = args
-        .token_file
-        .as_ref()
-        .ok_or_else(|| usage("an importer JWT is needed: --token-file FILE or TOKENVAULT_TOKEN_FILE"))?;
-    Ok(Zeroizing::new(
-        std::fs::read_to_string(path)
-            .map_err(|e| usage(format!("cannot read {}: {e}", path.display())))?
-            .trim()
-            .to_owned(),
-    ))
 }
 
 /// Sends one batch, retrying a network error, a 429 or a 5xx (backing off);

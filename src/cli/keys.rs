@@ -26,6 +26,42 @@ use crate::keys::provider::{KeyProvider, SoftwareRoot};
 use crate::keys::shares;
 use crate::service::Vault;
 
+/// How a command that only calls a running vault's API reaches it.
+#[derive(Args, Clone)]
+pub(super) struct Remote {
+    /// The vault's URL.
+    #[arg(long, env = "TOKENVAULT_URL", default_value = "http://127.0.0.1:8080")]
+    pub(super) url: String,
+    /// File holding the caller's JWT (see the command's help for the scope it needs).
+    #[arg(long, env = "TOKENVAULT_TOKEN_FILE", value_name = "FILE")]
+    pub(super) token_file: Option<PathBuf>,
+    /// CA certificate (PEM) that signed the vault's TLS certificate, if not a public one.
+    #[arg(long, env = "TOKENVAULT_CA_FILE", value_name = "FILE")]
+    pub(super) ca_file: Option<PathBuf>,
+}
+
+/// The HTTP client the CLI calls the vault with (no proxy; the given CA trusted).
+pub(super) fn http_client(ca_file: Option<&std::path::Path>) -> Result<reqwest::Client, Failure> {
+    let mut builder = reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(120));
+    if let Some(ca) = ca_file {
+        let pem = std::fs::read(ca).map_err(|e| usage(format!("cannot read {}: {e}", ca.display())))?;
+        let cert = reqwest::Certificate::from_pem(&pem).map_err(|e| usage(format!("{}: {e}", ca.display())))?;
+        builder = builder.add_root_certificate(cert);
+    }
+    builder.build().map_err(|e| Failure(3, e.to_string()))
+}
+
+/// Reads a JWT from its file into zeroizing memory; `missing` says what to pass.
+pub(super) fn read_jwt(path: Option<&std::path::Path>, missing: &str) -> Result<Zeroizing<String>, Failure> {
+    let path = path.ok_or_else(|| usage(missing))?;
+    Ok(Zeroizing::new(
+        std::fs::read_to_string(path)
+            .map_err(|e| usage(format!("cannot read {}: {e}", path.display())))?
+            .trim()
+            .to_owned(),
+    ))
+}
+
 /// How to reach the vault.
 #[derive(Args, Clone)]
 pub(super) struct Conn {
@@ -435,22 +471,11 @@ impl Backend {
         if conn.offline {
             return open_offline(conn);
         }
-        let path = conn.token_file.as_ref().ok_or_else(|| {
-            usage("an officer JWT is needed: --token-file FILE or TOKENVAULT_TOKEN_FILE (or use --offline)")
-        })?;
-        let token = Zeroizing::new(
-            std::fs::read_to_string(path)
-                .map_err(|e| usage(format!("cannot read {}: {e}", path.display())))?
-                .trim()
-                .to_owned(),
-        );
-        let mut builder = reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(120));
-        if let Some(ca) = &conn.ca_file {
-            let pem = std::fs::read(ca).map_err(|e| usage(format!("cannot read {}: {e}", ca.display())))?;
-            let cert = reqwest::Certificate::from_pem(&pem).map_err(|e| usage(format!("{}: {e}", ca.display())))?;
-            builder = builder.add_root_certificate(cert);
-        }
-        let client = builder.build().map_err(|e| Failure(3, e.to_string()))?;
+        let token = read_jwt(
+            conn.token_file.as_deref(),
+            "an officer JWT is needed: --token-file FILE or TOKENVAULT_TOKEN_FILE (or use --offline)",
+        )?;
+        let client = http_client(conn.ca_file.as_deref())?;
         Ok(Backend::Online {
             client,
             url: conn.url.trim_end_matches('/').to_owned(),

@@ -20,7 +20,8 @@ async fn backup_cli(args: Vec<String>) -> (i32, String, String) {
 
 #[tokio::test]
 async fn a_backup_under_load_restores_every_acknowledged_card_and_its_trail_verifies() {
-    let app = TestApp::spawn().await;
+    // (The busy check at the end stores 12 000 cards behind few BINs: no enumeration guard.)
+    let app = TestApp::spawn_with(&["--enumeration-guard", "off"]);
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("vault.tvbackup");
     let operator = app.token_file("operator", "default");
@@ -220,4 +221,52 @@ async fn a_backup_under_load_restores_every_acknowledged_card_and_its_trail_veri
     let (code, stdout, err) = run_cli(&["audit", "--offline", "--data-dir", &r, "verify"], &[]);
     assert_eq!(code, 0, "{stdout}{err}");
     assert!(stdout.contains("intact"), "{stdout}");
+
+    // One backup at a time: while a download is open (a backup of ≈ 10 MB that the
+    // client does not read, far beyond what the sockets buffer), another is refused
+    // with 429 and audited; once it is gone the next one is taken.
+    let edge = app.jwt("edge", "acme");
+    for k in 0..12u64 {
+        let items: Vec<Value> = (0..1000u64)
+            .map(|i| {
+                json!({"id": format!("c{k}-{i}"), "pan": pan_for(1_000_000 + k * 1000 + i),
+                            "exp_month": 12, "exp_year": 2031})
+            })
+            .collect();
+        let res = app
+            .client
+            .post(app.url("/v1/tokens/batch"))
+            .bearer_auth(&edge)
+            .json(&json!({"items": items}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+    }
+    let start = || {
+        app.client
+            .post(app.url("/v1/admin/backup"))
+            .bearer_auth(app.jwt("operator", "default"))
+            .send()
+    };
+    let held = start().await.unwrap();
+    assert_eq!(held.status(), 200);
+    let busy = start().await.unwrap();
+    assert_eq!(busy.headers()["retry-after"], "60");
+    assert_problem(busy, 429, "rate-limited").await;
+    assert!(
+        app.audit_export()
+            .iter()
+            .any(|r| r["action"] == "backup.create" && r["outcome"] == "busy"),
+        "the refused backup is audited"
+    );
+    let whole = held.bytes().await.unwrap();
+    assert!(whole.len() > 8_000_000, "{} bytes", whole.len());
+    let again = start().await.unwrap();
+    assert_eq!(
+        again.status(),
+        200,
+        "the next backup is taken once the first is downloaded"
+    );
+    assert!(again.bytes().await.unwrap().len() >= whole.len());
 }
