@@ -93,8 +93,9 @@ def main():
         procs.append(subprocess.Popen(
             [BIN, "serve", "--listen", f"127.0.0.1:{vault_port}", "--data-dir", data,
              "--psp-url", f"http://127.0.0.1:{psp_port}",
-             "--rate-limits", "tokenize=1000,detokenize=1000,charges=1000,other=3",
-             "--anomaly-guard", "window=60s,factor=10,floor=5,cooldown=1m"],
+             "--rate-limit", "tokenize=1000", "--rate-limit", "detokenize=1000",
+             "--rate-limit", "charges=1000", "--rate-limit", "other=3",
+             "--anomaly-window", "60s", "--anomaly-floor", "5", "--anomaly-cooldown", "1m"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         vault = f"http://127.0.0.1:{vault_port}"
         wait(vault + "/healthz")

@@ -89,6 +89,14 @@ pub enum AuditError {
     Corrupt,
 }
 
+impl AuditError {
+    /// The store cannot be reached right now (a database restarting or failing over):
+    /// nothing was written, and the request may be retried.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, AuditError::Store(StoreError::Unavailable(_)))
+    }
+}
+
 /// Why a retention prune was refused or failed.
 #[derive(Debug, thiserror::Error)]
 pub enum PruneError {

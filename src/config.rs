@@ -10,6 +10,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use figment::Figment;
 use figment::providers::{Env, Format, Toml};
@@ -159,20 +160,11 @@ pub struct KeystoreSettings {
     #[serde(default)]
     pub pkcs11: Option<Pkcs11Settings>,
     /// KEK cryptoperiod, e.g. "90d": the active KEK is rotated automatically when older.
-    #[serde(default)]
-    pub cryptoperiod: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    pub cryptoperiod: Option<Duration>,
     /// Dev mode only: the root key file that auto-unseals the vault.
     #[serde(skip)]
     pub dev_root_key_file: Option<PathBuf>,
-}
-
-impl KeystoreSettings {
-    /// The parsed cryptoperiod (validated by [`Settings::validate`]).
-    pub fn cryptoperiod(&self) -> Option<std::time::Duration> {
-        self.cryptoperiod
-            .as_deref()
-            .and_then(|s| humantime::parse_duration(s).ok())
-    }
 }
 
 /// Log output format.
@@ -284,29 +276,16 @@ impl Lifecycle {
         }
         Ok(())
     }
-
-    /// Parses a dev flag's `TENANT=DURATION` into the retention map.
-    pub fn add_retention(&mut self, spec: &str) -> Result<(), ConfigError> {
-        let bad = || {
-            ConfigError::Invalid(format!(
-                "--retention {spec:?}: expected TENANT=DURATION such as acme=400d"
-            ))
-        };
-        let (tenant, period) = spec.split_once('=').ok_or_else(bad)?;
-        let period = humantime::parse_duration(period).map_err(|_| bad())?;
-        self.retention.insert(tenant.to_owned(), period);
-        self.validate()
-    }
 }
 
 /// `[tokens]` in the production file.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct TokensFile {
-    #[serde(default)]
-    min_ttl: Option<String>,
-    #[serde(default)]
-    max_ttl: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    min_ttl: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    max_ttl: Option<Duration>,
 }
 
 impl Settings {
@@ -344,8 +323,8 @@ pub struct StoreSettings {
     #[serde(default)]
     pub pool_size: Option<usize>,
     /// PostgreSQL: statement, connect and pool-wait limit, e.g. "5s" (the default).
-    #[serde(default)]
-    pub statement_timeout: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    pub statement_timeout: Option<Duration>,
 }
 
 impl std::fmt::Debug for StoreSettings {
@@ -389,11 +368,7 @@ impl StoreSettings {
             }
             pg.pool_size = n;
         }
-        pg.statement_timeout = parse_duration(
-            "store.statement_timeout",
-            self.statement_timeout.clone(),
-            pg.statement_timeout,
-        )?;
+        pg.statement_timeout = self.statement_timeout.unwrap_or(pg.statement_timeout);
         if pg.statement_timeout < std::time::Duration::from_millis(100) {
             return Err(ConfigError::Invalid(
                 "store.statement_timeout must be at least 100ms".into(),
@@ -417,8 +392,12 @@ pub const DEFAULT_IDEMPOTENCY_WINDOW: std::time::Duration = std::time::Duration:
 /// Why configuration was refused. Names the problem, never a secret.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// A value serde accepted but the vault refuses (the message names the key).
     #[error("configuration error: {0}")]
     Invalid(String),
+    /// The file or an environment override does not parse (figment names the key and source).
+    #[error("configuration error: {0}")]
+    File(#[from] Box<figment::Error>),
 }
 
 #[derive(Debug, Deserialize)]
@@ -437,22 +416,22 @@ struct ProductionFile {
     workers: Option<usize>,
     #[serde(default)]
     psp: Option<PspSettings>,
+    #[serde(default, with = "humantime_serde")]
+    cvv_ttl: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    idempotency_window: Option<Duration>,
+    /// `[rate_limits]`: requests per second per client and class (default: 200/50/20/100).
     #[serde(default)]
-    cvv_ttl: Option<String>,
-    #[serde(default)]
-    idempotency_window: Option<String>,
-    /// e.g. "tokenize=200,detokenize=50,charges=20,other=100" (default: those).
-    #[serde(default)]
-    rate_limits: Option<String>,
+    rate_limits: Option<RateLimitsFile>,
     #[serde(default)]
     allow_root: bool,
     #[serde(default)]
     mlockall: bool,
     #[serde(default)]
     tls: Option<TlsSettings>,
-    /// e.g. "window=60s,factor=10,floor=600,cooldown=15m" (default: those), or "off".
+    /// `[anomaly_guard]`: detokenize bursts far above a client's own baseline.
     #[serde(default)]
-    anomaly_guard: Option<String>,
+    anomaly_guard: Option<AnomalyGuardFile>,
     #[serde(default)]
     enumeration_guard: Option<EnumerationGuardFile>,
     #[serde(default)]
@@ -464,7 +443,7 @@ struct ProductionFile {
     kek_wrap_limit: Option<u64>,
     /// e.g. "7d" (the default), or "off".
     #[serde(default)]
-    deletion_epoch: Option<String>,
+    deletion_epoch: Option<OffOr>,
     #[serde(default)]
     store: StoreSettings,
     #[serde(default)]
@@ -478,7 +457,104 @@ struct ProductionFile {
     tokens: TokensFile,
     /// `[retention]`: tenant = "400d" (cards unused that long are deleted).
     #[serde(default)]
-    retention: BTreeMap<String, String>,
+    retention: BTreeMap<String, humantime_serde::Serde<Duration>>,
+}
+
+/// `[rate_limits]`: requests per second per client, by class (the burst is one second's worth).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RateLimitsFile {
+    #[serde(default = "yes")]
+    enabled: bool,
+    #[serde(default)]
+    tokenize: Option<std::num::NonZeroU32>,
+    #[serde(default)]
+    detokenize: Option<std::num::NonZeroU32>,
+    #[serde(default)]
+    charges: Option<std::num::NonZeroU32>,
+    #[serde(default)]
+    other: Option<std::num::NonZeroU32>,
+}
+
+impl RateLimitsFile {
+    fn limits(self) -> Option<crate::limits::RateLimits> {
+        use crate::limits::LimitClass;
+        if !self.enabled {
+            return None;
+        }
+        let mut limits = crate::limits::RateLimits::production_defaults();
+        for (class, n) in [
+            (LimitClass::Tokenize, self.tokenize),
+            (LimitClass::Detokenize, self.detokenize),
+            (LimitClass::Charges, self.charges),
+            (LimitClass::Other, self.other),
+        ] {
+            if let Some(n) = n {
+                limits.0.insert(class, n.get());
+            }
+        }
+        Some(limits)
+    }
+}
+
+/// `[anomaly_guard]`: a client's detokenize count per window against its own baseline.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AnomalyGuardFile {
+    #[serde(default = "yes")]
+    enabled: bool,
+    #[serde(default, with = "humantime_serde")]
+    window: Option<Duration>,
+    #[serde(default)]
+    factor: Option<f64>,
+    #[serde(default)]
+    floor: Option<u32>,
+    #[serde(default, with = "humantime_serde")]
+    cooldown: Option<Duration>,
+}
+
+impl AnomalyGuardFile {
+    fn params(self) -> Result<Option<crate::limits::AnomalyParams>, ConfigError> {
+        if !self.enabled {
+            return Ok(None);
+        }
+        let d = crate::limits::AnomalyParams::production_defaults();
+        let p = crate::limits::AnomalyParams {
+            window: self.window.unwrap_or(d.window),
+            factor: self.factor.unwrap_or(d.factor),
+            floor: self.floor.unwrap_or(d.floor),
+            cooldown: self.cooldown.unwrap_or(d.cooldown),
+        };
+        p.check()
+            .map_err(|e| ConfigError::Invalid(format!("anomaly_guard: {e}")))?;
+        Ok(Some(p))
+    }
+}
+
+/// A duration, or `off`: how `deletion_epoch` is written in the file and on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct OffOr(pub Option<Duration>);
+
+impl std::str::FromStr for OffOr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<OffOr, String> {
+        match s.trim() {
+            "off" => Ok(OffOr(None)),
+            d => humantime::parse_duration(d)
+                .map(|d| OffOr(Some(d)))
+                .map_err(|_| format!("expected a duration such as \"7d\", or \"off\"; got {s:?}")),
+        }
+    }
+}
+
+impl TryFrom<String> for OffOr {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<OffOr, String> {
+        s.parse()
+    }
 }
 
 /// `[enumeration_guard]`: distinct cards per BIN + last four per client and tenant.
@@ -489,10 +565,10 @@ struct EnumerationGuardFile {
     enabled: bool,
     #[serde(default)]
     max_distinct: Option<u32>,
-    #[serde(default)]
-    window: Option<String>,
-    #[serde(default)]
-    cooldown: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    window: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    cooldown: Option<Duration>,
 }
 
 /// `[auth_failures]`: how many failed requests one source may make per window
@@ -502,8 +578,8 @@ struct EnumerationGuardFile {
 struct AuthFailuresFile {
     #[serde(default)]
     max_per_source: Option<u32>,
-    #[serde(default)]
-    window: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    window: Option<Duration>,
 }
 
 fn yes() -> bool {
@@ -518,27 +594,12 @@ impl EnumerationGuardFile {
         let d = crate::limits::EnumerationParams::default();
         let p = crate::limits::EnumerationParams {
             max_distinct: self.max_distinct.unwrap_or(d.max_distinct),
-            window: parse_duration("enumeration_guard.window", self.window, d.window)?,
-            cooldown: parse_duration("enumeration_guard.cooldown", self.cooldown, d.cooldown)?,
+            window: self.window.unwrap_or(d.window),
+            cooldown: self.cooldown.unwrap_or(d.cooldown),
         };
-        if p.max_distinct == 0 || p.window.is_zero() {
-            return Err(ConfigError::Invalid(
-                "enumeration_guard: max_distinct and window must be positive".into(),
-            ));
-        }
+        p.check()
+            .map_err(|e| ConfigError::Invalid(format!("enumeration_guard: {e}")))?;
         Ok(Some(p))
-    }
-}
-
-fn parse_duration(
-    what: &str,
-    v: Option<String>,
-    default: std::time::Duration,
-) -> Result<std::time::Duration, ConfigError> {
-    match v {
-        None => Ok(default),
-        Some(s) => humantime::parse_duration(&s)
-            .map_err(|_| ConfigError::Invalid(format!("{what} must be a duration such as \"15m\""))),
     }
 }
 
@@ -568,9 +629,17 @@ const ENV_KEYS: &[&str] = &[
     "keystore.pkcs11.pin_file",
     "cvv_ttl",
     "idempotency_window",
-    "rate_limits",
+    "rate_limits.enabled",
+    "rate_limits.tokenize",
+    "rate_limits.detokenize",
+    "rate_limits.charges",
+    "rate_limits.other",
     "allow_root",
-    "anomaly_guard",
+    "anomaly_guard.enabled",
+    "anomaly_guard.window",
+    "anomaly_guard.factor",
+    "anomaly_guard.floor",
+    "anomaly_guard.cooldown",
     "metrics_listen",
     "kek_wrap_limit",
     "deletion_epoch",
@@ -600,7 +669,7 @@ impl Settings {
             .merge(Toml::file(file))
             .merge(Env::prefixed("TOKENVAULT_").split("__").only(ENV_KEYS))
             .extract()
-            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+            .map_err(Box::new)?;
         let settings = Settings {
             mode: Mode::Production,
             listen: parsed.listen,
@@ -614,13 +683,9 @@ impl Settings {
             psp: parsed.psp,
             allow_root: parsed.allow_root,
             tls: parsed.tls,
-            anomaly_guard: match parsed.anomaly_guard.as_deref() {
-                Some("off") => None,
+            anomaly_guard: match parsed.anomaly_guard {
                 None => Some(crate::limits::AnomalyParams::production_defaults()),
-                Some(spec) => Some(
-                    crate::limits::AnomalyParams::parse(spec)
-                        .map_err(|e| ConfigError::Invalid(format!("anomaly_guard: {e}")))?,
-                ),
+                Some(f) => f.params()?,
             },
             mlockall: parsed.mlockall,
             enumeration_guard: match parsed.enumeration_guard {
@@ -633,8 +698,8 @@ impl Settings {
                 Some(f) => {
                     let d = crate::limits::FailureParams::default();
                     crate::limits::FailureParams {
-                        max_per_source: f.max_per_source.unwrap_or(d.max_per_source).max(1),
-                        window: parse_duration("auth_failures.window", f.window, d.window)?,
+                        max_per_source: f.max_per_source.unwrap_or(d.max_per_source),
+                        window: f.window.unwrap_or(d.window),
                     }
                 }
             },
@@ -645,42 +710,25 @@ impl Settings {
             lifecycle: {
                 let d = Lifecycle::default();
                 let lifecycle = Lifecycle {
-                    min_ttl: parse_duration("tokens.min_ttl", parsed.tokens.min_ttl, d.min_ttl)?,
-                    max_ttl: parse_duration("tokens.max_ttl", parsed.tokens.max_ttl, d.max_ttl)?,
+                    min_ttl: parsed.tokens.min_ttl.unwrap_or(d.min_ttl),
+                    max_ttl: parsed.tokens.max_ttl.unwrap_or(d.max_ttl),
                     retention: parsed
                         .retention
                         .into_iter()
-                        .map(|(tenant, period)| {
-                            let what = format!("retention.{tenant}");
-                            parse_duration(&what, Some(period), d.max_ttl).map(|p| (tenant, p))
-                        })
-                        .collect::<Result<_, _>>()?,
+                        .map(|(tenant, period)| (tenant, period.into_inner()))
+                        .collect(),
                 };
                 lifecycle.validate()?;
                 lifecycle
             },
             kek_wrap_limit: parsed.kek_wrap_limit.unwrap_or(DEFAULT_KEK_WRAP_LIMIT).max(1),
-            deletion_epoch: match parsed.deletion_epoch.as_deref() {
-                Some("off") => None,
-                other => {
-                    let d = parse_duration("deletion_epoch", other.map(str::to_owned), DEFAULT_DELETION_EPOCH)?;
-                    if d < std::time::Duration::from_secs(1) {
-                        return Err(ConfigError::Invalid("deletion_epoch must be at least 1s".into()));
-                    }
-                    Some(d)
-                }
+            deletion_epoch: parsed.deletion_epoch.map_or(Some(DEFAULT_DELETION_EPOCH), |e| e.0),
+            rate_limits: match parsed.rate_limits {
+                None => Some(crate::limits::RateLimits::production_defaults()),
+                Some(f) => f.limits(),
             },
-            rate_limits: Some(match &parsed.rate_limits {
-                None => crate::limits::RateLimits::production_defaults(),
-                Some(spec) => crate::limits::RateLimits::parse(spec)
-                    .map_err(|e| ConfigError::Invalid(format!("rate_limits: {e}")))?,
-            }),
-            cvv_ttl: parse_duration("cvv_ttl", parsed.cvv_ttl, DEFAULT_CVV_TTL)?,
-            idempotency_window: parse_duration(
-                "idempotency_window",
-                parsed.idempotency_window,
-                DEFAULT_IDEMPOTENCY_WINDOW,
-            )?,
+            cvv_ttl: parsed.cvv_ttl.unwrap_or(DEFAULT_CVV_TTL),
+            idempotency_window: parsed.idempotency_window.unwrap_or(DEFAULT_IDEMPOTENCY_WINDOW),
         };
         settings.validate()?;
         Ok(settings)
@@ -741,12 +789,24 @@ impl Settings {
                 }
             }
         }
-        if let Some(period) = &self.keystore.cryptoperiod {
-            match humantime::parse_duration(period) {
-                Ok(d) if d >= std::time::Duration::from_secs(1) => {}
-                _ => return bad("keystore.cryptoperiod must be a duration such as \"90d\""),
-            }
+        if self.keystore.cryptoperiod.is_some_and(|d| d < Duration::from_secs(1)) {
+            return bad("keystore.cryptoperiod must be at least 1s");
         }
+        if self.deletion_epoch.is_some_and(|d| d < Duration::from_secs(1)) {
+            return bad("deletion_epoch must be at least 1s");
+        }
+        if let Some(p) = &self.anomaly_guard {
+            p.check()
+                .map_err(|e| ConfigError::Invalid(format!("anomaly_guard: {e}")))?;
+        }
+        if let Some(p) = &self.enumeration_guard {
+            p.check()
+                .map_err(|e| ConfigError::Invalid(format!("enumeration_guard: {e}")))?;
+        }
+        if self.auth_failures.max_per_source == 0 || self.auth_failures.window.is_zero() {
+            return bad("auth_failures: max_per_source and window must be positive");
+        }
+        self.lifecycle.validate()?;
         if self.keystore.provider == ProviderKind::Pkcs11 && self.keystore.pkcs11.is_none() {
             return bad("keystore.provider = \"pkcs11\" needs a [keystore.pkcs11] section");
         }
@@ -808,5 +868,226 @@ impl Settings {
             return bad("dev mode only listens on a loopback address; use --config for production");
         }
         Ok(())
+    }
+}
+
+/// A switch for a guard: `on` turns it on with its defaults (or the file's values), `off` off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Switch {
+    On,
+    Off,
+}
+
+fn duration_arg(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (a duration such as 15m, 2s, 90d)"))
+}
+
+fn rate_arg(s: &str) -> Result<(crate::limits::LimitClass, std::num::NonZeroU32), String> {
+    use clap::ValueEnum;
+    let (class, n) = s
+        .split_once('=')
+        .ok_or_else(|| "expected CLASS=PER_SECOND such as detokenize=50".to_owned())?;
+    let class = crate::limits::LimitClass::from_str(class, false)
+        .map_err(|_| format!("unknown class {class:?}: tokenize, detokenize, charges or other"))?;
+    let n = n
+        .parse()
+        .map_err(|_| format!("{n:?} is not a positive number of requests per second"))?;
+    Ok((class, n))
+}
+
+fn retention_arg(s: &str) -> Result<(String, Duration), String> {
+    let (tenant, period) = s
+        .split_once('=')
+        .ok_or_else(|| "expected TENANT=DURATION such as acme=400d".to_owned())?;
+    if crate::domain::tenant::TenantId::parse(tenant).is_none() {
+        return Err(format!("{tenant:?} is not a valid tenant id"));
+    }
+    Ok((tenant.to_owned(), duration_arg(period)?))
+}
+
+/// `tokenvault serve` flags that override the settings: the same keys as the production
+/// file's, typed by clap, merged into the one [`Settings`] by [`Settings::merge`] in both modes
+/// (dev: over the dev defaults; production: over the file and its environment overrides).
+#[derive(Default, clap::Args)]
+pub struct Overrides {
+    /// Store: sled:PATH [default: <data-dir>/sled] or postgres://… (overrides [store] url).
+    #[arg(long, env = "TOKENVAULT_STORE", value_name = "URL")]
+    store: Option<String>,
+    /// A memory-only Redis (redis://…) holding CVVs for every replica [default: this process's memory].
+    #[arg(long, env = "TOKENVAULT_CVV_REDIS", value_name = "URL")]
+    cvv_redis: Option<String>,
+    /// Dev mode: the PSP base URL (e.g. the mock PSP, http://127.0.0.1:8081); its host is allow-listed.
+    #[arg(long, env = "TOKENVAULT_PSP_URL", value_name = "URL")]
+    psp_url: Option<reqwest::Url>,
+    /// Dev mode: PSP read timeout [default: 5s]; a timed-out call is retried once with the same idempotency key.
+    #[arg(long, env = "TOKENVAULT_PSP_TIMEOUT", value_name = "DURATION", requires = "psp_url", value_parser = duration_arg)]
+    psp_timeout: Option<Duration>,
+    /// A per-client rate limit, CLASS=PER_SECOND with CLASS one of tokenize, detokenize, charges,
+    /// other; repeat for more classes ([rate_limits] in the file) [dev default: unlimited;
+    /// production default: tokenize=200 detokenize=50 charges=20 other=100].
+    #[arg(long, value_name = "CLASS=N", value_parser = rate_arg)]
+    rate_limit: Vec<(crate::limits::LimitClass, std::num::NonZeroU32)>,
+    /// Detokenize anomaly guard ([anomaly_guard] in the file) [dev default: off; production: on].
+    #[arg(long, env = "TOKENVAULT_ANOMALY_GUARD", value_name = "SWITCH")]
+    anomaly_guard: Option<Switch>,
+    /// Anomaly guard: the counting window [default: 60s]. Turns the guard on.
+    #[arg(long, value_name = "DURATION", value_parser = duration_arg, conflicts_with = "anomaly_guard")]
+    anomaly_window: Option<Duration>,
+    /// Anomaly guard: flag a window this many times the client's own average [default: 10].
+    #[arg(long, value_name = "FACTOR", conflicts_with = "anomaly_guard")]
+    anomaly_factor: Option<f64>,
+    /// Anomaly guard: never flag at or below this count per window [default: 600].
+    #[arg(long, value_name = "N", conflicts_with = "anomaly_guard")]
+    anomaly_floor: Option<u32>,
+    /// Anomaly guard: how long a flagged client is throttled [default: 15m].
+    #[arg(long, value_name = "DURATION", value_parser = duration_arg, conflicts_with = "anomaly_guard")]
+    anomaly_cooldown: Option<Duration>,
+    /// How long a CVV may wait in memory for its charge [default: 15m].
+    #[arg(long, env = "TOKENVAULT_CVV_TTL", value_name = "DURATION", value_parser = duration_arg)]
+    cvv_ttl: Option<Duration>,
+    /// KEK cryptoperiod, e.g. 90d: the active KEK rotates automatically when older.
+    #[arg(long, env = "TOKENVAULT_CRYPTOPERIOD", value_name = "DURATION", value_parser = duration_arg)]
+    cryptoperiod: Option<Duration>,
+    /// Serve /metrics, /healthz and /readyz on this separate internal address (not on the API listener).
+    #[arg(long, env = "TOKENVAULT_METRICS_LISTEN", value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
+    /// Tokenize enumeration guard ([enumeration_guard] in the file) [default: on in both modes].
+    #[arg(long, env = "TOKENVAULT_ENUMERATION_GUARD", value_name = "SWITCH")]
+    enumeration_guard: Option<Switch>,
+    /// Enumeration guard: distinct cards per BIN + last four per client and tenant in the window [default: 5].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..), conflicts_with = "enumeration_guard")]
+    enumeration_max: Option<u32>,
+    /// Enumeration guard: the window [default: 1h].
+    #[arg(long, value_name = "DURATION", value_parser = duration_arg, conflicts_with = "enumeration_guard")]
+    enumeration_window: Option<Duration>,
+    /// Enumeration guard: how long a flagged client is throttled [default: 15m].
+    #[arg(long, value_name = "DURATION", value_parser = duration_arg, conflicts_with = "enumeration_guard")]
+    enumeration_cooldown: Option<Duration>,
+    /// Failed authentications one source may make per window before it is refused
+    /// unauthenticated ([auth_failures] max_per_source) [default: 1000].
+    #[arg(long, env = "TOKENVAULT_AUTH_FAILURES_MAX", value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    auth_failures_max: Option<u32>,
+    /// That window, also the audit trail's aggregation window [default: 60s].
+    #[arg(long, env = "TOKENVAULT_AUTH_FAILURES_WINDOW", value_name = "DURATION", value_parser = duration_arg)]
+    auth_failures_window: Option<Duration>,
+    /// DEK wraps per KEK version before it rotates automatically (random-nonce budget) [default: 2^31].
+    #[arg(long, env = "TOKENVAULT_KEK_WRAP_LIMIT", value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    kek_wrap_limit: Option<u64>,
+    /// Deletion epoch, e.g. 7d, or "off": rotate, rewrap and destroy old KEKs so a deleted
+    /// card is unrecoverable within two epochs [dev default: off; production default: 7d].
+    #[arg(long, env = "TOKENVAULT_DELETION_EPOCH", value_name = "DURATION")]
+    deletion_epoch: Option<OffOr>,
+    /// Retention for a tenant, e.g. acme=400d: its cards unused (not tokenized, charged or
+    /// detokenized) that long are deleted [default: kept]. Repeat for more tenants.
+    #[arg(long, value_name = "TENANT=DURATION", value_parser = retention_arg)]
+    retention: Vec<(String, Duration)>,
+    /// Shortest lifetime a tokenize may give a token (ttl/expires_at) [default: 1s].
+    #[arg(long, value_name = "DURATION", value_parser = duration_arg)]
+    token_ttl_min: Option<Duration>,
+    /// Longest lifetime a tokenize may give a token (ttl/expires_at) [default and most: 400d].
+    #[arg(long, value_name = "DURATION", value_parser = duration_arg)]
+    token_ttl_max: Option<Duration>,
+}
+
+impl Settings {
+    /// Merges the command line's overrides into these settings and validates the result: the
+    /// one way flags reach the settings, in dev and production alike.
+    pub fn merge(mut self, o: Overrides) -> Result<Settings, ConfigError> {
+        if let Some(url) = o.cvv_redis {
+            self.cvv_redis = Some(secrecy::SecretString::from(url));
+        }
+        if let Some(url) = o.store {
+            self.store.url = Some(url);
+        }
+        if let Some(p) = o.cryptoperiod {
+            self.keystore.cryptoperiod = Some(p);
+        }
+        if !o.rate_limit.is_empty() {
+            let mut limits = self
+                .rate_limits
+                .take()
+                .unwrap_or_else(|| crate::limits::RateLimits(std::collections::HashMap::new()));
+            for (class, n) in o.rate_limit {
+                limits.0.insert(class, n.get());
+            }
+            self.rate_limits = Some(limits);
+        }
+        let tuned = o.anomaly_window.is_some()
+            || o.anomaly_factor.is_some()
+            || o.anomaly_floor.is_some()
+            || o.anomaly_cooldown.is_some();
+        match o.anomaly_guard {
+            Some(Switch::Off) => self.anomaly_guard = None,
+            Some(Switch::On) | None if tuned || o.anomaly_guard.is_some() => {
+                let mut p = self
+                    .anomaly_guard
+                    .unwrap_or_else(crate::limits::AnomalyParams::production_defaults);
+                p.window = o.anomaly_window.unwrap_or(p.window);
+                p.factor = o.anomaly_factor.unwrap_or(p.factor);
+                p.floor = o.anomaly_floor.unwrap_or(p.floor);
+                p.cooldown = o.anomaly_cooldown.unwrap_or(p.cooldown);
+                self.anomaly_guard = Some(p);
+            }
+            _ => {}
+        }
+        let tuned = o.enumeration_max.is_some() || o.enumeration_window.is_some() || o.enumeration_cooldown.is_some();
+        match o.enumeration_guard {
+            Some(Switch::Off) => self.enumeration_guard = None,
+            Some(Switch::On) | None if tuned || o.enumeration_guard.is_some() => {
+                let mut p = self.enumeration_guard.unwrap_or_default();
+                p.max_distinct = o.enumeration_max.unwrap_or(p.max_distinct);
+                p.window = o.enumeration_window.unwrap_or(p.window);
+                p.cooldown = o.enumeration_cooldown.unwrap_or(p.cooldown);
+                self.enumeration_guard = Some(p);
+            }
+            _ => {}
+        }
+        if let Some(n) = o.auth_failures_max {
+            self.auth_failures.max_per_source = n;
+        }
+        if let Some(w) = o.auth_failures_window {
+            self.auth_failures.window = w;
+        }
+        if let Some(e) = o.deletion_epoch {
+            self.deletion_epoch = e.0;
+        }
+        if let Some(n) = o.kek_wrap_limit {
+            self.kek_wrap_limit = n;
+        }
+        self.lifecycle.retention.extend(o.retention);
+        if let Some(d) = o.token_ttl_min {
+            self.lifecycle.min_ttl = d;
+        }
+        if let Some(d) = o.token_ttl_max {
+            self.lifecycle.max_ttl = d;
+        }
+        if let Some(addr) = o.metrics_listen {
+            self.metrics_listen = Some(addr);
+        }
+        if let Some(ttl) = o.cvv_ttl {
+            self.cvv_ttl = ttl;
+        }
+        if let Some(url) = o.psp_url {
+            if self.mode != Mode::Dev {
+                return Err(ConfigError::Invalid(
+                    "--psp-url is for dev mode; configure [psp] in the config file".into(),
+                ));
+            }
+            let host = url
+                .host_str()
+                .map(str::to_owned)
+                .ok_or_else(|| ConfigError::Invalid("--psp-url must be a URL such as http://127.0.0.1:8081".into()))?;
+            self.psp = Some(PspSettings {
+                base_url: url.as_str().trim_end_matches('/').to_owned(),
+                api_key_file: PathBuf::new(),
+                merchant_account: "TokenvaultDev".into(),
+                allowed_hosts: vec![host],
+                connect_timeout_ms: 2_000,
+                timeout_ms: o.psp_timeout.map_or(5_000, |t| t.as_millis() as u64),
+                dev_api_key: Some(crate::psp::DEV_API_KEY.into()),
+            });
+        }
+        self.validate()?;
+        Ok(self)
     }
 }

@@ -9,25 +9,8 @@ use std::time::Duration;
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 
-/// Splits a `key=value,key=value` spec into trimmed pairs.
-fn spec_pairs(s: &str) -> Result<Vec<(&str, &str)>, String> {
-    s.split(',')
-        .map(str::trim)
-        .filter(|p| !p.is_empty())
-        .map(|part| {
-            part.split_once('=')
-                .map(|(k, v)| (k.trim(), v.trim()))
-                .ok_or_else(|| format!("expected key=value, got {part:?}"))
-        })
-        .collect()
-}
-
-fn spec_duration(v: &str) -> Result<Duration, String> {
-    humantime::parse_duration(v).map_err(|_| format!("bad duration {v:?}"))
-}
-
 /// Which budget a request draws from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
 pub enum LimitClass {
     Tokenize,
     Detokenize,
@@ -44,17 +27,6 @@ impl LimitClass {
             LimitClass::Other => "other",
         }
     }
-
-    fn parse(s: &str) -> Option<LimitClass> {
-        [
-            LimitClass::Tokenize,
-            LimitClass::Detokenize,
-            LimitClass::Charges,
-            LimitClass::Other,
-        ]
-        .into_iter()
-        .find(|c| c.as_str() == s)
-    }
 }
 
 /// Requests per second per client, by class (the burst equals one second's worth).
@@ -70,21 +42,6 @@ impl RateLimits {
             (LimitClass::Charges, 20),
             (LimitClass::Other, 100),
         ]))
-    }
-
-    /// Parses `tokenize=200,detokenize=50,charges=20,other=100` (missing classes are unlimited).
-    pub fn parse(s: &str) -> Result<RateLimits, String> {
-        let mut map = HashMap::new();
-        for (k, v) in spec_pairs(s)? {
-            let class = LimitClass::parse(k).ok_or_else(|| format!("unknown rate-limit class {k:?}"))?;
-            let n: u32 = v
-                .parse()
-                .ok()
-                .filter(|n| *n > 0)
-                .ok_or_else(|| format!("bad rate {v:?}"))?;
-            map.insert(class, n);
-        }
-        Ok(RateLimits(map))
     }
 }
 
@@ -123,7 +80,7 @@ mod tests {
 
     #[test]
     fn parse_and_enforce() {
-        let limits = RateLimits::parse("detokenize=3, charges=1").unwrap();
+        let limits = RateLimits(HashMap::from([(LimitClass::Detokenize, 3), (LimitClass::Charges, 1)]));
         let limiter = Limiter::new(&limits);
         for _ in 0..3 {
             assert!(limiter.check(LimitClass::Detokenize, "psp").is_ok());
@@ -138,8 +95,6 @@ mod tests {
             limiter.check(LimitClass::Tokenize, "psp").is_ok(),
             "unlisted class is unlimited"
         );
-        assert!(RateLimits::parse("nope=1").is_err());
-        assert!(RateLimits::parse("tokenize=0").is_err());
         let d = RateLimits::production_defaults();
         assert!(d.0[&LimitClass::Detokenize] < d.0[&LimitClass::Tokenize]);
         assert!(d.0[&LimitClass::Charges] < d.0[&LimitClass::Detokenize]);
@@ -171,25 +126,15 @@ impl AnomalyParams {
     }
 
     /// Parses `window=60s,factor=10,floor=600,cooldown=15m` (missing keys keep the defaults).
-    pub fn parse(s: &str) -> Result<AnomalyParams, String> {
-        let mut p = AnomalyParams::production_defaults();
-        for (k, v) in spec_pairs(s)? {
-            match k {
-                "window" => p.window = spec_duration(v)?,
-                "cooldown" => p.cooldown = spec_duration(v)?,
-                "factor" => p.factor = v.parse().map_err(|_| format!("bad factor {v:?}"))?,
-                "floor" => p.floor = v.parse().map_err(|_| format!("bad floor {v:?}"))?,
-                other => return Err(format!("unknown anomaly-guard key {other:?}")),
-            }
+    /// What a configuration must keep: a window, and a factor of at least 1.
+    pub fn check(&self) -> Result<(), &'static str> {
+        if self.window.is_zero() || !(self.factor >= 1.0 && self.factor.is_finite()) {
+            return Err("window must be > 0 and factor a number ≥ 1");
         }
-        if p.window.is_zero() || p.factor < 1.0 {
-            return Err("window must be > 0 and factor ≥ 1".into());
-        }
-        Ok(p)
+        Ok(())
     }
 }
 
-/// What the guard decided for one detokenize.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AnomalyVerdict {
     Allow,
@@ -306,8 +251,18 @@ mod anomaly_tests {
         assert_eq!(g.check("another-client"), AnomalyVerdict::Allow, "per client");
         std::thread::sleep(Duration::from_millis(210));
         assert_eq!(g.check("psp"), AnomalyVerdict::Allow, "cooldown over");
-        assert!(AnomalyParams::parse("window=1s,factor=4,floor=20,cooldown=3s").is_ok());
-        assert!(AnomalyParams::parse("factor=0.5").is_err());
+        assert!(p.check().is_ok());
+        for bad in [0.5, f64::NAN, f64::INFINITY] {
+            assert!(AnomalyParams { factor: bad, ..p }.check().is_err(), "{bad}");
+        }
+        assert!(
+            AnomalyParams {
+                window: Duration::ZERO,
+                ..p
+            }
+            .check()
+            .is_err()
+        );
     }
 }
 
@@ -337,27 +292,15 @@ impl Default for EnumerationParams {
 
 impl EnumerationParams {
     /// Parses `off` or `max=5,window=1h,cooldown=15m` (missing keys keep the defaults).
-    pub fn parse(s: &str) -> Result<Option<EnumerationParams>, String> {
-        if s.trim() == "off" {
-            return Ok(None);
+    /// What a configuration must keep: a positive count and window.
+    pub fn check(&self) -> Result<(), &'static str> {
+        if self.max_distinct == 0 || self.window.is_zero() {
+            return Err("max_distinct and window must be positive");
         }
-        let mut p = EnumerationParams::default();
-        for (k, v) in spec_pairs(s)? {
-            match k {
-                "max" => p.max_distinct = v.parse().map_err(|_| format!("bad max {v:?}"))?,
-                "window" => p.window = spec_duration(v)?,
-                "cooldown" => p.cooldown = spec_duration(v)?,
-                other => return Err(format!("unknown enumeration-guard key {other:?}")),
-            }
-        }
-        if p.max_distinct == 0 || p.window.is_zero() {
-            return Err("max and window must be positive".into());
-        }
-        Ok(Some(p))
+        Ok(())
     }
 }
 
-/// What the enumeration guard decided for one tokenize.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EnumerationVerdict {
     Allow,
@@ -536,24 +479,6 @@ impl Default for FailureParams {
             max_per_source: 1000,
             window: Duration::from_secs(60),
         }
-    }
-}
-
-impl FailureParams {
-    /// Parses `max=1000,window=60s` (missing keys keep the defaults).
-    pub fn parse(s: &str) -> Result<FailureParams, String> {
-        let mut p = FailureParams::default();
-        for (k, v) in spec_pairs(s)? {
-            match k {
-                "max" => p.max_per_source = v.parse().map_err(|_| format!("bad max {v:?}"))?,
-                "window" => p.window = spec_duration(v)?,
-                other => return Err(format!("unknown auth-failures key {other:?}")),
-            }
-        }
-        if p.max_per_source == 0 || p.window.is_zero() {
-            return Err("max and window must be positive".into());
-        }
-        Ok(p)
     }
 }
 

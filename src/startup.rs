@@ -196,17 +196,83 @@ pub fn generation_guard(
     Arc::new(AllGuards(guards))
 }
 
+/// How long a stopping vault waits for a background task to finish its step.
+const BACKGROUND_STOP: Duration = Duration::from_secs(30);
+
+/// A background task's view of the vault stopping.
+struct StopSignal(tokio::sync::watch::Receiver<bool>);
+
+impl StopSignal {
+    /// Waits `d`: true to go on, false once the vault is stopping.
+    async fn pause(&mut self, d: Duration) -> bool {
+        if *self.0.borrow() {
+            return false;
+        }
+        tokio::select! {
+            () = actix_web::rt::time::sleep(d) => true,
+            () = self.stopped() => false,
+        }
+    }
+
+    /// Resolves once the vault is stopping.
+    async fn stopped(&mut self) {
+        let _ = self.0.wait_for(|stop| *stop).await;
+    }
+}
+
+/// The vault's background tasks (sweepers, rotations, the deletion epoch, registry
+/// reloads). Each looks for the stop signal only between its steps, so a stopping vault
+/// never cuts one in the middle; [`Background::stop`] waits for all of them.
+struct Background {
+    stop: tokio::sync::watch::Sender<bool>,
+    tasks: Vec<(&'static str, actix_web::rt::task::JoinHandle<()>)>,
+}
+
+impl Background {
+    fn new() -> Background {
+        Background {
+            stop: tokio::sync::watch::channel(false).0,
+            tasks: Vec::new(),
+        }
+    }
+
+    fn spawn<F, Fut>(&mut self, name: &'static str, task: F)
+    where
+        F: FnOnce(StopSignal) -> Fut,
+        Fut: std::future::Future<Output = ()> + 'static,
+    {
+        let signal = StopSignal(self.stop.subscribe());
+        self.tasks.push((name, actix_web::rt::spawn(task(signal))));
+    }
+
+    /// Signals every task and waits for each (at most [`BACKGROUND_STOP`] in all).
+    async fn stop(self) {
+        self.stop.send_replace(true);
+        let deadline = tokio::time::Instant::now() + BACKGROUND_STOP;
+        let total = self.tasks.len();
+        let mut stopped = 0;
+        for (name, task) in self.tasks {
+            match tokio::time::timeout_at(deadline, task).await {
+                Ok(_) => stopped += 1,
+                Err(_) => tracing::warn!(task = name, "a background task did not stop in time"),
+            }
+        }
+        tracing::info!(stopped, total, "background tasks stopped");
+    }
+}
+
 /// Deletes tokens whose `ttl`/`expires_at` has passed (at start, then every
 /// second): each deletion is audited (`token.expire`) with it and counted, and a
 /// waiting CVV goes too. Reads already treat an expired token as absent; this
 /// removes the record, its fingerprint entry and its index entries. Every replica
 /// sweeps; a token deleted by one is skipped by the others.
-fn spawn_token_expiry(state: web::Data<AppState>) {
-    actix_web::rt::spawn(async move {
-        let mut tick = actix_web::rt::time::interval(Duration::from_secs(1));
+fn spawn_token_expiry(bg: &mut Background, state: web::Data<AppState>) {
+    bg.spawn("token expiry", |mut stop| async move {
         loop {
-            tick.tick().await;
             if state.vault.parts().1.is_sealed() {
+                if !stop.pause(Duration::from_secs(1)).await {
+                    return;
+                }
                 continue;
             }
             loop {
@@ -226,6 +292,9 @@ fn spawn_token_expiry(state: web::Data<AppState>) {
                     }
                 }
             }
+            if !stop.pause(Duration::from_secs(1)).await {
+                return;
+            }
         }
     });
 }
@@ -233,33 +302,32 @@ fn spawn_token_expiry(state: web::Data<AppState>) {
 /// Deletes cards their tenant's retention period says were unused too long (at
 /// start, then every `every`): each deletion audited (`token.retention`) with it
 /// and counted. Every replica sweeps; a card deleted by one is skipped by the others.
-fn spawn_retention(state: web::Data<AppState>, every: Duration) {
-    actix_web::rt::spawn(async move {
-        let mut tick = actix_web::rt::time::interval(every);
+fn spawn_retention(bg: &mut Background, state: web::Data<AppState>, every: Duration) {
+    bg.spawn("retention", |mut stop| async move {
         loop {
-            tick.tick().await;
-            if state.vault.parts().1.is_sealed() {
-                continue;
-            }
-            match state.vault.sweep_retention().await {
-                Ok(n) => {
-                    state.metrics.retention_deleted.inc_by(n as u64);
-                    if n > 0 {
-                        tracing::info!(count = n, "unused cards deleted by retention");
+            if !state.vault.parts().1.is_sealed() {
+                match state.vault.sweep_retention().await {
+                    Ok(n) => {
+                        state.metrics.retention_deleted.inc_by(n as u64);
+                        if n > 0 {
+                            tracing::info!(count = n, "unused cards deleted by retention");
+                        }
                     }
+                    Err(e) => tracing::error!(error = %e, "retention sweep failed"),
                 }
-                Err(e) => tracing::error!(error = %e, "retention sweep failed"),
+            }
+            if !stop.pause(every).await {
+                return;
             }
         }
     });
 }
 
 /// Destroys CVVs whose TTL ran out, even if no charge ever came.
-fn spawn_cvv_sweeper(vault: Vault, ttl: Duration) {
+fn spawn_cvv_sweeper(bg: &mut Background, vault: Vault, ttl: Duration) {
     let every = (ttl / 4).clamp(Duration::from_millis(250), Duration::from_secs(30));
-    actix_web::rt::spawn(async move {
-        loop {
-            actix_web::rt::time::sleep(every).await;
+    bg.spawn("cvv sweeper", |mut stop| async move {
+        while stop.pause(every).await {
             let n = vault.purge_expired_cvvs();
             if n > 0 {
                 tracing::info!(count = n, "expired CVVs destroyed");
@@ -277,11 +345,10 @@ pub fn drain_secs(psp: Option<&crate::config::PspSettings>) -> u64 {
 
 /// Runs the deletion epoch: rotate when due, rewrap, destroy versions that wrap
 /// nothing live; every key change is audited as `system:deletion-epoch`.
-fn spawn_deletion_epoch(state: web::Data<AppState>, epoch: Duration) {
+fn spawn_deletion_epoch(bg: &mut Background, state: web::Data<AppState>, epoch: Duration) {
     let every = (epoch / 10).clamp(Duration::from_millis(500), Duration::from_secs(60));
-    actix_web::rt::spawn(async move {
-        loop {
-            actix_web::rt::time::sleep(every).await;
+    bg.spawn("deletion epoch", |mut stop| async move {
+        while stop.pause(every).await {
             let step = match state.vault.deletion_epoch_step(epoch).await {
                 Ok(step) => step,
                 Err(e) => {
@@ -320,11 +387,10 @@ fn spawn_deletion_epoch(state: web::Data<AppState>, epoch: Duration) {
 }
 
 /// Writes the aggregated auth-failure records as their windows end.
-fn spawn_failure_summaries(state: web::Data<AppState>) {
+fn spawn_failure_summaries(bg: &mut Background, state: web::Data<AppState>) {
     let every = (state.failures.window() / 4).clamp(Duration::from_millis(250), Duration::from_secs(15));
-    actix_web::rt::spawn(async move {
-        loop {
-            actix_web::rt::time::sleep(every).await;
+    bg.spawn("auth-failure summaries", |mut stop| async move {
+        while stop.pause(every).await {
             state.flush_failure_summaries(false).await;
         }
     });
@@ -333,13 +399,17 @@ fn spawn_failure_summaries(state: web::Data<AppState>) {
 /// Re-reads the client registry from the config file on SIGHUP: a revoked or
 /// changed client takes effect without a restart (and without dropping the
 /// verified-token cache's protection: registry checks run on every request).
-fn spawn_registry_reload(state: web::Data<AppState>, file: std::path::PathBuf) {
-    actix_web::rt::spawn(async move {
+fn spawn_registry_reload(bg: &mut Background, state: web::Data<AppState>, file: std::path::PathBuf) {
+    bg.spawn("registry reload", |mut stop| async move {
         let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
             tracing::error!("cannot listen for SIGHUP: registry reload disabled");
             return;
         };
-        while hup.recv().await.is_some() {
+        loop {
+            tokio::select! {
+                got = hup.recv() => if got.is_none() { return },
+                () = stop.stopped() => return,
+            }
             match crate::config::Settings::production(&file) {
                 Ok(fresh) => {
                     let n = state.auth.reload_registry(&fresh.clients);
@@ -364,11 +434,9 @@ fn spawn_registry_reload(state: web::Data<AppState>, file: std::path::PathBuf) {
 /// retire or destroy made through one takes effect on the others within a second
 /// (polling its generation: no LISTEN/NOTIFY). A change made here builds on the
 /// newest keystore first and saves by compare-and-set (`KeyManager::update`).
-fn spawn_keystore_refresh(vault: Vault) {
-    actix_web::rt::spawn(async move {
-        let mut tick = actix_web::rt::time::interval(KEYSTORE_REFRESH);
-        loop {
-            tick.tick().await;
+fn spawn_keystore_refresh(bg: &mut Background, vault: Vault) {
+    bg.spawn("keystore refresh", |mut stop| async move {
+        while stop.pause(KEYSTORE_REFRESH).await {
             let keys = vault.parts().1;
             match tokio::task::spawn_blocking(move || keys.refresh()).await {
                 Ok(Ok(Some(generation))) => {
@@ -389,10 +457,9 @@ fn spawn_keystore_refresh(vault: Vault) {
 const KEYSTORE_REFRESH: Duration = Duration::from_millis(500);
 
 /// Rotates the KEK before its random-nonce budget runs out.
-fn spawn_budget_rotation(vault: Vault) {
-    actix_web::rt::spawn(async move {
-        loop {
-            actix_web::rt::time::sleep(Duration::from_secs(1)).await;
+fn spawn_budget_rotation(bg: &mut Background, vault: Vault) {
+    bg.spawn("nonce-budget rotation", |mut stop| async move {
+        while stop.pause(Duration::from_secs(1)).await {
             match vault.rotate_if_budget_spent().await {
                 Ok(Some(v)) => tracing::warn!(version = v, "KEK rotated automatically: wrap (nonce) budget reached"),
                 Ok(None) => {}
@@ -403,11 +470,10 @@ fn spawn_budget_rotation(vault: Vault) {
 }
 
 /// Rotates the KEK whenever the active one outlives the cryptoperiod.
-fn spawn_auto_rotation(vault: Vault, period: Duration) {
+fn spawn_auto_rotation(bg: &mut Background, vault: Vault, period: Duration) {
     let every = (period / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
-    actix_web::rt::spawn(async move {
-        loop {
-            actix_web::rt::time::sleep(every).await;
+    bg.spawn("cryptoperiod rotation", |mut stop| async move {
+        while stop.pause(every).await {
             match vault.rotate_if_due().await {
                 Ok(Some(v)) => tracing::warn!(version = v, "KEK rotated automatically: cryptoperiod reached"),
                 Ok(None) => {}
@@ -484,6 +550,7 @@ pub struct Application {
     server: Server,
     tls: bool,
     ops: Option<(SocketAddr, Server)>,
+    background: Background,
 }
 
 impl Application {
@@ -506,7 +573,7 @@ impl Application {
         if keys.is_sealed() {
             tracing::warn!("the vault is SEALED: data endpoints answer 503 until custodians run `tokenvault unseal`");
         }
-        let cryptoperiod = settings.keystore.cryptoperiod();
+        let cryptoperiod = settings.keystore.cryptoperiod;
         let psp = match &settings.psp {
             Some(p) => Some(
                 Arc::new(crate::psp::adyen::AdyenPsp::new(p).map_err(StartupError::Psp)?) as Arc<dyn crate::psp::Psp>,
@@ -563,13 +630,15 @@ impl Application {
         }));
         let vault = Vault::new(store.clone(), keys, audit.clone(), options)?;
         report_store_state(&*store, &audit);
-        spawn_cvv_sweeper(vault.clone(), settings.cvv_ttl);
+        let mut background = Background::new();
+        let bg = &mut background;
+        spawn_cvv_sweeper(bg, vault.clone(), settings.cvv_ttl);
         if let Some(period) = cryptoperiod {
-            spawn_auto_rotation(vault.clone(), period);
+            spawn_auto_rotation(bg, vault.clone(), period);
         }
-        spawn_budget_rotation(vault.clone());
+        spawn_budget_rotation(bg, vault.clone());
         if matches!(location, crate::store::StoreLocation::Postgres(_)) {
-            spawn_keystore_refresh(vault.clone());
+            spawn_keystore_refresh(bg, vault.clone());
         }
         let auth = Authenticator::new(&settings.auth, &settings.clients)?;
         let limiter = crate::limits::Limiter::new(
@@ -596,16 +665,16 @@ impl Application {
             basic_checks: tokio::sync::Semaphore::new(2),
             backups: std::sync::Arc::new(tokio::sync::Semaphore::new(1)),
         });
-        spawn_failure_summaries(state.clone());
-        spawn_token_expiry(state.clone());
+        spawn_failure_summaries(bg, state.clone());
+        spawn_token_expiry(bg, state.clone());
         if let Some(every) = state.vault.retention_interval() {
-            spawn_retention(state.clone(), every);
+            spawn_retention(bg, state.clone(), every);
         }
         if let Some(epoch) = settings.deletion_epoch {
-            spawn_deletion_epoch(state.clone(), epoch);
+            spawn_deletion_epoch(bg, state.clone(), epoch);
         }
         if let Some(file) = &settings.config_file {
-            spawn_registry_reload(state.clone(), file.clone());
+            spawn_registry_reload(bg, state.clone(), file.clone());
         }
         let ops_listener = match settings.metrics_listen {
             Some(addr) => Some(TcpListener::bind(addr).map_err(|source| StartupError::Bind { addr, source })?),
@@ -685,6 +754,7 @@ impl Application {
             server: server.run(),
             tls,
             ops,
+            background,
         })
     }
 
@@ -702,9 +772,11 @@ impl Application {
         format!("{}://{}", if self.tls { "https" } else { "http" }, self.addr)
     }
 
-    /// Serves until SIGINT/SIGTERM, then drains connections gracefully.
+    /// Serves until SIGINT/SIGTERM, then drains connections gracefully and stops the
+    /// background tasks (each finishes the step it is in: a sweep, a rewrap batch and
+    /// their audit records).
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
-        match self.ops {
+        let result = match self.ops {
             None => self.server.await,
             Some((_, ops)) => {
                 let handle = ops.handle();
@@ -714,7 +786,9 @@ impl Application {
                 let _ = ops_task.await;
                 result
             }
-        }
+        };
+        self.background.stop().await;
+        result
     }
 }
 

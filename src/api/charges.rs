@@ -12,8 +12,8 @@ use super::extract::{ApiJson, Caller, ChargesCancel, ChargesCapture, ChargesCrea
 use super::problem::ApiError;
 use crate::domain::token::Token;
 use crate::psp::{Amount, ModificationKind, Recurring, ShopperInteraction};
-use crate::service::{ChargeInput, ModificationInput};
-use crate::store::{ChargeRecord, ChargesOf, Modification};
+use crate::service::views::{ChargeView, ModificationView, charge_view as view, modification_view};
+use crate::service::{ChargeFilter, ChargeInput, ModificationInput};
 
 /// Active ISO 4217 currency codes.
 const ISO_4217: &str = "AED AFN ALL AMD ANG AOA ARS AUD AWG AZN BAM BBD BDT BGN BHD BIF BMD BND BOB BRL BSD BTN BWP \
@@ -62,72 +62,6 @@ pub(super) struct RefundBody {
     reason: Option<String>,
 }
 
-#[derive(Serialize)]
-struct ChargeView<'a> {
-    id: &'a str,
-    status: &'a str,
-    psp_reference: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    refusal_reason: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    network_transaction_id: Option<&'a str>,
-    created_at: String,
-    token: &'a str,
-    amount: Amount,
-    reference: &'a str,
-    shopper_interaction: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    recurring: Option<serde_json::Value>,
-    cvv_sent: bool,
-    capture: &'a str,
-    captured_amount: Amount,
-    refunded_amount: Amount,
-    /// Captures, refunds and cancels, oldest first.
-    history: Vec<ModificationView<'a>>,
-}
-
-#[derive(Serialize)]
-struct ModificationView<'a> {
-    id: &'a str,
-    #[serde(rename = "type")]
-    kind: &'a str,
-    status: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    amount: Option<Amount>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    reason: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    psp_reference: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    failure_reason: Option<&'a str>,
-    created_at: String,
-    updated_at: String,
-}
-
-fn rfc3339(t: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp(t)
-        .ok()
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
-        .unwrap_or_default()
-}
-
-fn modification_view<'a>(c: &ChargeRecord, m: &'a Modification) -> ModificationView<'a> {
-    ModificationView {
-        id: &m.id,
-        kind: &m.kind,
-        status: &m.status,
-        amount: m.amount_value.map(|value| Amount {
-            value,
-            currency: c.currency.clone(),
-        }),
-        reason: m.reason.as_deref(),
-        psp_reference: m.psp_reference.as_deref(),
-        failure_reason: m.failure_reason.as_deref(),
-        created_at: rfc3339(m.created_at),
-        updated_at: rfc3339(m.updated_at),
-    }
-}
-
 /// A metric label for a PSP refusal reason: one of a fixed set (Adyen's common
 /// `refusalReason` values), never the PSP's free text, so the label space stays
 /// bounded whatever a PSP sends.
@@ -157,52 +91,6 @@ pub(super) fn refusal_label(reason: Option<&str>) -> &'static str {
         .iter()
         .find(|(text, _)| r == *text || r.starts_with(&format!("{text} ")) || r.starts_with(&format!("{text}-")))
         .map_or("other", |(_, label)| label)
-}
-
-/// The acknowledged sum of one kind of modification.
-fn received_sum(c: &ChargeRecord, kind: &str) -> u64 {
-    c.modifications
-        .iter()
-        .filter(|m| m.kind == kind && m.status == "received")
-        .filter_map(|m| m.amount_value)
-        .sum()
-}
-
-fn view(c: &ChargeRecord) -> ChargeView<'_> {
-    ChargeView {
-        id: &c.id,
-        status: &c.status,
-        psp_reference: c.psp_reference.as_deref(),
-        refusal_reason: c.refusal_reason.as_deref(),
-        network_transaction_id: c.network_transaction_id.as_deref(),
-        created_at: rfc3339(c.created_at),
-        token: &c.token,
-        amount: Amount {
-            value: c.amount_value,
-            currency: c.currency.clone(),
-        },
-        reference: &c.reference,
-        shopper_interaction: &c.shopper_interaction,
-        recurring: c
-            .recurring
-            .as_ref()
-            .map(|(m, s)| serde_json::json!({"model": m, "sequence": s})),
-        cvv_sent: c.cvv_sent,
-        capture: &c.capture,
-        captured_amount: Amount {
-            value: match (c.capture.as_str(), c.status.as_str()) {
-                ("manual", _) => received_sum(c, "capture"),
-                (_, "authorised" | "partially_refunded" | "refunded") => c.amount_value,
-                _ => 0,
-            },
-            currency: c.currency.clone(),
-        },
-        refunded_amount: Amount {
-            value: received_sum(c, "refund"),
-            currency: c.currency.clone(),
-        },
-        history: c.modifications.iter().map(|m| modification_view(c, m)).collect(),
-    }
 }
 
 fn idempotency_key(req: &HttpRequest) -> Result<String, ApiError> {
@@ -598,12 +486,12 @@ struct ChargePage<'a> {
 }
 
 /// A charge listing's filter, cursor (creation time, id) and page size.
-type ChargeListing = (ChargesOf, Option<(i64, String)>, usize);
+type ChargeListing = (ChargeFilter, Option<(i64, String)>, usize);
 
 /// What a charge listing asks for, checked.
 fn parse_list(q: ListQuery) -> Result<ChargeListing, ApiError> {
     let of = match (q.token, q.reference) {
-        (Some(t), None) => ChargesOf::Token(
+        (Some(t), None) => ChargeFilter::Token(
             Token::parse(&t)
                 .ok_or(ApiError::InvalidField("token must be a token of this vault"))?
                 .to_string(),
@@ -618,7 +506,7 @@ fn parse_list(q: ListQuery) -> Result<ChargeListing, ApiError> {
                     "reference must be 1 to 80 characters without control characters or a card number",
                 ));
             }
-            ChargesOf::Reference(r)
+            ChargeFilter::Reference(r)
         }
         _ => return Err(ApiError::InvalidField("give exactly one of token and reference")),
     };

@@ -100,13 +100,12 @@ impl AppState {
         if recorded.is_err() {
             self.metrics.audit_failures.inc();
         }
-        recorded.map_err(|e| match e {
-            // The store is down (a database restarting or failing over): retry later.
-            crate::audit::AuditError::Store(e @ crate::store::StoreError::Unavailable(_)) => {
+        recorded.map_err(|e| {
+            if e.is_unavailable() {
+                // The store is down (a database restarting or failing over): retry later.
                 tracing::warn!(error = %e, "audit trail unavailable");
                 ApiError::StoreUnavailable
-            }
-            e => {
+            } else {
                 tracing::error!(error = %e, "audit trail write failed");
                 ApiError::Internal
             }

@@ -265,15 +265,16 @@ impl From<crate::service::VaultError> for ApiError {
                 tracing::error!("record key version unavailable");
                 ApiError::KeyUnavailable
             }
-            VaultError::Integrity | VaultError::Store(crate::store::StoreError::Corrupt) => {
+            e if e.is_integrity() => {
                 tracing::error!("record failed its integrity check");
                 ApiError::Integrity
             }
-            VaultError::Store(e @ crate::store::StoreError::Unavailable(_)) => {
+            e if e.is_unavailable() => {
                 tracing::warn!(error = %e, "store unavailable");
                 ApiError::StoreUnavailable
             }
-            VaultError::Store(e) => {
+            // Integrity failures were taken above; the guard keeps the match exhaustive.
+            VaultError::Integrity | VaultError::Store(_) => {
                 tracing::error!(error = %e, "store error");
                 ApiError::Internal
             }

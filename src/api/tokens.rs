@@ -735,8 +735,7 @@ fn error_outcome(e: &VaultError) -> &'static str {
         VaultError::TokenSpaceExhausted => "exhausted",
         VaultError::KeyDestroyed => "key_destroyed",
         VaultError::KeyUnavailable => "key_unavailable",
-        VaultError::Integrity => "integrity",
-        VaultError::Store(crate::store::StoreError::Corrupt) => "integrity",
+        e if e.is_integrity() => "integrity",
         VaultError::Sealed => "sealed",
         VaultError::RecordLost => "lost",
         VaultError::StoreDamaged => "store_damaged",
@@ -745,7 +744,11 @@ fn error_outcome(e: &VaultError) -> &'static str {
         | VaultError::IdempotencyMismatch
         | VaultError::ChargeState(_)
         | VaultError::AmountRefused(_) => "error",
-        VaultError::Store(_) | VaultError::Task | VaultError::KeyRefused(_) | VaultError::Keystore(_) => "error",
+        VaultError::Integrity
+        | VaultError::Store(_)
+        | VaultError::Task
+        | VaultError::KeyRefused(_)
+        | VaultError::Keystore(_) => "error",
     }
 }
 

@@ -3,6 +3,7 @@
 //! Exit codes as everywhere in the CLI: 0 done, 1 failed (or the backup is not
 //! valid), 2 usage, 3 not allowed or unreachable.
 
+use super::exit;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -99,7 +100,7 @@ fn take(conn: &Conn, out: &Path) -> Result<u8, Failure> {
                 .timeout(std::time::Duration::from_secs(24 * 3600))
                 .send()
                 .await
-                .map_err(|e| Failure(3, format!("cannot reach the vault at {url}: {}", chain(&e))))?;
+                .map_err(|e| Failure(exit::REFUSED, format!("cannot reach the vault at {url}: {}", chain(&e))))?;
             if !res.status().is_success() {
                 let status = res.status().as_u16();
                 let v: Value = res.json().await.unwrap_or(Value::Null);
@@ -111,13 +112,13 @@ fn take(conn: &Conn, out: &Path) -> Result<u8, Failure> {
             while let Some(chunk) = res
                 .chunk()
                 .await
-                .map_err(|e| Failure(3, format!("the download failed: {}", chain(&e))))?
+                .map_err(|e| Failure(exit::REFUSED, format!("the download failed: {}", chain(&e))))?
             {
                 file.write_all(&chunk)
-                    .map_err(|e| Failure(1, format!("cannot write {}: {e}", out.display())))?;
+                    .map_err(|e| Failure(exit::FAILED, format!("cannot write {}: {e}", out.display())))?;
             }
             file.sync_all()
-                .map_err(|e| Failure(1, format!("cannot write {}: {e}", out.display())))
+                .map_err(|e| Failure(exit::FAILED, format!("cannot write {}: {e}", out.display())))
         }
         .await;
         if let Err(e) = result {
@@ -127,7 +128,7 @@ fn take(conn: &Conn, out: &Path) -> Result<u8, Failure> {
         }
         let report = verify(out).map_err(|e| {
             Failure(
-                1,
+                exit::FAILED,
                 format!(
                     "the downloaded backup does not verify ({e}); {} is kept for inspection",
                     out.display()
@@ -135,7 +136,7 @@ fn take(conn: &Conn, out: &Path) -> Result<u8, Failure> {
             )
         })?;
         show(conn.json, &report, &format!("backup written to {}", out.display()));
-        Ok(0)
+        Ok(exit::OK)
     })
 }
 
@@ -283,13 +284,13 @@ fn verify_command(file: &Path, as_json: bool) -> Result<u8, Failure> {
     match verify(file) {
         Ok(report) => {
             show(as_json, &report, &format!("{}: a valid backup", file.display()));
-            Ok(0)
+            Ok(exit::OK)
         }
         Err(e) if as_json => {
             println!("{}", json!({"valid": false, "error": e.to_string()}));
-            Ok(1)
+            Ok(exit::FAILED)
         }
-        Err(e) => Err(Failure(1, format!("{}: {e}", file.display()))),
+        Err(e) => Err(Failure(exit::FAILED, format!("{}: {e}", file.display()))),
     }
 }
 
@@ -302,11 +303,11 @@ fn restore(args: &RestoreArgs) -> Result<u8, Failure> {
             .unwrap_or_else(|| args.data_dir.join("keys/keystore.json")),
     };
     // Verified first (chain included): a damaged backup never reaches the target.
-    let report = verify(&args.file).map_err(|e| Failure(1, format!("{}: {e}", args.file.display())))?;
+    let report = verify(&args.file).map_err(|e| Failure(exit::FAILED, format!("{}: {e}", args.file.display())))?;
     let file = std::fs::File::open(&args.file).map_err(|e| usage(format!("{}: {e}", args.file.display())))?;
     backup::restore(file, &target).map_err(|e| match e {
         BackupError::Refused(why) => usage(why),
-        other => Failure(1, other.to_string()),
+        other => Failure(exit::FAILED, other.to_string()),
     })?;
     show(
         args.json,
@@ -321,5 +322,5 @@ fn restore(args: &RestoreArgs) -> Result<u8, Failure> {
             args.data_dir.display()
         );
     }
-    Ok(0)
+    Ok(exit::OK)
 }

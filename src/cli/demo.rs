@@ -5,6 +5,7 @@
 //! and rewrap, the audit trail verified), prints each step, stops both and
 //! removes the directory. Exit 0 when every step did what it should.
 
+use super::exit;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
@@ -73,7 +74,7 @@ pub(super) fn run() -> ExitCode {
         }
         Err(e) => {
             eprintln!("\n{} {e}", style.paint("1;31", "demo failed:"));
-            ExitCode::from(1)
+            ExitCode::from(exit::FAILED)
         }
     }
 }

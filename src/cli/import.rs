@@ -11,6 +11,7 @@
 //! (an importer) gets the tokens it already made: no card is stored twice.
 //! `--dry-run` validates locally and reports the rejects without sending anything.
 
+use super::exit;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Seek, Write};
 use std::path::{Path, PathBuf};
@@ -352,7 +353,7 @@ fn import(args: &ImportArgs) -> Result<(), Failure> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| Failure(1, e.to_string()))?;
+        .map_err(|e| Failure(exit::FAILED, e.to_string()))?;
     let mut checked_dedupe = false;
     loop {
         // Read up to `parallel` batches, each up to `batch` records.
@@ -399,7 +400,10 @@ fn import(args: &ImportArgs) -> Result<(), Failure> {
             }
             let items = answer["items"].as_array().cloned().unwrap_or_default();
             if items.len() != rows.len() {
-                return Err(Failure(1, "the vault answered a different number of items".into()));
+                return Err(Failure(
+                    exit::FAILED,
+                    "the vault answered a different number of items".into(),
+                ));
             }
             for (row, item) in rows.iter().zip(&items) {
                 let t = &item["token"];
@@ -507,19 +511,19 @@ fn dry_run(args: &ImportArgs, reader: &mut Reader) -> Result<(), Failure> {
 fn append(f: &mut File, path: &Path, text: &str) -> Result<(), Failure> {
     f.write_all(text.as_bytes())
         .and_then(|()| f.sync_data())
-        .map_err(|e| Failure(1, format!("cannot write {}: {e}", path.display())))
+        .map_err(|e| Failure(exit::FAILED, format!("cannot write {}: {e}", path.display())))
 }
 
 fn file_len(f: &File, path: &Path) -> Result<u64, Failure> {
     f.metadata()
         .map(|m| m.len())
-        .map_err(|e| Failure(1, format!("cannot read {}: {e}", path.display())))
+        .map_err(|e| Failure(exit::FAILED, format!("cannot read {}: {e}", path.display())))
 }
 
 /// Writes the checkpoint atomically (temporary file, fsync, rename).
 fn save(path: &Path, cp: &Checkpoint) -> Result<(), Failure> {
     let tmp = PathBuf::from(format!("{}.tmp", path.display()));
-    let io = |e: std::io::Error| Failure(1, format!("cannot write {}: {e}", path.display()));
+    let io = |e: std::io::Error| Failure(exit::FAILED, format!("cannot write {}: {e}", path.display()));
     let mut f = File::create(&tmp).map_err(io)?;
     f.write_all(&serde_json::to_vec(cp).unwrap_or_default()).map_err(io)?;
     f.sync_all().map_err(io)?;
@@ -575,18 +579,18 @@ async fn send(client: &reqwest::Client, url: &str, token: &str, rows: &[Row]) ->
                 return res
                     .json()
                     .await
-                    .map_err(|_| Failure(1, "the vault's answer is not JSON".into()));
+                    .map_err(|_| Failure(exit::FAILED, "the vault's answer is not JSON".into()));
             }
             Ok(res) if res.status() == 401 || res.status() == 403 => {
                 return Err(Failure(
-                    3,
+                    exit::REFUSED,
                     format!("the vault refused the credential ({})", res.status()),
                 ));
             }
             Ok(res) if res.status().is_client_error() && res.status() != 429 => {
                 let v: Value = res.json().await.unwrap_or(Value::Null);
                 return Err(Failure(
-                    1,
+                    exit::FAILED,
                     format!("the vault refused a batch: {}", v["detail"].as_str().unwrap_or("")),
                 ));
             }
@@ -596,20 +600,20 @@ async fn send(client: &reqwest::Client, url: &str, token: &str, rows: &[Row]) ->
             }
             Ok(res) => {
                 return Err(Failure(
-                    3,
+                    exit::REFUSED,
                     format!("the vault answered {}; rerun the same command to resume", res.status()),
                 ));
             }
             Err(e) => {
                 return Err(Failure(
-                    3,
+                    exit::REFUSED,
                     format!("cannot reach the vault ({e}); rerun the same command to resume"),
                 ));
             }
         }
     }
     Err(Failure(
-        3,
+        exit::REFUSED,
         "the vault is unavailable; rerun the same command to resume".into(),
     ))
 }

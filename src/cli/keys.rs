@@ -8,6 +8,7 @@
 //! or failed; 2 usage or configuration error; 3 cannot reach or authenticate to
 //! the vault; 4 the vault is sealed; 10 destroy recorded, awaiting a second officer.
 
+use super::exit;
 use std::io::{IsTerminal, Read};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -48,7 +49,7 @@ pub(super) fn http_client(ca_file: Option<&std::path::Path>) -> Result<reqwest::
         let cert = reqwest::Certificate::from_pem(&pem).map_err(|e| usage(format!("{}: {e}", ca.display())))?;
         builder = builder.add_root_certificate(cert);
     }
-    builder.build().map_err(|e| Failure(3, e.to_string()))
+    builder.build().map_err(|e| Failure(exit::REFUSED, e.to_string()))
 }
 
 /// Reads a JWT from its file into zeroizing memory; `missing` says what to pass.
@@ -229,7 +230,7 @@ fn export(conn: Conn, command: ExportCommand) -> Result<u8, Failure> {
                     v["status"].as_str().unwrap_or("")
                 );
             }
-            Ok(0)
+            Ok(exit::OK)
         };
         match command {
             ExportCommand::Request { tenant, recipient_key } => {
@@ -254,12 +255,12 @@ fn export(conn: Conn, command: ExportCommand) -> Result<u8, Failure> {
                 let (_, v) = backend.call("GET", "/v1/admin/exports", None).await?;
                 if conn.json {
                     println!("{v}");
-                    return Ok(0);
+                    return Ok(exit::OK);
                 }
                 for item in v["items"].as_array().into_iter().flatten() {
                     show(item)?;
                 }
-                Ok(0)
+                Ok(exit::OK)
             }
             ExportCommand::Fetch { id, out } => {
                 let Backend::Online { client, url, token } = &backend else {
@@ -275,12 +276,12 @@ fn export(conn: Conn, command: ExportCommand) -> Result<u8, Failure> {
                     .bearer_auth(token.as_str())
                     .send()
                     .await
-                    .map_err(|e| Failure(3, format!("cannot reach the vault at {url}: {}", chain(&e))))?;
+                    .map_err(|e| Failure(exit::REFUSED, format!("cannot reach the vault at {url}: {}", chain(&e))))?;
                 if !res.status().is_success() {
                     let _ = std::fs::remove_file(&out);
                     let status = res.status().as_u16();
                     let v: Value = res.json().await.unwrap_or(Value::Null);
-                    return Err(Failure(if status == 401 || status == 403 { 3 } else { 1 }, problem_text(&v)));
+                    return Err(Failure(if status == 401 || status == 403 { exit::REFUSED } else { exit::FAILED }, problem_text(&v)));
                 }
                 let cards = res
                     .headers()
@@ -291,16 +292,16 @@ fn export(conn: Conn, command: ExportCommand) -> Result<u8, Failure> {
                 let bytes = res
                     .bytes()
                     .await
-                    .map_err(|e| Failure(3, format!("the download failed: {e}")))?;
+                    .map_err(|e| Failure(exit::REFUSED, format!("the download failed: {e}")))?;
                 use std::io::Write;
                 file.write_all(&bytes)
                     .and_then(|()| file.sync_all())
-                    .map_err(|e| Failure(1, format!("cannot write {}: {e}", out.display())))?;
+                    .map_err(|e| Failure(exit::FAILED, format!("cannot write {}: {e}", out.display())))?;
                 println!(
                     "{cards} cards written to {} (OpenPGP-encrypted to the recipient; the export cannot be fetched again)",
                     out.display()
                 );
-                Ok(0)
+                Ok(exit::OK)
             }
         }
     })
@@ -320,7 +321,7 @@ fn audit(conn: Conn, command: AuditCommand) -> Result<u8, Failure> {
                 let mut records = Vec::new();
                 for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
                     let rec: crate::audit::AuditRecord = serde_json::from_str(line)
-                        .map_err(|_| Failure(1, format!("line {}: not an audit record", i + 1)))?;
+                        .map_err(|_| Failure(exit::FAILED, format!("line {}: not an audit record", i + 1)))?;
                     records.push(rec);
                 }
                 let key = if conn.offline {
@@ -357,10 +358,10 @@ fn audit(conn: Conn, command: AuditCommand) -> Result<u8, Failure> {
                         if let Some(s) = &since {
                             req = req.query(&[("since", s)]);
                         }
-                        let res = req.send().await.map_err(|e| Failure(3, e.to_string()))?;
+                        let res = req.send().await.map_err(|e| Failure(exit::REFUSED, e.to_string()))?;
                         if !res.status().is_success() {
                             let v: Value = res.json().await.unwrap_or(Value::Null);
-                            return Err(Failure(1, problem_text(&v)));
+                            return Err(Failure(exit::FAILED, problem_text(&v)));
                         }
                         res.text().await.map_err(Failure::from)?
                     }
@@ -378,10 +379,12 @@ fn audit(conn: Conn, command: AuditCommand) -> Result<u8, Failure> {
                     }
                 };
                 match output {
-                    Some(f) => std::fs::write(&f, body).map_err(|e| Failure(1, format!("{}: {e}", f.display())))?,
+                    Some(f) => {
+                        std::fs::write(&f, body).map_err(|e| Failure(exit::FAILED, format!("{}: {e}", f.display())))?
+                    }
                     None => print!("{body}"),
                 }
-                Ok(0)
+                Ok(exit::OK)
             }
         }
     })
@@ -405,7 +408,7 @@ fn print_verify(conn: &Conn, report: &Value, macs: bool) -> Result<u8, Failure> 
         Some((seq, why)) => format!("audit trail BROKEN at record {seq}: {why}"),
     };
     output(conn, report.clone(), &human);
-    Ok(if broken.is_some() { 1 } else { 0 })
+    Ok(if broken.is_some() { exit::FAILED } else { exit::OK })
 }
 
 /// `tokenvault unseal`: shares come from --share-file, else a hidden prompt on a TTY, else stdin.
@@ -419,12 +422,12 @@ pub(super) struct Failure(pub(super) u8, pub(super) String);
 
 impl<E: std::fmt::Display> From<E> for Failure {
     fn from(e: E) -> Self {
-        Failure(1, e.to_string())
+        Failure(exit::FAILED, e.to_string())
     }
 }
 
 pub(super) fn usage(msg: impl Into<String>) -> Failure {
-    Failure(2, msg.into())
+    Failure(exit::USAGE, msg.into())
 }
 
 /// Entry point for `tokenvault keys`.
@@ -451,7 +454,7 @@ pub(super) fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| Failure(1, e.to_string()))
+        .map_err(|e| Failure(exit::FAILED, e.to_string()))
 }
 
 /// The two ways to reach the keys: the admin API, or the data directory itself.
@@ -486,7 +489,7 @@ impl Backend {
     /// Calls the admin API; returns the JSON body and the status.
     async fn call(&self, method: &str, path: &str, body: Option<Value>) -> Result<(u16, Value), Failure> {
         let Backend::Online { client, url, token } = self else {
-            return Err(Failure(1, "not online".into()));
+            return Err(Failure(exit::FAILED, "not online".into()));
         };
         let mut req = match method {
             "GET" => client.get(format!("{url}{path}")),
@@ -499,16 +502,16 @@ impl Backend {
         let res = req
             .send()
             .await
-            .map_err(|e| Failure(3, format!("cannot reach the vault at {url}: {}", chain(&e))))?;
+            .map_err(|e| Failure(exit::REFUSED, format!("cannot reach the vault at {url}: {}", chain(&e))))?;
         let status = res.status().as_u16();
         let value: Value = res.json().await.unwrap_or(Value::Null);
         match status {
             200..=299 => Ok((status, value)),
-            401 | 403 => Err(Failure(3, problem_text(&value))),
+            401 | 403 => Err(Failure(exit::REFUSED, problem_text(&value))),
             503 if value["type"].as_str().is_some_and(|t| t.ends_with(":sealed")) => {
-                Err(Failure(4, problem_text(&value)))
+                Err(Failure(exit::SEALED, problem_text(&value)))
             }
-            _ => Err(Failure(1, problem_text(&value))),
+            _ => Err(Failure(exit::FAILED, problem_text(&value))),
         }
     }
 }
@@ -535,8 +538,8 @@ pub(super) fn problem_text(v: &Value) -> String {
 
 fn service_failure(e: crate::service::VaultError) -> Failure {
     match e {
-        crate::service::VaultError::Sealed => Failure(4, "the vault is sealed".into()),
-        other => Failure(1, other.to_string()),
+        crate::service::VaultError::Sealed => Failure(exit::SEALED, "the vault is sealed".into()),
+        other => Failure(exit::FAILED, other.to_string()),
     }
 }
 
@@ -562,7 +565,7 @@ fn open_offline(conn: &Conn) -> Result<Backend, Failure> {
     let location = store_settings.location(&data_dir).map_err(|e| usage(e.to_string()))?;
     let store = location.open().map_err(|e| {
         Failure(
-            1,
+            exit::FAILED,
             format!(
                 "cannot open the store ({}: {e}); is the vault still running? stop it or drop --offline",
                 location.describe()
@@ -584,7 +587,7 @@ fn open_offline(conn: &Conn) -> Result<Backend, Failure> {
         }
         if manager.is_sealed() {
             return Err(Failure(
-                4,
+                exit::SEALED,
                 "sealed keystore: pass enough --share-file FILE options to unseal it".into(),
             ));
         }
@@ -598,12 +601,12 @@ fn open_offline(conn: &Conn) -> Result<Backend, Failure> {
         eprintln!("warning: the store is DAMAGED ({}): {damage}", damage.kind());
     }
     let options = crate::service::VaultOptions {
-        cryptoperiod: keystore_settings.cryptoperiod(),
+        cryptoperiod: keystore_settings.cryptoperiod,
         ..Default::default()
     };
     let keys = Arc::new(keys);
     let audit = crate::audit::AuditLog::open(store.clone(), keys.clone())
-        .map_err(|e| Failure(1, format!("cannot open the audit trail: {e}")))?;
+        .map_err(|e| Failure(exit::FAILED, format!("cannot open the audit trail: {e}")))?;
     let vault = Vault::new(store, keys, audit, options).map_err(Failure::from)?;
     Ok(Backend::Offline { vault })
 }
@@ -634,7 +637,7 @@ fn keys(conn: Conn, command: KeysCommand) -> Result<u8, Failure> {
                 } else {
                     print_status(&status);
                 }
-                Ok(0)
+                Ok(exit::OK)
             }
             KeysCommand::Rotate => {
                 let active = match &backend {
@@ -642,7 +645,7 @@ fn keys(conn: Conn, command: KeysCommand) -> Result<u8, Failure> {
                     Backend::Offline { vault } => u64::from(vault.rotate_key(&officer_offline()).await.map_err(service_failure)?),
                 };
                 output(&conn, json!({"active": active}), &format!("rotated: v{active} is now active; older versions are decrypt-only (run `tokenvault keys rewrap`)"));
-                Ok(0)
+                Ok(exit::OK)
             }
             KeysCommand::Rewrap { batch, rate } => rewrap(&conn, &backend, batch, rate).await,
             KeysCommand::Retire { version } => {
@@ -654,33 +657,33 @@ fn keys(conn: Conn, command: KeysCommand) -> Result<u8, Failure> {
                     Backend::Offline { vault } => vault.retire_key(v, &officer_offline()).await.map_err(service_failure)?,
                 }
                 output(&conn, json!({"version": v, "state": "retired"}), &format!("v{v} retired: it decrypts nothing from now on"));
-                Ok(0)
+                Ok(exit::OK)
             }
             KeysCommand::Destroy { version } => {
                 let v = parse_version(&version)?;
                 let Backend::Online { .. } = &backend else {
-                    return Err(Failure(1, "destroy needs dual control: run it online, once by each of two officers".into()));
+                    return Err(Failure(exit::FAILED, "destroy needs dual control: run it online, once by each of two officers".into()));
                 };
                 let (status, body) = backend.call("POST", &format!("/v1/admin/keys/v{v}/destroy"), None).await?;
                 if status == 202 {
                     let who = body["requested_by"].as_str().unwrap_or("?");
                     output(&conn, body.clone(), &format!("destruction of v{v} requested by {who}; a second, different officer must run `tokenvault keys destroy v{v}` to approve"));
-                    Ok(10)
+                    Ok(exit::PENDING)
                 } else {
                     let (a, b) = (body["requested_by"].as_str().unwrap_or("?"), body["approved_by"].as_str().unwrap_or("?"));
                     output(&conn, body.clone(), &format!("v{v} destroyed (crypto-shredded): requested by {a}, approved by {b}"));
-                    Ok(0)
+                    Ok(exit::OK)
                 }
             }
             KeysCommand::RotateRoot { key_label } => {
                 let Backend::Online { .. } = &backend else {
-                    return Err(Failure(1, "rotate-root runs online against the vault".into()));
+                    return Err(Failure(exit::FAILED, "rotate-root runs online against the vault".into()));
                 };
                 let (_, body) = backend.call("POST", "/v1/admin/keys/rotate-root", Some(json!({"key_label": key_label}))).await?;
                 output(&conn, body.clone(), &format!("root rotated: every KEK is now wrapped by {}", body["root_id"].as_str().unwrap_or("?")));
-                Ok(0)
+                Ok(exit::OK)
             }
-            KeysCommand::Init(_) => Ok(2),
+            KeysCommand::Init(_) => Ok(exit::USAGE),
         }
     })
 }
@@ -833,9 +836,12 @@ fn init(conn: &Conn, args: InitArgs) -> Result<u8, Failure> {
             let location = store_settings.location(&data_dir).map_err(|e| usage(e.to_string()))?;
             match location {
                 crate::store::StoreLocation::Postgres(_) => {
-                    let store = location
-                        .open()
-                        .map_err(|e| Failure(1, format!("cannot open the store ({}): {e}", location.describe())))?;
+                    let store = location.open().map_err(|e| {
+                        Failure(
+                            exit::FAILED,
+                            format!("cannot open the store ({}): {e}", location.describe()),
+                        )
+                    })?;
                     crate::startup::keystore_at(&s.keystore, &store)
                 }
                 crate::store::StoreLocation::Sled(_) => KeystoreAt::File(s.keystore.path.clone()),
@@ -883,7 +889,7 @@ fn init(conn: &Conn, args: InitArgs) -> Result<u8, Failure> {
                 "keystore created in {at}; {} of {} shares unseal it",
                 args.threshold, args.shares
             );
-            Ok(0)
+            Ok(exit::OK)
         }
         "pkcs11" => {
             let hsm = settings
@@ -896,7 +902,7 @@ fn init(conn: &Conn, args: InitArgs) -> Result<u8, Failure> {
                 "keystore created in {at}; root key {} is a non-extractable key in the HSM",
                 args.key_label
             );
-            Ok(0)
+            Ok(exit::OK)
         }
         other => Err(usage(format!("unknown provider {other}: sealed or pkcs11"))),
     }
@@ -951,6 +957,6 @@ fn unseal(args: UnsealArgs) -> Result<u8, Failure> {
             };
             output(&args.conn, body.clone(), &human);
         }
-        Ok(0)
+        Ok(exit::OK)
     })
 }

@@ -12,16 +12,39 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use crate::config::{ConfigError, Mode, PspSettings, Settings};
+use crate::config::{Mode, Settings};
 use crate::dev::{self, Role};
 use crate::startup::Application;
 use crate::telemetry;
+
+/// The exit codes every subcommand shares (README, "Exit codes").
+pub(crate) mod exit {
+    /// Done; a check found nothing wrong.
+    pub(crate) const OK: u8 = 0;
+    /// The operation failed, or a check found a problem (a broken audit chain, an invalid
+    /// backup, a damaged store, a failed copy).
+    pub(crate) const FAILED: u8 = 1;
+    /// Bad arguments or configuration, or a local file, directory or store that cannot be
+    /// opened (nothing was attempted). clap's own usage errors exit 2 as well.
+    pub(crate) const USAGE: u8 = 2;
+    /// The vault refused the credential (401/403) or cannot be reached.
+    pub(crate) const REFUSED: u8 = 3;
+    /// The vault is sealed: unseal it first.
+    pub(crate) const SEALED: u8 = 4;
+    /// A dual-control request was recorded and waits for a second officer.
+    pub(crate) const PENDING: u8 = 10;
+}
+
+const EXIT_CODES: &str = "Exit codes (every subcommand): 0 done or intact; 1 failed, or a check found a problem; \
+2 bad arguments or configuration, or a local file or store cannot be opened; 3 the vault refused the credential or \
+cannot be reached; 4 the vault is sealed; 10 a dual-control request waits for a second officer.";
 
 #[derive(Parser)]
 #[command(
     name = "tokenvault",
     version,
     about = "Card tokenization vault",
+    after_help = EXIT_CODES,
     disable_help_subcommand = true
 )]
 struct Cli {
@@ -32,7 +55,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the vault. Without --config: zero-config dev mode (loopback HTTP, generated keys).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Key management for security officers (online through the admin API, or --offline).
     Keys {
         #[command(flatten)]
@@ -51,6 +74,9 @@ enum Command {
     Unseal(keys::UnsealArgs),
     /// The store of a stopped vault: check it against its anchor, salvage it, or accept a loss after damage.
     Store {
+        /// Machine-readable output: one JSON object on stdout.
+        #[arg(long, global = true)]
+        json: bool,
         #[command(subcommand)]
         command: StoreCommand,
     },
@@ -93,66 +119,14 @@ struct ServeArgs {
     /// Data directory [dev default: ./data].
     #[arg(long, env = "TOKENVAULT_DATA_DIR", value_name = "DIR")]
     data_dir: Option<PathBuf>,
-    /// Store: sled:PATH [default: <data-dir>/sled] or postgres://… (overrides [store] url).
-    #[arg(long, env = "TOKENVAULT_STORE", value_name = "URL")]
-    store: Option<String>,
-    /// A memory-only Redis (redis://…) holding CVVs for every replica [default: this process's memory].
-    #[arg(long, env = "TOKENVAULT_CVV_REDIS", value_name = "URL")]
-    cvv_redis: Option<String>,
-    /// Dev mode: the PSP base URL (e.g. the mock PSP, http://127.0.0.1:8081); its host is allow-listed.
-    #[arg(long, env = "TOKENVAULT_PSP_URL", value_name = "URL")]
-    psp_url: Option<String>,
-    /// Dev mode: PSP read timeout [default: 5s]; a timed-out call is retried once with the same idempotency key.
-    #[arg(long, env = "TOKENVAULT_PSP_TIMEOUT", value_name = "DURATION", requires = "psp_url")]
-    psp_timeout: Option<String>,
-    /// Per-client rate limits, e.g. tokenize=200,detokenize=50,charges=20,other=100
-    /// [dev default: unlimited; production default: those].
-    #[arg(long, env = "TOKENVAULT_RATE_LIMITS", value_name = "SPEC")]
-    rate_limits: Option<String>,
-    /// Detokenize anomaly guard, e.g. window=60s,factor=10,floor=600,cooldown=15m
-    /// [dev default: off; production default: those].
-    #[arg(long, env = "TOKENVAULT_ANOMALY_GUARD", value_name = "SPEC")]
-    anomaly_guard: Option<String>,
-    /// How long a CVV may wait in memory for its charge [default: 15m].
-    #[arg(long, env = "TOKENVAULT_CVV_TTL", value_name = "DURATION")]
-    cvv_ttl: Option<String>,
-    /// KEK cryptoperiod, e.g. 90d: the active KEK rotates automatically when older.
-    #[arg(long, env = "TOKENVAULT_CRYPTOPERIOD", value_name = "DURATION")]
-    cryptoperiod: Option<String>,
-    /// Serve /metrics, /healthz and /readyz on this separate internal address (not on the API listener).
-    #[arg(long, env = "TOKENVAULT_METRICS_LISTEN", value_name = "ADDR")]
-    metrics_listen: Option<SocketAddr>,
-    /// Tokenize enumeration guard: "off", or max distinct cards per BIN + last four per client
-    /// and tenant in the window, e.g. max=5,window=1h,cooldown=15m [default: those].
-    #[arg(long, env = "TOKENVAULT_ENUMERATION_GUARD", value_name = "SPEC")]
-    enumeration_guard: Option<String>,
-    /// Failed authentications one source may make per window before it is refused
-    /// unauthenticated, e.g. max=1000,window=60s [default: those].
-    #[arg(long, env = "TOKENVAULT_AUTH_FAILURES", value_name = "SPEC")]
-    auth_failures: Option<String>,
-    /// DEK wraps per KEK version before it rotates automatically (random-nonce budget) [default: 2^31].
-    #[arg(long, env = "TOKENVAULT_KEK_WRAP_LIMIT", value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
-    kek_wrap_limit: Option<u64>,
-    /// Deletion epoch, e.g. 7d, or "off": rotate, rewrap and destroy old KEKs so a deleted
-    /// card is unrecoverable within two epochs [dev default: off; production default: 7d].
-    #[arg(long, env = "TOKENVAULT_DELETION_EPOCH", value_name = "DURATION")]
-    deletion_epoch: Option<String>,
-    /// Retention for a tenant, e.g. acme=400d: its cards unused (not tokenized, charged or
-    /// detokenized) that long are deleted [default: kept]. Repeat for more tenants.
-    #[arg(long, value_name = "TENANT=DURATION")]
-    retention: Vec<String>,
-    /// Shortest lifetime a tokenize may give a token (ttl/expires_at) [default: 1s].
-    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
-    token_ttl_min: Option<std::time::Duration>,
-    /// Longest lifetime a tokenize may give a token (ttl/expires_at) [default and most: 400d].
-    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
-    token_ttl_max: Option<std::time::Duration>,
+    #[command(flatten)]
+    overrides: crate::config::Overrides,
 }
 
 #[derive(Subcommand)]
 enum StoreCommand {
     /// Compare the store with its anchor (the durably written audit head).
-    /// Exit 0: intact; 3: damaged (acknowledged writes are missing or history differs); 2: cannot be opened.
+    /// Exit 0: intact; 1: damaged (acknowledged writes are missing or history differs); 2: cannot be opened.
     Check {
         /// Data directory of the stopped vault.
         #[arg(long, env = "TOKENVAULT_DATA_DIR", value_name = "DIR")]
@@ -245,11 +219,11 @@ enum DevCommand {
 pub fn run() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(*args),
         Command::Keys { conn, command } => keys::run_keys(conn, command),
         Command::Unseal(args) => keys::run_unseal(args),
         Command::Audit { conn, command } => keys::run_audit(conn, command),
-        Command::Store { command } => store(command),
+        Command::Store { json, command } => store(command, json),
         Command::Import(args) => import::run(args),
         Command::Demo => demo::run(),
         Command::Export { conn, command } => keys::run_export(conn, command),
@@ -270,7 +244,7 @@ pub fn run() -> ExitCode {
             }
             Err(e) => {
                 eprintln!("error: {e}");
-                ExitCode::from(2)
+                ExitCode::from(exit::USAGE)
             }
         },
         Command::Dev {
@@ -282,7 +256,7 @@ pub fn run() -> ExitCode {
             }
             Err(e) => {
                 eprintln!("error: {e}");
-                ExitCode::from(2)
+                ExitCode::from(exit::USAGE)
             }
         },
         Command::Dev {
@@ -291,7 +265,7 @@ pub fn run() -> ExitCode {
             let mut line = zeroize::Zeroizing::new(String::new());
             if std::io::stdin().read_line(&mut line).is_err() || line.trim().len() < 16 {
                 eprintln!("error: give the password (at least 16 characters) on stdin");
-                return ExitCode::from(2);
+                return ExitCode::from(exit::USAGE);
             }
             match dev::hash_password(line.trim().as_bytes()) {
                 Ok(hash) => {
@@ -300,7 +274,7 @@ pub fn run() -> ExitCode {
                 }
                 Err(_) => {
                     eprintln!("error: cannot hash the password");
-                    ExitCode::from(1)
+                    ExitCode::from(exit::FAILED)
                 }
             }
         }
@@ -308,7 +282,22 @@ pub fn run() -> ExitCode {
 }
 
 /// `tokenvault store copy`.
-fn copy_store(from: &str, to: &str, data_dir: Option<&std::path::Path>, config: Option<&std::path::Path>) -> ExitCode {
+/// Prints a report: the JSON object with `--json`, else the human line.
+fn say(json: bool, value: serde_json::Value, human: &str) {
+    if json {
+        println!("{value}");
+    } else {
+        println!("{human}");
+    }
+}
+
+fn copy_store(
+    from: &str,
+    to: &str,
+    data_dir: Option<&std::path::Path>,
+    config: Option<&std::path::Path>,
+    json: bool,
+) -> ExitCode {
     use std::sync::Arc;
 
     use crate::keys::keystore::KeystoreAt;
@@ -316,14 +305,14 @@ fn copy_store(from: &str, to: &str, data_dir: Option<&std::path::Path>, config: 
     use crate::store::{PgStore, SledStore, Store, StoreKeystore, StoreLocation};
     let Some(src_dir) = from.strip_prefix("sled:") else {
         eprintln!("error: --from must be sled:DIR");
-        return ExitCode::from(2);
+        return ExitCode::from(exit::USAGE);
     };
     let (mut store_settings, keystore) = match (config, data_dir) {
         (Some(file), _) => match Settings::production(file) {
             Ok(s) => (s.store, Some(s.keystore)),
             Err(e) => {
                 eprintln!("error: {e}");
-                return ExitCode::from(2);
+                return ExitCode::from(exit::USAGE);
             }
         },
         (None, Some(dir)) if dev::is_dev_dir(dir) => {
@@ -335,7 +324,7 @@ fn copy_store(from: &str, to: &str, data_dir: Option<&std::path::Path>, config: 
                 "error: {} is not a dev data directory: pass --config FILE",
                 dir.display()
             );
-            return ExitCode::from(2);
+            return ExitCode::from(exit::USAGE);
         }
         (None, None) => (Default::default(), None),
     };
@@ -344,25 +333,25 @@ fn copy_store(from: &str, to: &str, data_dir: Option<&std::path::Path>, config: 
         Ok(StoreLocation::Postgres(pg)) => pg,
         Ok(_) => {
             eprintln!("error: --to must be postgres://… or postgresql://…");
-            return ExitCode::from(2);
+            return ExitCode::from(exit::USAGE);
         }
         Err(e) => {
             eprintln!("error: {e}");
-            return ExitCode::from(2);
+            return ExitCode::from(exit::USAGE);
         }
     };
     let src = match SledStore::open(std::path::Path::new(src_dir)) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("error: cannot open {src_dir} ({e}); is the vault still running?");
-            return ExitCode::from(2);
+            return ExitCode::from(exit::USAGE);
         }
     };
     let dst = match PgStore::open(&pg) {
         Ok(s) => Arc::new(s),
         Err(e) => {
             eprintln!("error: cannot open the target ({}): {e}", pg.describe());
-            return ExitCode::from(2);
+            return ExitCode::from(exit::USAGE);
         }
     };
     match &keystore {
@@ -373,7 +362,7 @@ fn copy_store(from: &str, to: &str, data_dir: Option<&std::path::Path>, config: 
                 Ok(false) => eprintln!("keystore already in {target} (an earlier run)"),
                 Err(e) => {
                     eprintln!("error: keystore: {e}");
-                    return ExitCode::from(1);
+                    return ExitCode::from(exit::FAILED);
                 }
             }
         }
@@ -402,7 +391,7 @@ fn copy_store(from: &str, to: &str, data_dir: Option<&std::path::Path>, config: 
     bar.finish_and_clear();
     match result {
         Ok(r) => {
-            println!(
+            let human = format!(
                 "copied and verified: {} records ({} new in this run, {} opened with the keys), {} charges, \
                  {} idempotency entries, {} audit records into {}",
                 r.records,
@@ -413,23 +402,34 @@ fn copy_store(from: &str, to: &str, data_dir: Option<&std::path::Path>, config: 
                 r.audit_records,
                 pg.describe()
             );
+            let value = serde_json::json!({
+                "verified": true,
+                "records": r.records,
+                "new_records": r.new_records,
+                "opened": r.opened,
+                "charges": r.charges,
+                "idempotency": r.idempotency,
+                "audit_records": r.audit_records,
+                "target": pg.describe(),
+            });
+            say(json, value, &human);
             ExitCode::SUCCESS
         }
         Err(e) => {
             eprintln!("error: {e}");
-            ExitCode::from(1)
+            ExitCode::from(exit::FAILED)
         }
     }
 }
 
 /// `tokenvault store migrate`.
-fn migrate_store(url: &str, config: Option<&std::path::Path>) -> ExitCode {
+fn migrate_store(url: &str, config: Option<&std::path::Path>, json: bool) -> ExitCode {
     use crate::store::{PgStore, StoreLocation};
     let mut store_settings = match config.map(Settings::production).transpose() {
         Ok(s) => s.map(|s| s.store).unwrap_or_default(),
         Err(e) => {
             eprintln!("error: {e}");
-            return ExitCode::from(2);
+            return ExitCode::from(exit::USAGE);
         }
     };
     store_settings.url = Some(url.to_owned());
@@ -437,38 +437,41 @@ fn migrate_store(url: &str, config: Option<&std::path::Path>) -> ExitCode {
         Ok(StoreLocation::Postgres(pg)) => pg,
         Ok(_) => {
             eprintln!("error: --store must be postgres://… or postgresql://… (sled needs no migration)");
-            return ExitCode::from(2);
+            return ExitCode::from(exit::USAGE);
         }
         Err(e) => {
             eprintln!("error: {e}");
-            return ExitCode::from(2);
+            return ExitCode::from(exit::USAGE);
         }
     };
     match PgStore::open(&pg) {
         Ok(_) => {
-            println!(
+            let human = format!(
                 "{}: schema at version {} (this build's)",
                 pg.describe(),
                 crate::store::SCHEMA_VERSION
             );
+            let value = serde_json::json!({"database": pg.describe(), "schema_version": crate::store::SCHEMA_VERSION});
+            say(json, value, &human);
             ExitCode::SUCCESS
         }
         Err(e) => {
             eprintln!("error: {}: {e}", pg.describe());
-            ExitCode::from(2)
+            ExitCode::from(exit::USAGE)
         }
     }
 }
 
-fn store(command: StoreCommand) -> ExitCode {
+fn store(command: StoreCommand, json: bool) -> ExitCode {
     use crate::store::{Salvage, SledStore, Store};
+    use serde_json::json;
     let opened = |dir: &std::path::Path| {
         SledStore::open(&dir.join("sled")).map_err(|e| {
             eprintln!(
                 "error: cannot open the store in {} ({e}); is the vault still running?",
                 dir.display()
             );
-            ExitCode::from(2)
+            ExitCode::from(exit::USAGE)
         })
     };
     match command {
@@ -477,39 +480,52 @@ fn store(command: StoreCommand) -> ExitCode {
             to,
             data_dir,
             config,
-        } => copy_store(&from, &to, data_dir.as_deref(), config.as_deref()),
-        StoreCommand::Migrate { store, config } => migrate_store(&store, config.as_deref()),
+        } => copy_store(&from, &to, data_dir.as_deref(), config.as_deref(), json),
+        StoreCommand::Migrate { store, config } => migrate_store(&store, config.as_deref(), json),
         StoreCommand::Check { data_dir } => match opened(&data_dir) {
             Err(code) => code,
             Ok(store) => match store.damage() {
                 None => {
-                    println!("store intact: it holds everything its anchor records");
+                    let human = "store intact: it holds everything its anchor records";
+                    say(json, json!({"intact": true}), human);
                     ExitCode::SUCCESS
                 }
                 Some(damage) => {
-                    println!("store DAMAGED ({}): {damage}", damage.kind());
-                    ExitCode::from(3)
+                    let human = format!("store DAMAGED ({}): {damage}", damage.kind());
+                    let value = json!({"intact": false, "damage": damage.kind(), "detail": damage.to_string()});
+                    say(json, value, &human);
+                    ExitCode::from(exit::FAILED)
                 }
             },
         },
         StoreCommand::Salvage { data_dir } => match SledStore::salvage(&data_dir.join("sled")) {
             Ok(Salvage::NotNeeded) => {
-                println!("the store opens as it is: nothing to salvage (see `tokenvault store check`)");
+                let human = "the store opens as it is: nothing to salvage (see `tokenvault store check`)";
+                say(json, json!({"salvaged": false, "opens": true}), human);
                 ExitCode::SUCCESS
             }
             Ok(Salvage::Recovered { kept, damage }) => {
-                println!(
-                    "salvaged: sled replayed its log; the damaged store is kept in {}",
+                let mut human = format!(
+                    "salvaged: sled replayed its log; the damaged store is kept in {}\n",
                     kept.display()
                 );
-                match damage {
-                    Some(d) => println!(
+                human.push_str(&match &damage {
+                    Some(d) => format!(
                         "store DAMAGED ({}): {d}\nthe vault will start damaged: restore from backup, or accept the \
                          loss with `tokenvault store reanchor --accept-loss`",
                         d.kind()
                     ),
-                    None => println!("the store holds everything its anchor records"),
-                }
+                    None => "the store holds everything its anchor records".to_owned(),
+                });
+                let value = json!({
+                    "salvaged": true,
+                    "opens": true,
+                    "kept": kept,
+                    "intact": damage.is_none(),
+                    "damage": damage.as_ref().map(|d| d.kind()),
+                    "detail": damage.as_ref().map(ToString::to_string),
+                });
+                say(json, value, &human);
                 ExitCode::SUCCESS
             }
             Ok(Salvage::Unrecoverable { kept }) => {
@@ -518,30 +534,36 @@ fn store(command: StoreCommand) -> ExitCode {
                      store is kept in {})",
                     kept.display()
                 );
-                ExitCode::from(2)
+                ExitCode::from(exit::USAGE)
             }
             Err(e) => {
                 eprintln!(
                     "error: cannot salvage the store in {} ({e}); is the vault still running?",
                     data_dir.display()
                 );
-                ExitCode::from(2)
+                ExitCode::from(exit::USAGE)
             }
         },
         StoreCommand::Reanchor { accept_loss: false, .. } => {
             eprintln!("error: reanchor gives up the missing records; confirm with --accept-loss");
-            ExitCode::from(2)
+            ExitCode::from(exit::USAGE)
         }
         StoreCommand::Reanchor { data_dir, .. } => match SledStore::reanchor(&data_dir.join("sled")) {
             Ok(None) => {
-                println!("store intact: nothing to reanchor");
+                say(
+                    json,
+                    json!({"reanchored": false, "intact": true}),
+                    "store intact: nothing to reanchor",
+                );
                 ExitCode::SUCCESS
             }
             Ok(Some((old, new))) => {
+                let value = json!({"reanchored": true, "from": old, "to": new});
                 let old = old.map_or_else(|| "an unreadable anchor".to_owned(), |o| format!("audit record {o}"));
-                println!(
+                let human = format!(
                     "anchor moved back from {old} to audit record {new}; the next start records this in the audit trail"
                 );
+                say(json, value, &human);
                 ExitCode::SUCCESS
             }
             Err(e) => {
@@ -549,7 +571,7 @@ fn store(command: StoreCommand) -> ExitCode {
                     "error: cannot reanchor the store in {} ({e}); is the vault still running?",
                     data_dir.display()
                 );
-                ExitCode::from(2)
+                ExitCode::from(exit::USAGE)
             }
         },
     }
@@ -573,7 +595,7 @@ fn serve(args: ServeArgs) -> ExitCode {
                 eprintln!(
                     "error: dev mode only listens on a loopback address (got {listen}); use --config for production"
                 );
-                return ExitCode::from(2);
+                return ExitCode::from(exit::USAGE);
             }
             match dev::bootstrap(&data_dir, listen) {
                 Ok((settings, created)) => {
@@ -582,110 +604,16 @@ fn serve(args: ServeArgs) -> ExitCode {
                 }
                 Err(e) => {
                     eprintln!("error: {e}");
-                    return ExitCode::from(2);
+                    return ExitCode::from(exit::USAGE);
                 }
             }
         }
     };
-    let settings = settings.and_then(|mut s| {
-        if let Some(url) = &args.cvv_redis {
-            s.cvv_redis = Some(secrecy::SecretString::from(url.clone()));
-        }
-        if let Some(url) = &args.store {
-            s.store.url = Some(url.clone());
-            if let crate::store::StoreLocation::Postgres(pg) = s.store.location(&s.data_dir)?
-                && s.mode == crate::config::Mode::Production
-            {
-                pg.production_check()
-                    .map_err(|e| ConfigError::Invalid(format!("--store: {e}")))?;
-            }
-        }
-        if let Some(p) = args.cryptoperiod.clone() {
-            s.keystore.cryptoperiod = Some(p);
-        }
-        if let Some(spec) = &args.anomaly_guard {
-            s.anomaly_guard = Some(
-                crate::limits::AnomalyParams::parse(spec)
-                    .map_err(|e| ConfigError::Invalid(format!("--anomaly-guard: {e}")))?,
-            );
-        }
-        if let Some(spec) = &args.rate_limits {
-            s.rate_limits = Some(
-                crate::limits::RateLimits::parse(spec)
-                    .map_err(|e| ConfigError::Invalid(format!("--rate-limits: {e}")))?,
-            );
-        }
-        if let Some(spec) = &args.deletion_epoch {
-            s.deletion_epoch = match spec.as_str() {
-                "off" => None,
-                d => Some(
-                    humantime::parse_duration(d)
-                        .ok()
-                        .filter(|d| *d >= std::time::Duration::from_secs(1))
-                        .ok_or_else(|| ConfigError::Invalid("--deletion-epoch must be a duration such as 7d".into()))?,
-                ),
-            };
-        }
-        if let Some(n) = args.kek_wrap_limit {
-            s.kek_wrap_limit = n;
-        }
-        for spec in &args.retention {
-            s.lifecycle.add_retention(spec)?;
-        }
-        if let Some(d) = args.token_ttl_min {
-            s.lifecycle.min_ttl = d;
-        }
-        if let Some(d) = args.token_ttl_max {
-            s.lifecycle.max_ttl = d;
-        }
-        s.lifecycle.validate()?;
-        if let Some(addr) = args.metrics_listen {
-            s.metrics_listen = Some(addr);
-        }
-        if let Some(spec) = &args.enumeration_guard {
-            s.enumeration_guard = crate::limits::EnumerationParams::parse(spec)
-                .map_err(|e| ConfigError::Invalid(format!("--enumeration-guard: {e}")))?;
-        }
-        if let Some(spec) = &args.auth_failures {
-            s.auth_failures = crate::limits::FailureParams::parse(spec)
-                .map_err(|e| ConfigError::Invalid(format!("--auth-failures: {e}")))?;
-        }
-        if let Some(ttl) = &args.cvv_ttl {
-            s.cvv_ttl = humantime::parse_duration(ttl)
-                .map_err(|_| ConfigError::Invalid("--cvv-ttl must be a duration such as 15m".into()))?;
-        }
-        if let Some(url) = &args.psp_url {
-            if s.mode != Mode::Dev {
-                return Err(ConfigError::Invalid(
-                    "--psp-url is for dev mode; configure [psp] in the config file".into(),
-                ));
-            }
-            let host = reqwest::Url::parse(url)
-                .ok()
-                .and_then(|u| u.host_str().map(str::to_owned))
-                .ok_or_else(|| ConfigError::Invalid("--psp-url must be a URL such as http://127.0.0.1:8081".into()))?;
-            s.psp = Some(PspSettings {
-                base_url: url.clone(),
-                api_key_file: PathBuf::new(),
-                merchant_account: "TokenvaultDev".into(),
-                allowed_hosts: vec![host],
-                connect_timeout_ms: 2_000,
-                timeout_ms: match &args.psp_timeout {
-                    None => 5_000,
-                    Some(t) => humantime::parse_duration(t)
-                        .map_err(|_| ConfigError::Invalid("--psp-timeout must be a duration such as 2s".into()))?
-                        .as_millis() as u64,
-                },
-                dev_api_key: Some(crate::psp::DEV_API_KEY.into()),
-            });
-        }
-        Ok(s)
-    });
-    let settings = match settings.and_then(|s| s.validate().map(|_| s)) {
+    let settings = match settings.and_then(|s| s.merge(args.overrides)) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("error: {e}");
-            return ExitCode::from(2);
+            return ExitCode::from(exit::USAGE);
         }
     };
     telemetry::init(settings.log_format);
@@ -697,7 +625,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         }
         Err(e) => {
             eprintln!("error: {e}");
-            return ExitCode::from(2);
+            return ExitCode::from(exit::USAGE);
         }
     }
     let result = actix_web::rt::System::new().block_on(async move {

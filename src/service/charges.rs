@@ -40,6 +40,13 @@ pub(super) fn idempotency_scope(parts: &[&[u8]]) -> [u8; 32] {
     h.finalize().into()
 }
 
+/// Which charges a listing asks for: those of one token, or of one merchant reference.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChargeFilter {
+    Token(String),
+    Reference(String),
+}
+
 /// A parsed charge request.
 #[derive(Debug, Clone, Serialize)]
 pub struct ChargeInput {
@@ -401,11 +408,15 @@ impl Vault {
     pub async fn list_charges(
         &self,
         tenant: TenantId,
-        of: crate::store::ChargesOf,
+        of: ChargeFilter,
         after: Option<(i64, String)>,
         limit: usize,
     ) -> Result<Vec<ChargeRecord>, VaultError> {
         let store = self.store.clone();
+        let of = match of {
+            ChargeFilter::Token(t) => crate::store::ChargesOf::Token(t),
+            ChargeFilter::Reference(r) => crate::store::ChargesOf::Reference(r),
+        };
         Ok(
             tokio::task::spawn_blocking(move || store.charges_of(&tenant, &of, after.as_ref(), limit))
                 .await

@@ -12,6 +12,7 @@ mod export;
 mod keyadmin;
 mod lifecycle;
 mod modifications;
+pub mod views;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -72,6 +73,18 @@ pub enum VaultError {
     /// the hidden digits. `flagged` is true for the request that tripped the guard.
     #[error("tokenize refused: card-number enumeration suspected")]
     EnumerationSuspected { flagged: bool, wait: std::time::Duration },
+}
+
+impl VaultError {
+    /// The store cannot be reached right now: nothing was changed, the request may be retried.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, VaultError::Store(StoreError::Unavailable(_)))
+    }
+
+    /// A stored record (or the store's own framing of it) failed its integrity check.
+    pub fn is_integrity(&self) -> bool {
+        matches!(self, VaultError::Integrity | VaultError::Store(StoreError::Corrupt))
+    }
 }
 
 impl From<Sealed> for VaultError {
@@ -166,7 +179,7 @@ pub struct Revealed {
     pub card: CardPayload,
 }
 
-pub use charges::{ChargeInput, ChargeOutcome, STATUS_PENDING, psp_idempotency_key};
+pub use charges::{ChargeFilter, ChargeInput, ChargeOutcome, STATUS_PENDING, psp_idempotency_key};
 pub use export::{ExportFile, ExportView, MAX_RECIPIENT_KEY, check_recipient_key};
 pub use keyadmin::{DestroyOutcome, EPOCH_OFFICER, EpochStep, KeyStatus, RewrapProgress, VersionStatus};
 pub use lifecycle::{RETENTION_PRINCIPAL, TokenPage};

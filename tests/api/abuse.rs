@@ -149,7 +149,12 @@ async fn unauthenticated_flood_leaves_store_and_memory_bounded() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(15);
     let window = 5;
-    let app = TestApp::spawn_with(&["--auth-failures", &format!("max=1000,window={window}s")]);
+    let app = TestApp::spawn_with(&[
+        "--auth-failures-max",
+        "1000",
+        "--auth-failures-window",
+        &format!("{window}s"),
+    ]);
     // A legitimate client from the same address, verified before the flood.
     let edge = app.jwt("edge", "default");
     let ok = app

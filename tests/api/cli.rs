@@ -1,6 +1,7 @@
 //! The CLI's refusals and production mode's explicit configuration.
 
 use std::process::Command;
+use std::time::Duration;
 
 use crate::helpers::*;
 
@@ -431,4 +432,35 @@ fn the_demo_walks_the_whole_story() {
     assert!(stdout.contains("The whole story ran."));
     assert!(!stdout.contains("4111111111111111"), "a PAN was printed");
     assert!(!stdout.contains("\u{1b}["), "NO_COLOR is honoured");
+}
+
+/// A graceful stop (SIGTERM) drains the server, then signals every background task
+/// (sweepers, rotations, the deletion epoch) and waits for each to finish its step:
+/// the process exits 0 promptly and says every task stopped.
+#[tokio::test]
+async fn a_stopping_vault_stops_its_background_tasks() {
+    let mut app = TestApp::spawn_with(&[
+        "--deletion-epoch",
+        "1h",
+        "--cryptoperiod",
+        "90d",
+        "--retention",
+        "default=400d",
+    ]);
+    let (status, _) = app.tokenize("default", "4111111111111111", None).await;
+    assert_eq!(status, 201);
+    let exit = app
+        .terminate(Duration::from_secs(20))
+        .expect("the vault did not stop within 20 s of SIGTERM");
+    assert!(exit.success(), "{exit:?}");
+    std::thread::sleep(Duration::from_millis(100));
+    let logs = app.logs();
+    // cvv sweeper, cryptoperiod and nonce-budget rotation, auth-failure summaries, token expiry,
+    // retention, deletion epoch: 7 tasks in dev mode with these flags.
+    let line = logs
+        .lines()
+        .find(|l| l.contains("background tasks stopped"))
+        .unwrap_or_else(|| panic!("no stop line in the log:\n{logs}"));
+    assert!(line.contains("stopped=7") && line.contains("total=7"), "{line}");
+    assert!(!logs.contains("did not stop in time"), "{logs}");
 }

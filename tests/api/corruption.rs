@@ -97,7 +97,7 @@ async fn damaged_records_fail_closed_and_the_rest_keep_working() {
 /// - After a crash (SIGKILL), sled's recovery replays the log, stops at the first
 ///   message whose checksum fails and drops everything after it, acknowledged
 ///   writes included. The store's anchor (the durably written audit head, kept
-///   beside sled's files) catches that at start: `tokenvault store check` exits 3,
+///   beside sled's files) catches that at start: `tokenvault store check` exits 1,
 ///   the vault raises `tokenvault_store_damaged` and a `store.damage` audit event,
 ///   every missing token fails closed with `integrity-failure` (never a 404, never
 ///   another PAN), the others open to their own PAN, and new cards are refused.
@@ -127,6 +127,15 @@ async fn raw_log_damage_is_detected_and_lost_tokens_fail_closed() {
     copy_dir(&dir, &closed);
     let (code, out, _) = run_cli(&["store", "check", "--data-dir", closed.to_str().unwrap()], &[]);
     assert_eq!(code, 0, "the undamaged store checks intact: {out}");
+    let (code, out, _) = run_cli(
+        &["store", "check", "--json", "--data-dir", closed.to_str().unwrap()],
+        &[],
+    );
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&out).unwrap(),
+        serde_json::json!({"intact": true})
+    );
     let (code, out, _) = run_cli(&["store", "salvage", "--data-dir", closed.to_str().unwrap()], &[]);
     assert_eq!(code, 0);
     assert!(out.contains("nothing to salvage"), "{out}");
@@ -176,7 +185,18 @@ async fn raw_log_damage_is_detected_and_lost_tokens_fail_closed() {
                 salvaged += 1;
                 (code, out, err) = run_cli(&["store", "check", "--data-dir", &case_arg], &[]);
             }
-            assert!(code == 0 || code == 3, "store check: {code} {out} {err}");
+            assert!(code == 0 || code == 1, "store check: {code} {out} {err}");
+            if code == 1 {
+                // The same verdict as one JSON object (before the vault below takes the store's lock).
+                let (json_code, json_out, json_err) =
+                    run_cli(&["store", "check", "--data-dir", &case_arg, "--json"], &[]);
+                let report: Value = serde_json::from_str(&json_out)
+                    .unwrap_or_else(|e| panic!("{e}: exit {json_code}: {json_out} {json_err}"));
+                assert_eq!(
+                    (json_code, &report["intact"], &report["damage"]),
+                    (1, &Value::Bool(false), &Value::from("records_lost"))
+                );
+            }
             let app = TestApp::restart_on(&case);
             let (mut opened, mut failed) = (0, 0);
             for (token, pan) in &tokens {
@@ -193,7 +213,7 @@ async fn raw_log_damage_is_detected_and_lost_tokens_fail_closed() {
             }
             let flagged = app.metric("tokenvault_store_damaged").await;
             eprintln!("{origin} {k}: byte {at} of {used}: check exit {code}, {opened} open, {failed} fail closed");
-            if code == 3 {
+            if code == 1 {
                 damaged += 1;
                 assert!(out.contains("store DAMAGED (records_lost)"), "{out}");
                 assert_eq!(flagged, 1.0);

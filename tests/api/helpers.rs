@@ -416,6 +416,28 @@ impl TestApp {
         self.child.as_ref().map(|c| c.id()).unwrap_or(0)
     }
 
+    /// SIGTERM, the graceful stop: waits up to `within` for the process to exit and
+    /// returns its status (None: still running).
+    pub fn terminate(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let child = self.child.as_mut()?;
+        let sent = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .ok()?;
+        assert!(sent.success(), "kill -TERM failed");
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return Some(status);
+            }
+            if std::time::Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// SIGKILL: no graceful shutdown, no final flush.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {

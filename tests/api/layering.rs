@@ -26,8 +26,11 @@ const LAYERS: &[&[&str]] = &[
 
 /// Edges the layering alone would allow but the design forbids: (from, to, why).
 type Forbidden<'a> = &'a [(&'a str, &'a str, &'a str)];
-/// None today; `api → store` joins it once the API renders only service views.
-const FORBIDDEN: Forbidden<'static> = &[];
+const FORBIDDEN: Forbidden<'static> = &[(
+    "api",
+    "store",
+    "the API renders the service's views and errors, never the store's records",
+)];
 
 fn layer_of(module: &str) -> Option<usize> {
     LAYERS.iter().position(|l| l.contains(&module))

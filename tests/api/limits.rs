@@ -6,7 +6,7 @@ use crate::helpers::*;
 
 #[tokio::test]
 async fn detokenize_is_rate_limited_per_client_with_retry_after() {
-    let app = TestApp::spawn_with(&["--rate-limits", "detokenize=3,tokenize=1000"]);
+    let app = TestApp::spawn_with(&["--rate-limit", "detokenize=3", "--rate-limit", "tokenize=1000"]);
     let (_, tok) = app.tokenize("default", "4111111111111111", None).await;
     let token = tok["token"].as_str().unwrap();
     let mut statuses = Vec::new();
@@ -41,7 +41,16 @@ async fn detokenize_is_rate_limited_per_client_with_retry_after() {
 /// event and a metric flag it; its cooldown ends.
 #[tokio::test]
 async fn detokenize_anomaly_guard_flags_and_throttles() {
-    let app = TestApp::spawn_with(&["--anomaly-guard", "window=400ms,factor=3,floor=5,cooldown=1500ms"]);
+    let app = TestApp::spawn_with(&[
+        "--anomaly-window",
+        "400ms",
+        "--anomaly-factor",
+        "3",
+        "--anomaly-floor",
+        "5",
+        "--anomaly-cooldown",
+        "1500ms",
+    ]);
     let (_, tok) = app.tokenize("default", "4012888888881881", None).await;
     let token = tok["token"].as_str().unwrap();
     // A usual volume: two per window.

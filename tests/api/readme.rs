@@ -141,25 +141,92 @@ async fn readme_charge_walkthrough_works_as_written() {
     assert!(reqs[1]["request"]["paymentMethod"].get("cvc").is_none());
 }
 
-/// The README's production config parses and passes the vault's own validation
-/// (only the certificate-pin placeholders are filled in).
-#[test]
-fn readme_production_config_is_accepted() {
+/// The production config of the README (only the certificate-pin placeholders filled in).
+fn readme_production_toml() -> String {
     let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
     let section = &readme[readme.find("## Production mode").unwrap()..];
-    let toml: String = section
+    section
         .lines()
         .skip_while(|l| !l.starts_with("```toml"))
         .skip(1)
         .take_while(|l| !l.starts_with("```"))
         .map(|l| format!("{}\n", l.replace("…64 hex…", &"ab".repeat(32))))
-        .collect();
-    assert!(toml.contains("[enumeration_guard]") && toml.contains("global_admin = true"));
+        .collect()
+}
+
+fn load_production(toml: &str) -> Result<tokenvault::config::Settings, String> {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tokenvault.toml");
-    std::fs::write(&path, &toml).unwrap();
-    let settings = tokenvault::config::Settings::production(&path).unwrap_or_else(|e| panic!("{e}\n{toml}"));
+    std::fs::write(&path, toml).unwrap();
+    tokenvault::config::Settings::production(&path).map_err(|e| e.to_string())
+}
+
+/// Durations are humantime strings and the guards are TOML tables, typed by serde: a table
+/// keeps the defaults of the keys it leaves out, `enabled = false` turns a guard off, and the
+/// old `key=value,…` strings or a malformed duration are refused with the key named.
+#[test]
+fn production_config_durations_and_guard_tables_are_typed() {
+    use std::time::Duration;
+    use tokenvault::limits::LimitClass;
+    let base = readme_production_toml();
+    let with = |old: &str, new: &str| {
+        assert!(base.contains(old), "the README config lacks {old:?}");
+        load_production(&base.replacen(old, new, 1))
+    };
+    let s = with("tokenize = 200 ", "tokenize = 7 ").unwrap();
+    let limits = s.rate_limits.unwrap();
+    assert_eq!(limits.0[&LimitClass::Tokenize], 7);
+    assert_eq!(limits.0[&LimitClass::Charges], 20);
+    let s = with("[rate_limits]", "[rate_limits]\nenabled = false").unwrap();
+    assert!(s.rate_limits.is_none());
+    let s = with(
+        "cooldown = \"15m\"              # enabled",
+        "enabled = false\ncooldown = \"15m\" #",
+    )
+    .unwrap();
+    assert!(s.anomaly_guard.is_none());
+    let s = with("deletion_epoch = \"7d\"", "deletion_epoch = \"off\"").unwrap();
+    assert_eq!(s.deletion_epoch, None);
+    let s = with("cvv_ttl = \"15m\"", "cvv_ttl = \"90s\"").unwrap();
+    assert_eq!(s.cvv_ttl, Duration::from_secs(90));
+    assert_eq!(s.keystore.cryptoperiod, Some(Duration::from_secs(90 * 86_400)));
+    // The old mini-language: a string where the table belongs.
+    let (a, b) = (
+        base.find("[rate_limits]").unwrap(),
+        base.find("[anomaly_guard]").unwrap(),
+    );
+    let old_form = format!("rate_limits = \"tokenize=200\"\n{}{}", &base[..a], &base[b..]);
+    let e = load_production(&old_form).expect_err("a rate_limits string was accepted");
+    assert!(e.contains("configuration error") && e.contains("rate_limits"), "{e}");
+    for (old, new, named) in [
+        ("detokenize = 50", "detokenize = 0", "detokenize"),
+        ("detokenize = 50", "detokenise = 50", "detokenise"),
+        ("factor = 10 ", "factor = 0.5 ", "anomaly_guard"),
+        ("cvv_ttl = \"15m\"", "cvv_ttl = \"15 minutes-ish\"", "cvv_ttl"),
+        (
+            "deletion_epoch = \"7d\"",
+            "deletion_epoch = \"never\"",
+            "deletion_epoch",
+        ),
+        ("cryptoperiod = \"90d\"", "cryptoperiod = \"0s\"", "cryptoperiod"),
+        ("max_per_source = 1000", "max_per_source = 0", "auth_failures"),
+    ] {
+        let e = with(old, new).err().unwrap_or_else(|| panic!("{new:?} was accepted"));
+        assert!(e.contains("configuration error") && e.contains(named), "{new:?}: {e}");
+    }
+}
+
+/// The README's production config parses and passes the vault's own validation
+/// (only the certificate-pin placeholders are filled in).
+#[test]
+fn readme_production_config_is_accepted() {
+    let toml = readme_production_toml();
+    assert!(toml.contains("[enumeration_guard]") && toml.contains("global_admin = true"));
+    let settings = load_production(&toml).unwrap_or_else(|e| panic!("{e}\n{toml}"));
     assert_eq!(settings.enumeration_guard.unwrap().max_distinct, 5);
+    let limits = settings.rate_limits.as_ref().unwrap();
+    assert_eq!(limits.0[&tokenvault::limits::LimitClass::Detokenize], 50);
+    assert_eq!(settings.anomaly_guard.unwrap().floor, 600);
     assert_eq!(
         settings.deletion_epoch,
         Some(std::time::Duration::from_secs(7 * 24 * 3600))

@@ -1,3 +1,8 @@
+{{/* A flat map as a TOML inline table: {a = 1, b = "60s"} (the schema allows only known keys and scalars). */}}
+{{- define "tokenvault.inlineTable" -}}
+{ {{- $first := true }}{{ range $k, $v := . }}{{ if not $first }},{{ end }}{{ $first = false }} {{ $k }} = {{ $v | toJson }}{{ end }} }
+{{- end }}
+
 {{/*
 The production config file (TOML), read by `tokenvault serve --config`. Every path in it
 is one the chart mounts; everything else comes from .Values.config.
@@ -23,11 +28,11 @@ cvv_ttl = {{ $c.cvvTtl | toString | toJson }}
 {{- if include "tokenvault.set" $c.idempotencyWindow }}
 idempotency_window = {{ $c.idempotencyWindow | toString | toJson }}
 {{- end }}
-{{- if include "tokenvault.set" $c.rateLimits }}
-rate_limits = {{ $c.rateLimits | toString | toJson }}
+{{- with $c.rateLimits }}
+rate_limits = {{ include "tokenvault.inlineTable" . }}
 {{- end }}
-{{- if include "tokenvault.set" $c.anomalyGuard }}
-anomaly_guard = {{ $c.anomalyGuard | toString | toJson }}
+{{- with $c.anomalyGuard }}
+anomaly_guard = {{ include "tokenvault.inlineTable" . }}
 {{- end }}
 {{- if include "tokenvault.postgres" . }}
 # Replicas share CVVs in a memory-only Redis; its URL is a mounted secret file.
