@@ -16,6 +16,7 @@ use std::time::Instant;
 
 use actix_web::body::MessageBody;
 use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::http::Method;
 use actix_web::http::header::{self, HeaderValue};
 use actix_web::middleware::{DefaultHeaders, Next};
 use actix_web::{HttpMessage, HttpResponse, web};
@@ -124,226 +125,234 @@ pub enum Access {
     Basic,
 }
 
-/// Every (method, path) the server routes and who may call it: the one table that
-/// openapi.yaml (routes and security), the 405 `Allow` header and the authorization
-/// matrix are checked against.
-pub const ROUTES: &[(&str, &str, Access)] = &[
-    ("POST", "/v1/tokens", Access::Bearer(Scope::TokensCreate)),
-    ("GET", "/v1/tokens", Access::Bearer(Scope::TokensRead)),
-    ("POST", "/v1/tokens/batch", Access::Bearer(Scope::TokensCreate)),
-    ("GET", "/v1/tokens/{token}", Access::Bearer(Scope::TokensRead)),
-    ("DELETE", "/v1/tokens/{token}", Access::Bearer(Scope::TokensDelete)),
-    ("PATCH", "/v1/tokens/{token}", Access::Bearer(Scope::TokensUpdate)),
-    ("POST", "/v1/detokenize", Access::Bearer(Scope::TokensDetokenize)),
-    ("POST", "/v1/connectors/voice-pay", Access::Basic),
-    ("POST", "/v1/charges", Access::Bearer(Scope::ChargesCreate)),
-    ("GET", "/v1/charges", Access::Bearer(Scope::ChargesRead)),
-    ("GET", "/v1/charges/{id}", Access::Bearer(Scope::ChargesRead)),
+/// Every (method, path) the server routes, who may call it and its handler: the one
+/// table the router is built from ([`configure_with`]) and that openapi.yaml (routes and
+/// security), the 405 `Allow` header and the authorization matrix are checked against.
+pub const ROUTES: &[(&str, &str, Access, Handler)] = &[
+    (
+        "POST",
+        "/v1/tokens",
+        Access::Bearer(Scope::TokensCreate),
+        Handler(|r| r.to(tokens::tokenize)),
+    ),
+    (
+        "GET",
+        "/v1/tokens",
+        Access::Bearer(Scope::TokensRead),
+        Handler(|r| r.to(tokens::list)),
+    ),
+    (
+        "POST",
+        "/v1/tokens/batch",
+        Access::Bearer(Scope::TokensCreate),
+        Handler(|r| r.to(tokens::batch)),
+    ),
+    (
+        "GET",
+        "/v1/tokens/{token}",
+        Access::Bearer(Scope::TokensRead),
+        Handler(|r| r.to(tokens::read)),
+    ),
+    (
+        "DELETE",
+        "/v1/tokens/{token}",
+        Access::Bearer(Scope::TokensDelete),
+        Handler(|r| r.to(tokens::delete)),
+    ),
+    (
+        "PATCH",
+        "/v1/tokens/{token}",
+        Access::Bearer(Scope::TokensUpdate),
+        Handler(|r| r.to(tokens::update)),
+    ),
+    (
+        "POST",
+        "/v1/detokenize",
+        Access::Bearer(Scope::TokensDetokenize),
+        Handler(|r| r.to(tokens::detokenize)),
+    ),
+    (
+        "POST",
+        "/v1/connectors/voice-pay",
+        Access::Basic,
+        Handler(|r| r.to(voice::voice_pay)),
+    ),
+    (
+        "POST",
+        "/v1/charges",
+        Access::Bearer(Scope::ChargesCreate),
+        Handler(|r| r.to(charges::create)),
+    ),
+    (
+        "GET",
+        "/v1/charges",
+        Access::Bearer(Scope::ChargesRead),
+        Handler(|r| r.to(charges::list)),
+    ),
+    (
+        "GET",
+        "/v1/charges/{id}",
+        Access::Bearer(Scope::ChargesRead),
+        Handler(|r| r.to(charges::read)),
+    ),
     (
         "POST",
         "/v1/charges/{id}/captures",
         Access::Bearer(Scope::ChargesCapture),
+        Handler(|r| r.to(charges::capture)),
     ),
-    ("POST", "/v1/charges/{id}/refunds", Access::Bearer(Scope::ChargesRefund)),
-    ("POST", "/v1/charges/{id}/cancel", Access::Bearer(Scope::ChargesCancel)),
-    ("GET", "/healthz", Access::Public),
-    ("GET", "/readyz", Access::Public),
-    ("GET", "/metrics", Access::Public),
-    ("GET", "/v1/admin/keys", Access::Bearer(Scope::KeysAdmin)),
-    ("POST", "/v1/admin/keys/rotate", Access::Bearer(Scope::KeysAdmin)),
-    ("POST", "/v1/admin/keys/rewrap", Access::Bearer(Scope::KeysAdmin)),
+    (
+        "POST",
+        "/v1/charges/{id}/refunds",
+        Access::Bearer(Scope::ChargesRefund),
+        Handler(|r| r.to(charges::refund)),
+    ),
+    (
+        "POST",
+        "/v1/charges/{id}/cancel",
+        Access::Bearer(Scope::ChargesCancel),
+        Handler(|r| r.to(charges::cancel)),
+    ),
+    ("GET", "/healthz", Access::Public, Handler(|r| r.to(healthz))),
+    ("GET", "/readyz", Access::Public, Handler(|r| r.to(readyz))),
+    ("GET", "/metrics", Access::Public, Handler(|r| r.to(metrics))),
+    (
+        "GET",
+        "/v1/admin/keys",
+        Access::Bearer(Scope::KeysAdmin),
+        Handler(|r| r.to(admin::status)),
+    ),
+    (
+        "POST",
+        "/v1/admin/keys/rotate",
+        Access::Bearer(Scope::KeysAdmin),
+        Handler(|r| r.to(admin::rotate)),
+    ),
+    (
+        "POST",
+        "/v1/admin/keys/rewrap",
+        Access::Bearer(Scope::KeysAdmin),
+        Handler(|r| r.to(admin::rewrap)),
+    ),
     (
         "POST",
         "/v1/admin/keys/{version}/retire",
         Access::Bearer(Scope::KeysAdmin),
+        Handler(|r| r.to(admin::retire)),
     ),
     (
         "POST",
         "/v1/admin/keys/{version}/destroy",
         Access::Bearer(Scope::KeysAdmin),
+        Handler(|r| r.to(admin::destroy)),
     ),
-    ("POST", "/v1/admin/keys/rotate-root", Access::Bearer(Scope::KeysAdmin)),
-    ("POST", "/v1/admin/unseal", Access::Bearer(Scope::KeysAdmin)),
-    ("POST", "/v1/admin/backup", Access::Bearer(Scope::VaultBackup)),
-    ("POST", "/v1/admin/exports", Access::Bearer(Scope::KeysAdmin)),
-    ("GET", "/v1/admin/exports", Access::Bearer(Scope::KeysAdmin)),
+    (
+        "POST",
+        "/v1/admin/keys/rotate-root",
+        Access::Bearer(Scope::KeysAdmin),
+        Handler(|r| r.to(admin::rotate_root)),
+    ),
+    (
+        "POST",
+        "/v1/admin/unseal",
+        Access::Bearer(Scope::KeysAdmin),
+        Handler(|r| r.to(admin::unseal)),
+    ),
+    (
+        "POST",
+        "/v1/admin/backup",
+        Access::Bearer(Scope::VaultBackup),
+        Handler(|r| r.to(admin::backup)),
+    ),
+    (
+        "POST",
+        "/v1/admin/exports",
+        Access::Bearer(Scope::KeysAdmin),
+        Handler(|r| r.to(admin::export_request)),
+    ),
+    (
+        "GET",
+        "/v1/admin/exports",
+        Access::Bearer(Scope::KeysAdmin),
+        Handler(|r| r.to(admin::export_list)),
+    ),
     (
         "POST",
         "/v1/admin/exports/{id}/approve",
         Access::Bearer(Scope::KeysAdmin),
+        Handler(|r| r.to(admin::export_approve)),
     ),
-    ("GET", "/v1/admin/exports/{id}/file", Access::Bearer(Scope::KeysAdmin)),
-    ("GET", "/v1/admin/audit/verify", Access::Bearer(Scope::AuditRead)),
-    ("GET", "/v1/admin/audit/export", Access::Bearer(Scope::AuditRead)),
-    ("POST", "/v1/admin/audit/prune", Access::Bearer(Scope::KeysAdmin)),
+    (
+        "GET",
+        "/v1/admin/exports/{id}/file",
+        Access::Bearer(Scope::KeysAdmin),
+        Handler(|r| r.to(admin::export_fetch)),
+    ),
+    (
+        "GET",
+        "/v1/admin/audit/verify",
+        Access::Bearer(Scope::AuditRead),
+        Handler(|r| r.to(admin::audit_verify)),
+    ),
+    (
+        "GET",
+        "/v1/admin/audit/export",
+        Access::Bearer(Scope::AuditRead),
+        Handler(|r| r.to(admin::audit_export)),
+    ),
+    (
+        "POST",
+        "/v1/admin/audit/prune",
+        Access::Bearer(Scope::KeysAdmin),
+        Handler(|r| r.to(admin::audit_prune)),
+    ),
 ];
 
-/// The operational routes (`/healthz`, `/readyz`, `/metrics`).
-fn ops_routes(cfg: &mut web::ServiceConfig) {
-    cfg.service(
-        web::resource("/healthz")
-            .route(web::get().to(healthz))
-            .default_service(web::to(method_not_allowed)),
-    )
-    .service(
-        web::resource("/readyz")
-            .route(web::get().to(readyz))
-            .default_service(web::to(method_not_allowed)),
-    )
-    .service(
-        web::resource("/metrics")
-            .route(web::get().to(metrics))
-            .default_service(web::to(method_not_allowed)),
-    );
+/// What serves a route: its handler, given the method's `web::Route` to attach to.
+#[derive(Clone, Copy)]
+pub struct Handler(fn(actix_web::Route) -> actix_web::Route);
+
+/// Registers one resource per path of [`ROUTES`] whose access `keep` accepts, in the
+/// table's order (a literal path such as `/v1/tokens/batch` before `/v1/tokens/{token}`),
+/// each with every method the table lists for it; other methods get a 405 problem.
+fn register(cfg: &mut web::ServiceConfig, keep: impl Fn(Access) -> bool) {
+    let mut done: Vec<&str> = Vec::new();
+    for &(_, path, access, _) in ROUTES {
+        if !keep(access) || done.contains(&path) {
+            continue;
+        }
+        done.push(path);
+        let mut resource = web::resource(path);
+        for &(method, _, _, Handler(handler)) in ROUTES.iter().filter(|r| r.1 == path) {
+            let method = match method {
+                "GET" => Method::GET,
+                "POST" => Method::POST,
+                "PATCH" => Method::PATCH,
+                "DELETE" => Method::DELETE,
+                other => unreachable!("ROUTES lists an unsupported method {other}"),
+            };
+            resource = resource.route(handler(web::route().method(method)));
+        }
+        cfg.service(resource.default_service(web::to(method_not_allowed)));
+    }
 }
 
 /// The operational routes alone, for a separate internal listener (`metrics_listen`).
 pub fn configure_ops(cfg: &mut web::ServiceConfig) {
-    ops_routes(cfg);
+    register(cfg, |access| access == Access::Public);
     cfg.default_service(web::to(not_found));
 }
 
 /// Registers the API routes, and the operational ones unless they have their own
 /// listener (`metrics_listen`). Wrong methods get a 405 problem, unknown paths a 404.
 pub fn configure_with(cfg: &mut web::ServiceConfig, ops_here: bool) {
-    if ops_here {
-        ops_routes(cfg);
-    }
-    configure_api(cfg);
+    register(cfg, |access| ops_here || access != Access::Public);
+    cfg.default_service(web::to(not_found));
 }
 
 /// Registers every route on one listener.
 pub fn configure(cfg: &mut web::ServiceConfig) {
     configure_with(cfg, true);
-}
-
-fn configure_api(cfg: &mut web::ServiceConfig) {
-    cfg.service(
-        web::resource("/v1/tokens")
-            .route(web::post().to(tokens::tokenize))
-            .route(web::get().to(tokens::list))
-            .default_service(web::to(method_not_allowed)),
-    )
-    .service(
-        web::resource("/v1/tokens/batch")
-            .route(web::post().to(tokens::batch))
-            .default_service(web::to(method_not_allowed)),
-    )
-    .service(
-        web::resource("/v1/tokens/{token}")
-            .route(web::get().to(tokens::read))
-            .route(web::delete().to(tokens::delete))
-            .route(web::patch().to(tokens::update))
-            .default_service(web::to(method_not_allowed)),
-    )
-    .service(
-        web::resource("/v1/charges")
-            .route(web::post().to(charges::create))
-            .route(web::get().to(charges::list))
-            .default_service(web::to(method_not_allowed)),
-    )
-    .service(
-        web::resource("/v1/charges/{id}")
-            .route(web::get().to(charges::read))
-            .default_service(web::to(method_not_allowed)),
-    )
-    .service(
-        web::resource("/v1/charges/{id}/captures")
-            .route(web::post().to(charges::capture))
-            .default_service(web::to(method_not_allowed)),
-    )
-    .service(
-        web::resource("/v1/charges/{id}/refunds")
-            .route(web::post().to(charges::refund))
-            .default_service(web::to(method_not_allowed)),
-    )
-    .service(
-        web::resource("/v1/charges/{id}/cancel")
-            .route(web::post().to(charges::cancel))
-            .default_service(web::to(method_not_allowed)),
-    )
-    .service(
-        web::resource("/v1/connectors/voice-pay")
-            .route(web::post().to(voice::voice_pay))
-            .default_service(web::to(method_not_allowed)),
-    )
-    .service(
-        web::resource("/v1/detokenize")
-            .route(web::post().to(tokens::detokenize))
-            .default_service(web::to(method_not_allowed)),
-    )
-    .service(
-        web::resource("/v1/admin/keys")
-            .route(web::get().to(admin::status))
-            .default_service(web::to(method_not_allowed)),
-    )
-    .service(
-        web::resource("/v1/admin/keys/rotate")
-            .route(web::post().to(admin::rotate))
-            .default_service(web::to(method_not_allowed)),
-    )
-    .service(
-        web::resource("/v1/admin/keys/rewrap")
-            .route(web::post().to(admin::rewrap))
-            .default_service(web::to(method_not_allowed)),
-    )
-    .service(
-        web::resource("/v1/admin/keys/rotate-root")
-            .route(web::post().to(admin::rotate_root))
-            .default_service(web::to(method_not_allowed)),
-    )
-    .service(
-        web::resource("/v1/admin/keys/{version}/retire")
-            .route(web::post().to(admin::retire))
-            .default_service(web::to(method_not_allowed)),
-    )
-    .service(
-        web::resource("/v1/admin/keys/{version}/destroy")
-            .route(web::post().to(admin::destroy))
-            .default_service(web::to(method_not_allowed)),
-    )
-    .service(
-        web::resource("/v1/admin/unseal")
-            .route(web::post().to(admin::unseal))
-            .default_service(web::to(method_not_allowed)),
-    )
-    .service(
-        web::resource("/v1/admin/backup")
-            .route(web::post().to(admin::backup))
-            .default_service(web::to(method_not_allowed)),
-    )
-    .service(
-        web::resource("/v1/admin/exports")
-            .route(web::post().to(admin::export_request))
-            .route(web::get().to(admin::export_list))
-            .default_service(web::to(method_not_allowed)),
-    )
-    .service(
-        web::resource("/v1/admin/exports/{id}/approve")
-            .route(web::post().to(admin::export_approve))
-            .default_service(web::to(method_not_allowed)),
-    )
-    .service(
-        web::resource("/v1/admin/exports/{id}/file")
-            .route(web::get().to(admin::export_fetch))
-            .default_service(web::to(method_not_allowed)),
-    )
-    .service(
-        web::resource("/v1/admin/audit/verify")
-            .route(web::get().to(admin::audit_verify))
-            .default_service(web::to(method_not_allowed)),
-    )
-    .service(
-        web::resource("/v1/admin/audit/export")
-            .route(web::get().to(admin::audit_export))
-            .default_service(web::to(method_not_allowed)),
-    )
-    .service(
-        web::resource("/v1/admin/audit/prune")
-            .route(web::post().to(admin::audit_prune))
-            .default_service(web::to(method_not_allowed)),
-    )
-    .default_service(web::to(not_found));
 }
 
 /// Headers on every response: nothing is cacheable, nothing is sniffed.
@@ -406,8 +415,8 @@ pub async fn middleware(
         // RFC 9110: a 405 lists the methods the resource supports.
         let allow: Vec<&str> = ROUTES
             .iter()
-            .filter(|(_, p, _)| *p == route)
-            .map(|(m, _, _)| *m)
+            .filter(|(_, p, _, _)| *p == route)
+            .map(|(m, _, _, _)| *m)
             .collect();
         if let Ok(v) = HeaderValue::from_str(&allow.join(", ")) {
             res.headers_mut().insert(header::ALLOW, v);

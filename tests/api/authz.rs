@@ -61,7 +61,7 @@ async fn every_role_on_every_endpoint() {
     let app = TestApp::spawn().await;
     app.watch("4012888888881881");
     let (mut allowed, mut refused, mut anonymous, mut routes) = (0u32, 0u32, 0u32, 0u32);
-    for &(method, path, access) in tokenvault::api::ROUTES {
+    for &(method, path, access, _) in tokenvault::api::ROUTES {
         let Access::Bearer(scope) = access else {
             continue;
         };
@@ -111,7 +111,7 @@ async fn every_role_on_every_endpoint() {
     }
     let bearer = tokenvault::api::ROUTES
         .iter()
-        .filter(|(_, _, a)| matches!(a, Access::Bearer(_)))
+        .filter(|(_, _, a, _)| matches!(a, Access::Bearer(_)))
         .count();
     assert!(allowed > 0 && refused > allowed);
     assert_eq!(
@@ -125,7 +125,7 @@ async fn every_role_on_every_endpoint() {
     assert_eq!(anonymous as usize, bearer * Role::ALL.len());
     // The rest of the table: public operational routes answer anyone; the voice
     // connector takes HTTP Basic only (a valid bearer JWT is not a password).
-    for &(method, path, access) in tokenvault::api::ROUTES {
+    for &(method, path, access, _) in tokenvault::api::ROUTES {
         let res = match access {
             Access::Bearer(_) => continue,
             Access::Public => {
@@ -256,7 +256,10 @@ async fn jwt_attacks_are_refused() {
         assert_eq!(after, before + 1.0, "{name} counted as {reason}");
     }
     // The same forgeries against every authenticated endpoint (admin and charges included): all 401.
-    for (method, path, _) in tokenvault::api::ROUTES.iter().filter(|(_, p, _)| p.starts_with("/v1/")) {
+    for (method, path, _, _) in tokenvault::api::ROUTES
+        .iter()
+        .filter(|(_, p, _, _)| p.starts_with("/v1/"))
+    {
         let url = app.url(
             &path
                 .replace("{token}", &token)

@@ -246,7 +246,7 @@ async fn the_server_refuses_a_value_one_past_every_bound() {
         })
     };
     let (mut walked, mut operations) = (0, 0);
-    for &(method, path, access) in ROUTES {
+    for &(method, path, access, _) in ROUTES {
         let Access::Bearer(scope) = access else { continue };
         let role = Role::ALL.into_iter().find(|r| r.scopes().contains(&scope)).unwrap();
         let mut claims = app.claims("edge", "default");

@@ -46,8 +46,8 @@ fn routes_and_scopes_match_the_server() {
             // The scopes come from the server's own route table.
             let access = tokenvault::api::ROUTES
                 .iter()
-                .find(|(m, p, _)| m.eq_ignore_ascii_case(method) && p == path)
-                .map(|(_, _, a)| *a);
+                .find(|(m, p, _, _)| m.eq_ignore_ascii_case(method) && p == path)
+                .map(|(_, _, a, _)| *a);
             let expected: Vec<&str> = match access {
                 Some(Access::Bearer(scope)) => vec![scope.as_str()],
                 _ => vec![],
@@ -67,7 +67,7 @@ fn routes_and_scopes_match_the_server() {
     }
     let served: BTreeSet<(String, String)> = tokenvault::api::ROUTES
         .iter()
-        .map(|(m, p, _)| (m.to_string(), p.to_string()))
+        .map(|(m, p, _, _)| (m.to_string(), p.to_string()))
         .collect();
     assert_eq!(documented, served);
 }
