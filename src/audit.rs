@@ -89,6 +89,23 @@ pub enum AuditError {
     Corrupt,
 }
 
+/// Why the trail's head does not verify against the anchor's keyed mark.
+#[derive(Debug, thiserror::Error)]
+pub enum HeadError {
+    #[error("cannot read the audit trail")]
+    Store(#[from] StoreError),
+    #[error("the anchor has no keyed mark, but audit record {0} is MACed: the anchor was replaced")]
+    AnchorReplaced(u64),
+    #[error("audit record {0} (the anchor's keyed mark) is missing")]
+    MarkMissing(u64),
+    #[error("the anchor's keyed mark for audit record {0} does not verify (record or anchor altered)")]
+    MarkMismatch(u64),
+    #[error("audit record {0} is corrupt")]
+    Corrupt(u64),
+    #[error("audit record {0} after the keyed mark: {1}")]
+    Broken(u64, String),
+}
+
 impl AuditError {
     /// The store cannot be reached right now (a database restarting or failing over):
     /// nothing was written, and the request may be retried.
@@ -283,8 +300,7 @@ impl AuditLog {
     /// every later record chains from it and is MACed or inside a recorded sealed
     /// period. Run at start (when the keys are there) and at unseal. `Err` names
     /// what is wrong; the vault then refuses to go on (fail closed).
-    pub fn verify_head(&self, key: &Key256) -> Result<HeadCheck, String> {
-        let store_err = |e: StoreError| format!("cannot read the audit trail: {e}");
+    pub fn verify_head(&self, key: &Key256) -> Result<HeadCheck, HeadError> {
         if self.store.damage().is_some() {
             // Already flagged loudly (damaged mode): records may be missing, the
             // keyed one among them. The SIEM's copy is the reference then.
@@ -299,44 +315,36 @@ impl AuditLog {
             // No keyed mark is genuine only while no record has ever been MACed.
             let mut from = 0;
             loop {
-                let batch = self.store.audit_scan(from, 1000).map_err(store_err)?;
+                let batch = self.store.audit_scan(from, 1000)?;
                 let Some((last, _)) = batch.last() else { break };
                 from = last + 1;
                 for (seq, b) in batch {
                     let maced = serde_json::from_slice::<AuditRecord>(&b).map_or(true, |r| r.mac.is_some());
                     if maced {
-                        return Err(format!(
-                            "the anchor has no keyed mark, but audit record {seq} is MACed: the anchor was replaced"
-                        ));
+                        return Err(HeadError::AnchorReplaced(seq));
                     }
                 }
             }
             return Ok(HeadCheck::NoKeyedMark);
         };
         use subtle::ConstantTimeEq;
-        let rows = self.store.audit_scan(mark.seq, 1).map_err(store_err)?;
+        let rows = self.store.audit_scan(mark.seq, 1)?;
         let Some((seq, bytes)) = rows.into_iter().next().filter(|(s, _)| *s == mark.seq) else {
-            return Err(format!(
-                "audit record {} (the anchor's keyed mark) is missing",
-                mark.seq
-            ));
+            return Err(HeadError::MarkMissing(mark.seq));
         };
         let expected = keyed_mark_mac(key, seq, &bytes);
         if !bool::from(expected.ct_eq(&mark.mac)) {
-            return Err(format!(
-                "the anchor's keyed mark for audit record {seq} does not verify (record or anchor altered)"
-            ));
+            return Err(HeadError::MarkMismatch(seq));
         }
-        let first: AuditRecord =
-            serde_json::from_slice(&bytes).map_err(|_| format!("audit record {seq} is corrupt"))?;
+        let first: AuditRecord = serde_json::from_slice(&bytes).map_err(|_| HeadError::Corrupt(seq))?;
         let prev: [u8; 32] = hex::decode(&first.hash)
             .ok()
             .and_then(|h| h.try_into().ok())
-            .ok_or_else(|| format!("audit record {seq} is corrupt"))?;
+            .ok_or(HeadError::Corrupt(seq))?;
         let mut verifier = Verifier::resume(Some(key.clone()), seq + 1, prev);
         let mut from = seq + 1;
         loop {
-            let batch = self.store.audit_scan(from, 1000).map_err(store_err)?;
+            let batch = self.store.audit_scan(from, 1000)?;
             let Some((last, _)) = batch.last() else { break };
             from = last + 1;
             for (s, b) in batch {
@@ -346,7 +354,7 @@ impl AuditLog {
                 }
             }
             if let Some((s, why)) = &verifier.report.first_broken {
-                return Err(format!("audit record {s} after the keyed mark: {why}"));
+                return Err(HeadError::Broken(*s, why.clone()));
             }
         }
         Ok(HeadCheck::Verified {

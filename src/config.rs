@@ -374,8 +374,7 @@ impl StoreSettings {
                 "store.statement_timeout must be at least 100ms".into(),
             ));
         }
-        pg.check()
-            .map_err(|e| ConfigError::Invalid(format!("store url: {e}")))?;
+        pg.check()?;
         Ok(crate::store::StoreLocation::Postgres(pg))
     }
 }
@@ -398,6 +397,12 @@ pub enum ConfigError {
     /// The file or an environment override does not parse (figment names the key and source).
     #[error("configuration error: {0}")]
     File(#[from] Box<figment::Error>),
+    /// `[psp]` names a connector the vault cannot set up.
+    #[error("configuration error: psp: {0}")]
+    Psp(#[from] crate::psp::PspSetupError),
+    /// `[store]` (or `--store`) names a PostgreSQL store the vault refuses.
+    #[error("configuration error: store url: {0}")]
+    Store(#[from] crate::store::PgConfigError),
 }
 
 #[derive(Debug, Deserialize)]
@@ -816,8 +821,7 @@ impl Settings {
         if let crate::store::StoreLocation::Postgres(pg) = self.store.location(&self.data_dir)?
             && self.mode == Mode::Production
         {
-            pg.production_check()
-                .map_err(|e| ConfigError::Invalid(format!("store: {e}")))?;
+            pg.production_check()?;
         }
         match (&self.tls, self.mode) {
             (None, Mode::Production) => {
@@ -849,8 +853,7 @@ impl Settings {
             );
         }
         if let Some(psp) = &self.psp {
-            crate::psp::check_allowed(&psp.base_url, &psp.allowed_hosts)
-                .map_err(|e| ConfigError::Invalid(format!("psp: {e}")))?;
+            crate::psp::check_allowed(&psp.base_url, &psp.allowed_hosts)?;
             if self.mode == Mode::Production && !psp.base_url.starts_with("https://") {
                 return bad("psp.base_url must be https:// in production (card data crosses the network)");
             }

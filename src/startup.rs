@@ -34,20 +34,30 @@ pub enum StartupError {
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error("{0} is a dev-mode data directory; production mode refuses it")]
     DevDataDir(std::path::PathBuf),
-    #[error("{0}")]
-    Tls(String),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     #[error("audit trail: {0}")]
-    Audit(String),
-    #[error("config: {0}")]
-    Config(String),
+    Audit(#[from] crate::audit::AuditError),
+    #[error(
+        "the audit trail's head does not verify: the trail or its anchor was altered; investigate (tokenvault \
+         audit verify, the SIEM's copy) before starting"
+    )]
+    HeadUnverified(#[source] crate::audit::HeadError),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     #[error("PSP connector: {0}")]
-    Psp(String),
+    Psp(#[from] crate::psp::PspSetupError),
     #[error("cannot prepare data directory {path}: {source}")]
     DataDir {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
 }
+
+/// An unseal refused because the trail's head does not verify (the cause is the source).
+#[derive(Debug, thiserror::Error)]
+#[error("the audit trail's head does not verify")]
+struct HeadUnverified(#[source] crate::audit::HeadError);
 
 /// Where this configuration's keystore lives: in the store when the store keeps
 /// one (PostgreSQL: every replica shares it, `tv_keystore`), else the configured
@@ -575,14 +585,10 @@ impl Application {
         }
         let cryptoperiod = settings.keystore.cryptoperiod;
         let psp = match &settings.psp {
-            Some(p) => Some(
-                Arc::new(crate::psp::adyen::AdyenPsp::new(p).map_err(StartupError::Psp)?) as Arc<dyn crate::psp::Psp>,
-            ),
+            Some(p) => Some(Arc::new(crate::psp::adyen::AdyenPsp::new(p)?) as Arc<dyn crate::psp::Psp>),
             None => None,
         };
-        let cvv_redis = settings
-            .cvv_redis_url()
-            .map_err(|e| StartupError::Config(e.to_string()))?;
+        let cvv_redis = settings.cvv_redis_url()?;
         let options = crate::service::VaultOptions {
             cryptoperiod,
             cvv_ttl: settings.cvv_ttl,
@@ -600,8 +606,7 @@ impl Application {
                  (set cvv_redis to share them)"
             );
         }
-        let audit = crate::audit::AuditLog::open(store.clone(), keys.clone())
-            .map_err(|e| StartupError::Audit(e.to_string()))?;
+        let audit = crate::audit::AuditLog::open(store.clone(), keys.clone())?;
         // The trail's head must verify against the anchor's keyed mark before the
         // vault chains anything onto it: now if the keys are here, else at unseal.
         let head_check = |ring: &crate::keys::Keyring, audit: &crate::audit::AuditLog| {
@@ -616,17 +621,12 @@ impl Application {
             })
         };
         if let Some(ring) = keys.ring() {
-            head_check(&ring, &audit).map_err(|e| {
-                StartupError::Audit(format!(
-                    "the audit trail's head does not verify: {e}. The trail or its anchor was altered: \
-                     investigate (tokenvault audit verify, the SIEM's copy) before starting"
-                ))
-            })?;
+            head_check(&ring, &audit).map_err(StartupError::HeadUnverified)?;
         }
         let unseal_audit = audit.clone();
         keys.set_unseal_check(Arc::new(move |ring| {
             head_check(ring, &unseal_audit)
-                .map_err(|e| format!("unseal refused: the audit trail's head does not verify: {e}"))
+                .map_err(|e| Box::new(HeadUnverified(e)) as Box<dyn std::error::Error + Send + Sync>)
         }));
         let vault = Vault::new(store.clone(), keys, audit.clone(), options)?;
         report_store_state(&*store, &audit);
@@ -688,9 +688,7 @@ impl Application {
         let listener = TcpListener::bind(settings.listen).map_err(bind_err)?;
         let addr = listener.local_addr().map_err(bind_err)?;
         let tls_config = match &settings.tls {
-            Some(t) if t.mode == crate::config::TlsMode::Native => {
-                Some(crate::tls::server_config(t).map_err(StartupError::Tls)?)
-            }
+            Some(t) if t.mode == crate::config::TlsMode::Native => Some(crate::tls::server_config(t)?),
             _ => None,
         };
         let ops_state = state.clone();

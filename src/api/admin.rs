@@ -461,7 +461,7 @@ pub(super) async fn export_request(
     let key_check = crate::service::check_recipient_key(&recipient_key);
     let result = match (crate::domain::tenant::TenantId::parse(&tenant), key_check) {
         (None, _) => Err(ApiError::InvalidField("tenant must be a tenant id")),
-        (_, Err(why)) => Err(ApiError::InvalidValue(why)),
+        (_, Err(why)) => Err(ApiError::InvalidValue(why.to_string())),
         (Some(t), Ok(_)) => state
             .vault
             .request_export(&caller.principal.sub, t, recipient_key)

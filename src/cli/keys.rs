@@ -420,9 +420,10 @@ pub(super) struct UnsealArgs {
 
 pub(super) struct Failure(pub(super) u8, pub(super) String);
 
-impl<E: std::fmt::Display> From<E> for Failure {
+impl<E: std::error::Error> From<E> for Failure {
+    /// An error and its causes, on one line.
     fn from(e: E) -> Self {
-        Failure(exit::FAILED, e.to_string())
+        Failure(exit::FAILED, chain(&e))
     }
 }
 
@@ -521,8 +522,12 @@ pub(super) fn chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {
-        out.push_str(": ");
-        out.push_str(&c.to_string());
+        // A message that already quotes its cause (`"…: {0}"`) is not repeated.
+        let text = c.to_string();
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
         cur = c.source();
     }
     out

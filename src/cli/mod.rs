@@ -243,7 +243,7 @@ pub fn run() -> ExitCode {
                 ExitCode::SUCCESS
             }
             Err(e) => {
-                eprintln!("error: {e}");
+                eprintln!("error: {}", keys::chain(&e));
                 ExitCode::from(exit::USAGE)
             }
         },
@@ -255,7 +255,7 @@ pub fn run() -> ExitCode {
                 ExitCode::SUCCESS
             }
             Err(e) => {
-                eprintln!("error: {e}");
+                eprintln!("error: {}", keys::chain(&e));
                 ExitCode::from(exit::USAGE)
             }
         },
@@ -311,7 +311,7 @@ fn copy_store(
         (Some(file), _) => match Settings::production(file) {
             Ok(s) => (s.store, Some(s.keystore)),
             Err(e) => {
-                eprintln!("error: {e}");
+                eprintln!("error: {}", keys::chain(&e));
                 return ExitCode::from(exit::USAGE);
             }
         },
@@ -336,7 +336,7 @@ fn copy_store(
             return ExitCode::from(exit::USAGE);
         }
         Err(e) => {
-            eprintln!("error: {e}");
+            eprintln!("error: {}", keys::chain(&e));
             return ExitCode::from(exit::USAGE);
         }
     };
@@ -416,7 +416,7 @@ fn copy_store(
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("error: {e}");
+            eprintln!("error: {}", keys::chain(&e));
             ExitCode::from(exit::FAILED)
         }
     }
@@ -428,7 +428,7 @@ fn migrate_store(url: &str, config: Option<&std::path::Path>, json: bool) -> Exi
     let mut store_settings = match config.map(Settings::production).transpose() {
         Ok(s) => s.map(|s| s.store).unwrap_or_default(),
         Err(e) => {
-            eprintln!("error: {e}");
+            eprintln!("error: {}", keys::chain(&e));
             return ExitCode::from(exit::USAGE);
         }
     };
@@ -440,7 +440,7 @@ fn migrate_store(url: &str, config: Option<&std::path::Path>, json: bool) -> Exi
             return ExitCode::from(exit::USAGE);
         }
         Err(e) => {
-            eprintln!("error: {e}");
+            eprintln!("error: {}", keys::chain(&e));
             return ExitCode::from(exit::USAGE);
         }
     };
@@ -603,7 +603,7 @@ fn serve(args: ServeArgs) -> ExitCode {
                     Ok(settings)
                 }
                 Err(e) => {
-                    eprintln!("error: {e}");
+                    eprintln!("error: {}", keys::chain(&e));
                     return ExitCode::from(exit::USAGE);
                 }
             }
@@ -612,7 +612,7 @@ fn serve(args: ServeArgs) -> ExitCode {
     let settings = match settings.and_then(|s| s.merge(args.overrides)) {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("error: {e}");
+            eprintln!("error: {}", keys::chain(&e));
             return ExitCode::from(exit::USAGE);
         }
     };
@@ -624,12 +624,12 @@ fn serve(args: ServeArgs) -> ExitCode {
             }
         }
         Err(e) => {
-            eprintln!("error: {e}");
+            eprintln!("error: {}", keys::chain(&e));
             return ExitCode::from(exit::USAGE);
         }
     }
     let result = actix_web::rt::System::new().block_on(async move {
-        let app = Application::build(&settings).map_err(|e| e.to_string())?;
+        let app = Application::build(&settings).map_err(|e| keys::chain(&e))?;
         let mode = if settings.mode == Mode::Dev {
             "dev"
         } else {
@@ -640,7 +640,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         if let Some(ops) = app.ops_addr() {
             println!("tokenvault operations (metrics, health) on http://{ops}");
         }
-        app.run_until_stopped().await.map_err(|e| e.to_string())
+        app.run_until_stopped().await.map_err(|e| keys::chain(&e))
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

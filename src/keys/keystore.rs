@@ -46,8 +46,12 @@ pub enum KeystoreError {
     NoActiveKey(String),
     #[error("no keystore in {0}; create one with `tokenvault keys init`")]
     Missing(String),
-    #[error("cannot reach the keystore in {at}: {reason}")]
-    Shared { at: String, reason: String },
+    #[error("cannot reach the keystore in {at}")]
+    Shared {
+        at: String,
+        #[source]
+        source: SharedError,
+    },
     /// Another process (a vault replica, `keys --offline`) saved the keystore
     /// between this one's read and its save: nothing was changed here.
     #[error("the keystore was changed by another vault replica at the same moment; nothing was changed: retry")]
@@ -73,13 +77,16 @@ pub trait SharedKeystore: Send + Sync {
     /// Where it is, for messages (never a password).
     fn describe(&self) -> String;
     /// The stored keystore, if there is one.
-    fn load(&self) -> Result<Option<Vec<u8>>, String>;
+    fn load(&self) -> Result<Option<Vec<u8>>, SharedError>;
     /// The stored generation only (cheap: replicas poll it).
-    fn generation(&self) -> Result<Option<u64>, String>;
+    fn generation(&self) -> Result<Option<u64>, SharedError>;
     /// Stores `bytes` as `generation` if the stored generation is `expected`
     /// (`None`: no keystore yet). `false`: it was not, and nothing changed.
-    fn save(&self, expected: Option<u64>, generation: u64, bytes: &[u8]) -> Result<bool, String>;
+    fn save(&self, expected: Option<u64>, generation: u64, bytes: &[u8]) -> Result<bool, SharedError>;
 }
+
+/// A shared keystore's backend error (the store's own type, kept as the cause).
+pub type SharedError = Box<dyn std::error::Error + Send + Sync>;
 
 impl std::fmt::Display for KeystoreAt {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -115,10 +122,10 @@ impl From<&KeystoreAt> for KeystoreAt {
 }
 
 impl KeystoreAt {
-    fn shared_error(&self, reason: String) -> KeystoreError {
+    fn shared_error(&self, source: SharedError) -> KeystoreError {
         KeystoreError::Shared {
             at: self.to_string(),
-            reason,
+            source,
         }
     }
 

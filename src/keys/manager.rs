@@ -50,7 +50,7 @@ pub trait GenerationGuard: Send + Sync {
 /// The vault's keys, sealed or unsealed.
 /// A check run with the keyring before an unseal takes effect (the audit trail's
 /// head, which can only be verified with a key); `Err` keeps the vault sealed.
-pub type UnsealCheck = Arc<dyn Fn(&Keyring) -> Result<(), String> + Send + Sync>;
+pub type UnsealCheck = Arc<dyn Fn(&Keyring) -> Result<(), Box<dyn std::error::Error + Send + Sync>> + Send + Sync>;
 
 pub struct KeyManager {
     guard: Mutex<Option<Arc<dyn GenerationGuard>>>,
@@ -263,7 +263,16 @@ impl KeyManager {
         self.check_generation(keystore.generation())?;
         let ring = Arc::new(keystore.keyring()?);
         if let Some(check) = lock(&self.unseal_check).clone() {
-            check(&ring).map_err(KeystoreError::Refused)?;
+            check(&ring).map_err(|e| {
+                // The refusal reaches the officer as one line: the check's error and its causes.
+                let mut why = format!("unseal refused: {e}");
+                let mut cause = e.source();
+                while let Some(c) = cause {
+                    why.push_str(&format!(": {c}"));
+                    cause = c.source();
+                }
+                KeystoreError::Refused(why)
+            })?;
         }
         *lock(&self.keystore) = Some(keystore);
         *self.ring.write().unwrap_or_else(|p| p.into_inner()) = Some(ring);

@@ -14,8 +14,8 @@ use zeroize::Zeroizing;
 
 use super::PspSettings;
 use super::{
-    ModificationKind, ModificationRequest, PspCall, PspError, PspFuture, PspOutcome, PspRequest, PspStatus,
-    RecurringModel, ShopperInteraction, check_allowed,
+    ModificationKind, ModificationRequest, PspCall, PspError, PspFuture, PspOutcome, PspRequest, PspSetupError,
+    PspStatus, RecurringModel, ShopperInteraction, check_allowed,
 };
 
 /// The Checkout adapter.
@@ -35,20 +35,20 @@ impl std::fmt::Debug for AdyenPsp {
 
 impl AdyenPsp {
     /// Builds the adapter; refuses a base URL whose host is not allow-listed.
-    pub fn new(settings: &PspSettings) -> Result<AdyenPsp, String> {
+    pub fn new(settings: &PspSettings) -> Result<AdyenPsp, PspSetupError> {
         check_allowed(&settings.base_url, &settings.allowed_hosts)?;
         let api_key = match &settings.dev_api_key {
             Some(k) => SecretString::from(k.clone()),
             None => {
-                let text =
-                    Zeroizing::new(std::fs::read_to_string(&settings.api_key_file).map_err(|e| {
-                        format!("cannot read psp.api_key_file {}: {e}", settings.api_key_file.display())
-                    })?);
+                let text = Zeroizing::new(
+                    std::fs::read_to_string(&settings.api_key_file)
+                        .map_err(|e| PspSetupError::ApiKey(settings.api_key_file.clone(), e))?,
+                );
                 SecretString::from(text.trim().to_owned())
             }
         };
         let endpoint = reqwest::Url::parse(&format!("{}/payments", settings.base_url.trim_end_matches('/')))
-            .map_err(|_| "psp.base_url is not a URL".to_owned())?;
+            .map_err(|_| PspSetupError::NotAUrl)?;
         let client = reqwest::Client::builder()
             .no_proxy()
             .connect_timeout(Duration::from_millis(settings.connect_timeout_ms))
@@ -57,7 +57,7 @@ impl AdyenPsp {
             .redirect(reqwest::redirect::Policy::none())
             .https_only(!settings.base_url.starts_with("http://"))
             .build()
-            .map_err(|e| format!("cannot build the PSP client: {e}"))?;
+            .map_err(PspSetupError::Client)?;
         Ok(AdyenPsp {
             client,
             endpoint,
@@ -471,8 +471,15 @@ mod tests {
             .is_ok()
         );
         let err = AdyenPsp::new(&settings("https://evil.example/v71", &["checkout-test.adyen.com"])).unwrap_err();
-        assert!(err.contains("not in allowed_hosts"), "{err}");
-        assert!(AdyenPsp::new(&settings("ftp://checkout-test.adyen.com", &["checkout-test.adyen.com"])).is_err());
+        assert!(
+            matches!(&err, PspSetupError::HostNotAllowed(h) if h == "evil.example"),
+            "{err}"
+        );
+        assert!(err.to_string().contains("not in allowed_hosts"), "{err}");
+        assert!(matches!(
+            AdyenPsp::new(&settings("ftp://checkout-test.adyen.com", &["checkout-test.adyen.com"])),
+            Err(PspSetupError::Scheme)
+        ));
         assert!(
             format!(
                 "{:?}",

@@ -187,15 +187,32 @@ pub trait Psp: Send + Sync {
     fn modify<'a>(&'a self, request: ModificationRequest<'a>) -> PspFuture<'a>;
 }
 
+/// Why the PSP connector cannot be set up (the cause is kept as the error's source).
+#[derive(Debug, thiserror::Error)]
+pub enum PspSetupError {
+    #[error("base_url is not a URL")]
+    NotAUrl,
+    #[error("base_url must be http(s)")]
+    Scheme,
+    #[error("base_url has no host")]
+    NoHost,
+    #[error("host {0} is not in allowed_hosts")]
+    HostNotAllowed(String),
+    #[error("cannot read psp.api_key_file {}", .0.display())]
+    ApiKey(std::path::PathBuf, #[source] std::io::Error),
+    #[error("cannot build the PSP client")]
+    Client(#[source] reqwest::Error),
+}
+
 /// Checks that `base_url` is http(s) and its host is on the allow-list.
-pub fn check_allowed(base_url: &str, allowed_hosts: &[String]) -> Result<String, String> {
-    let url = reqwest::Url::parse(base_url).map_err(|_| "base_url is not a URL".to_owned())?;
+pub fn check_allowed(base_url: &str, allowed_hosts: &[String]) -> Result<String, PspSetupError> {
+    let url = reqwest::Url::parse(base_url).map_err(|_| PspSetupError::NotAUrl)?;
     if !matches!(url.scheme(), "https" | "http") {
-        return Err("base_url must be http(s)".into());
+        return Err(PspSetupError::Scheme);
     }
-    let host = url.host_str().ok_or("base_url has no host")?.to_ascii_lowercase();
+    let host = url.host_str().ok_or(PspSetupError::NoHost)?.to_ascii_lowercase();
     if !allowed_hosts.iter().any(|h| h.eq_ignore_ascii_case(&host)) {
-        return Err(format!("host {host} is not in allowed_hosts"));
+        return Err(PspSetupError::HostNotAllowed(host));
     }
     Ok(host)
 }

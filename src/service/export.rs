@@ -74,14 +74,13 @@ struct Recipient {
 impl Recipient {
     /// Parses an armored (or binary) public key whose bindings verify and that has
     /// a subkey for encryption.
-    fn parse(armored: &str) -> Result<Recipient, String> {
+    fn parse(armored: &str) -> Result<Recipient, RecipientError> {
         if armored.len() > MAX_RECIPIENT_KEY {
-            return Err("the recipient key is larger than 12 KiB".into());
+            return Err(RecipientError::TooLarge);
         }
-        let (cert, _) = SignedPublicKey::from_reader_single(armored.as_bytes())
-            .map_err(|_| "the recipient key is not an OpenPGP public key".to_owned())?;
-        cert.verify_bindings()
-            .map_err(|_| "the recipient key's self-signatures do not verify".to_owned())?;
+        let (cert, _) =
+            SignedPublicKey::from_reader_single(armored.as_bytes()).map_err(|_| RecipientError::NotAPublicKey)?;
+        cert.verify_bindings().map_err(|_| RecipientError::Bindings)?;
         let recipient = Recipient {
             fingerprint: format!("{:X}", cert.fingerprint()),
             cert,
@@ -91,7 +90,7 @@ impl Recipient {
     }
 
     /// The first subkey flagged (and able) to encrypt.
-    fn encryption_subkey(&self) -> Result<&SignedPublicSubKey, String> {
+    fn encryption_subkey(&self) -> Result<&SignedPublicSubKey, RecipientError> {
         self.cert
             .public_subkeys
             .iter()
@@ -102,20 +101,36 @@ impl Recipient {
                         f.encrypt_comms() || f.encrypt_storage()
                     })
             })
-            .ok_or_else(|| "the recipient key has no subkey for encryption".to_owned())
+            .ok_or(RecipientError::NoEncryptionSubkey)
     }
 
     /// Encrypts what `plaintext` reads to this recipient (SEIPD v1, AES-256).
-    fn encrypt(&self, plaintext: impl Read) -> Result<Vec<u8>, String> {
+    fn encrypt(&self, plaintext: impl Read) -> Result<Vec<u8>, RecipientError> {
         let subkey = self.encryption_subkey()?;
         let mut rng = rand::rngs::OsRng;
         let mut builder =
             MessageBuilder::from_reader("cards.csv", plaintext).seipd_v1(&mut rng, SymmetricKeyAlgorithm::AES256);
         builder
             .encrypt_to_key(&mut rng, subkey)
-            .map_err(|_| "cannot encrypt to the recipient key".to_owned())?;
-        builder.to_vec(rng).map_err(|_| "cannot encrypt the export".to_owned())
+            .map_err(|_| RecipientError::Encrypt)?;
+        builder.to_vec(rng).map_err(|_| RecipientError::Encrypt)
     }
+}
+
+/// Why a recipient key is refused, or an export cannot be encrypted to it. (The OpenPGP
+/// library's own errors are not kept: they may quote the key material they choke on.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RecipientError {
+    #[error("the recipient key is larger than 12 KiB")]
+    TooLarge,
+    #[error("the recipient key is not an OpenPGP public key")]
+    NotAPublicKey,
+    #[error("the recipient key's self-signatures do not verify")]
+    Bindings,
+    #[error("the recipient key has no subkey for encryption")]
+    NoEncryptionSubkey,
+    #[error("cannot encrypt the export to the recipient key")]
+    Encrypt,
 }
 
 /// Reads a sequence of zeroizing chunks as one stream (no copy of the whole).
@@ -143,7 +158,7 @@ impl Read for Chunks<'_> {
 
 /// Checks a recipient key as an export request would: its fingerprint, or why
 /// it is refused (not a public key, bindings that do not verify, no encryption subkey).
-pub fn check_recipient_key(armored: &str) -> Result<String, String> {
+pub fn check_recipient_key(armored: &str) -> Result<String, RecipientError> {
     Recipient::parse(armored).map(|r| r.fingerprint)
 }
 
@@ -152,7 +167,7 @@ fn refused(e: KeystoreError) -> VaultError {
     match e {
         KeystoreError::Refused(why) if why.starts_with("no open export") => VaultError::NotFound,
         KeystoreError::Refused(why) => VaultError::KeyRefused(why),
-        other => VaultError::Keystore(other.to_string()),
+        other => VaultError::Keystore(other),
     }
 }
 
@@ -164,7 +179,7 @@ impl Vault {
         tenant: TenantId,
         recipient_key: String,
     ) -> Result<ExportView, VaultError> {
-        let recipient = Recipient::parse(&recipient_key).map_err(VaultError::KeyRefused)?;
+        let recipient = Recipient::parse(&recipient_key).map_err(|e| VaultError::KeyRefused(e.to_string()))?;
         let request = ExportRequest {
             id: format!("exp_{}", hex::encode(rand::random::<[u8; 12]>())),
             tenant: tenant.to_string(),
@@ -232,7 +247,8 @@ impl Vault {
                 },
             )?;
             let request = taken.ok_or(VaultError::Task)?.map_err(refused)?;
-            let recipient = Recipient::parse(&request.recipient_key).map_err(VaultError::KeyRefused)?;
+            let recipient =
+                Recipient::parse(&request.recipient_key).map_err(|e| VaultError::KeyRefused(e.to_string()))?;
             let tenant = TenantId::parse(&request.tenant).ok_or(VaultError::Integrity)?;
             let ring = this.keys.ring().ok_or(VaultError::Sealed)?;
             let now = OffsetDateTime::now_utc().unix_timestamp();
@@ -274,7 +290,7 @@ impl Vault {
                     at: 0,
                     pos: 0,
                 })
-                .map_err(VaultError::KeyRefused)?;
+                .map_err(|e| VaultError::KeyRefused(e.to_string()))?;
             Ok(ExportFile {
                 request,
                 cards,

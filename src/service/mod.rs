@@ -52,7 +52,7 @@ pub enum VaultError {
     #[error("key operation refused: {0}")]
     KeyRefused(String),
     #[error("keystore error: {0}")]
-    Keystore(String),
+    Keystore(#[source] KeystoreError),
     #[error("no PSP is configured")]
     PspNotConfigured,
     #[error("the Idempotency-Key was already used with a different request")]
@@ -107,7 +107,7 @@ impl From<KeystoreError> for VaultError {
     fn from(e: KeystoreError) -> Self {
         match e {
             KeystoreError::Refused(m) => VaultError::KeyRefused(m),
-            other => VaultError::Keystore(other.to_string()),
+            other => VaultError::Keystore(other),
         }
     }
 }
@@ -180,7 +180,7 @@ pub struct Revealed {
 }
 
 pub use charges::{ChargeFilter, ChargeInput, ChargeOutcome, STATUS_PENDING, psp_idempotency_key};
-pub use export::{ExportFile, ExportView, MAX_RECIPIENT_KEY, check_recipient_key};
+pub use export::{ExportFile, ExportView, MAX_RECIPIENT_KEY, RecipientError, check_recipient_key};
 pub use keyadmin::{DestroyOutcome, EPOCH_OFFICER, EpochStep, KeyStatus, RewrapProgress, VersionStatus};
 pub use lifecycle::{RETENTION_PRINCIPAL, TokenPage};
 pub use modifications::{ModificationInput, ModificationOutcome, derived_status};

@@ -18,13 +18,14 @@ use time::OffsetDateTime;
 use tokio::sync::oneshot;
 
 pub use anchor::KeyedMark;
-pub use postgres::{PgOptions, PgStore, SCHEMA_VERSION};
+pub use postgres::{PgConfigError, PgOptions, PgStore, SCHEMA_VERSION};
 pub use sled_store::{Salvage, SledStore};
 
 use crate::domain::card::Brand;
 use crate::domain::tenant::TenantId;
 use crate::domain::token::{Token, TokenFormat};
 use crate::keys::SealedCard;
+use crate::keys::keystore::SharedError;
 
 /// See [`Store::availability`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -641,18 +642,16 @@ impl crate::keys::keystore::SharedKeystore for StoreKeystore {
         "the database (table tv_keystore)".into()
     }
 
-    fn load(&self) -> Result<Option<Vec<u8>>, String> {
-        self.0.keystore_load().map_err(|e| e.to_string())
+    fn load(&self) -> Result<Option<Vec<u8>>, SharedError> {
+        Ok(self.0.keystore_load()?)
     }
 
-    fn generation(&self) -> Result<Option<u64>, String> {
-        self.0.keystore_stored_generation().map_err(|e| e.to_string())
+    fn generation(&self) -> Result<Option<u64>, SharedError> {
+        Ok(self.0.keystore_stored_generation()?)
     }
 
-    fn save(&self, expected: Option<u64>, generation: u64, bytes: &[u8]) -> Result<bool, String> {
-        self.0
-            .keystore_save(expected, generation, bytes)
-            .map_err(|e| e.to_string())
+    fn save(&self, expected: Option<u64>, generation: u64, bytes: &[u8]) -> Result<bool, SharedError> {
+        Ok(self.0.keystore_save(expected, generation, bytes)?)
     }
 }
 

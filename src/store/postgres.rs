@@ -145,6 +145,17 @@ impl std::fmt::Debug for PgOptions {
     }
 }
 
+/// Why a PostgreSQL store setting is refused (never quoting the URL: it may hold a password).
+#[derive(Debug, thiserror::Error)]
+pub enum PgConfigError {
+    #[error("the PostgreSQL URL does not parse")]
+    Unparsable,
+    #[error("put the database password in store.password_file, not in the URL")]
+    PasswordInUrl,
+    #[error("a remote database needs TLS: add sslmode=require to the URL")]
+    NeedsTls,
+}
+
 impl PgOptions {
     pub fn new(url: &str) -> PgOptions {
         PgOptions {
@@ -182,25 +193,22 @@ impl PgOptions {
     }
 
     /// Whether the URL parses (the message never quotes it: it may hold a password).
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), PgConfigError> {
         self.url
             .parse::<tokio_postgres::Config>()
             .map(|_| ())
-            .map_err(|_| "the PostgreSQL URL does not parse".to_owned())
+            .map_err(|_| PgConfigError::Unparsable)
     }
 
     /// What production demands: the password from a file, not the URL, and TLS
     /// (`sslmode=require`) to any host that is not this machine.
-    pub fn production_check(&self) -> Result<(), String> {
-        let config: tokio_postgres::Config = self
-            .url
-            .parse()
-            .map_err(|_| "the PostgreSQL URL does not parse".to_owned())?;
+    pub fn production_check(&self) -> Result<(), PgConfigError> {
+        let config: tokio_postgres::Config = self.url.parse().map_err(|_| PgConfigError::Unparsable)?;
         if config.get_password().is_some() {
-            return Err("put the database password in store.password_file, not in the URL".into());
+            return Err(PgConfigError::PasswordInUrl);
         }
         if !all_local(&config) && config.get_ssl_mode() != tokio_postgres::config::SslMode::Require {
-            return Err("a remote database needs TLS: add sslmode=require to the URL".into());
+            return Err(PgConfigError::NeedsTls);
         }
         Ok(())
     }
