@@ -571,10 +571,7 @@ impl Application {
             return Err(StartupError::DevDataDir(settings.data_dir.clone()));
         }
         private_dir(&settings.data_dir)?;
-        let location = settings
-            .store
-            .location(&settings.data_dir)
-            .map_err(|e| StartupError::Store(StoreError::Backend(e.to_string())))?;
+        let location = settings.store.location(&settings.data_dir)?;
         let store = location.open()?;
         tracing::info!(store = %location.describe(), "store opened");
         let keystore_at = keystore_at(&settings.keystore, &store);

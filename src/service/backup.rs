@@ -25,12 +25,16 @@ impl Vault {
                     this.spool_dir.display()
                 )))
             })?;
-            let keystore = || this.keys.keystore_bytes().map_err(|e| e.to_string());
+            let keystore = || {
+                this.keys
+                    .keystore_bytes()
+                    .map_err(|e| Box::new(e) as crate::store::BoxError)
+            };
             let Some((summary, bytes)) = this.store.backup(&mut file, &keystore)? else {
                 return Ok(None);
             };
             file.seek(SeekFrom::Start(0))
-                .map_err(|e| VaultError::Store(crate::store::StoreError::Backend(format!("backup spool: {e}"))))?;
+                .map_err(|e| VaultError::Store(crate::store::StoreError::io("backup spool", e)))?;
             Ok(Some(BackupFile { file, summary, bytes }))
         })
         .await

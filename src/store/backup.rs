@@ -149,7 +149,7 @@ pub enum BackupError {
     #[error("{0}")]
     Refused(String),
     #[error("store: {0}")]
-    Store(String),
+    Store(#[source] sled::Error),
 }
 
 /// Writes a backup, hashing as it goes.
@@ -396,7 +396,7 @@ pub fn restore(input: impl Read, to: &RestoreTarget) -> Result<Summary, BackupEr
 }
 
 fn restore_into(input: impl Read, to: &RestoreTarget) -> Result<Summary, BackupError> {
-    let store = |e: sled::Error| BackupError::Store(e.to_string());
+    let store = BackupError::Store;
     let db = sled::Config::new().path(&to.sled_dir).open().map_err(store)?;
     let mut keystore: Option<zeroize::Zeroizing<Vec<u8>>> = None;
     let mut batch: Option<(String, sled::Batch, usize)> = None;

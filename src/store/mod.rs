@@ -419,12 +419,34 @@ pub struct AuditEvent {
 pub enum StoreError {
     #[error("storage backend error: {0}")]
     Backend(String),
+    /// An I/O or embedded-database error, with what the store was doing; the error is
+    /// kept as the source. (PostgreSQL's errors are reduced to their SQLSTATE and message
+    /// instead: a driver error's detail can quote row data.)
+    #[error("storage backend error: {context}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::sync::Arc<dyn std::error::Error + Send + Sync>,
+    },
     /// The backend cannot be reached right now (a database restarting or failing
     /// over, a full pool): nothing was changed; the request may be retried.
     #[error("storage backend unavailable: {0}")]
     Unavailable(String),
     #[error("stored record is corrupt")]
     Corrupt,
+}
+
+/// Any error, kept whole as a cause.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl StoreError {
+    /// An I/O or embedded-database error and what the store was doing.
+    pub fn io(context: impl Into<String>, source: impl std::error::Error + Send + Sync + 'static) -> StoreError {
+        StoreError::Io {
+            context: context.into(),
+            source: std::sync::Arc::new(source),
+        }
+    }
 }
 
 /// The storage interface. Methods are blocking; callers run them off the async
@@ -623,7 +645,7 @@ pub trait Store: Send + Sync + 'static {
     fn backup(
         &self,
         _out: &mut dyn std::io::Write,
-        _keystore: &dyn Fn() -> Result<zeroize::Zeroizing<Vec<u8>>, String>,
+        _keystore: &dyn Fn() -> Result<zeroize::Zeroizing<Vec<u8>>, BoxError>,
     ) -> Result<Option<(backup::Summary, u64)>, StoreError> {
         Ok(None)
     }

@@ -257,12 +257,12 @@ impl PgOptions {
             Some(file) => {
                 use rustls_pki_types::pem::PemObject;
                 let certs = rustls_pki_types::CertificateDer::pem_file_iter(file)
-                    .map_err(|e| StoreError::Backend(format!("cannot read {}: {e}", file.display())))?;
+                    .map_err(|e| StoreError::io(format!("cannot read {}", file.display()), e))?;
                 for cert in certs {
-                    let cert = cert.map_err(|e| StoreError::Backend(format!("{}: {e}", file.display())))?;
+                    let cert = cert.map_err(|e| StoreError::io(file.display().to_string(), e))?;
                     roots
                         .add(cert)
-                        .map_err(|e| StoreError::Backend(format!("{}: {e}", file.display())))?;
+                        .map_err(|e| StoreError::io(file.display().to_string(), e))?;
                 }
             }
             None => {
@@ -274,7 +274,7 @@ impl PgOptions {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let config = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
-            .map_err(|e| StoreError::Backend(format!("TLS: {e}")))?
+            .map_err(|e| StoreError::io("TLS", e))?
             .with_root_certificates(roots)
             .with_no_client_auth();
         Ok(MakeRustlsConnect::new(config))
@@ -412,7 +412,7 @@ impl PgStore {
                 .thread_name("pg-store")
                 .enable_all()
                 .build()
-                .map_err(|e| StoreError::Backend(format!("cannot start the store runtime: {e}")))?,
+                .map_err(|e| StoreError::io("cannot start the store runtime", e))?,
         ));
         let Some(rt) = &runtime.0 else {
             return Err(StoreError::Backend("the store runtime is gone".into()));
@@ -431,7 +431,7 @@ impl PgStore {
             .create_timeout(Some(options.statement_timeout))
             .recycle_timeout(Some(options.statement_timeout))
             .build()
-            .map_err(|e| StoreError::Backend(format!("PostgreSQL pool: {e}")))?;
+            .map_err(|e| StoreError::io("PostgreSQL pool", e))?;
         let keyed_at_open = {
             let pool = pool.clone();
             block(rt, async move {
@@ -446,7 +446,7 @@ impl PgStore {
         let thread = std::thread::Builder::new()
             .name("pg-commit".into())
             .spawn(move || committer(config, tls, rx, c))
-            .map_err(|e| StoreError::Backend(format!("cannot start the commit thread: {e}")))?;
+            .map_err(|e| StoreError::io("cannot start the commit thread", e))?;
         Ok(PgStore {
             runtime,
             pool,

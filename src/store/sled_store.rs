@@ -20,8 +20,8 @@ use super::anchor::{AnchorFile, Found, KeyedMark, Mark};
 use super::backup;
 use super::codec::{decode, encode};
 use super::{
-    Applied, Applying, AuditAppend, AuditSeal, Change, ChargeRecord, ChargesOf, Commit, IdempotencyRecord, InsertMode,
-    InsertOutcome, SealBatch, Store, StoreDamage, StoreError, StoredRecord, Unit,
+    Applied, Applying, AuditAppend, AuditSeal, BoxError, Change, ChargeRecord, ChargesOf, Commit, IdempotencyRecord,
+    InsertMode, InsertOutcome, SealBatch, Store, StoreDamage, StoreError, StoredRecord, Unit,
 };
 use crate::domain::tenant::TenantId;
 use crate::domain::token::Token;
@@ -164,7 +164,7 @@ impl SledStore {
                 let writer = writer.clone();
                 move || committer(flush_db, rx, anchor, anchored, writer)
             })
-            .map_err(|e| StoreError::Backend(format!("cannot start commit thread: {e}")))?;
+            .map_err(|e| StoreError::io("cannot start the commit thread", e))?;
         Ok(SledStore {
             db,
             tokens,
@@ -199,14 +199,14 @@ impl SledStore {
     pub fn backup_to(
         &self,
         out: &mut dyn std::io::Write,
-        keystore: &dyn Fn() -> Result<zeroize::Zeroizing<Vec<u8>>, String>,
+        keystore: &dyn Fn() -> Result<zeroize::Zeroizing<Vec<u8>>, BoxError>,
     ) -> Result<(backup::Summary, u64), StoreError> {
         if let Some(damage) = &self.damage {
             return Err(StoreError::Backend(format!(
                 "the store is damaged ({damage}): a backup of it would carry the damage"
             )));
         }
-        let io = |e: std::io::Error| StoreError::Backend(format!("cannot write the backup: {e}"));
+        let io = |e: std::io::Error| StoreError::io("cannot write the backup", e);
         let mut w = backup::BackupWriter::new(std::io::BufWriter::with_capacity(1 << 20, out)).map_err(io)?;
         let _history = self.history.lock().unwrap_or_else(|p| p.into_inner());
         let gate = self.writer.gate.write().unwrap_or_else(|p| p.into_inner());
@@ -226,7 +226,10 @@ impl SledStore {
         }
         let head = *self.head.lock().unwrap_or_else(|p| p.into_inner());
         // Read last, under the gate: it knows every KEK version a copied record uses.
-        let keys = keystore().map_err(|e| StoreError::Backend(format!("cannot read the keystore: {e}")))?;
+        let keys = keystore().map_err(|e| StoreError::Io {
+            context: "cannot read the keystore".into(),
+            source: e.into(),
+        })?;
         drop(gate);
         let pause = paused.elapsed();
         // The trail up to the head taken under the gate, after it: records at or below
@@ -727,7 +730,7 @@ fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
 }
 
 fn salvage_io(e: std::io::Error) -> StoreError {
-    StoreError::Backend(format!("salvage: {e}"))
+    StoreError::io("salvage", e)
 }
 
 /// Compares the anchored audit head with what the store holds now.
@@ -887,12 +890,12 @@ fn backend(e: sled::Error) -> StoreError {
     match e {
         // sled's own checksum caught damaged bytes when reading them in.
         sled::Error::Corruption { .. } => StoreError::Corrupt,
-        e => StoreError::Backend(e.to_string()),
+        e => StoreError::io("sled", e),
     }
 }
 
 fn anchor_io(e: std::io::Error) -> StoreError {
-    StoreError::Backend(format!("store anchor: {e}"))
+    StoreError::io("store anchor", e)
 }
 
 fn wraps_key(version: u32) -> Vec<u8> {
@@ -1439,7 +1442,7 @@ impl Store for SledStore {
     fn backup(
         &self,
         out: &mut dyn std::io::Write,
-        keystore: &dyn Fn() -> Result<zeroize::Zeroizing<Vec<u8>>, String>,
+        keystore: &dyn Fn() -> Result<zeroize::Zeroizing<Vec<u8>>, BoxError>,
     ) -> Result<Option<(backup::Summary, u64)>, StoreError> {
         self.backup_to(out, keystore).map(Some)
     }
