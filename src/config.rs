@@ -914,10 +914,10 @@ fn retention_arg(s: &str) -> Result<(String, Duration), String> {
 #[derive(Default, clap::Args)]
 pub struct Overrides {
     /// Store: sled:PATH [default: <data-dir>/sled] or postgres://… (overrides [store] url).
-    #[arg(long, env = "TOKENVAULT_STORE", value_name = "URL")]
+    #[arg(long, env = "TOKENVAULT_STORE", hide_env_values = true, value_name = "URL")]
     store: Option<String>,
     /// A memory-only Redis (redis://…) holding CVVs for every replica [default: this process's memory].
-    #[arg(long, env = "TOKENVAULT_CVV_REDIS", value_name = "URL")]
+    #[arg(long, env = "TOKENVAULT_CVV_REDIS", hide_env_values = true, value_name = "URL")]
     cvv_redis: Option<String>,
     /// Dev mode: the PSP base URL (e.g. the mock PSP, http://127.0.0.1:8081); its host is allow-listed.
     #[arg(long, env = "TOKENVAULT_PSP_URL", value_name = "URL")]
@@ -933,7 +933,8 @@ pub struct Overrides {
     /// Detokenize anomaly guard ([anomaly_guard] in the file) [dev default: off; production: on].
     #[arg(long, env = "TOKENVAULT_ANOMALY_GUARD", value_name = "SWITCH")]
     anomaly_guard: Option<Switch>,
-    /// Anomaly guard: the counting window [default: 60s]. Turns the guard on.
+    /// Anomaly guard: the counting window [default: 60s]. Any --anomaly-* tuning flag turns the
+    /// guard on (with --anomaly-guard it is refused: a tuned guard is on).
     #[arg(long, value_name = "DURATION", value_parser = duration_arg, conflicts_with = "anomaly_guard")]
     anomaly_window: Option<Duration>,
     /// Anomaly guard: flag a window this many times the client's own average [default: 10].
@@ -958,6 +959,7 @@ pub struct Overrides {
     #[arg(long, env = "TOKENVAULT_ENUMERATION_GUARD", value_name = "SWITCH")]
     enumeration_guard: Option<Switch>,
     /// Enumeration guard: distinct cards per BIN + last four per client and tenant in the window [default: 5].
+    /// Any --enumeration-* tuning flag turns the guard on (with --enumeration-guard it is refused).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..), conflicts_with = "enumeration_guard")]
     enumeration_max: Option<u32>,
     /// Enumeration guard: the window [default: 1h].

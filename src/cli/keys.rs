@@ -85,7 +85,13 @@ pub(super) struct Conn {
     #[arg(long, value_name = "FILE", global = true)]
     pub(super) config: Option<PathBuf>,
     /// With --offline: the store, as for `serve --store` [default: the config's, or sled in the data directory].
-    #[arg(long, env = "TOKENVAULT_STORE", value_name = "URL", global = true)]
+    #[arg(
+        long,
+        env = "TOKENVAULT_STORE",
+        hide_env_values = true,
+        value_name = "URL",
+        global = true
+    )]
     pub(super) store: Option<String>,
     /// CA certificate (PEM) that signed the vault's TLS certificate, if not a public one.
     #[arg(long, env = "TOKENVAULT_CA_FILE", value_name = "FILE", global = true)]

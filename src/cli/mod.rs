@@ -165,7 +165,7 @@ enum StoreCommand {
     /// schema, or the database cannot be reached).
     Migrate {
         /// The database, `postgres://…`.
-        #[arg(long, env = "TOKENVAULT_STORE", value_name = "URL")]
+        #[arg(long, env = "TOKENVAULT_STORE", hide_env_values = true, value_name = "URL")]
         store: String,
         /// Production config: `[store]` password and CA files.
         #[arg(long, value_name = "FILE")]

@@ -464,3 +464,27 @@ async fn a_stopping_vault_stops_its_background_tasks() {
     assert!(line.contains("stopped=7") && line.contains("total=7"), "{line}");
     assert!(!logs.contains("did not stop in time"), "{logs}");
 }
+
+/// Connection URLs may carry passwords: `--help` names their environment variables but never
+/// prints the values set in them (clap shows `[env: NAME=value]` unless told not to).
+#[test]
+fn help_never_prints_a_secret_from_the_environment() {
+    let env = [
+        ("TOKENVAULT_CVV_REDIS", "redis://:redis-s3cret@cvv:6379"),
+        ("TOKENVAULT_STORE", "postgres://u:db-s3cret@db/tokenvault"),
+    ];
+    for args in [
+        &["serve", "--help"][..],
+        &["keys", "--help"],
+        &["keys", "status", "--help"],
+        &["store", "migrate", "--help"],
+    ] {
+        let (code, out, err) = run_cli(args, &env);
+        assert_eq!(code, 0, "{args:?}: {err}");
+        assert!(out.contains("TOKENVAULT_"), "{args:?} names its variables:\n{out}");
+        assert!(
+            !out.contains("s3cret") && !err.contains("s3cret"),
+            "{args:?} printed a secret:\n{out}"
+        );
+    }
+}
