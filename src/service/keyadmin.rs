@@ -32,11 +32,22 @@ pub struct EpochStep {
 
 pub(super) struct AdminState {
     cryptoperiod: Option<Duration>,
+    /// Where the last rewrap call stopped, per decrypt-only version (the last token
+    /// it read), so the next call goes on from there instead of reading again the
+    /// records already moved.
+    rewrap_cursors: std::sync::Mutex<std::collections::BTreeMap<u32, Token>>,
 }
 
 impl AdminState {
     pub(super) fn new(cryptoperiod: Option<Duration>) -> AdminState {
-        AdminState { cryptoperiod }
+        AdminState {
+            cryptoperiod,
+            rewrap_cursors: std::sync::Mutex::default(),
+        }
+    }
+
+    fn cursors(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<u32, Token>> {
+        self.rewrap_cursors.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -208,31 +219,49 @@ impl Vault {
         let mut progress = RewrapProgress::default();
         let mut budget = limit;
         for version in &movable {
-            // A cursor through the version's index: each record is read once.
-            let mut after: Option<Token> = None;
+            // A cursor in token order, kept across calls. No record is ever sealed
+            // again under a decrypt-only version, so none appears behind it. A call
+            // that started mid-way and reaches the end goes round once more from the
+            // beginning, for the records a concurrent change kept back; a record
+            // that fails to open is counted once per call.
+            let mut after: Option<Token> = self.admin.cursors().get(version).cloned();
+            let mut may_go_round = after.is_some();
+            let mut failed = std::collections::HashSet::new();
             while budget > 0 {
-                let batch = self
-                    .store
-                    .records_under_version(*version, after.as_ref(), budget.min(REWRAP_CHUNK))?;
-                let Some(last) = batch.last() else { break };
-                after = Some(last.token.clone());
+                let want = budget.min(REWRAP_CHUNK);
+                let batch = self.store.records_under_version(*version, after.as_ref(), want)?;
+                let reached_end = batch.len() < want;
+                after = if reached_end {
+                    None
+                } else {
+                    batch.last().map(|r| r.token.clone())
+                };
                 budget = budget.saturating_sub(batch.len());
                 let mut moves = Vec::with_capacity(batch.len());
                 for record in batch {
                     match ring.rewrap(&record.tenant, &record.token, &record.sealed) {
                         Ok(sealed) => moves.push((record, sealed)),
                         Err(_) => {
-                            progress.failed += 1;
-                            tracing::error!(token = %record.token, version, "rewrap: record failed to open; left as is");
+                            if failed.insert(record.token.clone()) {
+                                progress.failed += 1;
+                                tracing::error!(token = %record.token, version, "rewrap: record failed to open; left as is");
+                            }
                         }
                     }
                 }
                 if let Some((_, sealed)) = moves.first() {
                     self.budget.count(sealed.key_version, moves.len() as u64)?;
                 }
-                // A record changed meanwhile keeps its envelope and is moved by a later call.
+                // A record changed meanwhile keeps its envelope and is moved by a later pass.
                 progress.rewrapped += self.store.replace_sealed(&moves)?;
+                if reached_end && !std::mem::take(&mut may_go_round) {
+                    break;
+                }
             }
+            match after {
+                Some(t) => self.admin.cursors().insert(*version, t),
+                None => self.admin.cursors().remove(version),
+            };
         }
         let counts = self.store.count_by_version()?;
         progress.remaining = movable

@@ -508,8 +508,9 @@ pub trait Store: Send + Sync + 'static {
     /// Records per KEK version (cheap: key status and every rewrap step ask).
     fn count_by_version(&self) -> Result<std::collections::BTreeMap<u32, u64>, StoreError>;
     /// Up to `limit` records whose DEK is wrapped under `version`, in token order,
-    /// starting after the token `after` (a cursor: no rescans). An index entry
-    /// whose record is gone or under another version is dropped, not returned.
+    /// starting after the token `after` (a cursor: no rescans). sled walks its
+    /// records (it keeps no version index: one random-key write fewer per
+    /// tokenize); PostgreSQL reads its `(key_version, token)` index.
     fn records_under_version(
         &self,
         version: u32,
@@ -518,7 +519,7 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<StoredRecord>, StoreError>;
     /// Replaces the envelopes of many records, each only if the record is still
     /// exactly as read (compare-and-swap per record; a record that changed or was
-    /// deleted meanwhile is left alone), and moves its version index entry.
+    /// deleted meanwhile is left alone), and moves its count to the new version.
     /// Returns how many were replaced. Durable with the next commit.
     fn replace_sealed(&self, moves: &[(StoredRecord, SealedCard)]) -> Result<u64, StoreError>;
     /// Sets a record's card-on-file network transaction id if it has none yet.
@@ -842,7 +843,7 @@ pub(crate) mod conformance {
         assert_eq!(store.count().unwrap(), 1);
         store.check().unwrap();
 
-        // The version index follows inserts, rewraps and deletes.
+        // The version counts follow inserts, rewraps and deletes.
         let c = record("t3", "4111110000004112", 3);
         assert_eq!(
             store.insert(&c, InsertMode::Dedupe, None).unwrap(),

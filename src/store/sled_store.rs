@@ -1,8 +1,10 @@
 //! The embedded sled backend.
 //!
 //! Trees: `tokens` (token → record), `fingerprints` (tenant ‖ 0x00 ‖ HMAC →
-//! token), `by_version` (KEK version ‖ token → ∅, for rewrap and key status),
-//! `meta` (schema version). Records are postcard-encoded and compact
+//! token), `meta` (schema version). Records per KEK version are counted in
+//! memory (a scan of `tokens` at open, then every committed change); rewrap walks
+//! `tokens` with a cursor. (Stores written before kept a `by_version` index:
+//! one more random-key write per tokenize, dropped at open.) Records are postcard-encoded and compact
 //! (sled roughly doubles what it stores on disk).
 //!
 //! Durability: sled writes land in its page cache; `Db::flush` makes them durable.
@@ -54,7 +56,6 @@ pub struct SledStore {
     db: sled::Db,
     tokens: sled::Tree,
     fingerprints: sled::Tree,
-    by_version: sled::Tree,
     /// Expiry index: (expires_at, token) → tenant, for the sweeper. An entry whose
     /// record is gone is dropped when the sweeper meets it.
     expiries: sled::Tree,
@@ -71,8 +72,9 @@ pub struct SledStore {
     thread: Option<std::thread::JoinHandle<()>>,
     /// The audit head appended so far (anchored after the next flush).
     head: Arc<Mutex<Option<Mark>>>,
-    /// Records per KEK version: counted from the version index at open, then kept
-    /// in step with every committed write (sled has no cheap count).
+    /// Records per KEK version: counted from the records at open, then kept in
+    /// step with every change to a record (each one a compare-and-swap or an
+    /// insert-if-absent, so the count moves only with what was written).
     versions: Arc<Mutex<std::collections::BTreeMap<u32, u64>>>,
     damage: Option<StoreDamage>,
     reanchored_from: Option<u64>,
@@ -95,7 +97,10 @@ impl SledStore {
             .map_err(backend)?;
         let tokens = db.open_tree("tokens").map_err(backend)?;
         let fingerprints = db.open_tree("fingerprints").map_err(backend)?;
-        let by_version = db.open_tree("by_version").map_err(backend)?;
+        // The version index of earlier releases (counts and rewrap now use the records).
+        if db.tree_names().iter().any(|n| n.as_ref() == b"by_version") {
+            db.drop_tree("by_version").map_err(backend)?;
+        }
         let expiries = db.open_tree("expiries").map_err(backend)?;
         let charges = db.open_tree("charges").map_err(backend)?;
         let charge_index = db.open_tree("charge_index").map_err(backend)?;
@@ -143,12 +148,11 @@ impl SledStore {
         // Starts from the anchored mark, so a process that never MACs (sealed)
         // carries the last keyed mark forward.
         let head = Arc::new(Mutex::new(if damage.is_none() { found_mark } else { None }));
-        let versions = Arc::new(Mutex::new(scan_versions(&by_version)?));
+        let versions = Arc::new(Mutex::new(scan_versions(&tokens)?));
         let (tx, rx) = mpsc::channel::<Job>();
         let writer = Writer {
             tokens: tokens.clone(),
             fingerprints: fingerprints.clone(),
-            by_version: by_version.clone(),
             expiries: expiries.clone(),
             by_tenant: by_tenant.clone(),
             audit: audit.clone(),
@@ -169,7 +173,6 @@ impl SledStore {
             db,
             tokens,
             fingerprints,
-            by_version,
             expiries,
             charges,
             charge_index,
@@ -413,7 +416,6 @@ fn expiry_key(expires_at: i64, token: &Token) -> Vec<u8> {
 struct Writer {
     tokens: sled::Tree,
     fingerprints: sled::Tree,
-    by_version: sled::Tree,
     expiries: sled::Tree,
     by_tenant: sled::Tree,
     audit: sled::Tree,
@@ -437,7 +439,7 @@ type TxResult<T> = Result<T, ConflictableTransactionError<StoreError>>;
 /// Insert-if-absent inside a transaction; `audit` gives the records to store with
 /// it, asked only when the record is inserted.
 fn tx_insert(
-    (tokens, fps, versions, trail): (&TxTree, &TxTree, &TxTree, &TxTree),
+    (tokens, fps, trail): (&TxTree, &TxTree, &TxTree),
     record: &StoredRecord,
     mode: InsertMode,
     audit: &mut dyn FnMut() -> Result<Vec<AuditAppend>, StoreError>,
@@ -464,7 +466,6 @@ fn tx_insert(
     if known.is_none() {
         fps.insert(fpk.as_slice(), token_key)?;
     }
-    versions.insert(version_key(record.sealed.key_version, &record.token), &[] as &[u8])?;
     for a in &records {
         trail.insert(&a.seq.to_be_bytes(), a.record.as_slice())?;
     }
@@ -473,7 +474,7 @@ fn tx_insert(
 
 /// Delete inside a transaction: `Some(version)` if the tenant's record was removed.
 fn tx_delete(
-    (tokens, fps, versions, trail): (&TxTree, &TxTree, &TxTree, &TxTree),
+    (tokens, fps, trail): (&TxTree, &TxTree, &TxTree),
     tenant: &TenantId,
     token: &Token,
     audit: &mut dyn FnMut() -> Result<Vec<AuditAppend>, StoreError>,
@@ -492,7 +493,6 @@ fn tx_delete(
     if fps.get(&fpk)?.is_some_and(|t| t.as_ref() == token_key) {
         fps.remove(fpk)?;
     }
-    versions.remove(version_key(record.sealed.key_version, token))?;
     for a in &records {
         trail.insert(&a.seq.to_be_bytes(), a.record.as_slice())?;
     }
@@ -516,8 +516,8 @@ impl Writer {
         self.gate.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn trees(&self) -> (&sled::Tree, &sled::Tree, &sled::Tree, &sled::Tree) {
-        (&self.tokens, &self.fingerprints, &self.by_version, &self.audit)
+    fn trees(&self) -> (&sled::Tree, &sled::Tree, &sled::Tree) {
+        (&self.tokens, &self.fingerprints, &self.audit)
     }
 
     /// Follows a committed write: version counts and the audit head.
@@ -548,11 +548,11 @@ impl Writer {
     /// global write lock, which costs more than the whole request. Atomicity on a
     /// crash comes from write order instead: sled recovers a prefix of its log, so
     /// each unit writes its audit record first, then the record, then its index
-    /// entries (a delete: index entries, then the record). A crash inside a unit
-    /// (never acknowledged) leaves at worst an audit record of a change that is
-    /// not there, a record without index entries (no client holds its token), or
-    /// a fingerprint entry naming a deleted token; readers treat such an entry as
-    /// absent. An acknowledged unit is always whole: the flush covers all of it.
+    /// entries (a delete: the record, then its index entries). A crash inside a
+    /// unit (never acknowledged) leaves at worst an audit record of a change that
+    /// is not there, a record without index entries (no client holds its token), or
+    /// index entries naming a deleted token; readers treat such an entry as absent
+    /// (and the tenant listing and the expiry sweeper clear it). An acknowledged unit is always whole: the flush covers all of it.
     fn apply_batch(&self, units: &[&Unit], seal: &dyn AuditSeal) -> Result<Vec<Applied>, StoreError> {
         let _writing = self.writing();
         let mut sealer = seal.begin();
@@ -639,30 +639,36 @@ impl Writer {
                         .insert(expiry_key(at, &record.token), record.tenant.as_str().as_bytes())
                         .map_err(backend)?;
                 }
-                let vk = version_key(record.sealed.key_version, &record.token);
-                // The counts follow the index entries themselves (new or not).
-                let fresh = self.by_version.insert(vk, &[] as &[u8]).map_err(backend)?.is_none();
                 (
                     Applied::Inserted(InsertOutcome::Inserted),
-                    if fresh {
-                        Effect::Added(record.sealed.key_version)
-                    } else {
-                        Effect::None
-                    },
+                    Effect::Added(record.sealed.key_version),
                 )
             }
             Change::Delete { tenant, token } => {
                 let token_key = token.as_str().as_bytes();
-                let Some(bytes) = self.tokens.get(token_key).map_err(backend)? else {
+                let Some(mut bytes) = self.tokens.get(token_key).map_err(backend)? else {
                     return Ok((Applied::Deleted(false), Effect::None, Vec::new()));
                 };
-                let record = decode(token, &bytes)?;
-                if record.tenant != *tenant {
+                if decode(token, &bytes)?.tenant != *tenant {
                     return Ok((Applied::Deleted(false), Effect::None, Vec::new()));
                 }
                 audit(sealer)?;
-                let vk = version_key(record.sealed.key_version, token);
-                let indexed = self.by_version.remove(vk).map_err(backend)?.is_some();
+                // Compare-and-swap: a rewrap may move the record to another KEK version
+                // meanwhile, and the count must lose the version actually removed.
+                let record = loop {
+                    let record = decode(token, &bytes)?;
+                    match self
+                        .tokens
+                        .compare_and_swap(token_key, Some(&bytes), None as Option<&[u8]>)
+                        .map_err(backend)?
+                    {
+                        Ok(()) => break record,
+                        Err(sled::CompareAndSwapError { current: Some(now), .. }) => bytes = now,
+                        Err(sled::CompareAndSwapError { current: None, .. }) => {
+                            return Ok((Applied::Deleted(false), Effect::None, records));
+                        }
+                    }
+                };
                 let fpk = fp_key(tenant, &record.fingerprint);
                 // Only this token's own entry (compare-and-swap: never another's).
                 let _ = self
@@ -670,18 +676,10 @@ impl Writer {
                     .compare_and_swap(fpk, Some(token_key), None as Option<&[u8]>)
                     .map_err(backend)?;
                 self.by_tenant.remove(tenant_key(tenant, token)).map_err(backend)?;
-                self.tokens.remove(token_key).map_err(backend)?;
                 if let Some(at) = record.expires_at {
                     self.expiries.remove(expiry_key(at, token)).map_err(backend)?;
                 }
-                (
-                    Applied::Deleted(true),
-                    if indexed {
-                        Effect::Removed(record.sealed.key_version)
-                    } else {
-                        Effect::None
-                    },
-                )
+                (Applied::Deleted(true), Effect::Removed(record.sealed.key_version))
             }
             Change::Nothing => {
                 audit(sealer)?;
@@ -759,17 +757,34 @@ fn check_anchor(audit: &sled::Tree, found: &Found) -> Result<Option<StoreDamage>
 }
 
 /// Counts the version index (at open).
-fn scan_versions(by_version: &sled::Tree) -> Result<std::collections::BTreeMap<u32, u64>, StoreError> {
+/// Counts the records per KEK version (at open). A damaged record that no longer
+/// decodes is not counted (it fails closed when read, under any key); the store
+/// still opens, and says how many it met.
+fn scan_versions(tokens: &sled::Tree) -> Result<std::collections::BTreeMap<u32, u64>, StoreError> {
     let mut counts = std::collections::BTreeMap::new();
-    for key in by_version.iter().keys() {
-        let key = key.map_err(backend)?;
-        let v: [u8; 4] = key
-            .get(..4)
-            .and_then(|b| b.try_into().ok())
-            .ok_or(StoreError::Corrupt)?;
-        *counts.entry(u32::from_be_bytes(v)).or_insert(0) += 1;
+    let mut damaged = 0u64;
+    for item in tokens.iter() {
+        let (key, value) = item.map_err(backend)?;
+        match token_of(&key).and_then(|t| decode(&t, &value)) {
+            Ok(record) => *counts.entry(record.sealed.key_version).or_insert(0) += 1,
+            Err(_) => damaged += 1,
+        }
+    }
+    if damaged > 0 {
+        tracing::warn!(
+            damaged,
+            "records that do not decode (damaged): not counted under any KEK version"
+        );
     }
     Ok(counts)
+}
+
+/// The token a `tokens` key names.
+fn token_of(key: &[u8]) -> Result<Token, StoreError> {
+    std::str::from_utf8(key)
+        .ok()
+        .and_then(Token::parse)
+        .ok_or(StoreError::Corrupt)
 }
 
 fn audit_seq(key: &[u8]) -> Result<u64, StoreError> {
@@ -904,13 +919,6 @@ fn wraps_key(version: u32) -> Vec<u8> {
     k
 }
 
-fn version_key(version: u32, token: &Token) -> Vec<u8> {
-    let mut k = Vec::with_capacity(4 + token.as_str().len());
-    k.extend_from_slice(&version.to_be_bytes());
-    k.extend_from_slice(token.as_str().as_bytes());
-    k
-}
-
 /// `by_tenant` key: the tenant, a zero byte, the token (token order within a tenant).
 fn tenant_key(tenant: &TenantId, token: &Token) -> Vec<u8> {
     let mut k = Vec::with_capacity(tenant.as_str().len() + 1 + token.as_str().len());
@@ -1020,8 +1028,8 @@ impl Store for SledStore {
         let (outcome, records) = self
             .writer
             .trees()
-            .transaction(|(a, b, c, d)| {
-                tx_insert((a, b, c, d), record, mode, &mut || {
+            .transaction(|(a, b, c)| {
+                tx_insert((a, b, c), record, mode, &mut || {
                     Ok(audit.cloned().into_iter().collect())
                 })
             })
@@ -1067,8 +1075,8 @@ impl Store for SledStore {
         let (gone, records) = self
             .writer
             .trees()
-            .transaction(|(a, b, c, d)| {
-                tx_delete((a, b, c, d), tenant, token, &mut || {
+            .transaction(|(a, b, c)| {
+                tx_delete((a, b, c), tenant, token, &mut || {
                     Ok(audit.cloned().into_iter().collect())
                 })
             })
@@ -1233,43 +1241,27 @@ impl Store for SledStore {
         limit: usize,
     ) -> Result<Vec<StoredRecord>, StoreError> {
         let _writing = self.writer.writing();
-        let start = match after {
-            // The smallest key above `after`: its key with a zero byte appended.
-            Some(t) => {
-                let mut k = version_key(version, t);
-                k.push(0);
-                k
-            }
-            None => version.to_be_bytes().to_vec(),
-        };
-        let end = version.checked_add(1).map(u32::to_be_bytes);
-        let keys = match end {
-            Some(end) => self.by_version.range(start..end.to_vec()),
-            None => self.by_version.range(start..),
+        // A cursor over the records in token order: no index to keep in step with
+        // every tokenize, and nothing stale to meet.
+        let records = match after {
+            Some(t) => self.tokens.range::<&[u8], _>((
+                std::ops::Bound::Excluded(t.as_str().as_bytes()),
+                std::ops::Bound::Unbounded,
+            )),
+            None => self.tokens.iter(),
         };
         let mut out = Vec::with_capacity(limit.min(4096));
-        for key in keys.keys().take(limit) {
-            let key = key.map_err(backend)?;
-            let token = std::str::from_utf8(&key[4..])
-                .ok()
-                .and_then(Token::parse)
-                .ok_or(StoreError::Corrupt)?;
-            if let Some(bytes) = self.tokens.get(token.as_str().as_bytes()).map_err(backend)? {
-                let record = decode(&token, &bytes)?;
-                if record.sealed.key_version == version {
-                    out.push(record);
-                    continue;
-                }
+        for item in records {
+            if out.len() >= limit {
+                break;
             }
-            // A stale entry (a crash or a race between a rewrap and a delete left
-            // it): the record is gone or under another version. Cleared here.
-            if self
-                .by_version
-                .compare_and_swap(&key, Some(&[] as &[u8]), None as Option<&[u8]>)
-                .map_err(backend)?
-                .is_ok()
+            let (key, value) = item.map_err(backend)?;
+            // A damaged record cannot be rewrapped either: passed over (it fails
+            // closed when read).
+            if let Ok(record) = token_of(&key).and_then(|t| decode(&t, &value))
+                && record.sealed.key_version == version
             {
-                note_versions(&self.versions, Some(version), None, 1);
+                out.push(record);
             }
         }
         Ok(out)
@@ -1278,10 +1270,7 @@ impl Store for SledStore {
     fn replace_sealed(&self, moves: &[(StoredRecord, SealedCard)]) -> Result<u64, StoreError> {
         let _writing = self.writer.writing();
         // No sled transaction (each would roll the log buffer twice): every record
-        // is compare-and-swapped on its own, then its index entry moves, the new
-        // entry first. A crash between the two leaves a stale entry under the old
-        // version (the next rewrap clears it), never a record its version's index
-        // does not list.
+        // is compare-and-swapped on its own, and the in-memory count moves with it.
         let mut moved = 0;
         for (current, sealed) in moves {
             let expected = encode(current)?;
@@ -1298,14 +1287,12 @@ impl Store for SledStore {
             {
                 continue; // changed or deleted meanwhile
             }
-            let new_vk = version_key(sealed.key_version, &current.token);
-            if self.by_version.insert(new_vk, &[] as &[u8]).map_err(backend)?.is_none() {
-                note_versions(&self.versions, None, Some(sealed.key_version), 1);
-            }
-            let old_vk = version_key(current.sealed.key_version, &current.token);
-            if self.by_version.remove(old_vk).map_err(backend)?.is_some() {
-                note_versions(&self.versions, Some(current.sealed.key_version), None, 1);
-            }
+            note_versions(
+                &self.versions,
+                Some(current.sealed.key_version),
+                Some(sealed.key_version),
+                1,
+            );
             moved += 1;
         }
         Ok(moved)
@@ -1689,34 +1676,49 @@ mod tests {
         assert_eq!(store.damage(), Some(StoreDamage::AnchorUnreadable { found: 8 }));
     }
 
+    /// Counts come from the records themselves at open; the version index an
+    /// earlier release kept (stale entries included) is dropped, not trusted; a
+    /// damaged record does not stop the open.
     #[tokio::test]
-    async fn stale_version_entries_are_cleared_and_uncounted() {
+    async fn versions_are_counted_from_the_records_and_the_old_index_is_dropped() {
         let dir = tempfile::tempdir().unwrap();
         let a = conformance::record("t1", "4111110000001112", 1);
+        let b = StoredRecord {
+            sealed: SealedCard {
+                key_version: 2,
+                ..a.sealed.clone()
+            },
+            ..conformance::record("t1", "4111110000003112", 2)
+        };
         {
             let store = SledStore::open(dir.path()).unwrap();
-            assert_eq!(
-                store.insert(&a, InsertMode::Dedupe, None).unwrap(),
-                InsertOutcome::Inserted
-            );
-            // What a crash between a rewrap's two index writes, or a delete racing a
-            // rewrap, can leave: entries naming a gone token and a moved record.
-            let gone = Token::parse("4111110000002112").unwrap();
-            store.by_version.insert(version_key(1, &gone), &[] as &[u8]).unwrap();
-            store.by_version.insert(version_key(2, &a.token), &[] as &[u8]).unwrap();
+            for r in [&a, &b] {
+                assert_eq!(
+                    store.insert(r, InsertMode::Dedupe, None).unwrap(),
+                    InsertOutcome::Inserted
+                );
+            }
+            // What an earlier release's index could hold after a crash: entries naming
+            // a gone token and a moved record.
+            let old = store.db.open_tree("by_version").unwrap();
+            old.insert([0, 0, 0, 1, b'x'], &[] as &[u8]).unwrap();
+            old.insert([0, 0, 0, 3, b'y'], &[] as &[u8]).unwrap();
+            // A damaged record: the store still opens, and it is counted nowhere.
+            store.tokens.insert(b"4111110000005112", &[9u8, 1, 2][..]).unwrap();
             store.commit().await.unwrap();
         }
         let store = SledStore::open(dir.path()).unwrap();
-        // Counted at open from the index as it stands...
+        assert!(
+            !store.db.tree_names().iter().any(|n| n.as_ref() == b"by_version"),
+            "the old index is dropped at open"
+        );
         assert_eq!(
             store.count_by_version().unwrap(),
-            [(1, 2), (2, 1)].into_iter().collect()
+            [(1, 1), (2, 1)].into_iter().collect()
         );
-        // ...and the cursor clears what is stale instead of returning it.
         assert_eq!(store.records_under_version(1, None, 10).unwrap(), vec![a.clone()]);
-        assert_eq!(store.records_under_version(2, None, 10).unwrap(), vec![]);
-        assert_eq!(store.count_by_version().unwrap(), [(1, 1)].into_iter().collect());
-        assert_eq!(store.by_version.len(), 1);
+        assert_eq!(store.records_under_version(2, None, 10).unwrap(), vec![b.clone()]);
+        assert_eq!(store.records_under_version(3, None, 10).unwrap(), vec![]);
     }
 
     /// A store written before the tenant and charge indexes existed gets them at
