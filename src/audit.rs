@@ -13,6 +13,12 @@
 //! Truncating the tail leaves a valid shorter chain: the store's anchor
 //! (`store::anchor`, the durably written head) catches that at start, and a SIEM
 //! export anchors the head off the box.
+//!
+//! Stored compactly ([`encode_stored`]: a tag byte, then postcard with the three
+//! hashes as raw bytes, ≈ 40 % of the JSON); exports and the verifier see the
+//! same [`AuditRecord`] and its JSON as before. Records stored as JSON by earlier
+//! releases stay readable ([`decode_stored`] tells the two apart by their first
+//! byte), and the chain hash is over the same canonical JSON body either way.
 
 use std::sync::{Arc, Mutex};
 
@@ -77,6 +83,108 @@ impl AuditRecord {
         };
         let bytes = serde_json::to_vec(&body).unwrap_or_default();
         Sha256::new().chain_update(prev).chain_update(&bytes).finalize().into()
+    }
+}
+
+/// The tag byte of a compactly stored record (a JSON record starts with `{`).
+const STORED_V2: u8 = 0xA2;
+
+/// The stored form: the record's fields, its hashes as raw bytes.
+#[derive(Serialize, Deserialize)]
+struct StoredV2 {
+    seq: u64,
+    at: String,
+    action: String,
+    outcome: String,
+    principal: Option<String>,
+    tenant: Option<String>,
+    token: Option<String>,
+    request_id: Option<String>,
+    source: Option<String>,
+    detail: Option<String>,
+    prev: [u8; 32],
+    hash: [u8; 32],
+    mac: Option<[u8; 32]>,
+}
+
+/// Why stored audit bytes are not a record.
+#[derive(Debug, thiserror::Error)]
+#[error("not a valid stored audit record")]
+pub struct NotARecord;
+
+/// [`StoredV2`] borrowed, for writing (postcard encodes `&str` as `String`).
+#[derive(Serialize)]
+struct StoredV2Ref<'a> {
+    seq: u64,
+    at: &'a str,
+    action: &'a str,
+    outcome: &'a str,
+    principal: Option<&'a str>,
+    tenant: Option<&'a str>,
+    token: Option<&'a str>,
+    request_id: Option<&'a str>,
+    source: Option<&'a str>,
+    detail: Option<&'a str>,
+    prev: [u8; 32],
+    hash: [u8; 32],
+    mac: Option<[u8; 32]>,
+}
+
+/// The bytes a record is stored as.
+pub fn encode_stored(rec: &AuditRecord) -> Result<Vec<u8>, NotARecord> {
+    let raw = |h: &str| -> Result<[u8; 32], NotARecord> {
+        hex::decode(h).ok().and_then(|b| b.try_into().ok()).ok_or(NotARecord)
+    };
+    let mac = rec.mac.as_deref().map(raw).transpose()?;
+    encode_raw(rec, raw(&rec.prev)?, raw(&rec.hash)?, mac)
+}
+
+/// The stored bytes of `rec`'s fields with its hashes given raw (its own hex
+/// fields are not read).
+fn encode_raw(rec: &AuditRecord, prev: [u8; 32], hash: [u8; 32], mac: Option<[u8; 32]>) -> Result<Vec<u8>, NotARecord> {
+    let v = StoredV2Ref {
+        seq: rec.seq,
+        at: &rec.at,
+        action: &rec.action,
+        outcome: &rec.outcome,
+        principal: rec.principal.as_deref(),
+        tenant: rec.tenant.as_deref(),
+        token: rec.token.as_deref(),
+        request_id: rec.request_id.as_deref(),
+        source: rec.source.as_deref(),
+        detail: rec.detail.as_deref(),
+        prev,
+        hash,
+        mac,
+    };
+    let mut out = Vec::with_capacity(256);
+    out.push(STORED_V2);
+    postcard::to_extend(&v, out).map_err(|_| NotARecord)
+}
+
+/// A stored record: the compact form, or the JSON of earlier releases.
+pub fn decode_stored(bytes: &[u8]) -> Result<AuditRecord, NotARecord> {
+    match bytes.split_first() {
+        Some((&STORED_V2, body)) => {
+            let v: StoredV2 = postcard::from_bytes(body).map_err(|_| NotARecord)?;
+            Ok(AuditRecord {
+                seq: v.seq,
+                at: v.at,
+                action: v.action,
+                outcome: v.outcome,
+                principal: v.principal,
+                tenant: v.tenant,
+                token: v.token,
+                request_id: v.request_id,
+                source: v.source,
+                detail: v.detail,
+                prev: hex::encode(v.prev),
+                hash: hex::encode(v.hash),
+                mac: v.mac.map(hex::encode),
+            })
+        }
+        Some((b'{', _)) => serde_json::from_slice(bytes).map_err(|_| NotARecord),
+        _ => Err(NotARecord),
     }
 }
 
@@ -220,7 +328,7 @@ impl crate::store::SealBatch for Sealing<'_> {
 
 /// (sequence, chain hash, inside a sealed period) of a stored record.
 fn head_of(seq: u64, bytes: &[u8]) -> Result<(u64, [u8; 32], bool), AuditError> {
-    let rec: AuditRecord = serde_json::from_slice(bytes).map_err(|_| AuditError::Corrupt)?;
+    let rec = decode_stored(bytes).map_err(|_| AuditError::Corrupt)?;
     let hash: [u8; 32] = hex::decode(&rec.hash)
         .ok()
         .and_then(|h| h.try_into().ok())
@@ -245,7 +353,7 @@ fn prepare(head: &(u64, [u8; 32], bool), key: Option<&Key256>, event: AuditEvent
     let at = OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default();
-    let mut rec = AuditRecord {
+    let rec = AuditRecord {
         seq,
         at,
         action: event.action.to_owned(),
@@ -256,14 +364,13 @@ fn prepare(head: &(u64, [u8; 32], bool), key: Option<&Key256>, event: AuditEvent
         request_id: event.request_id,
         source: event.source,
         detail: event.detail,
-        prev: hex::encode(head.1),
+        prev: String::new(),
         hash: String::new(),
         mac: None,
     };
     let hash = rec.chain_hash(&head.1);
-    rec.hash = hex::encode(hash);
-    rec.mac = key.map(|k| hex::encode(k.hmac(&hash)));
-    let record = serde_json::to_vec(&rec).map_err(|_| AuditError::Corrupt)?;
+    let mac = key.map(|k| k.hmac(&hash));
+    let record = encode_raw(&rec, head.1, hash, mac).map_err(|_| AuditError::Corrupt)?;
     let keyed_mac = key.map(|k| keyed_mark_mac(k, seq, &record));
     Ok(AuditAppend {
         seq,
@@ -319,7 +426,7 @@ impl AuditLog {
                 let Some((last, _)) = batch.last() else { break };
                 from = last + 1;
                 for (seq, b) in batch {
-                    let maced = serde_json::from_slice::<AuditRecord>(&b).map_or(true, |r| r.mac.is_some());
+                    let maced = decode_stored(&b).map_or(true, |r| r.mac.is_some());
                     if maced {
                         return Err(HeadError::AnchorReplaced(seq));
                     }
@@ -336,7 +443,7 @@ impl AuditLog {
         if !bool::from(expected.ct_eq(&mark.mac)) {
             return Err(HeadError::MarkMismatch(seq));
         }
-        let first: AuditRecord = serde_json::from_slice(&bytes).map_err(|_| HeadError::Corrupt(seq))?;
+        let first = decode_stored(&bytes).map_err(|_| HeadError::Corrupt(seq))?;
         let prev: [u8; 32] = hex::decode(&first.hash)
             .ok()
             .and_then(|h| h.try_into().ok())
@@ -348,7 +455,7 @@ impl AuditLog {
             let Some((last, _)) = batch.last() else { break };
             from = last + 1;
             for (s, b) in batch {
-                match serde_json::from_slice::<AuditRecord>(&b) {
+                match decode_stored(&b) {
                     Ok(rec) => verifier.push(&rec),
                     Err(_) => verifier.fail(s, "record is not a valid audit record"),
                 }
@@ -385,7 +492,7 @@ impl AuditLog {
         self.store
             .audit_scan(from, limit)?
             .into_iter()
-            .map(|(_, b)| serde_json::from_slice(&b).map_err(|_| AuditError::Corrupt))
+            .map(|(_, b)| decode_stored(&b).map_err(|_| AuditError::Corrupt))
             .collect()
     }
 
@@ -422,7 +529,7 @@ impl AuditLog {
         while lo < hi {
             let mid = lo + (hi - lo) / 2;
             let at = match self.store.audit_scan(mid, 1)?.into_iter().next() {
-                Some((_, b)) => serde_json::from_slice::<AuditRecord>(&b)
+                Some((_, b)) => decode_stored(&b)
                     .ok()
                     .and_then(|r| OffsetDateTime::parse(&r.at, &time::format_description::well_known::Rfc3339).ok()),
                 None => None,
@@ -436,7 +543,8 @@ impl AuditLog {
     }
 
     /// Up to `limit` records from `from` as JSON lines (only `tenant`'s when
-    /// given), and the cursor after them.
+    /// given), and the cursor after them. Each line is the record's JSON, however
+    /// it is stored.
     pub fn export_batch(
         &self,
         from: u64,
@@ -447,14 +555,13 @@ impl AuditLog {
         let next = batch.last().map_or(from, |(s, _)| s + 1);
         let mut lines = Vec::with_capacity(batch.len());
         for (_, bytes) in batch {
-            match tenant {
-                None => lines.push(bytes),
-                Some(t) => {
-                    let rec: AuditRecord = serde_json::from_slice(&bytes).map_err(|_| AuditError::Corrupt)?;
-                    if rec.tenant.as_deref() == Some(t) {
-                        lines.push(bytes);
-                    }
-                }
+            if bytes.first() == Some(&b'{') && tenant.is_none() {
+                lines.push(bytes); // stored as JSON by an earlier release: as it is
+                continue;
+            }
+            let rec = decode_stored(&bytes).map_err(|_| AuditError::Corrupt)?;
+            if tenant.is_none_or(|t| rec.tenant.as_deref() == Some(t)) {
+                lines.push(serde_json::to_vec(&rec).map_err(|_| AuditError::Corrupt)?);
             }
         }
         Ok((lines, next))
@@ -487,7 +594,7 @@ impl AuditLog {
                 if seq > through {
                     break;
                 }
-                match serde_json::from_slice::<AuditRecord>(&bytes) {
+                match decode_stored(&bytes) {
                     Ok(rec) => {
                         verifier.push(&rec);
                         if seq == through {
@@ -525,7 +632,7 @@ impl AuditLog {
             let Some((last, _)) = batch.last() else { break };
             from = last + 1;
             for (seq, bytes) in batch {
-                match serde_json::from_slice::<AuditRecord>(&bytes) {
+                match decode_stored(&bytes) {
                     Ok(rec) => verifier.push(&rec),
                     Err(_) => verifier.fail(seq, "record is not a valid audit record"),
                 }
@@ -678,4 +785,95 @@ pub fn verify<'a>(records: impl IntoIterator<Item = &'a AuditRecord>, key: Optio
         v.push(r);
     }
     v.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn event(i: u32) -> AuditEvent {
+        AuditEvent {
+            action: "tokenize",
+            outcome: "ok".into(),
+            principal: Some("edge".into()),
+            tenant: Some("default".into()),
+            token: Some(format!("41111100{i:04}1112")),
+            request_id: Some("0b7c6f2e-8f0e-4c55-9d1e-3c1b1c1d2e3f".into()),
+            source: Some("10.0.0.7".into()),
+            detail: None,
+        }
+    }
+
+    /// A trail stored compactly, with a record an earlier release stored as JSON
+    /// in its middle, verifies whole; the compact form is well under the JSON's size.
+    #[test]
+    fn compact_and_json_records_chain_and_verify_together() {
+        let key = Key256::random();
+        let mut head = (0u64, [0u8; 32], false);
+        let mut stored = Vec::new();
+        for i in 0..6 {
+            let a = prepare(&head, Some(&key), event(i)).unwrap();
+            head = (a.seq, a.hash, false);
+            stored.push(a.record);
+        }
+        let json = serde_json::to_vec(&decode_stored(&stored[3]).unwrap()).unwrap();
+        assert!(
+            stored[3].len() * 10 < json.len() * 6,
+            "compact {} bytes vs JSON {}",
+            stored[3].len(),
+            json.len()
+        );
+        stored[3] = json;
+        let records: Vec<AuditRecord> = stored.iter().map(|b| decode_stored(b).unwrap()).collect();
+        let report = verify(&records, Some(key.clone()));
+        assert_eq!(report.first_broken, None);
+        assert_eq!((report.records, report.macs_checked), (6, 6));
+
+        // An edit to a compactly stored record breaks the chain where it is.
+        let mut edited = records.clone();
+        edited[4].principal = Some("someone-else".into());
+        let again = decode_stored(&encode_stored(&edited[4]).unwrap()).unwrap();
+        assert_eq!(again, edited[4]);
+        edited[4] = again;
+        assert_eq!(verify(&edited, Some(key)).first_broken.map(|(s, _)| s), Some(5));
+    }
+
+    #[test]
+    fn bytes_that_are_not_a_record_are_refused() {
+        for bad in [&[][..], &[STORED_V2], &[STORED_V2, 1, 2, 3], b"{\"seq\":1}", &[7, 1, 2]] {
+            assert!(decode_stored(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    proptest! {
+        /// Whatever the fields hold, the compact form gives the same record back.
+        #[test]
+        fn the_compact_form_round_trips(
+            seq in any::<u64>(),
+            at in ".{0,40}",
+            action in "[a-z._]{1,30}",
+            fields in proptest::collection::vec(proptest::option::of(".{0,60}"), 6),
+            hashes in any::<([u8; 32], [u8; 32], Option<[u8; 32]>)>(),
+        ) {
+            let rec = AuditRecord {
+                seq,
+                at,
+                action,
+                outcome: "ok".into(),
+                principal: fields[0].clone(),
+                tenant: fields[1].clone(),
+                token: fields[2].clone(),
+                request_id: fields[3].clone(),
+                source: fields[4].clone(),
+                detail: fields[5].clone(),
+                prev: hex::encode(hashes.0),
+                hash: hex::encode(hashes.1),
+                mac: hashes.2.map(hex::encode),
+            };
+            let bytes = encode_stored(&rec).unwrap();
+            prop_assert_eq!(bytes[0], STORED_V2);
+            prop_assert_eq!(decode_stored(&bytes).unwrap(), rec);
+        }
+    }
 }

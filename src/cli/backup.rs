@@ -187,7 +187,7 @@ fn verify(path: &Path) -> Result<Report, BackupError> {
                 let seq = <[u8; 8]>::try_from(key)
                     .map(u64::from_be_bytes)
                     .map_err(|_| BackupError::Invalid("an audit key is not a sequence number".into()))?;
-                let record: crate::audit::AuditRecord = serde_json::from_slice(value)
+                let record = crate::audit::decode_stored(value)
                     .map_err(|_| BackupError::Invalid(format!("audit record {seq} does not parse")))?;
                 if record.seq != seq {
                     return Err(BackupError::Invalid(format!(

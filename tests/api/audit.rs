@@ -232,9 +232,9 @@ async fn every_action_is_recorded_and_tampering_is_caught() {
         let db = sled::open(app.data_dir.join("sled")).unwrap();
         let tree = db.open_tree("audit").unwrap();
         let key = 3u64.to_be_bytes();
-        let mut rec: Value = serde_json::from_slice(&tree.get(key).unwrap().unwrap()).unwrap();
+        let mut rec = stored(&tree.get(key).unwrap().unwrap());
         rec["principal"] = json!("someone-else");
-        tree.insert(key, serde_json::to_vec(&rec).unwrap()).unwrap();
+        tree.insert(key, to_store(&rec)).unwrap();
         db.flush().unwrap();
     }
     let (code, out, _) = run_cli(&["audit", "--offline", "--data-dir", &d, "verify"], &[]);
@@ -243,8 +243,7 @@ async fn every_action_is_recorded_and_tampering_is_caught() {
     {
         let db = sled::open(app.data_dir.join("sled")).unwrap();
         let tree = db.open_tree("audit").unwrap();
-        tree.insert(3u64.to_be_bytes(), serde_json::to_vec(&records[2]).unwrap())
-            .unwrap();
+        tree.insert(3u64.to_be_bytes(), to_store(&records[2])).unwrap();
         tree.remove(6u64.to_be_bytes()).unwrap();
         db.flush().unwrap();
     }
@@ -259,6 +258,16 @@ async fn every_action_is_recorded_and_tampering_is_caught() {
 /// into a period opener), written into the stopped vault's own store: the file
 /// verifier can no longer tell, but the anchor's keyed mark (MACed under the audit
 /// key) can. The vault refuses to start and chain onto the forged head.
+/// A stored audit record as JSON (the vault stores them compactly).
+fn stored(bytes: &[u8]) -> Value {
+    serde_json::to_value(tokenvault::audit::decode_stored(bytes).unwrap()).unwrap()
+}
+
+/// The bytes the vault would store for `rec`.
+fn to_store(rec: &Value) -> Vec<u8> {
+    tokenvault::audit::encode_stored(&serde_json::from_value(rec.clone()).unwrap()).unwrap()
+}
+
 #[tokio::test]
 async fn a_forged_sealed_period_cannot_be_chained_onto() {
     let mut app = TestApp::spawn().await;
@@ -271,11 +280,7 @@ async fn a_forged_sealed_period_cannot_be_chained_onto() {
     {
         let db = sled::open(dir.join("sled")).unwrap();
         let tree = db.open_tree("audit").unwrap();
-        let mut records: Vec<Value> = tree
-            .iter()
-            .values()
-            .map(|v| serde_json::from_slice(&v.unwrap()).unwrap())
-            .collect();
+        let mut records: Vec<Value> = tree.iter().values().map(|v| stored(&v.unwrap())).collect();
         assert!(records.len() >= 5);
         records[2]["action"] = json!("audit.sealed_period");
         records[2]["outcome"] = json!("opened");
@@ -286,8 +291,7 @@ async fn a_forged_sealed_period_cannot_be_chained_onto() {
         }
         for rec in &records {
             let seq = rec["seq"].as_u64().unwrap();
-            tree.insert(seq.to_be_bytes(), serde_json::to_vec(rec).unwrap())
-                .unwrap();
+            tree.insert(seq.to_be_bytes(), to_store(rec)).unwrap();
         }
         db.flush().unwrap();
     }

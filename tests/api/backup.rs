@@ -222,7 +222,7 @@ async fn a_backup_under_load_restores_every_acknowledged_card_and_its_trail_veri
     assert_eq!(code, 0, "{stdout}{err}");
     assert!(stdout.contains("intact"), "{stdout}");
 
-    // One backup at a time: while a download is open (a backup of ≈ 22 MB that the
+    // One backup at a time: while a download is open (a backup of ≈ 14 MB that the
     // client does not read, far beyond what the sockets buffer), another is refused
     // with 429 and audited; once it is gone the next one is taken.
     let edge = app.jwt("edge", "acme");
@@ -261,7 +261,7 @@ async fn a_backup_under_load_restores_every_acknowledged_card_and_its_trail_veri
         "the refused backup is audited"
     );
     let whole = held.bytes().await.unwrap();
-    assert!(whole.len() > 20_000_000, "{} bytes", whole.len());
+    assert!(whole.len() > 10_000_000, "{} bytes", whole.len());
     let again = start().await.unwrap();
     assert_eq!(
         again.status(),
