@@ -555,11 +555,16 @@ impl AuditLog {
         let next = batch.last().map_or(from, |(s, _)| s + 1);
         let mut lines = Vec::with_capacity(batch.len());
         for (_, bytes) in batch {
-            if bytes.first() == Some(&b'{') && tenant.is_none() {
-                lines.push(bytes); // stored as JSON by an earlier release: as it is
-                continue;
-            }
-            let rec = decode_stored(&bytes).map_err(|_| AuditError::Corrupt)?;
+            let rec = match decode_stored(&bytes) {
+                Ok(rec) => rec,
+                // JSON an earlier release stored that no longer parses goes out as it
+                // is (as it always did): the SIEM's verifier names the broken record.
+                Err(_) if tenant.is_none() && bytes.first() == Some(&b'{') => {
+                    lines.push(bytes);
+                    continue;
+                }
+                Err(_) => return Err(AuditError::Corrupt),
+            };
             if tenant.is_none_or(|t| rec.tenant.as_deref() == Some(t)) {
                 lines.push(serde_json::to_vec(&rec).map_err(|_| AuditError::Corrupt)?);
             }

@@ -3,9 +3,9 @@
 //! Trees: `tokens` (token → record), `fingerprints` (tenant ‖ 0x00 ‖ HMAC →
 //! token), `meta` (schema version). Records per KEK version are counted in
 //! memory (a scan of `tokens` at open, then every committed change); rewrap walks
-//! `tokens` with a cursor. (Stores written before kept a `by_version` index:
-//! one more random-key write per tokenize, dropped at open.) Records are postcard-encoded and compact
-//! (sled roughly doubles what it stores on disk).
+//! `tokens` with a cursor. (Stores written before kept a `by_version` index: one
+//! more random-key write per tokenize, dropped at open.) Records are
+//! postcard-encoded and compact (sled roughly doubles what it stores on disk).
 //!
 //! Durability: sled writes land in its page cache; `Db::flush` makes them durable.
 //! A single committer thread takes every waiting writer, flushes once, then wakes
@@ -552,7 +552,8 @@ impl Writer {
     /// unit (never acknowledged) leaves at worst an audit record of a change that
     /// is not there, a record without index entries (no client holds its token), or
     /// index entries naming a deleted token; readers treat such an entry as absent
-    /// (and the tenant listing and the expiry sweeper clear it). An acknowledged unit is always whole: the flush covers all of it.
+    /// (and the tenant listing and the expiry sweeper clear it). An acknowledged
+    /// unit is always whole: the flush covers all of it.
     fn apply_batch(&self, units: &[&Unit], seal: &dyn AuditSeal) -> Result<Vec<Applied>, StoreError> {
         let _writing = self.writing();
         let mut sealer = seal.begin();
@@ -649,26 +650,29 @@ impl Writer {
                 let Some(mut bytes) = self.tokens.get(token_key).map_err(backend)? else {
                     return Ok((Applied::Deleted(false), Effect::None, Vec::new()));
                 };
-                if decode(token, &bytes)?.tenant != *tenant {
+                let mut record = decode(token, &bytes)?;
+                if record.tenant != *tenant {
                     return Ok((Applied::Deleted(false), Effect::None, Vec::new()));
                 }
                 audit(sealer)?;
                 // Compare-and-swap: a rewrap may move the record to another KEK version
                 // meanwhile, and the count must lose the version actually removed.
-                let record = loop {
-                    let record = decode(token, &bytes)?;
+                loop {
                     match self
                         .tokens
                         .compare_and_swap(token_key, Some(&bytes), None as Option<&[u8]>)
                         .map_err(backend)?
                     {
-                        Ok(()) => break record,
-                        Err(sled::CompareAndSwapError { current: Some(now), .. }) => bytes = now,
+                        Ok(()) => break,
+                        Err(sled::CompareAndSwapError { current: Some(now), .. }) => {
+                            record = decode(token, &now)?;
+                            bytes = now;
+                        }
                         Err(sled::CompareAndSwapError { current: None, .. }) => {
                             return Ok((Applied::Deleted(false), Effect::None, records));
                         }
                     }
-                };
+                }
                 let fpk = fp_key(tenant, &record.fingerprint);
                 // Only this token's own entry (compare-and-swap: never another's).
                 let _ = self
@@ -756,7 +760,6 @@ fn check_anchor(audit: &sled::Tree, found: &Found) -> Result<Option<StoreDamage>
     })
 }
 
-/// Counts the version index (at open).
 /// Counts the records per KEK version (at open). A damaged record that no longer
 /// decodes is not counted (it fails closed when read, under any key); the store
 /// still opens, and says how many it met.
