@@ -15,6 +15,8 @@ COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 COPY tests ./tests
 COPY benches ./benches
+# sled, vendored with one patch (vendor/README.md).
+COPY vendor ./vendor
 RUN cargo build --release --locked --bin tokenvault \
     && strip target/release/tokenvault
 
