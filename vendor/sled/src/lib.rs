@@ -85,7 +85,8 @@
 )]
 // tokenvault patch: a path dependency's lints are not capped as a registry
 // crate's are, and today's rustc finds `unused_qualifications` and deprecations in
-// this 2021 code: the published crate's `deny` list is allowed, and so are warnings.
+// this code (published 2021): the published `deny` list is allowed, and so are
+// warnings.
 #![allow(warnings)]
 #![allow(
     missing_docs,
