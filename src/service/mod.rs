@@ -483,7 +483,9 @@ impl Vault {
                         .ok_or(VaultError::NotFound)?;
                     break self.existing(meta, &event).await?;
                 }
-                Applied::Deleted(_) | Applied::Audited => return Err(VaultError::Task),
+                Applied::Deleted(_) | Applied::Audited | Applied::Read(_) | Applied::Unreadable => {
+                    return Err(VaultError::Task);
+                }
             }
         };
         let meta = match &mut outcome {
@@ -850,12 +852,10 @@ impl Vault {
         token: Token,
         event: AuditEvent,
     ) -> Result<TokenMetadata, VaultError> {
-        let this = self.clone();
-        let mut meta = tokio::task::spawn_blocking(move || this.metadata_blocking(&tenant, &token))
-            .await
-            .map_err(|_| VaultError::Task)??
-            .ok_or_else(|| self.missing())?;
-        self.audited(outcome_event(&event, "ok", &meta.token)).await?;
+        let found = self.read_audited(&tenant, &token, &event, None).await?;
+        let card = self.open_read(&tenant, &token, &found.record)?;
+        let mut meta = metadata(&found.record, &card);
+        meta.last_used_at = found.last_used;
         meta.cvv_held = self.cvv.holds(&meta.token).await;
         Ok(meta)
     }
@@ -884,22 +884,52 @@ impl Vault {
     /// Reveals the card behind a token. `event` (outcome `ok`) is appended and
     /// durable before the card is returned.
     pub async fn detokenize(&self, tenant: TenantId, token: Token, event: AuditEvent) -> Result<Revealed, VaultError> {
-        let this = self.clone();
-        let revealed = tokio::task::spawn_blocking(move || {
-            let record = this.live_record(&tenant, &token)?.ok_or_else(|| this.missing())?;
-            let card = this.keys.ring().ok_or(VaultError::Sealed)?.open(
-                &tenant,
-                &token,
-                &record.metadata_binding(),
-                &record.sealed,
-            )?;
-            this.note_use(&tenant, &token);
-            Ok::<_, VaultError>(Revealed { token, card })
-        })
-        .await
-        .map_err(|_| VaultError::Task)??;
-        self.audited(outcome_event(&event, "ok", &revealed.token)).await?;
-        Ok(revealed)
+        let found = self
+            .read_audited(&tenant, &token, &event, Some(self.use_granularity()))
+            .await?;
+        let card = self.open_read(&tenant, &token, &found.record)?;
+        Ok(Revealed { token, card })
+    }
+
+    /// Reads a tenant's live record and appends `event` (outcome `ok`) in one
+    /// unit of work, durable before this returns: the committer reads, so a read
+    /// costs no extra thread hand-off. With `touch`, the read records a use.
+    /// Nothing is audited here when the record is absent (the caller audits the
+    /// error).
+    async fn read_audited(
+        &self,
+        tenant: &TenantId,
+        token: &Token,
+        event: &AuditEvent,
+        touch: Option<i64>,
+    ) -> Result<Box<crate::store::ReadRecord>, VaultError> {
+        // A sealed vault could not open the card: refuse before anything is audited.
+        if self.keys.is_sealed() {
+            return Err(VaultError::Sealed);
+        }
+        let unit = Unit {
+            audit: outcome_event(event, "ok", token),
+            change: Change::Read {
+                tenant: tenant.clone(),
+                token: token.clone(),
+                at: OffsetDateTime::now_utc().unix_timestamp(),
+                touch,
+            },
+            held: None,
+        };
+        match self.apply(unit).await? {
+            Applied::Read(Some(found)) => Ok(found),
+            Applied::Read(None) => Err(self.missing()),
+            Applied::Unreadable => Err(VaultError::Store(StoreError::Corrupt)),
+            _ => Err(VaultError::Task),
+        }
+    }
+
+    /// Opens a card read by [`Vault::read_audited`]: memory and crypto only (a few
+    /// microseconds), so it runs on the calling worker.
+    fn open_read(&self, tenant: &TenantId, token: &Token, record: &StoredRecord) -> Result<CardPayload, VaultError> {
+        let ring = self.keys.ring().ok_or(VaultError::Sealed)?;
+        Ok(ring.open(tenant, token, &record.metadata_binding(), &record.sealed)?)
     }
 
     /// Deletes a token for good: record and fingerprint entry, with `event`

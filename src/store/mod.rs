@@ -266,6 +266,25 @@ pub enum Change {
     Delete { tenant: TenantId, token: Token },
     /// Nothing but the audit record (a read).
     Nothing,
+    /// Reads a tenant's record, audited in the same unit: the audit record is
+    /// stored only when the record is there, belongs to `tenant` and has not
+    /// expired at `at`. With `touch` (a granularity in seconds) the read records a
+    /// use as [`Store::touch`] does. One hand-off for a read and its audit record
+    /// instead of a read on the blocking pool, then a unit.
+    Read {
+        tenant: TenantId,
+        token: Token,
+        at: i64,
+        touch: Option<i64>,
+    },
+}
+
+/// A record as a [`Change::Read`] found it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadRecord {
+    pub record: StoredRecord,
+    /// When the record was last used (after this read's own use, if it recorded one).
+    pub last_used: Option<i64>,
 }
 
 /// What a [`Unit`] did.
@@ -274,6 +293,11 @@ pub enum Applied {
     Inserted(InsertOutcome),
     Deleted(bool),
     Audited,
+    /// The record read (`None`: absent, another tenant's or expired; no audit record).
+    Read(Option<Box<ReadRecord>>),
+    /// The record's stored bytes do not decode (damaged): no audit record. The
+    /// other units of the batch go on (an error would fail them all).
+    Unreadable,
 }
 
 impl Applied {
@@ -281,7 +305,10 @@ impl Applied {
     pub fn made(&self) -> bool {
         matches!(
             self,
-            Applied::Inserted(InsertOutcome::Inserted) | Applied::Deleted(true) | Applied::Audited
+            Applied::Inserted(InsertOutcome::Inserted)
+                | Applied::Deleted(true)
+                | Applied::Audited
+                | Applied::Read(Some(_))
         )
     }
 }
@@ -1333,5 +1360,97 @@ pub(crate) mod conformance {
                 .is_empty()
         );
         assert!(store.charges_of(&t2, &of_d, None, 10).unwrap().is_empty());
+
+        // A read inside a unit: audited only when the tenant's live record is
+        // there; with a granularity it records a use at most once per granularity.
+        let created = 1_700_000_000;
+        let live = record("t7", "4111110000021112", 21);
+        let mut expiring = record("t7", "4111110000031112", 22);
+        expiring.expires_at = Some(created + 500);
+        for r in [&live, &expiring] {
+            assert_eq!(
+                store.apply(insert(r, "stored"), seal.clone()).await.unwrap(),
+                Applied::Inserted(InsertOutcome::Inserted)
+            );
+        }
+        let read = |tenant: &str, r: &StoredRecord, at: i64, touch: Option<i64>| Unit {
+            change: Change::Read {
+                tenant: TenantId::parse(tenant).unwrap(),
+                token: r.token.clone(),
+                at,
+                touch,
+            },
+            audit: event(&format!("read {tenant} {}", at - created)),
+            held: None,
+        };
+        let mark = store.audit_last().unwrap().map_or(0, |(s, _)| s);
+        let absent = record("t7", "4111110000041112", 23);
+        for (tenant, r, at) in [
+            ("t2", &live, created + 10),
+            ("t7", &expiring, created + 500),
+            ("t7", &absent, created),
+        ] {
+            assert_eq!(
+                store.apply(read(tenant, r, at, Some(60)), seal.clone()).await.unwrap(),
+                Applied::Read(None),
+                "another tenant's, an expired or an absent record is not read"
+            );
+        }
+        assert_eq!(
+            store.audit_last().unwrap().map_or(0, |(s, _)| s),
+            mark,
+            "a read that finds nothing stores no audit record"
+        );
+        assert_eq!(store.last_used(&live.tenant, &live.token).unwrap(), Some(created));
+        let found = |a: Applied| match a {
+            Applied::Read(Some(f)) => *f,
+            other => panic!("expected a record, got {other:?}"),
+        };
+        let first = found(
+            store
+                .apply(read("t7", &live, created + 10, Some(60)), seal.clone())
+                .await
+                .unwrap(),
+        );
+        assert_eq!(first.record, live);
+        assert_eq!(
+            first.last_used,
+            Some(created),
+            "used within the granularity: not rewritten"
+        );
+        let second = found(
+            store
+                .apply(read("t7", &live, created + 100, Some(60)), seal.clone())
+                .await
+                .unwrap(),
+        );
+        assert_eq!(second.last_used, Some(created + 100), "an older use moves to this read");
+        let third = found(
+            store
+                .apply(read("t7", &live, created + 400, None), seal.clone())
+                .await
+                .unwrap(),
+        );
+        assert_eq!(
+            third.last_used,
+            Some(created + 100),
+            "a read without a granularity records no use"
+        );
+        let early = found(
+            store
+                .apply(read("t7", &expiring, created + 499, None), seal.clone())
+                .await
+                .unwrap(),
+        );
+        assert_eq!(early.record, expiring, "read until its expiry");
+        store.commit().await.unwrap();
+        assert_eq!(store.last_used(&live.tenant, &live.token).unwrap(), Some(created + 100));
+        let trail: Vec<String> = store
+            .audit_scan(mark + 1, 10)
+            .unwrap()
+            .into_iter()
+            .map(|(_, bytes)| String::from_utf8(bytes).unwrap())
+            .collect();
+        assert_eq!(trail, ["read t7 10", "read t7 100", "read t7 400", "read t7 499"]);
     }
 }

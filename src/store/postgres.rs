@@ -30,7 +30,7 @@ use super::anchor::{KeyedMark, Mark};
 use super::codec::{decode, encode};
 use super::{
     Applied, Applying, AuditAppend, AuditSeal, Availability, Change, ChargeRecord, ChargesOf, Commit,
-    IdempotencyRecord, InsertMode, InsertOutcome, Store, StoreError, StoredRecord, Unit,
+    IdempotencyRecord, InsertMode, InsertOutcome, ReadRecord, Store, StoreError, StoredRecord, Unit,
 };
 use crate::domain::tenant::TenantId;
 use crate::domain::token::Token;
@@ -721,6 +721,7 @@ struct Sql {
     audit_last: tokio_postgres::Statement,
     audit_ins: tokio_postgres::Statement,
     meta_put: tokio_postgres::Statement,
+    token_read: tokio_postgres::Statement,
 }
 
 impl Sql {
@@ -739,7 +740,7 @@ impl Sql {
             p("DELETE FROM tv_tokens WHERE token = $1"),
             p("DELETE FROM tv_tokens WHERE token = $1 AND tenant = $2 RETURNING record"),
         )?;
-        let (fp_del, audit_lock, audit_last, audit_ins, meta_put) = tokio::try_join!(
+        let (fp_del, audit_lock, audit_last, audit_ins, meta_put, token_read) = tokio::try_join!(
             p("DELETE FROM tv_fingerprints WHERE tenant = $1 AND fingerprint = $2 AND token = $3"),
             p("SELECT 1 FROM tv_meta WHERE name = 'audit_lock' FOR UPDATE"),
             p("SELECT seq, record FROM tv_audit ORDER BY seq DESC LIMIT 1"),
@@ -747,6 +748,13 @@ impl Sql {
             p(
                 "INSERT INTO tv_meta (name, value) VALUES ($1, $2) ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value"
             ),
+            // A read that records a use when the last one is older than $4 (one
+            // statement; the SELECT sees the row as before the UPDATE, hence COALESCE).
+            p("WITH used AS (UPDATE tv_tokens SET last_used_at = $3 \
+               WHERE token = $1 AND tenant = $2 AND last_used_at <= $4 \
+               AND (expires_at IS NULL OR expires_at > $3) RETURNING last_used_at) \
+               SELECT record, COALESCE((SELECT last_used_at FROM used), last_used_at) \
+               FROM tv_tokens WHERE token = $1 AND tenant = $2"),
         )?;
         Ok(Sql {
             fp_get,
@@ -759,6 +767,7 @@ impl Sql {
             audit_last,
             audit_ins,
             meta_put,
+            token_read,
         })
     }
 }
@@ -890,6 +899,30 @@ async fn change(client: &impl GenericClient, sql: &Sql, change: &Change) -> Resu
             Ok((Applied::Deleted(true), true))
         }
         Change::Nothing => Ok((Applied::Audited, true)),
+        Change::Read {
+            tenant,
+            token,
+            at,
+            touch,
+        } => {
+            // No use recorded: no row is older than i64::MIN.
+            let older_than = touch.map_or(i64::MIN, |g| at.saturating_sub(g));
+            let row = client
+                .query_opt(&sql.token_read, &[&token.as_str(), &tenant.as_str(), at, &older_than])
+                .await
+                .map_err(db)?;
+            let Some(row) = row else {
+                return Ok((Applied::Read(None), false));
+            };
+            let Ok(record) = decode(token, row.get(0)) else {
+                return Ok((Applied::Unreadable, false));
+            };
+            if record.tenant != *tenant || record.expired_at(*at) {
+                return Ok((Applied::Read(None), false));
+            }
+            let last_used = Some(row.get::<_, i64>(1));
+            Ok((Applied::Read(Some(Box::new(ReadRecord { record, last_used }))), true))
+        }
     }
 }
 
@@ -1818,6 +1851,71 @@ pub(crate) mod tests {
         drop(store);
         let refused = PgStore::open(&PgOptions::new(&url)).err().unwrap();
         assert!(refused.to_string().contains("newer than this vault knows"), "{refused}");
+    }
+
+    /// A record whose bytes no longer decode fails its own read only: the units
+    /// applied beside it in the same transaction are not failed with it.
+    #[tokio::test]
+    async fn a_damaged_record_fails_only_its_own_read() {
+        use crate::store::{AuditEvent, AuditSeal, conformance};
+        let Some(url) = fresh_database("unreadable") else {
+            return;
+        };
+        let store = PgStore::open(&PgOptions::new(&url)).unwrap();
+        let seal: Arc<dyn AuditSeal> = Arc::new(conformance::TestSeal::after(&store));
+        let event = || AuditEvent {
+            action: "test",
+            outcome: "ok".into(),
+            ..Default::default()
+        };
+        let (a, b) = (
+            conformance::record("t1", "4111110000001112", 1),
+            conformance::record("t1", "4111110000011112", 2),
+        );
+        for r in [&a, &b] {
+            let unit = Unit {
+                change: Change::Insert {
+                    record: Box::new(r.clone()),
+                    mode: InsertMode::Fresh,
+                },
+                audit: event(),
+                held: None,
+            };
+            assert!(store.apply(unit, seal.clone()).await.unwrap().made());
+        }
+        let damaged = a.token.to_string();
+        store
+            .run(move |c| async move {
+                c.execute(
+                    "UPDATE tv_tokens SET record = '\\x00'::bytea WHERE token = $1",
+                    &[&damaged],
+                )
+                .await
+                .map_err(db)
+            })
+            .unwrap();
+        let read = |r: &StoredRecord| Unit {
+            change: Change::Read {
+                tenant: r.tenant.clone(),
+                token: r.token.clone(),
+                at: 1_700_000_100,
+                touch: Some(60),
+            },
+            audit: event(),
+            held: None,
+        };
+        let before = store.audit_last().unwrap().map_or(0, |(s, _)| s);
+        let (bad, good) = tokio::join!(store.apply(read(&a), seal.clone()), store.apply(read(&b), seal.clone()));
+        assert_eq!(bad.unwrap(), Applied::Unreadable);
+        match good.unwrap() {
+            Applied::Read(Some(found)) => assert_eq!(found.record, b),
+            other => panic!("the undamaged record beside it: {other:?}"),
+        }
+        assert_eq!(
+            store.audit_last().unwrap().map_or(0, |(s, _)| s),
+            before + 1,
+            "only the read that found its record is audited"
+        );
     }
 
     /// Migration 6 on a database holding tokens and charges: the tokens count as

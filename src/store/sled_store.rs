@@ -23,7 +23,7 @@ use super::backup;
 use super::codec::{decode, encode};
 use super::{
     Applied, Applying, AuditAppend, AuditSeal, BoxError, Change, ChargeRecord, ChargesOf, Commit, IdempotencyRecord,
-    InsertMode, InsertOutcome, SealBatch, Store, StoreDamage, StoreError, StoredRecord, Unit,
+    InsertMode, InsertOutcome, ReadRecord, SealBatch, Store, StoreDamage, StoreError, StoredRecord, Unit,
 };
 use crate::domain::tenant::TenantId;
 use crate::domain::token::Token;
@@ -689,6 +689,28 @@ impl Writer {
                 audit(sealer)?;
                 (Applied::Audited, Effect::None)
             }
+            Change::Read {
+                tenant,
+                token,
+                at,
+                touch,
+            } => {
+                let Some(bytes) = self.tokens.get(token.as_str().as_bytes()).map_err(backend)? else {
+                    return Ok((Applied::Read(None), Effect::None, Vec::new()));
+                };
+                let Ok(record) = decode(token, &bytes) else {
+                    return Ok((Applied::Unreadable, Effect::None, Vec::new()));
+                };
+                if record.tenant != *tenant || record.expired_at(*at) {
+                    return Ok((Applied::Read(None), Effect::None, Vec::new()));
+                }
+                audit(sealer)?;
+                let last_used = touch_entry(&self.by_tenant, &tenant_key(tenant, token), *at, *touch)?;
+                (
+                    Applied::Read(Some(Box::new(ReadRecord { record, last_used }))),
+                    Effect::None,
+                )
+            }
         };
         Ok((applied, effect, records))
     }
@@ -920,6 +942,35 @@ fn wraps_key(version: u32) -> Vec<u8> {
     let mut k = b"kek_wraps/".to_vec();
     k.extend_from_slice(&version.to_be_bytes());
     k
+}
+
+/// Reads a record's last use from its `by_tenant` entry and, with a
+/// `granularity`, moves it to `at` when it is older than `at - granularity`;
+/// answers the last use after that (`None`: no entry). The caller holds the
+/// writing lock.
+fn touch_entry(
+    by_tenant: &sled::Tree,
+    key: &[u8],
+    at: i64,
+    granularity: Option<i64>,
+) -> Result<Option<i64>, StoreError> {
+    loop {
+        let Some(current) = by_tenant.get(key).map_err(backend)? else {
+            return Ok(None);
+        };
+        let last = be_i64(&current)?;
+        if granularity.is_none_or(|g| last > at.saturating_sub(g)) {
+            return Ok(Some(last));
+        }
+        // Compare-and-swap: a deleted record's entry is never brought back.
+        if by_tenant
+            .compare_and_swap(key, Some(current), Some(&at.to_be_bytes()[..]))
+            .map_err(backend)?
+            .is_ok()
+        {
+            return Ok(Some(at));
+        }
+    }
 }
 
 /// `by_tenant` key: the tenant, a zero byte, the token (token order within a tenant).
@@ -1179,24 +1230,7 @@ impl Store for SledStore {
 
     fn touch(&self, tenant: &TenantId, token: &Token, at: i64, granularity: i64) -> Result<(), StoreError> {
         let _writing = self.writer.writing();
-        let key = tenant_key(tenant, token);
-        loop {
-            let Some(current) = self.by_tenant.get(&key).map_err(backend)? else {
-                return Ok(());
-            };
-            if be_i64(&current)? > at.saturating_sub(granularity) {
-                return Ok(());
-            }
-            // Compare-and-swap: a deleted record's entry is never brought back.
-            if self
-                .by_tenant
-                .compare_and_swap(&key, Some(current), Some(&at.to_be_bytes()[..]))
-                .map_err(backend)?
-                .is_ok()
-            {
-                return Ok(());
-            }
-        }
+        touch_entry(&self.by_tenant, &tenant_key(tenant, token), at, Some(granularity)).map(|_| ())
     }
 
     fn charges_of(

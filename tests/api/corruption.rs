@@ -87,6 +87,39 @@ async fn damaged_records_fail_closed_and_the_rest_keep_working() {
             "{token} not in the audit trail"
         );
     }
+    // A damaged record whose bytes still decode is read (its read recorded) before
+    // the card fails to open in memory: its `ok` record is followed by the error's.
+    // One whose bytes do not decode (3: truncated, 4: unknown version) is not read.
+    for (i, (token, _)) in tokens[..6].iter().enumerate() {
+        let outcomes: Vec<&str> = trail
+            .iter()
+            .filter(|r| r["action"] == "detokenize" && r["token"] == token.as_str())
+            .map(|r| r["outcome"].as_str().unwrap())
+            .collect();
+        let expected: &[&str] = if i == 3 || i == 4 {
+            &["integrity-failure"]
+        } else {
+            &["ok", "integrity-failure"]
+        };
+        assert_eq!(outcomes, expected, "damaged record {i}");
+    }
+
+    // A record that does not decode fails its own reads only: the reads beside it
+    // (applied in the same commit batches) succeed.
+    let shared = &app;
+    let bad = (0..24).map(|_| shared.detokenize("default", &tokens[3].0));
+    let good = tokens[6..].iter().cycle().take(48).map(|(t, pan)| async move {
+        let res = shared.detokenize("default", t).await;
+        assert_eq!(res.status(), 200, "an undamaged record beside a damaged one");
+        assert_eq!(res.json::<Value>().await.unwrap()["pan"], pan.as_str());
+    });
+    let (bad, _) = tokio::join!(
+        futures_util::future::join_all(bad),
+        futures_util::future::join_all(good)
+    );
+    for res in bad {
+        assert_problem(res, 500, "integrity-failure").await;
+    }
     drop(app);
     drop(keep);
 }
