@@ -750,9 +750,15 @@ impl Sql {
             ),
             // A read that records a use when the last one is older than $4 (one
             // statement; the SELECT sees the row as before the UPDATE, hence COALESCE).
-            p("WITH used AS (UPDATE tv_tokens SET last_used_at = $3 \
+            // The use is skipped when another transaction holds the row (another
+            // replica's batch, a rewrap, a delete): a batch never waits on a row lock
+            // for a use, so two replicas' batches touching the same cards in opposite
+            // orders cannot deadlock. `record_skipped_uses` records it after the commit.
+            p("WITH due AS (SELECT token FROM tv_tokens \
                WHERE token = $1 AND tenant = $2 AND last_used_at <= $4 \
-               AND (expires_at IS NULL OR expires_at > $3) RETURNING last_used_at) \
+               AND (expires_at IS NULL OR expires_at > $3) FOR UPDATE SKIP LOCKED), \
+               used AS (UPDATE tv_tokens t SET last_used_at = $3 FROM due \
+               WHERE t.token = due.token RETURNING t.last_used_at) \
                SELECT record, COALESCE((SELECT last_used_at FROM used), last_used_at) \
                FROM tv_tokens WHERE token = $1 AND tenant = $2"),
         )?;
@@ -967,6 +973,51 @@ async fn apply_batch(
     Ok(out)
 }
 
+/// A use a read skipped recording: tenant, token, when, and "older than".
+type SkippedUse = (String, String, i64, i64);
+
+/// The reads of a batch whose row another transaction held, so that they skipped
+/// recording their use (see `token_read`).
+fn skipped_uses(units: &[&Unit], out: &[Applied]) -> Vec<SkippedUse> {
+    let mut skipped = Vec::new();
+    for (unit, applied) in units.iter().zip(out) {
+        if let (
+            Change::Read {
+                tenant,
+                token,
+                at,
+                touch: Some(g),
+            },
+            Applied::Read(Some(found)),
+        ) = (&unit.change, applied)
+        {
+            let older_than = at.saturating_sub(*g);
+            if found.last_used.is_none_or(|last| last <= older_than) {
+                skipped.push((tenant.as_str().to_owned(), token.as_str().to_owned(), *at, older_than));
+            }
+        }
+    }
+    skipped
+}
+
+/// Records the uses the reads skipped, after their batch committed and was
+/// answered, holding no lock (waiting for the row cannot deadlock), as
+/// [`Store::touch`] does. Rare: only while a rewrap, a card update, a delete or
+/// another replica's batch holds the same row. A failure is logged.
+async fn record_skipped_uses(client: &Client, skipped: Vec<SkippedUse>) {
+    for (tenant, token, at, older_than) in skipped {
+        let done = client
+            .execute(
+                "UPDATE tv_tokens SET last_used_at = $3 WHERE token = $1 AND tenant = $2 AND last_used_at <= $4",
+                &[&token, &tenant, &at, &older_than],
+            )
+            .await;
+        if let Err(e) = done {
+            tracing::warn!(error = %db(e), "cannot record a card's use (retention counts from the last recorded one)");
+        }
+    }
+}
+
 /// Takes the audit chain's lock (until the transaction ends) and moves the
 /// sealer to the trail's last record.
 async fn follow_trail(
@@ -1057,6 +1108,7 @@ fn committer(
             let Some(sql) = prepared.as_ref() else { continue };
             // Units sharing an audit trail are applied as one transaction.
             let mut outcomes: Vec<Result<Applied, StoreError>> = Vec::with_capacity(applies.len());
+            let mut skipped = Vec::new();
             let mut start = 0;
             while start < applies.len() {
                 let seal = applies[start].1.clone();
@@ -1076,7 +1128,10 @@ fn committer(
                     }
                 }
                 match result {
-                    Ok(done) => outcomes.extend(done.into_iter().map(Ok)),
+                    Ok(done) => {
+                        skipped.extend(skipped_uses(&units, &done));
+                        outcomes.extend(done.into_iter().map(Ok));
+                    }
                     Err(e) => {
                         counters.note::<()>(&Err(e.clone()));
                         tracing::warn!(error = %e, units = units.len(), "PostgreSQL batch failed");
@@ -1088,6 +1143,9 @@ fn committer(
             for ((unit, _, reply), outcome) in applies.into_iter().zip(outcomes) {
                 drop(unit); // its hold is released once applied
                 reply.send(outcome);
+            }
+            if !skipped.is_empty() {
+                record_skipped_uses(&*c, skipped).await;
             }
         }
     });
@@ -1916,6 +1974,83 @@ pub(crate) mod tests {
             before + 1,
             "only the read that found its record is audited"
         );
+    }
+
+    /// A read never waits for a row another transaction holds (another replica's
+    /// batch, a delete): it returns the record and skips recording the use, so two
+    /// replicas' batches touching the same cards cannot deadlock.
+    #[tokio::test]
+    async fn a_read_does_not_wait_for_a_locked_row() {
+        use crate::store::{AuditEvent, AuditSeal, conformance};
+        let Some(url) = fresh_database("readlock") else { return };
+        let store = PgStore::open(&PgOptions::new(&url)).unwrap();
+        let seal: Arc<dyn AuditSeal> = Arc::new(conformance::TestSeal::after(&store));
+        let event = || AuditEvent {
+            action: "test",
+            outcome: "ok".into(),
+            ..Default::default()
+        };
+        let a = conformance::record("t1", "4111110000001112", 1);
+        let insert = Unit {
+            change: Change::Insert {
+                record: Box::new(a.clone()),
+                mode: InsertMode::Fresh,
+            },
+            audit: event(),
+            held: None,
+        };
+        assert!(store.apply(insert, seal.clone()).await.unwrap().made());
+        let created = a.created_at.unix_timestamp();
+        let read = |at: i64| Unit {
+            change: Change::Read {
+                tenant: a.tenant.clone(),
+                token: a.token.clone(),
+                at,
+                touch: Some(60),
+            },
+            audit: event(),
+            held: None,
+        };
+        let (config, tls) = {
+            let o = PgOptions::new(&url);
+            (o.config().unwrap(), o.tls().unwrap())
+        };
+        let (mut other, conn) = config.connect(tls).await.unwrap();
+        tokio::spawn(conn);
+        let holder = other.transaction().await.unwrap();
+        holder
+            .execute(
+                "SELECT 1 FROM tv_tokens WHERE token = $1 FOR UPDATE",
+                &[&a.token.as_str()],
+            )
+            .await
+            .unwrap();
+        let held = tokio::time::timeout(Duration::from_secs(5), store.apply(read(created + 100), seal.clone()))
+            .await
+            .expect("a read waited for a locked row")
+            .unwrap();
+        match held {
+            Applied::Read(Some(found)) => {
+                assert_eq!(found.record, a);
+                assert_eq!(
+                    found.last_used,
+                    Some(created),
+                    "the use is skipped in the batch, not waited for"
+                );
+            }
+            other => panic!("expected the record, got {other:?}"),
+        }
+        // Recorded after the commit, once the row is free (never lost: retention
+        // counts from it).
+        holder.rollback().await.unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while store.last_used(&a.tenant, &a.token).unwrap() != Some(created + 100) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the skipped use was never recorded"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Migration 6 on a database holding tokens and charges: the tokens count as
