@@ -124,6 +124,23 @@ pub(super) fn encode_charge(c: &ChargeRecord) -> Result<Vec<u8>, StoreError> {
     postcard::to_stdvec(c).map_err(|_| StoreError::Corrupt)
 }
 
+/// What a [`super::Change::Read`] makes of the bytes stored under `token`: the
+/// record when it is `tenant`'s and live at `at`, else the unit's outcome
+/// (`Read(None)`, or `Unreadable` when the bytes do not decode). Both backends
+/// answer the same way.
+pub(super) fn read_live(
+    token: &Token,
+    bytes: &[u8],
+    tenant: &TenantId,
+    at: i64,
+) -> Result<StoredRecord, super::Applied> {
+    let record = decode(token, bytes).map_err(|_| super::Applied::Unreadable)?;
+    if record.tenant != *tenant || record.expired_at(at) {
+        return Err(super::Applied::Read(None));
+    }
+    Ok(record)
+}
+
 /// Decodes a charge, including one written before modifications existed (it
 /// reads as an automatic-capture charge with none).
 pub(super) fn decode_charge(bytes: &[u8]) -> Result<ChargeRecord, StoreError> {

@@ -27,7 +27,7 @@ use tokio_postgres::{Client, GenericClient};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::anchor::{KeyedMark, Mark};
-use super::codec::{decode, encode};
+use super::codec::{decode, encode, read_live};
 use super::{
     Applied, Applying, AuditAppend, AuditSeal, Availability, Change, ChargeRecord, ChargesOf, Commit,
     IdempotencyRecord, InsertMode, InsertOutcome, ReadRecord, Store, StoreError, StoredRecord, Unit,
@@ -920,12 +920,10 @@ async fn change(client: &impl GenericClient, sql: &Sql, change: &Change) -> Resu
             let Some(row) = row else {
                 return Ok((Applied::Read(None), false));
             };
-            let Ok(record) = decode(token, row.get(0)) else {
-                return Ok((Applied::Unreadable, false));
+            let record = match read_live(token, row.get(0), tenant, *at) {
+                Ok(record) => record,
+                Err(outcome) => return Ok((outcome, false)),
             };
-            if record.tenant != *tenant || record.expired_at(*at) {
-                return Ok((Applied::Read(None), false));
-            }
             let last_used = Some(row.get::<_, i64>(1));
             Ok((Applied::Read(Some(Box::new(ReadRecord { record, last_used }))), true))
         }
@@ -1911,36 +1909,54 @@ pub(crate) mod tests {
         assert!(refused.to_string().contains("newer than this vault knows"), "{refused}");
     }
 
+    /// A unit of `change` with a test audit event.
+    fn test_unit(change: Change) -> Unit {
+        Unit {
+            change,
+            audit: crate::store::AuditEvent {
+                action: "test",
+                outcome: "ok".into(),
+                ..Default::default()
+            },
+            held: None,
+        }
+    }
+
+    /// A fresh database's store holding `records` (each stored by a unit), its URL
+    /// and a test seal; `None` without a PostgreSQL server.
+    async fn holding(name: &str, records: &[&StoredRecord]) -> Option<(String, PgStore, Arc<dyn AuditSeal>)> {
+        let url = fresh_database(name)?;
+        let store = PgStore::open(&PgOptions::new(&url)).unwrap();
+        let seal: Arc<dyn AuditSeal> = Arc::new(crate::store::conformance::TestSeal::after(&store));
+        for r in records {
+            let insert = Change::Insert {
+                record: Box::new((*r).clone()),
+                mode: InsertMode::Fresh,
+            };
+            assert!(store.apply(test_unit(insert), seal.clone()).await.unwrap().made());
+        }
+        Some((url, store, seal))
+    }
+
+    /// A read of `r` at `at` that records a use older than a minute.
+    fn read_unit(r: &StoredRecord, at: i64) -> Unit {
+        test_unit(Change::Read {
+            tenant: r.tenant.clone(),
+            token: r.token.clone(),
+            at,
+            touch: Some(60),
+        })
+    }
+
     /// A record whose bytes no longer decode fails its own read only: the units
     /// applied beside it in the same transaction are not failed with it.
     #[tokio::test]
     async fn a_damaged_record_fails_only_its_own_read() {
-        use crate::store::{AuditEvent, AuditSeal, conformance};
-        let Some(url) = fresh_database("unreadable") else {
+        use crate::store::conformance::record;
+        let (a, b) = (record("t1", "4111110000001112", 1), record("t1", "4111110000011112", 2));
+        let Some((_, store, seal)) = holding("unreadable", &[&a, &b]).await else {
             return;
         };
-        let store = PgStore::open(&PgOptions::new(&url)).unwrap();
-        let seal: Arc<dyn AuditSeal> = Arc::new(conformance::TestSeal::after(&store));
-        let event = || AuditEvent {
-            action: "test",
-            outcome: "ok".into(),
-            ..Default::default()
-        };
-        let (a, b) = (
-            conformance::record("t1", "4111110000001112", 1),
-            conformance::record("t1", "4111110000011112", 2),
-        );
-        for r in [&a, &b] {
-            let unit = Unit {
-                change: Change::Insert {
-                    record: Box::new(r.clone()),
-                    mode: InsertMode::Fresh,
-                },
-                audit: event(),
-                held: None,
-            };
-            assert!(store.apply(unit, seal.clone()).await.unwrap().made());
-        }
         let damaged = a.token.to_string();
         store
             .run(move |c| async move {
@@ -1952,18 +1968,12 @@ pub(crate) mod tests {
                 .map_err(db)
             })
             .unwrap();
-        let read = |r: &StoredRecord| Unit {
-            change: Change::Read {
-                tenant: r.tenant.clone(),
-                token: r.token.clone(),
-                at: 1_700_000_100,
-                touch: Some(60),
-            },
-            audit: event(),
-            held: None,
-        };
+        let at = 1_700_000_100;
         let before = store.audit_last().unwrap().map_or(0, |(s, _)| s);
-        let (bad, good) = tokio::join!(store.apply(read(&a), seal.clone()), store.apply(read(&b), seal.clone()));
+        let (bad, good) = tokio::join!(
+            store.apply(read_unit(&a, at), seal.clone()),
+            store.apply(read_unit(&b, at), seal.clone())
+        );
         assert_eq!(bad.unwrap(), Applied::Unreadable);
         match good.unwrap() {
             Applied::Read(Some(found)) => assert_eq!(found.record, b),
@@ -1981,36 +1991,11 @@ pub(crate) mod tests {
     /// replicas' batches touching the same cards cannot deadlock.
     #[tokio::test]
     async fn a_read_does_not_wait_for_a_locked_row() {
-        use crate::store::{AuditEvent, AuditSeal, conformance};
-        let Some(url) = fresh_database("readlock") else { return };
-        let store = PgStore::open(&PgOptions::new(&url)).unwrap();
-        let seal: Arc<dyn AuditSeal> = Arc::new(conformance::TestSeal::after(&store));
-        let event = || AuditEvent {
-            action: "test",
-            outcome: "ok".into(),
-            ..Default::default()
+        let a = crate::store::conformance::record("t1", "4111110000001112", 1);
+        let Some((url, store, seal)) = holding("readlock", &[&a]).await else {
+            return;
         };
-        let a = conformance::record("t1", "4111110000001112", 1);
-        let insert = Unit {
-            change: Change::Insert {
-                record: Box::new(a.clone()),
-                mode: InsertMode::Fresh,
-            },
-            audit: event(),
-            held: None,
-        };
-        assert!(store.apply(insert, seal.clone()).await.unwrap().made());
         let created = a.created_at.unix_timestamp();
-        let read = |at: i64| Unit {
-            change: Change::Read {
-                tenant: a.tenant.clone(),
-                token: a.token.clone(),
-                at,
-                touch: Some(60),
-            },
-            audit: event(),
-            held: None,
-        };
         let (config, tls) = {
             let o = PgOptions::new(&url);
             (o.config().unwrap(), o.tls().unwrap())
@@ -2025,10 +2010,13 @@ pub(crate) mod tests {
             )
             .await
             .unwrap();
-        let held = tokio::time::timeout(Duration::from_secs(5), store.apply(read(created + 100), seal.clone()))
-            .await
-            .expect("a read waited for a locked row")
-            .unwrap();
+        let held = tokio::time::timeout(
+            Duration::from_secs(5),
+            store.apply(read_unit(&a, created + 100), seal.clone()),
+        )
+        .await
+        .expect("a read waited for a locked row")
+        .unwrap();
         match held {
             Applied::Read(Some(found)) => {
                 assert_eq!(found.record, a);

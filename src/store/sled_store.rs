@@ -20,7 +20,7 @@ use tokio::sync::oneshot;
 
 use super::anchor::{AnchorFile, Found, KeyedMark, Mark};
 use super::backup;
-use super::codec::{decode, encode};
+use super::codec::{decode, encode, read_live};
 use super::{
     Applied, Applying, AuditAppend, AuditSeal, BoxError, Change, ChargeRecord, ChargesOf, Commit, IdempotencyRecord,
     InsertMode, InsertOutcome, ReadRecord, SealBatch, Store, StoreDamage, StoreError, StoredRecord, Unit,
@@ -698,12 +698,10 @@ impl Writer {
                 let Some(bytes) = self.tokens.get(token.as_str().as_bytes()).map_err(backend)? else {
                     return Ok((Applied::Read(None), Effect::None, Vec::new()));
                 };
-                let Ok(record) = decode(token, &bytes) else {
-                    return Ok((Applied::Unreadable, Effect::None, Vec::new()));
+                let record = match read_live(token, &bytes, tenant, *at) {
+                    Ok(record) => record,
+                    Err(outcome) => return Ok((outcome, Effect::None, Vec::new())),
                 };
-                if record.tenant != *tenant || record.expired_at(*at) {
-                    return Ok((Applied::Read(None), Effect::None, Vec::new()));
-                }
                 audit(sealer)?;
                 let last_used = touch_entry(&self.by_tenant, &tenant_key(tenant, token), *at, *touch)?;
                 (
