@@ -529,6 +529,17 @@ async fn token_lookups_reject_non_tokens_and_unknown_routes() {
         .await
         .unwrap();
     assert_ne!(res.headers()["x-request-id"], "bad id\tx");
+    // The server's own ids: random v4 UUIDs, a fresh one per request.
+    let mut ids = std::collections::HashSet::new();
+    for _ in 0..20 {
+        let res = app.client.get(app.url("/v1/nothing")).send().await.unwrap();
+        let id = res.headers()["x-request-id"].to_str().unwrap().to_owned();
+        let uuid = uuid::Uuid::parse_str(&id).expect("a UUID");
+        assert_eq!(uuid.get_version_num(), 4, "{id}");
+        assert_eq!(uuid.get_variant(), uuid::Variant::RFC4122, "{id}");
+        ids.insert(id);
+    }
+    assert_eq!(ids.len(), 20, "request ids repeat");
 }
 
 /// A 12-digit PAN in `bin6_last4` has 90 Luhn-failing tokens. Tokens are unique
