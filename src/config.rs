@@ -325,6 +325,10 @@ pub struct StoreSettings {
     /// PostgreSQL: statement, connect and pool-wait limit, e.g. "5s" (the default).
     #[serde(default, with = "humantime_serde")]
     pub statement_timeout: Option<Duration>,
+    /// sled: the page cache in MiB (default 1024, sled's own), 16 to 1048576. Ignored with
+    /// PostgreSQL (`store copy` reads a sled vault's file and points it at a database).
+    #[serde(default)]
+    pub cache_mb: Option<u64>,
 }
 
 impl std::fmt::Debug for StoreSettings {
@@ -337,22 +341,35 @@ impl std::fmt::Debug for StoreSettings {
             .field("ca_file", &self.ca_file)
             .field("pool_size", &self.pool_size)
             .field("statement_timeout", &self.statement_timeout)
+            .field("cache_mb", &self.cache_mb)
             .finish()
     }
 }
 
 impl StoreSettings {
+    /// sled's page cache in bytes (`None`: sled's default), checked.
+    pub fn sled_cache_bytes(&self) -> Result<Option<u64>, ConfigError> {
+        match self.cache_mb {
+            None => Ok(None),
+            Some(mb @ 16..=1_048_576) => Ok(Some(mb << 20)),
+            Some(_) => Err(ConfigError::Invalid(
+                "store.cache_mb (sled's page cache) must be 16..=1048576 MiB".into(),
+            )),
+        }
+    }
+
     /// The backend these settings name, for a vault whose data directory is `data_dir`.
     pub fn location(&self, data_dir: &Path) -> Result<crate::store::StoreLocation, ConfigError> {
+        let cache = self.sled_cache_bytes()?;
         let url = match self.url.as_deref() {
-            None | Some("") => return Ok(crate::store::StoreLocation::Sled(data_dir.join("sled"))),
+            None | Some("") => return Ok(crate::store::StoreLocation::Sled(data_dir.join("sled"), cache)),
             Some(u) => u,
         };
         if let Some(path) = url.strip_prefix("sled:") {
             if path.is_empty() {
                 return Err(ConfigError::Invalid("store url: sled:PATH needs a path".into()));
             }
-            return Ok(crate::store::StoreLocation::Sled(PathBuf::from(path)));
+            return Ok(crate::store::StoreLocation::Sled(PathBuf::from(path), cache));
         }
         if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
             return Err(ConfigError::Invalid(
@@ -659,6 +676,7 @@ const ENV_KEYS: &[&str] = &[
     "store.ca_file",
     "store.pool_size",
     "store.statement_timeout",
+    "store.cache_mb",
 ];
 
 impl Settings {
@@ -916,6 +934,11 @@ pub struct Overrides {
     /// Store: sled:PATH [default: <data-dir>/sled] or postgres://… (overrides [store] url).
     #[arg(long, env = "TOKENVAULT_STORE", hide_env_values = true, value_name = "URL")]
     store: Option<String>,
+    /// sled's page cache in MiB, 16 to 1048576 [default: 1024]: it bounds most of the memory a
+    /// large store takes (overrides [store] cache_mb).
+    #[arg(long, env = "TOKENVAULT_SLED_CACHE_MB", value_name = "MIB",
+          value_parser = clap::value_parser!(u64).range(16..=1_048_576))]
+    sled_cache_mb: Option<u64>,
     /// A memory-only Redis (redis://…) holding CVVs for every replica [default: this process's memory].
     #[arg(long, env = "TOKENVAULT_CVV_REDIS", hide_env_values = true, value_name = "URL")]
     cvv_redis: Option<String>,
@@ -1000,6 +1023,9 @@ impl Settings {
     pub fn merge(mut self, o: Overrides) -> Result<Settings, ConfigError> {
         if let Some(url) = o.cvv_redis {
             self.cvv_redis = Some(secrecy::SecretString::from(url));
+        }
+        if let Some(mb) = o.sled_cache_mb {
+            self.store.cache_mb = Some(mb);
         }
         if let Some(url) = o.store {
             self.store.url = Some(url);

@@ -855,7 +855,7 @@ fn init(conn: &Conn, args: InitArgs) -> Result<u8, Failure> {
                     })?;
                     crate::startup::keystore_at(&s.keystore, &store)
                 }
-                crate::store::StoreLocation::Sled(_) => KeystoreAt::File(s.keystore.path.clone()),
+                crate::store::StoreLocation::Sled(..) => KeystoreAt::File(s.keystore.path.clone()),
             }
         }
         (None, None) => return Err(usage("--keystore PATH or --config FILE is needed")),

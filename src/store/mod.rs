@@ -37,8 +37,9 @@ pub struct Availability {
 /// Where a vault keeps its data.
 #[derive(Debug, Clone)]
 pub enum StoreLocation {
-    /// The embedded sled database in this directory (one process owns it).
-    Sled(std::path::PathBuf),
+    /// The embedded sled database in this directory (one process owns it), with
+    /// its page cache in bytes (`None`: sled's default, 1 GiB).
+    Sled(std::path::PathBuf, Option<u64>),
     /// A PostgreSQL database shared by any number of vault replicas.
     Postgres(PgOptions),
 }
@@ -47,7 +48,7 @@ impl StoreLocation {
     /// Opens the backend (PostgreSQL: connects and migrates the schema).
     pub fn open(&self) -> Result<Arc<dyn Store>, StoreError> {
         Ok(match self {
-            StoreLocation::Sled(dir) => Arc::new(SledStore::open(dir)?),
+            StoreLocation::Sled(dir, cache) => Arc::new(SledStore::open_with(dir, *cache)?),
             StoreLocation::Postgres(pg) => Arc::new(PgStore::open(pg)?),
         })
     }
@@ -55,7 +56,7 @@ impl StoreLocation {
     /// For banners and logs: the backend and where, never a password.
     pub fn describe(&self) -> String {
         match self {
-            StoreLocation::Sled(dir) => format!("sled {}", dir.display()),
+            StoreLocation::Sled(dir, _) => format!("sled {}", dir.display()),
             StoreLocation::Postgres(pg) => format!("postgres {}", pg.describe()),
         }
     }

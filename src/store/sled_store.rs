@@ -86,9 +86,20 @@ pub struct SledStore {
 }
 
 impl SledStore {
-    /// Opens (or creates) the store in `dir`.
+    /// Opens (or creates) the store in `dir`, with sled's default page cache (1 GiB).
     pub fn open(dir: &Path) -> Result<SledStore, StoreError> {
-        let db = sled::Config::new()
+        SledStore::open_with(dir, None)
+    }
+
+    /// Opens (or creates) the store in `dir` with a page cache of `cache_bytes`
+    /// (`None`: sled's default, 1 GiB). The cache is most of the process's memory
+    /// once the store outgrows it: this is what bounds RSS.
+    pub fn open_with(dir: &Path, cache_bytes: Option<u64>) -> Result<SledStore, StoreError> {
+        let mut config = sled::Config::new();
+        if let Some(bytes) = cache_bytes {
+            config = config.cache_capacity(bytes);
+        }
+        let db = config
             .path(dir)
             .mode(sled::Mode::HighThroughput)
             // Group commit decides when to flush; sled's own timer would flush anyway.

@@ -488,3 +488,50 @@ fn help_never_prints_a_secret_from_the_environment() {
         );
     }
 }
+
+/// sled's page cache is sized by `--sled-cache-mb` (`[store] cache_mb`): a vault with the
+/// smallest cache stores and opens cards as any other; a size out of range is refused at
+/// start, naming the setting, before anything is created.
+#[tokio::test]
+async fn sled_cache_size_is_set_and_checked() {
+    let app = TestApp::spawn_with(&["--sled-cache-mb", "16", "--enumeration-guard", "off"]);
+    let mut stored = Vec::new();
+    for i in 0..200u32 {
+        let pan = with_check_digit(&format!("411111{i:09}"));
+        let (status, body) = app.tokenize("default", &pan, None).await;
+        assert_eq!(status, 201, "{body}");
+        stored.push((pan, body["token"].as_str().unwrap().to_owned()));
+    }
+    for (pan, token) in &stored {
+        let res = app.detokenize("default", token).await;
+        assert_eq!(res.status(), 200);
+        let body: serde_json::Value = res.json().await.unwrap();
+        assert_eq!(body["pan"], pan.as_str());
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    for bad in ["8", "2000000"] {
+        let out = Command::new(BIN)
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.path().join("d"))
+            .args(["--sled-cache-mb", bad])
+            .env_remove("TOKENVAULT_STORE")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{bad}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("--sled-cache-mb"), "{bad}: {err}");
+        assert!(!dir.path().join("d").exists(), "nothing was created");
+    }
+    // The same range in a production file: refused at start, naming the setting.
+    let dev = TestApp::spawn().await;
+    let full = prod_layout(&dev, dir.path());
+    let path = write_prod_config(dir.path(), &format!("{full}\n[store]\ncache_mb = 8\n"));
+    let out = Command::new(BIN)
+        .args(["serve", "--config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("store.cache_mb"), "{err}");
+}

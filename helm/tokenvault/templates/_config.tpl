@@ -120,10 +120,16 @@ connect_timeout_ms = {{ int $c.psp.connectTimeoutMs }}
 timeout_ms = {{ int $c.psp.timeoutMs }}
 {{- end }}
 {{- end }}
-{{- if include "tokenvault.pgFiles" . }}
-{{- $pg := .Values.store.postgres }}
+{{- $sledCache := and (not (include "tokenvault.postgres" .)) (include "tokenvault.set" .Values.store.sled.cacheMb) }}
+{{- if or (include "tokenvault.pgFiles" .) $sledCache }}
 
 [store]
+{{- if $sledCache }}
+cache_mb = {{ int .Values.store.sled.cacheMb }}
+{{- end }}
+{{- end }}
+{{- if include "tokenvault.pgFiles" . }}
+{{- $pg := .Values.store.postgres }}
 {{- if include "tokenvault.postgres" . }}
 url = {{ include "tokenvault.pgUrl" . | toJson | replace "\\u0026" "&" }}
 {{- else }}
