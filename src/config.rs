@@ -346,15 +346,19 @@ impl std::fmt::Debug for StoreSettings {
     }
 }
 
+/// The sizes sled's page cache may take, in MiB (`[store] cache_mb`, `--sled-cache-mb`).
+const SLED_CACHE_MIN_MB: u64 = 16;
+const SLED_CACHE_MAX_MB: u64 = 1 << 20;
+
 impl StoreSettings {
     /// sled's page cache in bytes (`None`: sled's default), checked.
     pub fn sled_cache_bytes(&self) -> Result<Option<u64>, ConfigError> {
         match self.cache_mb {
             None => Ok(None),
-            Some(mb @ 16..=1_048_576) => Ok(Some(mb << 20)),
-            Some(_) => Err(ConfigError::Invalid(
-                "store.cache_mb (sled's page cache) must be 16..=1048576 MiB".into(),
-            )),
+            Some(mb) if (SLED_CACHE_MIN_MB..=SLED_CACHE_MAX_MB).contains(&mb) => Ok(Some(mb << 20)),
+            Some(_) => Err(ConfigError::Invalid(format!(
+                "store.cache_mb (sled's page cache) must be {SLED_CACHE_MIN_MB}..={SLED_CACHE_MAX_MB} MiB"
+            ))),
         }
     }
 
@@ -937,7 +941,7 @@ pub struct Overrides {
     /// sled's page cache in MiB, 16 to 1048576 [default: 1024]: it bounds most of the memory a
     /// large store takes (overrides [store] cache_mb).
     #[arg(long, env = "TOKENVAULT_SLED_CACHE_MB", value_name = "MIB",
-          value_parser = clap::value_parser!(u64).range(16..=1_048_576))]
+          value_parser = clap::value_parser!(u64).range(SLED_CACHE_MIN_MB..=SLED_CACHE_MAX_MB))]
     sled_cache_mb: Option<u64>,
     /// A memory-only Redis (redis://…) holding CVVs for every replica [default: this process's memory].
     #[arg(long, env = "TOKENVAULT_CVV_REDIS", hide_env_values = true, value_name = "URL")]

@@ -340,7 +340,10 @@ fn copy_store(
             return ExitCode::from(exit::USAGE);
         }
     };
-    let src = match SledStore::open(std::path::Path::new(src_dir)) {
+    // The source gets the page cache its config sets (the maintenance pod's memory
+    // limit is the vault's); `location` above has already checked the size.
+    let cache = store_settings.sled_cache_bytes().ok().flatten();
+    let src = match SledStore::open_with(std::path::Path::new(src_dir), cache) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("error: cannot open {src_dir} ({e}); is the vault still running?");
