@@ -29,7 +29,7 @@ use time::OffsetDateTime;
 use crate::crypto::Key256;
 use crate::keys::manager::KeyManager;
 pub use crate::store::AuditEvent;
-use crate::store::{AuditAppend, Store, StoreError};
+use crate::store::{AuditAppend, MarkKey, Store, StoreError, keyed_mark_mac};
 
 /// One stored audit record.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -252,21 +252,10 @@ pub struct AuditLog {
 /// record. An un-MACed record anywhere else is refused by the verifier.
 pub const SEALED_PERIOD: &str = "audit.sealed_period";
 
-/// The MAC a keyed anchor mark carries: over the record's sequence and the
-/// SHA-256 of its stored bytes, under the audit key.
-pub fn keyed_mark_mac(key: &Key256, seq: u64, stored: &[u8]) -> [u8; 32] {
-    let digest: [u8; 32] = Sha256::digest(stored).into();
-    let mut msg = Vec::with_capacity(64);
-    msg.extend_from_slice(b"tokenvault/v1/anchor-keyed-mark");
-    msg.extend_from_slice(&seq.to_be_bytes());
-    msg.extend_from_slice(&digest);
-    key.hmac(&msg)
-}
-
 /// The audit log seals records for the store's atomic writes (units of work).
 impl crate::store::AuditSeal for AuditLog {
     fn begin(&self) -> Box<dyn crate::store::SealBatch + '_> {
-        let key = self.keys.ring().map(|r| r.audit_key());
+        let key = self.keys.ring().map(|r| MarkKey::new(r.audit_key()));
         let head = self.head.lock().unwrap_or_else(|p| p.into_inner());
         let start = *head;
         Box::new(Sealing {
@@ -285,7 +274,7 @@ struct Sealing<'a> {
     start: (u64, [u8; 32], bool),
     at: (u64, [u8; 32], bool),
     before_last: (u64, [u8; 32], bool),
-    key: Option<Key256>,
+    key: Option<MarkKey>,
 }
 
 impl crate::store::SealBatch for Sealing<'_> {
@@ -348,7 +337,7 @@ fn sealed_period_marker() -> AuditEvent {
 }
 
 /// Builds the next record after `head`: chained, MACed under `key` if there is one.
-fn prepare(head: &(u64, [u8; 32], bool), key: Option<&Key256>, event: AuditEvent) -> Result<AuditAppend, AuditError> {
+fn prepare(head: &(u64, [u8; 32], bool), key: Option<&MarkKey>, event: AuditEvent) -> Result<AuditAppend, AuditError> {
     let seq = head.0 + 1;
     let at = OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)
@@ -369,13 +358,12 @@ fn prepare(head: &(u64, [u8; 32], bool), key: Option<&Key256>, event: AuditEvent
         mac: None,
     };
     let hash = rec.chain_hash(&head.1);
-    let mac = key.map(|k| k.hmac(&hash));
+    let mac = key.map(|k| k.key().hmac(&hash));
     let record = encode_raw(&rec, head.1, hash, mac).map_err(|_| AuditError::Corrupt)?;
-    let keyed_mac = key.map(|k| keyed_mark_mac(k, seq, &record));
     Ok(AuditAppend {
         seq,
         record,
-        keyed_mac,
+        keyed: key.cloned(),
         hash,
     })
 }
@@ -815,13 +803,18 @@ mod tests {
     #[test]
     fn compact_and_json_records_chain_and_verify_together() {
         let key = Key256::random();
+        let mark = MarkKey::new(key.clone());
         let mut head = (0u64, [0u8; 32], false);
         let mut stored = Vec::new();
         for i in 0..6 {
-            let a = prepare(&head, Some(&key), event(i)).unwrap();
+            let a = prepare(&head, Some(&mark), event(i)).unwrap();
+            // The keyed mark is computed on demand, over the record as stored.
+            assert_eq!(a.keyed_mac(), Some(keyed_mark_mac(&key, a.seq, &a.record)));
             head = (a.seq, a.hash, false);
             stored.push(a.record);
         }
+        let unkeyed = prepare(&head, None, event(6)).unwrap();
+        assert_eq!(unkeyed.keyed_mac(), None);
         let json = serde_json::to_vec(&decode_stored(&stored[3]).unwrap()).unwrap();
         assert!(
             stored[3].len() * 10 < json.len() * 6,

@@ -21,6 +21,7 @@ pub use anchor::KeyedMark;
 pub use postgres::{PgConfigError, PgOptions, PgStore, SCHEMA_VERSION};
 pub use sled_store::{Salvage, SledStore};
 
+use crate::crypto::Key256;
 use crate::domain::card::Brand;
 use crate::domain::tenant::TenantId;
 use crate::domain::token::{Token, TokenFormat};
@@ -226,11 +227,54 @@ pub struct AuditAppend {
     /// Consecutive sequence number assigned by the audit layer.
     pub seq: u64,
     pub record: Vec<u8>,
-    /// For a MACed record, the audit layer's MAC over its sequence and digest: the
-    /// store anchors it as the keyed mark.
-    pub keyed_mac: Option<[u8; 32]>,
+    /// For a MACed record, the audit key its keyed mark is computed under (see
+    /// [`AuditAppend::keyed_mac`]).
+    pub keyed: Option<MarkKey>,
     /// The record's chain hash (the audit layer's head; the store ignores it).
     pub hash: [u8; 32],
+}
+
+impl AuditAppend {
+    /// For a MACed record, the MAC over its sequence and digest that the store
+    /// anchors as the keyed mark. Computed on demand: a store anchors only the last
+    /// MACed record of a write, so the others never pay for it.
+    pub fn keyed_mac(&self) -> Option<[u8; 32]> {
+        self.keyed
+            .as_ref()
+            .map(|k| keyed_mark_mac(&k.0, self.seq, &self.record))
+    }
+}
+
+/// The audit key, shared by the records one sealing batch MACs (no copy per record).
+#[derive(Clone)]
+pub struct MarkKey(Arc<Key256>);
+
+impl MarkKey {
+    pub fn new(key: Key256) -> MarkKey {
+        MarkKey(Arc::new(key))
+    }
+
+    pub fn key(&self) -> &Key256 {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for MarkKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MarkKey([REDACTED])")
+    }
+}
+
+/// The MAC a keyed anchor mark carries: over the record's sequence and the
+/// SHA-256 of its stored bytes, under the audit key.
+pub fn keyed_mark_mac(key: &Key256, seq: u64, stored: &[u8]) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let digest: [u8; 32] = Sha256::digest(stored).into();
+    let mut msg = Vec::with_capacity(64);
+    msg.extend_from_slice(b"tokenvault/v1/anchor-keyed-mark");
+    msg.extend_from_slice(&seq.to_be_bytes());
+    msg.extend_from_slice(&digest);
+    key.hmac(&msg)
 }
 
 /// What one request changes in the store: the data change and the audit record
@@ -596,7 +640,7 @@ pub trait Store: Send + Sync + 'static {
         let records = batch.seal(event)?;
         let written = records
             .iter()
-            .try_for_each(|r| self.audit_append(r.seq, &r.record, r.keyed_mac));
+            .try_for_each(|r| self.audit_append(r.seq, &r.record, r.keyed_mac()));
         if written.is_err() {
             batch.unseal_last();
         }
@@ -788,7 +832,7 @@ pub(crate) mod conformance {
             Ok(vec![AuditAppend {
                 seq: self.at,
                 record: event.outcome.clone().into_bytes(),
-                keyed_mac: None,
+                keyed: None,
                 hash: [0; 32],
             }])
         }
@@ -971,7 +1015,7 @@ pub(crate) mod conformance {
         let entry = |seq: u64, what: &str| AuditAppend {
             seq,
             record: format!("audit {seq} {what}").into_bytes(),
-            keyed_mac: None,
+            keyed: None,
             hash: [0; 32],
         };
         let head = store.audit_last().unwrap().map_or(0, |(s, _)| s);

@@ -786,14 +786,22 @@ async fn write_audit(client: &impl GenericClient, sql: &Sql, records: &[AuditApp
     let seqs: Vec<i64> = records.iter().map(|a| seq_i64(a.seq)).collect::<Result<_, _>>()?;
     let bodies: Vec<&[u8]> = records.iter().map(|a| a.record.as_slice()).collect();
     client.execute(&sql.audit_ins, &[&seqs, &bodies]).await.map_err(db)?;
-    if let Some(k) = records.iter().filter(|a| a.keyed_mac.is_some()).max_by_key(|a| a.seq) {
-        let mac = k.keyed_mac.unwrap_or_default();
-        let value = mark_bytes(k, mac);
-        client
-            .execute(&sql.meta_put, &[&KEYED_MARK, &value])
-            .await
-            .map_err(db)?;
+    // The keyed mark's MAC is computed for that one record only.
+    if let Some(k) = records.iter().filter(|a| a.keyed.is_some()).max_by_key(|a| a.seq)
+        && let Some(mac) = k.keyed_mac()
+    {
+        put_mark(client, sql, k, mac).await?;
     }
+    Ok(())
+}
+
+/// Stores `a` as the keyed mark, with the MAC `mac` over it.
+async fn put_mark(client: &impl GenericClient, sql: &Sql, a: &AuditAppend, mac: [u8; 32]) -> Result<(), StoreError> {
+    let value = mark_bytes(a, mac);
+    client
+        .execute(&sql.meta_put, &[&KEYED_MARK, &value])
+        .await
+        .map_err(db)?;
     Ok(())
 }
 
@@ -1608,13 +1616,16 @@ impl Store for PgStore {
         let a = AuditAppend {
             seq,
             record: record.to_vec(),
-            keyed_mac,
+            keyed: None,
             hash: [0; 32],
         };
         self.run(move |mut c| async move {
             let tx = raw(&mut c).transaction().await.map_err(db)?;
             let sql = Sql::prepare(&tx).await?;
-            write_audit(&tx, &sql, &[a]).await?;
+            write_audit(&tx, &sql, std::slice::from_ref(&a)).await?;
+            if let Some(mac) = keyed_mac {
+                put_mark(&tx, &sql, &a, mac).await?;
+            }
             tx.commit().await.map_err(db)
         })
     }

@@ -542,13 +542,14 @@ impl Writer {
         }
         if let Some(last) = records.iter().max_by_key(|a| a.seq) {
             // The keyed mark is the last MACed record's.
-            let keyed = records.iter().filter(|a| a.keyed_mac.is_some()).max_by_key(|a| a.seq);
+            // (Its MAC is computed here, once per write, not once per record.)
+            let keyed = records.iter().filter(|a| a.keyed.is_some()).max_by_key(|a| a.seq);
             if let Some(k) = keyed
                 && k.seq != last.seq
             {
-                note_head(&self.head, k.seq, &k.record, k.keyed_mac);
+                note_head(&self.head, k.seq, &k.record, k.keyed_mac());
             }
-            note_head(&self.head, last.seq, &last.record, last.keyed_mac);
+            note_head(&self.head, last.seq, &last.record, last.keyed_mac());
         }
     }
 
