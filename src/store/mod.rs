@@ -250,11 +250,11 @@ impl AuditAppend {
 pub struct MarkKey(Arc<Key256>);
 
 impl MarkKey {
-    pub fn new(key: Key256) -> MarkKey {
+    pub(crate) fn new(key: Key256) -> MarkKey {
         MarkKey(Arc::new(key))
     }
 
-    pub fn key(&self) -> &Key256 {
+    pub(crate) fn key(&self) -> &Key256 {
         &self.0
     }
 }
